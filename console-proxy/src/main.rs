@@ -1,0 +1,237 @@
+//! `console-proxy`: serve consoles, make key sets, issue tokens (standalone mode).
+#![forbid(unsafe_code)]
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use console_proxy::config::{self, ProxyConfig};
+use systemvm_proto::Secret;
+use systemvm_proto::console::{ConsoleTarget, ConsoleTokenClaims, KeySet, ViewerMode, VmRef};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Console proxy: hypervisor VNC to stock noVNC in the browser over WebSocket"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes a new token key set (file mode 0600).
+    Keygen {
+        /// Key file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Add a new primary key to an existing file instead of refusing to overwrite it (rotation).
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Serves the console page and the WebSocket.
+    Serve {
+        /// Address to listen on (8080 for ws://, 8443 for wss:// in a system VM).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Key file written by `keygen`.
+        #[arg(long)]
+        keys: PathBuf,
+        /// PEM certificate chain: serve https:// and wss://.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of the certificate.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Web root with console.html and node_modules/@novnc/novnc.
+        #[arg(long, env = "CONSOLE_PROXY_WEB")]
+        web: Option<PathBuf>,
+        /// Web origin allowed to open consoles besides the proxy's own (repeatable).
+        #[arg(long = "allowed-origin")]
+        allowed_origins: Vec<String>,
+        /// Most concurrent console sessions.
+        #[arg(long, default_value_t = 1000)]
+        max_sessions: usize,
+        /// Seconds between WebSocket pings; a browser silent for three intervals is dropped.
+        #[arg(long, default_value_t = 30)]
+        keepalive: u64,
+    },
+    /// Prints one console token (or a console URL with --url).
+    Token {
+        /// Key file written by `keygen`.
+        #[arg(long)]
+        keys: PathBuf,
+        /// VNC server, HOST:PORT.
+        #[arg(long)]
+        vnc: String,
+        /// VNC password (or set CONSOLE_PROXY_VNC_PASSWORD to keep it out of `ps`).
+        #[arg(long, env = "CONSOLE_PROXY_VNC_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// Seconds the token stays usable.
+        #[arg(long, default_value_t = 300)]
+        ttl: u64,
+        /// VM id recorded in logs.
+        #[arg(long, default_value = "")]
+        vm_id: String,
+        /// Name shown in the console page and as the desktop name.
+        #[arg(long, default_value = "")]
+        vm_name: String,
+        /// Only this web origin may use the token (repeatable).
+        #[arg(long = "origin")]
+        origins: Vec<String>,
+        /// Only a browser from this address may use the token.
+        #[arg(long)]
+        client_ip: Option<IpAddr>,
+        /// Screen only: keyboard, mouse and clipboard input are dropped.
+        #[arg(long)]
+        view_only: bool,
+        /// Guest keyboard layout, e.g. en-us.
+        #[arg(long)]
+        locale: Option<String>,
+        /// Print `URL/console?token=…` for this proxy base URL instead of the bare token.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { out, rotate } => keygen(&out, rotate),
+        Command::Token {
+            keys,
+            vnc,
+            password,
+            ttl,
+            vm_id,
+            vm_name,
+            origins,
+            client_ip,
+            view_only,
+            locale,
+            url,
+        } => {
+            let keys = config::load_keys(&keys)?;
+            let (host, port) = vnc.rsplit_once(':').context("--vnc must be HOST:PORT")?;
+            let port: u16 = port.parse().context("--vnc port must be a number")?;
+            let now = console_proxy::unix_now();
+            let claims = ConsoleTokenClaims {
+                target: ConsoleTarget::Vnc {
+                    host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    port,
+                    password: password.map(Secret),
+                },
+                vm: VmRef {
+                    id: vm_id,
+                    display_name: vm_name,
+                },
+                session_id: systemvm_proto::console::new_session_id()?,
+                not_before: now,
+                expires: now + ttl,
+                client_ip,
+                allowed_origins: origins,
+                viewer: if view_only {
+                    ViewerMode::ViewOnly
+                } else {
+                    ViewerMode::Interactive
+                },
+                keyboard_locale: locale,
+            };
+            let token = keys.seal(&claims)?;
+            match url {
+                Some(base) => println!("{}/console?token={token}", base.trim_end_matches('/')),
+                None => println!("{token}"),
+            }
+            Ok(())
+        }
+        Command::Serve {
+            listen,
+            keys,
+            tls_cert,
+            tls_key,
+            web,
+            allowed_origins,
+            max_sessions,
+            keepalive,
+        } => {
+            init_tracing(cli.log_json);
+            let mut config = ProxyConfig::new(
+                listen,
+                config::load_keys(&keys)?,
+                web.unwrap_or_else(config::default_web_root),
+            );
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                config.tls = Some(config::load_tls(&cert, &key)?);
+            }
+            config.allowed_origins = allowed_origins;
+            config.max_sessions = max_sessions;
+            config.keepalive = Duration::from_secs(keepalive.max(1));
+            serve(config)
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
+    let proxy = console_proxy::start(config).await?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("failed to wait for Ctrl-C")?;
+    tracing::info!("Shutting down");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+fn keygen(out: &Path, rotate: bool) -> anyhow::Result<()> {
+    let keys = if rotate && out.exists() {
+        let mut keys = config::load_keys(out)?;
+        let id = keys.rotate()?;
+        eprintln!("added key {id} as primary; older keys still open tokens until removed from the file");
+        keys
+    } else {
+        anyhow::ensure!(
+            !out.exists(),
+            "{} exists; use --rotate to add a key to it",
+            out.display()
+        );
+        KeySet::generate()?
+    };
+    write_private(out, keys.to_json()?.as_bytes())
+}
+
+/// Writes a file readable by its owner only, through a temporary file and a rename.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("failed to create {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))
+}

@@ -1,0 +1,385 @@
+//! The public listener: TLS, HTTP routing, the WebSocket upgrade, and session tasks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use systemvm_proto::console::KeySet;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::config::ProxyConfig;
+use crate::replay::ReplayStore;
+use crate::session::{self, ClientInfo, Refusal};
+use crate::transport::{WsReader, WsWriter};
+use crate::web;
+
+/// Time allowed for a TLS handshake and for an HTTP request's headers.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time sessions get to close cleanly at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+struct Shared {
+    config: ProxyConfig,
+    keys: RwLock<KeySet>,
+    replay: ReplayStore,
+    sessions: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A proxy serving in the background (tests and embedding); dropping it does not stop it, call
+/// [`RunningProxy::shutdown`].
+pub struct RunningProxy {
+    /// The bound address of the public listener.
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// Console sessions open now.
+    pub fn active_sessions(&self) -> usize {
+        self.shared.config.max_sessions - self.shared.sessions.available_permits()
+    }
+
+    /// Replaces the token keys (rotation); sessions already open are not affected.
+    pub fn set_keys(&self, keys: KeySet) {
+        *self.shared.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+    }
+
+    /// Stops accepting, closes open sessions with code 1001, and waits for them (bounded).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Validates the configuration, binds the listener and serves in the background.
+pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
+    config.validate()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("failed to bind {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, shutdown) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        keys: RwLock::new(config.keys.clone()),
+        replay: ReplayStore::default(),
+        sessions: Arc::new(Semaphore::new(config.max_sessions)),
+        connections: Arc::new(Semaphore::new(
+            config.max_sessions.saturating_mul(2).saturating_add(64),
+        )),
+        shutdown,
+        config,
+    });
+    info!(%addr, tls = shared.config.tls.is_some(), web = %shared.config.web_root.display(), "Console proxy listening");
+    let task = tokio::spawn(accept_loop(listener, shared.clone()));
+    Ok(RunningProxy {
+        addr,
+        shared,
+        stop,
+        task,
+    })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+                        debug!(%peer, "Connection limit reached, dropping connection");
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    conns.spawn(
+                        async move { handle_connection(shared, tcp, peer, permit).await }
+                            .instrument(info_span!("conn", %peer)),
+                    );
+                }
+                Err(error) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(%error, "Accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        warn!(
+            left = conns.len(),
+            "Connections still open after the shutdown grace period, aborting them"
+        );
+        conns.shutdown().await;
+    }
+    // Sessions hold a permit each; they saw the shutdown signal and close with code 1001.
+    let all = u32::try_from(shared.config.max_sessions).unwrap_or(u32::MAX);
+    if tokio::time::timeout(SHUTDOWN_GRACE, shared.sessions.acquire_many(all))
+        .await
+        .is_err()
+    {
+        warn!("Console sessions still open after the shutdown grace period");
+    }
+    info!("Console proxy stopped");
+}
+
+async fn handle_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    match shared.config.tls.clone() {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_http(shared, stream, peer, true).await,
+                Ok(Err(error)) => debug!(%error, "TLS handshake failed"),
+                Err(_) => debug!("TLS handshake timed out"),
+            }
+        }
+        None => serve_http(shared, tcp, peer, false).await,
+    }
+}
+
+/// A browser stream that splits into halves for the two relay directions.
+pub trait BrowserStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Read half.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// Write half.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the stream.
+    fn split_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl BrowserStream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+impl BrowserStream for TlsStream {
+    type Read = ReadHalf<TlsStream>;
+    type Write = WriteHalf<TlsStream>;
+    fn split_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+async fn serve_http<S: BrowserStream>(shared: Arc<Shared>, io: S, peer: SocketAddr, tls: bool) {
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route::<S>(shared, req, peer, tls).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(error) = conn.await {
+        debug!(%error, "HTTP connection ended with an error");
+    }
+}
+
+async fn route<S: BrowserStream>(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/websockify" {
+        return websocket::<S>(shared, req, peer, tls);
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    let Some(asset) = web::resolve(&shared.config.web_root, req.uri().path()) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: open a console link issued by the management server",
+        );
+    };
+    match web::read(&asset).await {
+        Ok(body) => {
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            // The page URL carries the token: never send it on as a Referer.
+            h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            if asset.cacheable {
+                h.insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=3600"),
+                );
+            } else {
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                h.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(web::PAGE_CSP),
+                );
+            }
+            resp
+        }
+        Err(error) => {
+            debug!(error = %format!("{error:#}"), "Asset unavailable");
+            text(StatusCode::NOT_FOUND, "not found")
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn header_str<'a>(req: &'a Request<Incoming>, name: header::HeaderName) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn has_token(value: Option<&str>, token: &str) -> bool {
+    value.is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Answers the WebSocket upgrade at `/websockify?token=…` and runs the session in its own task.
+/// A refused token still gets the upgrade, so the browser reads the refusal as a close reason.
+fn websocket<S: BrowserStream>(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET
+        || !has_token(header_str(&req, header::CONNECTION), "upgrade")
+        || !has_token(header_str(&req, header::UPGRADE), "websocket")
+    {
+        return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade");
+    }
+    if header_str(&req, header::SEC_WEBSOCKET_VERSION) != Some("13") {
+        let mut resp = text(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 required");
+        resp.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return resp;
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let binary = has_token(header_str(&req, header::SEC_WEBSOCKET_PROTOCOL), "binary");
+
+    let client = ClientInfo {
+        token: req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .map(str::to_owned)
+        }),
+        origin: header_str(&req, header::ORIGIN).map(str::to_owned),
+        host: header_str(&req, header::HOST).map(str::to_owned),
+        peer,
+        tls,
+    };
+    let verdict = {
+        let keys = shared.keys.read().unwrap_or_else(PoisonError::into_inner);
+        session::authorize(&shared.config, &keys, &shared.replay, &client, crate::unix_now())
+    };
+    let permit = shared.sessions.clone().try_acquire_owned().ok();
+    let span = match &verdict {
+        Ok(claims) => info_span!("console", session.id = %claims.session_id, vm.id = %claims.vm.id,
+                                 target = claims.target.kind(), %peer),
+        Err(_) => info_span!("console", %peer),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let task_shared = shared.clone();
+    tokio::spawn(
+        async move {
+            let upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(error) => {
+                    debug!(%error, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            let parts = match upgraded.downcast::<TokioIo<S>>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    warn!("Upgraded connection has an unexpected type");
+                    return;
+                }
+            };
+            let (read, write) = parts.io.into_inner().split_halves();
+            let reader = WsReader::new(read, &parts.read_buf);
+            let mut writer = WsWriter::new(write);
+            let verdict = match (verdict, permit) {
+                (Ok(claims), Some(permit)) => Ok((claims, permit)),
+                (Ok(_), None) => Err(Refusal {
+                    code: systemvm_proto::ws::close_code::BUSY,
+                    reason: "console proxy is at its session limit, try again later".into(),
+                }),
+                (Err(refusal), _) => Err(refusal),
+            };
+            match verdict {
+                Ok((claims, _permit)) => {
+                    info!("Console session opening");
+                    let shutdown = task_shared.shutdown.clone();
+                    session::run(&task_shared.config, claims, reader, writer, shutdown).await;
+                }
+                Err(refusal) => {
+                    warn!(code = refusal.code, reason = %refusal.reason, "Console session refused");
+                    let _ = writer.close(refusal.code, &refusal.reason).await;
+                }
+            }
+        }
+        .instrument(span),
+    );
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if binary {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("binary"));
+    }
+    resp
+}

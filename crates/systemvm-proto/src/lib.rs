@@ -1,0 +1,38 @@
+//! Wire types shared by systemvm-core and the system-VM agents.
+//!
+//! Architecture invariant: this crate does no I/O and depends on no runtime (no tokio, hyper, database
+//! driver or cloud SDK). Every decoder here takes untrusted bytes and returns an error instead of
+//! panicking; the decoders are property-tested and fuzzed (`fuzz/`).
+//!
+//! - [`console`]: console-token claims and, behind the `token` feature, their AEAD sealing.
+//! - [`rfb`]: the RFB (VNC) handshake as sans-I/O state machines, for the console proxy's security proxy.
+//! - [`ws`]: RFC 6455 WebSocket frame headers, for the console proxy's zero-copy relay.
+#![forbid(unsafe_code)]
+
+pub mod console;
+pub mod rfb;
+pub mod ws;
+
+/// A string that holds a secret: serialised as is, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The secret's text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
+}

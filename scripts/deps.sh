@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs the real components the tests and benchmarks run against, on Debian 12.
+# Idempotent and fast when everything is present already. Needs root (or sudo) for apt.
+#
+#   scripts/deps.sh test    # what `scripts/test.sh` needs: QEMU, Chromium, noVNC (npm), playwright-core
+#   scripts/deps.sh bench   # additionally TigerVNC Xvnc and websockify (PyPI) for the relay benchmark
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+mode=${1:-test}
+
+sudo_cmd=()
+if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
+
+apt_pkgs=(qemu-system-x86 chromium fonts-dejavu-core)
+if [ "$mode" = bench ]; then
+  apt_pkgs+=(tigervnc-standalone-server tigervnc-tools x11-xserver-utils python3-venv)
+fi
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+missing=()
+for p in "${apt_pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing ${missing[*]}" >&2
+  # This machine kind ships qemu-utils 10 from bookworm-backports, which breaks bookworm's
+  # qemu-system-x86 7.2: take qemu-system-x86 from backports too in that case.
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] \
+     && dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
+    list=/etc/apt/sources.list.d/bookworm-backports.list
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo 'deb http://deb.debian.org/debian bookworm-backports main' | "${sudo_cmd[@]}" tee "$list" >/dev/null
+    fi
+    "${sudo_cmd[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt_install -t bookworm-backports qemu-system-x86
+    missing=("${missing[@]/qemu-system-x86}")
+  else
+    "${sudo_cmd[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
+  fi
+  rest=()
+  for p in "${missing[@]}"; do [ -n "$p" ] && rest+=("$p"); done
+  if [ ${#rest[@]} -gt 0 ]; then apt_install "${rest[@]}"; fi
+fi
+
+# Web assets: stock noVNC and playwright-core from the npm registry, pinned in package.json / package-lock.json.
+web="$here/console-proxy/web"
+if [ ! -f "$web/node_modules/@novnc/novnc/core/rfb.js" ] || [ ! -d "$web/node_modules/playwright-core" ] \
+   || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
+  echo "deps: npm ci in console-proxy/web" >&2
+  (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+if [ "$mode" = bench ]; then
+  venv="$here/target/bench-venv"
+  if [ ! -x "$venv/bin/websockify" ]; then
+    echo "deps: websockify into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q websockify==0.13.0
+  fi
+fi

@@ -1,0 +1,6 @@
+//! End-to-end tests across the suite's crates, against real components (QEMU, Chromium, …).
+//! One test binary, so real servers start once per run.
+
+mod console;
+mod layout;
+mod support;
