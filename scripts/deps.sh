@@ -2,8 +2,9 @@
 # Installs the real components the tests and benchmarks run against, on Debian 12.
 # Idempotent and fast when everything is present already. Needs root (or sudo) for apt.
 #
-#   scripts/deps.sh test    # what `scripts/test.sh` needs: QEMU, Chromium, noVNC (npm), playwright-core
-#   scripts/deps.sh bench   # additionally TigerVNC Xvnc and websockify (PyPI) for the relay benchmark
+#   scripts/deps.sh run     # what `scripts/run.sh` needs: QEMU (demo VM), noVNC (npm)
+#   scripts/deps.sh test    # what `scripts/test.sh` needs: also Chromium and playwright-core
+#   scripts/deps.sh bench   # also TigerVNC Xvnc and websockify (PyPI) for the relay benchmark
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +13,15 @@ mode=${1:-test}
 sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
 
-apt_pkgs=(qemu-system-x86 chromium fonts-dejavu-core)
+case "$mode" in
+  run | test | bench) ;;
+  *) echo "usage: scripts/deps.sh run|test|bench" >&2; exit 2 ;;
+esac
+
+apt_pkgs=(qemu-system-x86)
+if [ "$mode" != run ]; then
+  apt_pkgs+=(chromium fonts-dejavu-core)
+fi
 if [ "$mode" = bench ]; then
   apt_pkgs+=(tigervnc-standalone-server tigervnc-tools x11-xserver-utils python3-venv)
 fi

@@ -90,8 +90,7 @@ pub fn authorize(
         )
     })?;
     if let Some(ip) = claims.client_ip
-        && ip != client.peer.ip()
-        && !(ip.to_canonical() == client.peer.ip().to_canonical())
+        && ip.to_canonical() != client.peer.ip().to_canonical()
     {
         return Err(Refusal::new(
             close_code::FORBIDDEN,

@@ -17,13 +17,13 @@ fn metadata() -> serde_json::Value {
 fn deps_of<'a>(meta: &'a serde_json::Value, package: &str) -> Vec<&'a str> {
     let pkg = meta["packages"]
         .as_array()
-        .unwrap()
+        .expect("packages list")
         .iter()
         .find(|p| p["name"] == package)
         .unwrap_or_else(|| panic!("package {package} not in the workspace"));
     pkg["dependencies"]
         .as_array()
-        .unwrap()
+        .expect("dependency list")
         .iter()
         .filter_map(|d| d["name"].as_str())
         .collect()
