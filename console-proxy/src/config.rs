@@ -1,4 +1,8 @@
 //! Console proxy settings, validated before any port is bound.
+//!
+//! Two layers: [`dto::ConfigFile`] mirrors the optional TOML file (every field optional and
+//! documented); [`ProxyConfig`] is the validated result with defaults filled in. Command-line flags
+//! override the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -109,4 +113,156 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerCon
         .context("certificate and key do not match")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The TOML configuration file, as written by operators.
+pub mod dto {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+
+    /// `console-proxy serve --config FILE`. Every field is optional; flags override it.
+    ///
+    /// ```toml
+    /// listen = "0.0.0.0:8443"
+    /// keys = "/etc/console-proxy/keys.json"
+    /// allowed_origins = ["https://cloud.example.com"]
+    /// [tls]
+    /// cert = "/etc/console-proxy/cert.pem"
+    /// key = "/etc/console-proxy/key.pem"
+    /// ```
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ConfigFile {
+        /// Address of the public listener (default 127.0.0.1:8080).
+        pub listen: Option<SocketAddr>,
+        /// Key file written by `console-proxy keygen` (required here or as `--keys`).
+        pub keys: Option<PathBuf>,
+        /// Web root with `console.html` and `node_modules/@novnc/novnc`.
+        pub web: Option<PathBuf>,
+        /// Web origins allowed to open consoles besides the proxy's own.
+        #[serde(default)]
+        pub allowed_origins: Vec<String>,
+        /// Most concurrent console sessions (default 1000).
+        pub max_sessions: Option<usize>,
+        /// Seconds allowed to reach the VNC server (default 10).
+        pub connect_timeout_secs: Option<u64>,
+        /// Seconds allowed for both RFB handshakes (default 20).
+        pub handshake_timeout_secs: Option<u64>,
+        /// Seconds between pings to the browser (default 30); silent for three intervals = dropped.
+        pub keepalive_secs: Option<u64>,
+        /// RFB shared flag toward the VNC server: keep other viewers connected (default true).
+        pub shared: Option<bool>,
+        /// Serve https:// and wss:// with this certificate.
+        pub tls: Option<TlsFiles>,
+    }
+
+    /// PEM files of the TLS listener.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TlsFiles {
+        /// Certificate chain, leaf first.
+        pub cert: PathBuf,
+        /// Private key of the leaf certificate.
+        pub key: PathBuf,
+    }
+
+    impl ConfigFile {
+        /// Reads and parses a TOML file.
+        pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+            use anyhow::Context as _;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("invalid configuration file {}", path.display()))
+        }
+    }
+}
+
+/// Builds the configuration from the file (if any) and the flags that override it;
+/// [`crate::start`] validates it before binding.
+pub fn from_file_and_flags(file: dto::ConfigFile, flags: dto::ConfigFile) -> anyhow::Result<ProxyConfig> {
+    let keys = flags
+        .keys
+        .or(file.keys)
+        .context("no key file: pass --keys or set `keys` in the config file")?;
+    let listen = flags
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let web = flags.web.or(file.web).unwrap_or_else(default_web_root);
+    let mut config = ProxyConfig::new(listen, load_keys(&keys)?, web);
+    if let Some(tls) = flags.tls.or(file.tls) {
+        config.tls = Some(load_tls(&tls.cert, &tls.key)?);
+    }
+    config.allowed_origins = if flags.allowed_origins.is_empty() {
+        file.allowed_origins
+    } else {
+        flags.allowed_origins
+    };
+    let secs = |flag: Option<u64>, file: Option<u64>, default: &Duration| {
+        flag.or(file).map_or(*default, |s| Duration::from_secs(s.max(1)))
+    };
+    config.max_sessions = flags
+        .max_sessions
+        .or(file.max_sessions)
+        .unwrap_or(config.max_sessions);
+    config.connect_timeout = secs(
+        flags.connect_timeout_secs,
+        file.connect_timeout_secs,
+        &config.connect_timeout,
+    );
+    config.handshake_timeout = secs(
+        flags.handshake_timeout_secs,
+        file.handshake_timeout_secs,
+        &config.handshake_timeout,
+    );
+    config.keepalive = secs(flags.keepalive_secs, file.keepalive_secs, &config.keepalive);
+    config.shared = flags.shared.or(file.shared).unwrap_or(config.shared);
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_parses_and_refuses_unknown_fields() {
+        let file: dto::ConfigFile = toml::from_str(
+            "listen = \"0.0.0.0:8443\"\nkeys = \"/k.json\"\nmax_sessions = 5\n[tls]\ncert = \"c\"\nkey = \"k\"\n",
+        )
+        .unwrap();
+        assert_eq!(file.listen, Some("0.0.0.0:8443".parse().unwrap()));
+        assert_eq!(file.max_sessions, Some(5));
+        assert!(file.tls.is_some());
+        let err = toml::from_str::<dto::ConfigFile>("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("cp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = dir.join("keys.json");
+        std::fs::write(&keys, KeySet::generate().unwrap().to_json().unwrap()).unwrap();
+        let file = dto::ConfigFile {
+            keys: Some(keys.clone()),
+            max_sessions: Some(7),
+            keepalive_secs: Some(99),
+            web: Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web"))),
+            ..Default::default()
+        };
+        let flags = dto::ConfigFile {
+            keepalive_secs: Some(5),
+            ..Default::default()
+        };
+        let config = from_file_and_flags(file, flags).unwrap();
+        assert_eq!(config.max_sessions, 7);
+        assert_eq!(config.keepalive, Duration::from_secs(5));
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        let none = from_file_and_flags(dto::ConfigFile::default(), dto::ConfigFile::default());
+        assert!(none.unwrap_err().to_string().contains("no key file"));
+    }
 }

@@ -4,11 +4,10 @@
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use console_proxy::config::{self, ProxyConfig};
+use console_proxy::config::{self, ProxyConfig, dto};
 use systemvm_proto::Secret;
 use systemvm_proto::console::{ConsoleTarget, ConsoleTokenClaims, KeySet, ViewerMode, VmRef};
 
@@ -38,12 +37,15 @@ enum Command {
     },
     /// Serves the console page and the WebSocket.
     Serve {
-        /// Address to listen on (8080 for ws://, 8443 for wss:// in a system VM).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        /// TOML configuration file (see `console_proxy::config::dto::ConfigFile`); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:8080] (8080 for ws://, 8443 for wss:// in a system VM).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Key file written by `keygen`.
         #[arg(long)]
-        keys: PathBuf,
+        keys: Option<PathBuf>,
         /// PEM certificate chain: serve https:// and wss://.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -56,12 +58,12 @@ enum Command {
         /// Web origin allowed to open consoles besides the proxy's own (repeatable).
         #[arg(long = "allowed-origin")]
         allowed_origins: Vec<String>,
-        /// Most concurrent console sessions.
-        #[arg(long, default_value_t = 1000)]
-        max_sessions: usize,
-        /// Seconds between WebSocket pings; a browser silent for three intervals is dropped.
-        #[arg(long, default_value_t = 30)]
-        keepalive: u64,
+        /// Most concurrent console sessions [default: 1000].
+        #[arg(long)]
+        max_sessions: Option<usize>,
+        /// Seconds between WebSocket pings [default: 30]; a browser silent for three intervals is dropped.
+        #[arg(long)]
+        keepalive: Option<u64>,
     },
     /// Prints one console token (or a console URL with --url).
     Token {
@@ -152,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve {
+            config,
             listen,
             keys,
             tls_cert,
@@ -162,18 +165,23 @@ fn main() -> anyhow::Result<()> {
             keepalive,
         } => {
             init_tracing(cli.log_json);
-            let mut config = ProxyConfig::new(
+            let file = match &config {
+                Some(path) => dto::ConfigFile::load(path)?,
+                None => dto::ConfigFile::default(),
+            };
+            let flags = dto::ConfigFile {
                 listen,
-                config::load_keys(&keys)?,
-                web.unwrap_or_else(config::default_web_root),
-            );
-            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-                config.tls = Some(config::load_tls(&cert, &key)?);
-            }
-            config.allowed_origins = allowed_origins;
-            config.max_sessions = max_sessions;
-            config.keepalive = Duration::from_secs(keepalive.max(1));
-            serve(config)
+                keys,
+                web,
+                allowed_origins,
+                max_sessions,
+                keepalive_secs: keepalive,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| dto::TlsFiles { cert, key }),
+                ..Default::default()
+            };
+            serve(config::from_file_and_flags(file, flags)?)
         }
     }
 }

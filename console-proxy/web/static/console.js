@@ -117,7 +117,8 @@ function finish(code, reason) {
   setState(state);
 
   const title = state === 'ended' ? 'Session ended' : 'Console unavailable';
-  const hint = state === 'ended' ? HINT_ENDED : HINT_FAILED;
+  // The token-refused sentence already says how to get a new link.
+  const hint = state === 'ended' ? HINT_ENDED : code === 4001 ? '' : HINT_FAILED;
   if (why) {
     setStatus(`${title}: ${why} — ${sentence}`);
     showNotice(title, `${capitalise(why.replace(/\.$/, ''))}. ${sentence}`, hint);
@@ -140,6 +141,7 @@ function showNotice(title, detail, hint) {
   ui.noticeTitle.textContent = title;
   ui.noticeDetail.textContent = detail;
   ui.noticeHint.textContent = hint;
+  ui.noticeHint.hidden = !hint;
   ui.notice.hidden = false;
 }
 
