@@ -177,7 +177,11 @@ fn serve_answers_the_page_and_refuses_bad_tokens() {
         text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "accept key of RFC 6455's example"
     );
-    assert!(text.to_ascii_lowercase().contains("sec-websocket-protocol: binary\r\n"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: binary\r\n"),
+        "{text}"
+    );
     let body = &resp[text.find("\r\n\r\n").unwrap() + 4..];
     assert_eq!(body[0], 0x88, "a close frame");
     assert_eq!(u16::from_be_bytes([body[2], body[3]]), 4001);
