@@ -1,0 +1,1 @@
+//! TODO: written in this milestone.
