@@ -20,7 +20,9 @@ esac
 
 apt_pkgs=(qemu-system-x86)
 if [ "$mode" != run ]; then
-  apt_pkgs+=(chromium fonts-dejavu-core)
+  apt_pkgs+=(chromium fonts-dejavu-core genisoimage bzip2 xz-utils zstd zip)
+  # The NFS server the store's end-to-end tests run against (started with scripts/fake_rpcbind.py).
+  apt_pkgs+=(nfs-ganesha nfs-ganesha-vfs)
 fi
 if [ "$mode" = bench ]; then
   apt_pkgs+=(tigervnc-standalone-server tigervnc-tools x11-xserver-utils python3-venv)

@@ -5,9 +5,19 @@
 //! - [`inspect`]: image format inspection in the download stream (qcow2, raw, ISO 9660, VHD, OVA).
 //! - [`properties`]: `template.properties`, byte-compatible with CloudStack secondary storage.
 //! - [`store`]: one interface over a local directory and an NFSv3 export (userspace client, no mount).
+//! - [`fetch`]: the HTTP(S) client with its SSRF guard.
+//! - [`job`]: download jobs, their states and the journal that outlives the process.
+//! - [`download`]: the download → decompress → inspect → hash → store pipeline and the install step.
+//! - [`inventory`]: what an existing store holds, read back from `template.properties`.
+//! - [`service`]: `ssvm-agent serve`: background jobs and the local JSON job API.
 #![forbid(unsafe_code)]
 
 pub mod checksum;
+pub mod download;
+pub mod fetch;
 pub mod inspect;
+pub mod inventory;
+pub mod job;
 pub mod properties;
+pub mod service;
 pub mod store;

@@ -1,18 +1,306 @@
-//! `ssvm-agent`: Secondary storage agent of the Mold system-VM suite.
-//!
-//! The workspace reserves its place; the service is built in its own milestone (see ARCHITECTURE.md).
+//! `ssvm-agent`: register templates/ISOs from URLs into secondary storage, list what a store holds,
+//! or run as a service with a local JSON job API.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use ssvm_agent::download::{DownloadSettings, Downloader, LiveProgress};
+use ssvm_agent::fetch::{self, FetchConfig};
+use ssvm_agent::job::{DownloadSpec, JobRecord, JobState, Journal, derived_job_id, valid_job_id};
+use ssvm_agent::store::{Store, StoreOptions, StoreUrl};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "Secondary storage agent of the Mold system-VM suite (not built yet)"
+    about = "Secondary storage agent: templates and ISOs from URLs into NFS or local storage"
 )]
-struct Cli {}
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    println!("ssvm-agent {}", env!("CARGO_PKG_VERSION"));
+#[derive(Subcommand)]
+enum Command {
+    /// Downloads, verifies and installs one template or ISO; exit 0 only when installed and verified.
+    /// Run again after an interruption, the same job resumes.
+    Download {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Source URL (http or https).
+        #[arg(long)]
+        url: String,
+        /// Install directory, template/tmpl/ACCOUNT/ID.
+        #[arg(long)]
+        path: String,
+        /// Declared format: QCOW2, RAW, VHD, ISO or OVA.
+        #[arg(long)]
+        format: String,
+        /// Expected checksum of the downloaded bytes, '{ALGO}hex' (no prefix = MD5).
+        #[arg(long)]
+        checksum: Option<String>,
+        /// Job id (default: derived from store, path and URL, so a re-run resumes).
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Description for template.properties.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Lists the templates and ISOs of a store, with their properties, as JSON lines.
+    Inventory {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Runs the agent as a service: resumes journalled jobs and serves the local job API.
+    Serve {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Address of the local JSON job API.
+        #[arg(long, default_value = "127.0.0.1:8200")]
+        listen: SocketAddr,
+        /// Jobs downloading at once.
+        #[arg(long, default_value_t = 4)]
+        concurrent_jobs: usize,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Secondary storage: nfs://HOST[:PORT]/EXPORT[?mountport=N] or file:///PATH.
+    #[arg(long)]
+    store: String,
+    /// Directory for the job journal.
+    #[arg(long, env = "SSVM_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Seconds an NFS call may take before the store is marked unhealthy.
+    #[arg(long, default_value_t = 30)]
+    nfs_timeout: u64,
+    /// NFS connections per store (parallel writes).
+    #[arg(long, default_value_t = 4)]
+    nfs_connections: usize,
+}
+
+#[derive(Args)]
+struct NetArgs {
+    /// Internal range a download may reach anyway, e.g. 10.0.0.0/8 (repeatable).
+    #[arg(long = "allow-internal")]
+    allow_internal: Vec<ipnet::IpNet>,
+    /// PEM bundle of trusted CAs for https.
+    #[arg(long, default_value = fetch::DEFAULT_CA_BUNDLE)]
+    ca_bundle: PathBuf,
+    /// Seconds without data before a download is abandoned and retried.
+    #[arg(long, default_value_t = 60)]
+    stall_timeout: u64,
+    /// Retries after transient failures.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Largest download in bytes.
+    #[arg(long, default_value_t = 50 << 30)]
+    max_size: u64,
+    /// Seconds between checkpoints of a download's resume point.
+    #[arg(long, default_value_t = 5)]
+    checkpoint_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+    let url: StoreUrl = args
+        .store
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid --store {:?}: {e}", args.store))?;
+    let opts = StoreOptions {
+        op_timeout: Duration::from_secs(args.nfs_timeout.max(1)),
+        connections: args.nfs_connections.max(1),
+        ..StoreOptions::default()
+    };
+    Store::open(&url, opts)
+        .await
+        .with_context(|| format!("failed to open store {url}"))
+}
+
+fn state_dir(args: &StoreArgs) -> PathBuf {
+    args.state_dir.clone().unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+        home.join(".local/state/ssvm-agent")
+    })
+}
+
+fn downloader(store: Store, journal: Journal, net: &NetArgs) -> anyhow::Result<Downloader> {
+    let fetch_config = FetchConfig {
+        ca_bundle: net.ca_bundle.clone(),
+        allow_internal: net.allow_internal.clone(),
+        ..FetchConfig::default()
+    };
+    Ok(Downloader {
+        http: fetch::client(&fetch_config)?,
+        store,
+        journal,
+        settings: DownloadSettings {
+            stall_timeout: Duration::from_secs(net.stall_timeout.max(1)),
+            retries: net.retries,
+            max_size: net.max_size,
+            checkpoint_interval: Duration::from_secs(net.checkpoint_secs.max(1)),
+            ..DownloadSettings::default()
+        },
+        allow_internal: Arc::new(net.allow_internal.clone()),
+    })
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Download {
+            store,
+            url,
+            path,
+            format,
+            checksum,
+            job_id,
+            description,
+            net,
+        } => {
+            let spec = DownloadSpec {
+                url,
+                path,
+                format,
+                checksum,
+                description,
+            };
+            spec.validate()?;
+            let journal = Journal::open(&state_dir(&store))?;
+            let store = open_store(&store).await?;
+            let id = job_id.unwrap_or_else(|| derived_job_id(&store.url().to_string(), &spec));
+            anyhow::ensure!(valid_job_id(&id), "invalid job id {id:?}");
+            let mut record = match journal.load(&id)? {
+                Some(r) if r.spec != spec => anyhow::bail!("job {id} exists with another specification"),
+                Some(r) if r.state == JobState::Completed => {
+                    println!("{}", serde_json::to_string(&r)?);
+                    eprintln!("job {id} already completed");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(r) => r,
+                None => JobRecord::new(&id, spec, &store.url().to_string()),
+            };
+            let downloader = downloader(store, journal, &net)?;
+            let live = Arc::new(LiveProgress::default());
+            let cancel = CancellationToken::new();
+            let bar = progress_bar(live.clone());
+            let ctrl_c = cancel.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    ctrl_c.cancel();
+                }
+            });
+            let state = downloader.run(&mut record, &live, &cancel).await;
+            if let Some(bar) = bar {
+                bar.abort();
+            }
+            println!("{}", serde_json::to_string(&record)?);
+            if state == JobState::Completed {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "error: job {id} {:?}: {}",
+                    state,
+                    record.error.as_deref().unwrap_or("no reason recorded")
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Inventory { store } => {
+            let store = open_store(&store).await?;
+            for entry in ssvm_agent::inventory::scan(&store).await? {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            store,
+            listen,
+            concurrent_jobs,
+            net,
+        } => {
+            let journal = Journal::open(&state_dir(&store))?;
+            let store = open_store(&store).await?;
+            let agent = ssvm_agent::service::Agent::new(downloader(store, journal, &net)?, concurrent_jobs);
+            let listener = ssvm_agent::service::bind(listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, "Storage agent API listening");
+            let resumed = agent.resume_all()?;
+            if resumed > 0 {
+                tracing::info!(resumed, "Resumed jobs from the journal");
+            }
+            ssvm_agent::service::serve(agent, listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+fn progress_bar(live: Arc<LiveProgress>) -> Option<tokio::task::JoinHandle<()>> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(tokio::spawn(async move {
+        loop {
+            let total = live.total.load(Ordering::Relaxed);
+            if total > 0 {
+                bar.set_length(total);
+            }
+            bar.set_position(live.bytes.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }))
 }

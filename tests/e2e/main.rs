@@ -3,4 +3,5 @@
 
 mod console;
 mod layout;
+mod nfs;
 mod support;

@@ -1,1 +1,7 @@
-//! Helpers for the end-to-end tests live in `e2e/`; this library is empty.
+//! Fixtures shared by the end-to-end tests (`tests/e2e`) and the crates' own integration tests.
+//!
+//! - [`http`]: a scriptable HTTP server (Range, ETag, redirects, dropped and stalled bodies, throttling)
+//!   standing in for the template mirrors a storage agent downloads from.
+#![forbid(unsafe_code)]
+
+pub mod http;

@@ -1,0 +1,873 @@
+//! Registering a template or ISO from a URL: download, decompress, hash, inspect and write in one
+//! pass, then install with `template.properties` last.
+//!
+//! Pipeline: a fetch task reads the HTTP body (stall timeout, size cap) and hashes the downloaded
+//! bytes; the install side decompresses when the content is compressed, feeds the format inspector
+//! and the installed-file hash, and writes 1 MiB blocks to the store with several writes in flight.
+//!
+//! Invariants:
+//! - Nothing looks installed until it is verified: data goes to `<name>.part`, is renamed to its final
+//!   name only after the checksum and the format check pass, and `template.properties` is written last.
+//!   A failed job removes its `.part` file.
+//! - Every retry and every restart resumes the same way: from the part file's flushed length, whose
+//!   bytes are read back to rebuild the hashes and the inspector, with an HTTP Range request validated
+//!   by the server's ETag or Last-Modified. Compressed downloads restart from zero instead.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::io::StreamReader;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::checksum::{Checksum, ChecksumAlgo, Hasher};
+use crate::inspect::{ImageFormat, Inspector};
+use crate::job::{Installed, JobRecord, JobState, Journal, Progress, install_ids};
+use crate::properties::TemplateProperties;
+use crate::store::{FileId, Store, StoreError};
+
+/// What the fetch task reports when the install side stopped reading.
+const INSTALL_STOPPED: &str = "install side stopped";
+
+/// Size of the blocks written to the store.
+pub const BLOCK: usize = 1024 * 1024;
+
+/// Download limits and pacing.
+#[derive(Clone, Debug)]
+pub struct DownloadSettings {
+    /// Largest download accepted (bytes, before decompression) and largest installed file.
+    pub max_size: u64,
+    /// A body that delivers nothing for this long is abandoned (and retried).
+    pub stall_timeout: Duration,
+    /// Retries after transient failures (connection, stall, 5xx, truncated body).
+    pub retries: u32,
+    /// First backoff between retries; doubles each time up to `backoff_max`.
+    pub backoff: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// Store writes in flight at once.
+    pub write_concurrency: usize,
+    /// Flush the part file and record the resume point after this many bytes…
+    pub checkpoint_every: u64,
+    /// …or after this much time, whichever comes first.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for DownloadSettings {
+    fn default() -> Self {
+        DownloadSettings {
+            max_size: 50 << 30,
+            stall_timeout: Duration::from_secs(60),
+            retries: 5,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            write_concurrency: 4,
+            checkpoint_every: 256 << 20,
+            checkpoint_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a download attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Worth retrying (network, stall, server error, truncated body).
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (checksum or format mismatch, 404, size cap, refused address).
+    #[error("{0}")]
+    Permanent(String),
+    /// The job was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<StoreError> for DownloadError {
+    fn from(e: StoreError) -> Self {
+        DownloadError::Transient(format!("secondary storage: {e}"))
+    }
+}
+
+fn permanent(msg: impl Into<String>) -> DownloadError {
+    DownloadError::Permanent(msg.into())
+}
+
+/// Compression detected from the first bytes of the download.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Not compressed.
+    None,
+    /// gzip (one or more members).
+    Gzip,
+    /// bzip2.
+    Bzip2,
+    /// xz.
+    Xz,
+    /// zstd.
+    Zstd,
+    /// A zip archive: its first entry is the image.
+    Zip,
+}
+
+impl Compression {
+    /// Detects compression from magic bytes.
+    pub fn detect(head: &[u8]) -> Compression {
+        match head {
+            [0x1f, 0x8b, ..] => Compression::Gzip,
+            [b'B', b'Z', b'h', ..] => Compression::Bzip2,
+            [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => Compression::Xz,
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+            [b'P', b'K', 3, 4, ..] => Compression::Zip,
+            _ => Compression::None,
+        }
+    }
+}
+
+/// Everything a download needs, shared by the jobs of one agent.
+#[derive(Clone)]
+pub struct Downloader {
+    /// HTTP client (SSRF-guarded).
+    pub http: reqwest::Client,
+    /// The store templates are installed into.
+    pub store: Store,
+    /// The job journal.
+    pub journal: Journal,
+    /// Limits and pacing.
+    pub settings: DownloadSettings,
+    /// Internal ranges allowed by configuration (checked again on the initial URL).
+    pub allow_internal: Arc<Vec<ipnet::IpNet>>,
+}
+
+/// Live view of a running job, for progress reporting.
+#[derive(Debug, Default)]
+pub struct LiveProgress {
+    /// Bytes downloaded so far.
+    pub bytes: AtomicU64,
+    /// Total bytes to download, 0 when unknown.
+    pub total: AtomicU64,
+}
+
+impl Downloader {
+    /// Runs a job to its end, retrying transient failures, and journals every state change.
+    pub async fn run(
+        &self,
+        record: &mut JobRecord,
+        live: &LiveProgress,
+        cancel: &CancellationToken,
+    ) -> JobState {
+        record.state = JobState::Running;
+        record.error = None;
+        self.save(record);
+        let mut attempt = 0u32;
+        let mut backoff = self.settings.backoff;
+        let outcome = loop {
+            match self.attempt(record, live, cancel).await {
+                Ok(installed) => break Ok(installed),
+                Err(DownloadError::Transient(msg))
+                    if attempt < self.settings.retries && !cancel.is_cancelled() =>
+                {
+                    attempt += 1;
+                    warn!(job.id = %record.id, attempt, error = %msg, "Download attempt failed, retrying");
+                    record.error = Some(format!("retrying after: {msg}"));
+                    self.save(record);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => break Err(DownloadError::Cancelled),
+                    }
+                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match outcome {
+            Ok(installed) => {
+                info!(job.id = %record.id, file = %installed.file, "Template installed");
+                record.state = JobState::Completed;
+                record.error = None;
+                record.installed = Some(installed);
+            }
+            Err(e) => {
+                record.state = if matches!(e, DownloadError::Cancelled) {
+                    JobState::Cancelled
+                } else {
+                    JobState::Failed
+                };
+                let msg = match e {
+                    DownloadError::Transient(m) => {
+                        format!("{m} (gave up after {} retries)", self.settings.retries)
+                    }
+                    other => other.to_string(),
+                };
+                warn!(job.id = %record.id, error = %msg, "Download failed");
+                record.error = Some(msg);
+                self.discard_part(record).await;
+            }
+        }
+        self.save(record);
+        record.state
+    }
+
+    fn save(&self, record: &JobRecord) {
+        if let Err(e) = self.journal.save(record) {
+            warn!(job.id = %record.id, error = %format!("{e:#}"), "Failed to write the job journal");
+        }
+    }
+
+    async fn discard_part(&self, record: &mut JobRecord) {
+        if !record.file_name.is_empty() {
+            let part = format!("{}/{}.part", record.spec.path.trim_matches('/'), record.file_name);
+            match self.store.remove_file(&part).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => warn!(job.id = %record.id, error = %e, "Failed to remove the partial download"),
+            }
+        }
+        record.durable_offset = 0;
+        record.validator = None;
+    }
+
+    /// One attempt: resume or start, stream, verify, install.
+    async fn attempt(
+        &self,
+        record: &mut JobRecord,
+        live: &LiveProgress,
+        cancel: &CancellationToken,
+    ) -> Result<Installed, DownloadError> {
+        let (format, expected) = record.spec.validate().map_err(|e| permanent(format!("{e:#}")))?;
+        let url: reqwest::Url = record
+            .spec
+            .url
+            .parse()
+            .map_err(|e| permanent(format!("invalid URL: {e}")))?;
+        crate::fetch::check_url(&url, &self.allow_internal).map_err(permanent)?;
+        let dir = record.spec.path.trim_matches('/').to_owned();
+        if record.file_name.is_empty() {
+            record.file_name = format!("{}.{}", random_uuid(), format.extension());
+            self.save(record);
+        }
+        let part = format!("{dir}/{}.part", record.file_name);
+        let algo = expected.as_ref().map_or(ChecksumAlgo::Sha256, |c| c.algo);
+        self.store.create_dir_all(&dir).await?;
+
+        // Resume point: only flushed bytes of an uncompressed download with a validator.
+        let mut state = InstallState::new(format, algo);
+        let mut file = None;
+        if record.durable_offset > 0 && !record.compressed && record.validator.is_some() {
+            match self.store.open_file(&part).await {
+                Ok((id, size)) if size >= record.durable_offset => {
+                    state
+                        .replay(&self.store, &id, record.durable_offset, live, cancel)
+                        .await?;
+                    record.resumes += 1;
+                    info!(job.id = %record.id, offset = record.durable_offset, "Resuming download");
+                    file = Some(id);
+                }
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let file = match file {
+            Some(f) => f,
+            None => {
+                record.durable_offset = 0;
+                record.validator = None;
+                state = InstallState::new(format, algo);
+                self.store.create(&part).await?
+            }
+        };
+        let offset = state.written;
+        live.bytes.store(offset, Ordering::Relaxed);
+
+        let mut request = self.http.get(url.clone());
+        if offset > 0
+            && let Some(v) = &record.validator
+        {
+            request = request
+                .header(reqwest::header::RANGE, format!("bytes={offset}-"))
+                .header(reqwest::header::IF_RANGE, v);
+        }
+        let response = tokio::select! {
+            r = request.send() => r.map_err(|e| classify_reqwest(&e))?,
+            _ = cancel.cancelled() => return Err(DownloadError::Cancelled),
+        };
+        let status = response.status();
+        let resumed = offset > 0 && status == reqwest::StatusCode::PARTIAL_CONTENT;
+        if status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            return Err(permanent(format!("HTTP {status} from {}", response.url())));
+        }
+        if !status.is_success() {
+            return Err(DownloadError::Transient(format!(
+                "HTTP {status} from {}",
+                response.url()
+            )));
+        }
+        if offset > 0 && !resumed {
+            // The server sent the whole file (no Range support, or the file changed): start over.
+            info!(job.id = %record.id, "Server did not resume; downloading from the start");
+            return Err(DownloadError::Transient(self.restart(record).await));
+        }
+        if resumed {
+            let start = response
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if start != Some(offset) {
+                return Err(DownloadError::Transient(self.restart(record).await));
+            }
+        }
+        let total = response.content_length().map(|len| len + offset);
+        if let Some(total) = total {
+            if total > self.settings.max_size {
+                return Err(permanent(format!(
+                    "download is {total} bytes, over the {} byte limit",
+                    self.settings.max_size
+                )));
+            }
+            live.total.store(total, Ordering::Relaxed);
+            record.progress.total = Some(total);
+        }
+        if !resumed {
+            record.validator = validator(response.headers());
+        }
+
+        // Fetch task: body → hash of the downloaded bytes → channel.
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+        let fetch = FetchTask {
+            hasher: state.download_hasher.take(),
+            stall: self.settings.stall_timeout,
+            max: self.settings.max_size,
+            bytes: offset,
+        };
+        let live_bytes = Arc::new(AtomicU64::new(offset));
+        let fetch_handle = tokio::spawn(fetch.run(response, tx, live_bytes.clone()));
+        let mut reader = BufReader::with_capacity(BLOCK, StreamReader::new(tokio_stream_from(rx)));
+
+        let compression = if offset == 0 {
+            let head = reader
+                .fill_buf()
+                .await
+                .map_err(|e| DownloadError::Transient(e.to_string()))?;
+            Compression::detect(head)
+        } else {
+            Compression::None
+        };
+        record.compressed = compression != Compression::None;
+        if record.compressed {
+            state.separate_installed_hash();
+        }
+        self.save(record);
+        let mut body: Box<dyn AsyncRead + Unpin + Send> = match compression {
+            Compression::None => Box::new(reader),
+            Compression::Gzip => {
+                let mut d = async_compression::tokio::bufread::GzipDecoder::new(reader);
+                d.multiple_members(true);
+                Box::new(d)
+            }
+            Compression::Bzip2 => Box::new(async_compression::tokio::bufread::BzDecoder::new(reader)),
+            Compression::Xz => Box::new(async_compression::tokio::bufread::XzDecoder::new(reader)),
+            Compression::Zstd => Box::new(async_compression::tokio::bufread::ZstdDecoder::new(reader)),
+            Compression::Zip => zip_first_entry(reader).await?,
+        };
+
+        // Install side: decompressed blocks → inspector, installed hash, store writes.
+        let mut writes: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut last_checkpoint = (state.written, Instant::now());
+        let mut last_report = Instant::now();
+        let mut last_bytes = offset;
+        loop {
+            if cancel.is_cancelled() {
+                fetch_handle.abort();
+                return Err(DownloadError::Cancelled);
+            }
+            let mut block = BytesMut::with_capacity(BLOCK);
+            while block.len() < BLOCK {
+                match body.read_buf(&mut block).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        drain(&mut writes).await?;
+                        // Dropping the reader closes the channel, so the fetch task ends at once.
+                        drop(body);
+                        return Err(fetch_error(fetch_handle, e).await);
+                    }
+                }
+            }
+            if block.is_empty() {
+                break;
+            }
+            let block = block.freeze();
+            state.feed(&block)?;
+            if state.written > self.settings.max_size {
+                fetch_handle.abort();
+                return Err(permanent(format!(
+                    "image is over the {} byte limit",
+                    self.settings.max_size
+                )));
+            }
+            while writes.len() >= self.settings.write_concurrency.max(1) {
+                join_one(&mut writes).await?;
+            }
+            let store = self.store.clone();
+            let id = file.clone();
+            let at = state.written - block.len() as u64;
+            writes.spawn(async move { store.write_at(&id, at, block).await });
+
+            let now_bytes = live_bytes.load(Ordering::Relaxed);
+            live.bytes.store(now_bytes, Ordering::Relaxed);
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                let secs = last_report.elapsed().as_secs_f64();
+                record.progress = progress(now_bytes, total, ((now_bytes - last_bytes) as f64 / secs) as u64);
+                last_report = Instant::now();
+                last_bytes = now_bytes;
+            }
+            if !record.compressed
+                && (state.written - last_checkpoint.0 >= self.settings.checkpoint_every
+                    || last_checkpoint.1.elapsed() >= self.settings.checkpoint_interval)
+            {
+                drain(&mut writes).await?;
+                self.store.flush(&file).await?;
+                record.durable_offset = state.written;
+                last_checkpoint = (state.written, Instant::now());
+                self.save(record);
+            }
+        }
+        drain(&mut writes).await?;
+        let (download_hasher, downloaded) = match fetch_handle.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(DownloadError::Transient(format!("download task failed: {e}"))),
+        };
+        self.store.flush(&file).await?;
+        if !record.compressed {
+            record.durable_offset = state.written;
+        }
+        live.bytes.store(downloaded, Ordering::Relaxed);
+        record.progress = progress(downloaded, total, 0);
+        self.save(record);
+        if let Some(total) = total
+            && downloaded != total
+        {
+            return Err(DownloadError::Transient(format!(
+                "connection closed after {downloaded} of {total} bytes"
+            )));
+        }
+
+        // Verify: format, then checksum of the downloaded bytes.
+        let (inspection, installed_sum) = state.finish(download_hasher.as_ref())?;
+        let download_sum = download_hasher
+            .map(Hasher::finalize)
+            .ok_or_else(|| permanent("download hash missing"))?;
+        if let Some(expected) = &expected
+            && !expected.matches(&download_sum.hex)
+        {
+            return Err(permanent(format!(
+                "checksum mismatch: expected {expected}, downloaded {download_sum}"
+            )));
+        }
+
+        // Install: rename into place, then template.properties last.
+        let final_path = format!("{dir}/{}", record.file_name);
+        self.store.rename(&part, &final_path).await?;
+        let (account, template_id) = install_ids(&dir).map_err(|e| permanent(format!("{e:#}")))?;
+        let properties = TemplateProperties {
+            id: template_id.clone(),
+            unique_name: format!("{template_id}-{account}-{}", record.id),
+            description: if record.spec.description.is_empty() {
+                url.path_segments()
+                    .and_then(|mut s| s.next_back())
+                    .unwrap_or_default()
+                    .to_owned()
+            } else {
+                record.spec.description.clone()
+            },
+            format: inspection.format,
+            filename: record.file_name.clone(),
+            size: inspection.physical_size,
+            virtual_size: inspection.virtual_size,
+            checksum: Some(download_sum.clone()),
+            hvm: true,
+            public: true,
+        };
+        let text = properties.to_java_properties(&httpdate_comment());
+        self.store
+            .write_file_atomic(&format!("{dir}/template.properties"), text.as_bytes())
+            .await?;
+        Ok(Installed {
+            file: final_path,
+            format: inspection.format.name().to_owned(),
+            physical_size: inspection.physical_size,
+            virtual_size: inspection.virtual_size,
+            download_checksum: download_sum.to_string(),
+            installed_sha256: installed_sum.hex,
+        })
+    }
+
+    /// Drops the partial file so the next attempt starts from zero; returns why.
+    async fn restart(&self, record: &mut JobRecord) -> String {
+        self.discard_part(record).await;
+        self.save(record);
+        "server did not resume the download; restarting from the start".into()
+    }
+}
+
+/// Hashes and inspector of the installed (decompressed) stream.
+struct InstallState {
+    inspector: Option<Inspector>,
+    /// Hash of the downloaded bytes (moves to the fetch task while it runs).
+    download_hasher: Option<Hasher>,
+    /// SHA-256 of the installed bytes, when it differs from the download hash.
+    installed_hasher: Option<Hasher>,
+    written: u64,
+}
+
+impl InstallState {
+    fn new(format: ImageFormat, algo: ChecksumAlgo) -> Self {
+        InstallState {
+            inspector: Some(Inspector::new(format)),
+            download_hasher: Some(Hasher::new(algo)),
+            // Uncompressed and SHA-256: the download hash is the installed hash; hash once.
+            installed_hasher: (algo != ChecksumAlgo::Sha256).then(|| Hasher::new(ChecksumAlgo::Sha256)),
+            written: 0,
+        }
+    }
+
+    /// The download is compressed: installed bytes differ from downloaded bytes.
+    fn separate_installed_hash(&mut self) {
+        if self.installed_hasher.is_none() {
+            self.installed_hasher = Some(Hasher::new(ChecksumAlgo::Sha256));
+        }
+    }
+
+    fn feed(&mut self, block: &[u8]) -> Result<(), DownloadError> {
+        if let Some(inspector) = &mut self.inspector {
+            inspector.update(block).map_err(|e| permanent(e.to_string()))?;
+        }
+        if let Some(h) = &mut self.installed_hasher {
+            h.update(block);
+        }
+        self.written += block.len() as u64;
+        Ok(())
+    }
+
+    /// Rebuilds the state from the first `len` bytes of the part file (uncompressed: downloaded bytes
+    /// are installed bytes).
+    async fn replay(
+        &mut self,
+        store: &Store,
+        file: &FileId,
+        len: u64,
+        live: &LiveProgress,
+        cancel: &CancellationToken,
+    ) -> Result<(), DownloadError> {
+        while self.written < len {
+            if cancel.is_cancelled() {
+                return Err(DownloadError::Cancelled);
+            }
+            let want = (len - self.written).min(4 * BLOCK as u64) as usize;
+            let data = store.read_at(file, self.written, want).await?;
+            if data.is_empty() {
+                return Err(DownloadError::Transient(
+                    "partial download shorter than recorded".into(),
+                ));
+            }
+            if let Some(h) = &mut self.download_hasher {
+                h.update(&data);
+            }
+            self.feed(&data)?;
+            live.bytes.store(self.written, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Finishes the inspector and the installed hash.
+    fn finish(
+        &mut self,
+        download: Option<&Hasher>,
+    ) -> Result<(crate::inspect::Inspection, Checksum), DownloadError> {
+        let inspection = self
+            .inspector
+            .take()
+            .ok_or_else(|| permanent("inspector missing"))?
+            .finish()
+            .map_err(|e| permanent(e.to_string()))?;
+        let installed = match self.installed_hasher.take() {
+            Some(h) => h.finalize(),
+            None => download
+                .cloned()
+                .map(Hasher::finalize)
+                .ok_or_else(|| permanent("download hash missing"))?,
+        };
+        Ok((inspection, installed))
+    }
+}
+
+/// The fetch side: reads the body with a stall timeout and a size cap, hashing what it reads.
+struct FetchTask {
+    hasher: Option<Hasher>,
+    stall: Duration,
+    max: u64,
+    bytes: u64,
+}
+
+impl FetchTask {
+    async fn run(
+        mut self,
+        response: reqwest::Response,
+        tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+        live: Arc<AtomicU64>,
+    ) -> Result<(Option<Hasher>, u64), DownloadError> {
+        let mut stream = response.bytes_stream();
+        loop {
+            let next = match tokio::time::timeout(self.stall, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let msg = format!("download stalled: no data for {} s", self.stall.as_secs());
+                    let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
+                    return Err(DownloadError::Transient(msg));
+                }
+            };
+            let Some(chunk) = next else { break };
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let msg = format!("download interrupted: {}", error_chain(&e));
+                    let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
+                    return Err(DownloadError::Transient(msg));
+                }
+            };
+            self.bytes += chunk.len() as u64;
+            if self.bytes > self.max {
+                let msg = format!("download is over the {} byte limit", self.max);
+                let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
+                return Err(permanent(msg));
+            }
+            if let Some(h) = &mut self.hasher {
+                h.update(&chunk);
+            }
+            live.store(self.bytes, Ordering::Relaxed);
+            if tx.send(Ok(chunk)).await.is_err() {
+                // The install side stopped; it reports why.
+                return Err(DownloadError::Transient(INSTALL_STOPPED.into()));
+            }
+        }
+        Ok((self.hasher, self.bytes))
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The error of a failed read: the fetch task's own error when the body failed (network, stall,
+/// size), else the read error itself (a corrupt compressed stream, which retrying cannot fix).
+async fn fetch_error(
+    handle: tokio::task::JoinHandle<Result<(Option<Hasher>, u64), DownloadError>>,
+    read: std::io::Error,
+) -> DownloadError {
+    match handle.await {
+        Ok(Err(DownloadError::Transient(m))) if m == INSTALL_STOPPED => {
+            permanent(format!("cannot decompress the download: {read}"))
+        }
+        Ok(Err(e)) => e,
+        _ => permanent(format!("cannot decompress the download: {read}")),
+    }
+}
+
+async fn join_one(writes: &mut JoinSet<Result<(), StoreError>>) -> Result<(), DownloadError> {
+    match writes.join_next().await {
+        Some(Ok(r)) => r.map_err(Into::into),
+        Some(Err(e)) => Err(DownloadError::Transient(format!("store write task failed: {e}"))),
+        None => Ok(()),
+    }
+}
+
+async fn drain(writes: &mut JoinSet<Result<(), StoreError>>) -> Result<(), DownloadError> {
+    while !writes.is_empty() {
+        join_one(writes).await?;
+    }
+    Ok(())
+}
+
+/// Opens the first entry of a zip archive read as a stream (local file header, then deflate or stored data).
+async fn zip_first_entry<R>(mut reader: R) -> Result<Box<dyn AsyncRead + Unpin + Send>, DownloadError>
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    let mut head = [0u8; 30];
+    reader
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| permanent(format!("zip header unreadable: {e}")))?;
+    let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    if u32_at(0) != 0x0403_4b50 {
+        return Err(permanent("not a zip archive"));
+    }
+    let flags = u16_at(6);
+    let method = u16_at(8);
+    let compressed_size = u64::from(u32_at(18));
+    let skip = u64::from(u16_at(26)) + u64::from(u16_at(28));
+    if flags & 1 != 0 {
+        return Err(permanent("encrypted zip archives are not supported"));
+    }
+    tokio::io::copy(&mut (&mut reader).take(skip), &mut tokio::io::sink())
+        .await
+        .map_err(|e| permanent(format!("zip header unreadable: {e}")))?;
+    match method {
+        8 => Ok(Box::new(async_compression::tokio::bufread::DeflateDecoder::new(
+            reader,
+        ))),
+        0 if flags & 8 == 0 => Ok(Box::new(reader.take(compressed_size))),
+        0 => Err(permanent("stored zip entries without sizes are not supported")),
+        other => Err(permanent(format!(
+            "zip compression method {other} is not supported (use deflate)"
+        ))),
+    }
+}
+
+fn progress(bytes: u64, total: Option<u64>, rate: u64) -> Progress {
+    Progress {
+        bytes,
+        total,
+        percent: total
+            .filter(|t| *t > 0)
+            .map(|t| (bytes as f64 * 100.0 / t as f64).min(100.0)),
+        rate,
+    }
+}
+
+/// A strong validator for `If-Range`: a strong ETag, else Last-Modified.
+fn validator(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let etag = headers.get(reqwest::header::ETAG).and_then(|v| v.to_str().ok());
+    match etag {
+        Some(e) if !e.starts_with("W/") => Some(e.to_owned()),
+        _ => headers
+            .get(reqwest::header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    }
+}
+
+fn classify_reqwest(e: &reqwest::Error) -> DownloadError {
+    let chain = error_chain(e);
+    if chain.contains("refusing to download from internal address") || e.is_redirect() || e.is_builder() {
+        permanent(chain)
+    } else {
+        DownloadError::Transient(chain)
+    }
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // Fall back to time-derived bytes; uniqueness within one install directory is all that matters.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b = t.to_le_bytes();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The date comment Java writes at the top of a properties file.
+fn httpdate_comment() -> String {
+    format!("written by ssvm-agent at unix time {}", crate::job::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_compression() {
+        assert_eq!(Compression::detect(&[0x1f, 0x8b, 8]), Compression::Gzip);
+        assert_eq!(Compression::detect(b"BZh91AY"), Compression::Bzip2);
+        assert_eq!(
+            Compression::detect(&[0xfd, b'7', b'z', b'X', b'Z', 0]),
+            Compression::Xz
+        );
+        assert_eq!(Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(Compression::detect(b"PK\x03\x04"), Compression::Zip);
+        assert_eq!(Compression::detect(b"QFI\xfb"), Compression::None);
+    }
+
+    #[test]
+    fn validators_prefer_strong_etags() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::LAST_MODIFIED,
+            "Tue, 24 Nov 2026 10:00:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(validator(&h).as_deref(), Some("Tue, 24 Nov 2026 10:00:00 GMT"));
+        h.insert(reqwest::header::ETAG, "W/\"weak\"".parse().unwrap());
+        assert_eq!(validator(&h).as_deref(), Some("Tue, 24 Nov 2026 10:00:00 GMT"));
+        h.insert(reqwest::header::ETAG, "\"strong\"".parse().unwrap());
+        assert_eq!(validator(&h).as_deref(), Some("\"strong\""));
+    }
+
+    #[test]
+    fn uuids_look_like_uuids() {
+        let u = random_uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(u, random_uuid());
+    }
+
+    #[tokio::test]
+    async fn zip_entries_stream() {
+        // A zip with one stored entry "a.img" holding "hello".
+        let mut zip = Vec::new();
+        zip.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        zip.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        zip.extend_from_slice(&0u32.to_le_bytes()); // crc (unchecked)
+        zip.extend_from_slice(&5u32.to_le_bytes());
+        zip.extend_from_slice(&5u32.to_le_bytes());
+        zip.extend_from_slice(&5u16.to_le_bytes());
+        zip.extend_from_slice(&0u16.to_le_bytes());
+        zip.extend_from_slice(b"a.imghello-trailing-central-directory");
+        let mut r = zip_first_entry(BufReader::new(std::io::Cursor::new(zip)))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"hello");
+    }
+}

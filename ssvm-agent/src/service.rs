@@ -1,0 +1,338 @@
+//! `ssvm-agent serve`: jobs run in the background, resumed at start, driven by a small local JSON API.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `POST /jobs` | submit a download (`{"id"?, "url", "path", "format", "checksum"?, "description"?}`); 201 new, 200 same job again, 409 same id with another spec |
+//! | `GET /jobs` | every job, newest state |
+//! | `GET /jobs/{id}` | one job: state, progress (bytes, total, percent, rate), result or error |
+//! | `DELETE /jobs/{id}` | cancel a queued or running job |
+//! | `GET /capacity` | the store's total/used/available, its health, and the job load |
+//! | `GET /health` | the store's health |
+//!
+//! Invariant: the API listens on loopback unless told otherwise; a hung store makes `/health` say so
+//! and jobs fail with the reason, while the API keeps answering.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::download::{Downloader, LiveProgress};
+use crate::job::{DownloadSpec, JobRecord, JobState, derived_job_id, valid_job_id};
+
+/// Largest request body accepted by the API.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A job submission.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Submit {
+    /// Job id chosen by the caller (core); derived from the spec when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The download.
+    #[serde(flatten)]
+    pub spec: DownloadSpec,
+}
+
+struct Running {
+    live: Arc<LiveProgress>,
+    cancel: CancellationToken,
+}
+
+/// The agent service: the downloader and the jobs it runs.
+pub struct Agent {
+    downloader: Downloader,
+    running: Mutex<HashMap<String, Running>>,
+    slots: Arc<Semaphore>,
+    concurrent: usize,
+}
+
+/// Store state as the API reports it.
+#[derive(Serialize)]
+struct CapacityReport {
+    store: String,
+    health: crate::store::Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity: Option<crate::store::Capacity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    jobs_running: usize,
+    jobs_queued: usize,
+}
+
+impl Agent {
+    /// An agent running at most `concurrent` jobs at once.
+    pub fn new(downloader: Downloader, concurrent: usize) -> Arc<Self> {
+        Arc::new(Agent {
+            downloader,
+            running: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(concurrent.max(1))),
+            concurrent: concurrent.max(1),
+        })
+    }
+
+    /// Resumes every job the journal has as queued or running (the agent was stopped mid-job).
+    pub fn resume_all(self: &Arc<Self>) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for record in self.downloader.journal.load_all()?.into_values() {
+            if !record.state.is_final() {
+                info!(job.id = %record.id, "Resuming job from the journal");
+                self.spawn(record);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spawn(self: &Arc<Self>, mut record: JobRecord) {
+        let live = Arc::new(LiveProgress::default());
+        let cancel = CancellationToken::new();
+        self.running().insert(
+            record.id.clone(),
+            Running {
+                live: live.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let permit = tokio::select! {
+                p = agent.slots.clone().acquire_owned() => p.ok(),
+                _ = cancel.cancelled() => None,
+            };
+            if permit.is_some() {
+                agent.downloader.run(&mut record, &live, &cancel).await;
+            } else {
+                record.state = JobState::Cancelled;
+                record.error = Some("cancelled before it started".into());
+                let _ = agent.downloader.journal.save(&record);
+            }
+            agent.running().remove(&record.id);
+        });
+    }
+
+    /// Submits a job (idempotent by id).
+    pub fn submit(self: &Arc<Self>, submit: Submit) -> Result<(StatusCode, JobRecord), (StatusCode, String)> {
+        submit
+            .spec
+            .validate()
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+        let store = self.downloader.store.url().to_string();
+        let id = submit.id.unwrap_or_else(|| derived_job_id(&store, &submit.spec));
+        if !valid_job_id(&id) {
+            return Err((StatusCode::BAD_REQUEST, format!("invalid job id {id:?}")));
+        }
+        match self.downloader.journal.load(&id) {
+            Ok(Some(existing)) if existing.spec == submit.spec => {
+                return Ok((StatusCode::OK, self.with_live(existing)));
+            }
+            Ok(Some(_)) => {
+                return Err((
+                    StatusCode::CONFLICT,
+                    format!("job {id} exists with another specification"),
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))),
+        }
+        let record = JobRecord::new(&id, submit.spec, &store);
+        self.downloader
+            .journal
+            .save(&record)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        info!(job.id = %id, url = %record.spec.url, "Job submitted");
+        self.spawn(record.clone());
+        Ok((StatusCode::CREATED, record))
+    }
+
+    /// A record with the live byte count of a running job.
+    fn with_live(&self, mut record: JobRecord) -> JobRecord {
+        if let Some(r) = self.running().get(&record.id) {
+            let bytes = r.live.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let total = r.live.total.load(std::sync::atomic::Ordering::Relaxed);
+            record.progress.bytes = bytes.max(record.progress.bytes);
+            if total > 0 {
+                record.progress.total = Some(total);
+                record.progress.percent =
+                    Some((record.progress.bytes as f64 * 100.0 / total as f64).min(100.0));
+            }
+        }
+        record
+    }
+
+    /// One job.
+    pub fn status(&self, id: &str) -> anyhow::Result<Option<JobRecord>> {
+        Ok(self.downloader.journal.load(id)?.map(|r| self.with_live(r)))
+    }
+
+    /// Every job.
+    pub fn list(&self) -> anyhow::Result<Vec<JobRecord>> {
+        Ok(self
+            .downloader
+            .journal
+            .load_all()?
+            .into_values()
+            .map(|r| self.with_live(r))
+            .collect())
+    }
+
+    /// Cancels a job; `false` when it is not running.
+    pub fn cancel(&self, id: &str) -> bool {
+        self.running().get(id).map(|r| r.cancel.cancel()).is_some()
+    }
+
+    async fn capacity(&self) -> CapacityReport {
+        let (capacity, error) = match self.downloader.store.capacity().await {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        // Jobs that hold a slot are running; the other active ones wait for a slot.
+        let active = self.running().len();
+        let in_slots = self.concurrent - self.slots.available_permits();
+        CapacityReport {
+            store: self.downloader.store.url().to_string(),
+            health: self.downloader.store.health(),
+            capacity,
+            error,
+            jobs_running: in_slots,
+            jobs_queued: active.saturating_sub(in_slots),
+        }
+    }
+}
+
+/// Serves the API on `listen` until `shutdown` resolves.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => accepted.context("accept failed")?,
+            () = &mut shutdown => break,
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let agent = agent.clone();
+                async move { Ok::<_, Infallible>(route(agent, req).await) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
+                warn!(%peer, %error, "API connection failed");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Binds the API listener.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("failed to bind {listen}"))
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    // 5xx answers never carry internal detail.
+    let text = if status.is_server_error() {
+        "internal error"
+    } else {
+        msg
+    };
+    if status.is_server_error() {
+        warn!(error = %msg, "API request failed");
+    }
+    json(status, &serde_json::json!({ "error": text }))
+}
+
+async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (Method::POST, "/jobs") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            };
+            let submit: Submit = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid job: {e}")),
+            };
+            match agent.submit(submit) {
+                Ok((status, record)) => json(status, &record),
+                Err((status, msg)) => error(status, &msg),
+            }
+        }
+        (Method::GET, "/jobs") => match agent.list() {
+            Ok(list) => json(StatusCode::OK, &list),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+        },
+        (Method::GET, "/capacity") => json(StatusCode::OK, &agent.capacity().await),
+        (Method::GET, "/health") => json(StatusCode::OK, &agent.downloader.store.health()),
+        (method, p) if p.starts_with("/jobs/") => {
+            let id = &p["/jobs/".len()..];
+            if !valid_job_id(id) {
+                return error(StatusCode::BAD_REQUEST, "invalid job id");
+            }
+            match method {
+                Method::GET => match agent.status(id) {
+                    Ok(Some(r)) => json(StatusCode::OK, &r),
+                    Ok(None) => error(StatusCode::NOT_FOUND, "no such job"),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+                },
+                Method::DELETE => {
+                    if agent.cancel(id) {
+                        json(
+                            StatusCode::ACCEPTED,
+                            &serde_json::json!({ "id": id, "cancelling": true }),
+                        )
+                    } else {
+                        match agent.status(id) {
+                            Ok(Some(r)) => error(StatusCode::CONFLICT, &format!("job {id} is {:?}", r.state)),
+                            Ok(None) => error(StatusCode::NOT_FOUND, "no such job"),
+                            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+                        }
+                    }
+                }
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
