@@ -4,4 +4,5 @@
 mod console;
 mod layout;
 mod nfs;
+mod storage;
 mod support;

@@ -20,7 +20,7 @@ use ssvm_agent::store::{Bytes, DirEntry, Health, Metadata, Store, StoreError, St
 use crate::support::{which, workspace};
 
 /// Serialises the tests that use ganesha (one of them stops it for a while).
-static NFS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static NFS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The NFS server shared by this test binary.
 pub(crate) struct Ganesha {
