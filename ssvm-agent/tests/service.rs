@@ -200,12 +200,13 @@ async fn job_api_submit_status_cancel_and_resume_after_kill() {
         .await
         .unwrap();
     assert!(capacity["capacity"]["total"].as_u64().unwrap() > 0, "{capacity}");
+    assert_eq!(capacity["health"]["state"], "healthy", "{capacity}");
     assert_eq!(
-        capacity["health"]["state"]
-            .as_str()
-            .or(capacity["health"].as_str())
-            .is_some(),
-        true,
+        (
+            capacity["jobs_running"].as_u64(),
+            capacity["jobs_queued"].as_u64()
+        ),
+        (Some(1), Some(0)),
         "{capacity}"
     );
     agent.child.kill().unwrap();
