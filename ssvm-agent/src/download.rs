@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::io::StreamReader;
@@ -151,6 +151,8 @@ pub struct LiveProgress {
     pub bytes: AtomicU64,
     /// Total bytes to download, 0 when unknown.
     pub total: AtomicU64,
+    /// Download rate over the last second, bytes per second.
+    pub rate: AtomicU64,
 }
 
 impl Downloader {
@@ -342,7 +344,8 @@ impl Downloader {
         }
 
         // Fetch task: body → hash of the downloaded bytes → channel.
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+        // Room for a few MiB of body chunks between the fetch side and the install side.
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
         let fetch = FetchTask {
             hasher: state.download_hasher.take(),
             stall: self.settings.stall_timeout,
@@ -351,7 +354,8 @@ impl Downloader {
         };
         let live_bytes = Arc::new(AtomicU64::new(offset));
         let fetch_handle = tokio::spawn(fetch.run(response, tx, live_bytes.clone()));
-        let mut reader = BufReader::with_capacity(BLOCK, StreamReader::new(tokio_stream_from(rx)));
+        // StreamReader is itself buffered (it lends the current chunk): no extra copy here.
+        let mut reader = StreamReader::new(tokio_stream_from(rx));
 
         let compression = if offset == 0 {
             let head = reader
@@ -428,6 +432,7 @@ impl Downloader {
             if last_report.elapsed() >= Duration::from_secs(1) {
                 let secs = last_report.elapsed().as_secs_f64();
                 record.progress = progress(now_bytes, total, ((now_bytes - last_bytes) as f64 / secs) as u64);
+                live.rate.store(record.progress.rate, Ordering::Relaxed);
                 last_report = Instant::now();
                 last_bytes = now_bytes;
             }
@@ -863,7 +868,7 @@ mod tests {
         zip.extend_from_slice(&5u16.to_le_bytes());
         zip.extend_from_slice(&0u16.to_le_bytes());
         zip.extend_from_slice(b"a.imghello-trailing-central-directory");
-        let mut r = zip_first_entry(BufReader::new(std::io::Cursor::new(zip)))
+        let mut r = zip_first_entry(tokio::io::BufReader::new(std::io::Cursor::new(zip)))
             .await
             .unwrap();
         let mut out = Vec::new();

@@ -15,9 +15,13 @@
 //!   disks look raw from the head and are recognised by their footer in the last 512 bytes.
 //!   Virtual size: the footer's current size.
 //! - ISO 9660: `CD001` at 0x8001. Virtual size: the file size.
-//! - OVA: a ustar archive whose first entry is the `.ovf` descriptor (at most
-//!   [`MAX_OVF_LEN`] bytes); links, devices and names that are absolute or contain `..` are
-//!   refused. Virtual size: the sum of the `<Disk>` capacities of the `DiskSection`.
+//! - OVA: a ustar archive holding exactly one `.ovf` descriptor (at most [`MAX_OVF_LEN`]
+//!   bytes), at any position, as CloudStack's `OVAProcessor` finds it: the entries before it
+//!   (manifest `.mf`, certificate `.cert`, disks, as `tar cf x.ova *` orders them) are skipped
+//!   as they stream by, without being buffered. A second `.ovf` entry is refused, and so is an
+//!   archive that ends without any. Links, devices and names that are absolute or contain `..`
+//!   are refused wherever they appear. Virtual size: the sum of the `<Disk>` capacities of the
+//!   descriptor's `DiskSection`.
 //! - RAW: anything that carries no known signature (a fixed VHD's footer at the end counts as
 //!   a signature). Virtual size: the file size.
 //!
@@ -30,7 +34,9 @@
 //!   most 64 KiB of tar extended headers;
 //! - every error is reported by the first `update` call whose bytes decide it (a format
 //!   mismatch by at most [`ISO_PROBE_LEN`] bytes, except a fixed VHD or a RAW image, which
-//!   is known only at the end), and is sticky: later calls and `finish` return it again;
+//!   is known only at the end; an OVA without descriptor at its end-of-archive block, or by
+//!   `finish` when the stream has none), and is sticky: later calls and `finish` return it
+//!   again;
 //! - the verdict does not depend on how the stream is cut into chunks;
 //! - no input makes the inspector panic.
 
@@ -179,9 +185,13 @@ pub enum InspectError {
     /// Malformed VHD footer.
     #[error("bad vhd footer: {0}")]
     VhdBadFooter(&'static str),
-    /// The OVA's first entry is not an `.ovf` file.
-    #[error("ova archive does not start with an ovf descriptor")]
+    /// The OVA archive ended (end-of-archive block or end of the stream) without any `.ovf`
+    /// entry.
+    #[error("ova archive has no ovf descriptor")]
     OvaNoDescriptor,
+    /// The OVA holds a second `.ovf` entry (which one would be deployed is ambiguous).
+    #[error("OVA has more than one descriptor")]
+    OvaMultipleDescriptors,
     /// The OVF descriptor exceeds [`MAX_OVF_LEN`].
     #[error("ova descriptor is {size} bytes, more than the limit of {limit}")]
     OvaDescriptorTooLarge {
@@ -631,8 +641,8 @@ struct TarWalker {
     pending_path: Option<String>,
     /// Size from a pax `size` record, for the next entry.
     pending_size: Option<u64>,
-    /// Whether a real (non-metadata) entry has been seen.
-    seen_entry: bool,
+    /// Whether the `.ovf` descriptor's header has been seen (its body may still be streaming).
+    descriptor_seen: bool,
     /// Virtual size, once the descriptor is parsed.
     virtual_size: Option<u64>,
 }
@@ -716,7 +726,9 @@ impl TarWalker {
 
     fn on_header(&mut self, block: &[u8]) -> Result<(), InspectError> {
         if block.iter().all(|b| *b == 0) {
-            if !self.seen_entry {
+            // End of archive. The descriptor's body, if any, is complete by now (a header
+            // follows it), so `virtual_size` is set whenever the descriptor was seen.
+            if !self.descriptor_seen {
                 return Err(InspectError::OvaNoDescriptor);
             }
             self.state = TarState::End;
@@ -787,7 +799,8 @@ impl TarWalker {
         Ok(())
     }
 
-    /// A real entry (file, directory, link…): checks it and says how to consume its body.
+    /// A real entry (file, directory, link…): checks it and says how to consume its body:
+    /// the first `.ovf` file is collected as the descriptor, every other entry is skipped.
     fn on_entry(
         &mut self,
         block: &[u8],
@@ -826,18 +839,19 @@ impl TarWalker {
         if name.split(['/', '\\']).any(|part| part == "..") {
             return Err(unsafe_entry("parent directory component"));
         }
-        if self.seen_entry {
-            return Ok((size, Sink::Skip));
-        }
-        self.seen_entry = true;
         let is_ovf = typeflag != b'5'
             && name
                 .rsplit('/')
                 .next()
                 .is_some_and(|base| base.len() > 4 && base.to_ascii_lowercase().ends_with(".ovf"));
         if !is_ovf {
-            return Err(InspectError::OvaNoDescriptor);
+            // Manifest, certificate, disk, directory…: streamed past, never buffered.
+            return Ok((size, Sink::Skip));
         }
+        if self.descriptor_seen {
+            return Err(InspectError::OvaMultipleDescriptors);
+        }
+        self.descriptor_seen = true;
         if size > MAX_OVF_LEN {
             return Err(InspectError::OvaDescriptorTooLarge {
                 size,
@@ -1630,12 +1644,6 @@ mod tests {
     #[test]
     fn ova_structure_refusals() {
         let o = ImageFormat::Ova;
-        // Descriptor not first.
-        let mut tar = Vec::new();
-        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(10));
-        tar_entry(&mut tar, "a.ovf", b'0', OVF.as_bytes());
-        assert_eq!(inspect(o, &tar), Err(InspectError::OvaNoDescriptor));
-        assert_eq!(fails_after(o, &tar), Some(512));
         // An empty archive (all zeros) has no ustar magic: it is raw.
         assert_eq!(inspect(o, &[0u8; 1024]), mismatch(o, ImageFormat::Raw));
         // Only metadata before the end of the archive.
@@ -1643,7 +1651,7 @@ mod tests {
         tar_entry(&mut tar, "PaxHeaders/x", b'x', b"12 path=a.b\n");
         tar_end(&mut tar);
         assert_eq!(inspect(o, &tar), Err(InspectError::OvaNoDescriptor));
-        // Links and traversal.
+        // Links and traversal, after the descriptor and before it.
         for (name, typeflag) in [
             ("link", b'2'),
             ("hard", b'1'),
@@ -1651,6 +1659,8 @@ mod tests {
             ("/etc/passwd", b'0'),
             ("a/../../b", b'0'),
             ("dev", b'3'),
+            ("../evil.ovf", b'0'),
+            ("evil.ovf", b'2'),
         ] {
             let mut tar = Vec::new();
             tar_entry(&mut tar, "a.ovf", b'0', OVF.as_bytes());
@@ -1660,6 +1670,17 @@ mod tests {
                 matches!(inspect(o, &tar), Err(InspectError::OvaUnsafeEntry { .. })),
                 "{name}"
             );
+            let mut tar = Vec::new();
+            tar_entry(&mut tar, "a.mf", b'0', b"SHA256(a.ovf)= 00\n");
+            tar_entry(&mut tar, name, typeflag, b"");
+            let refused_at = tar.len();
+            tar_entry(&mut tar, "a.ovf", b'0', OVF.as_bytes());
+            tar_end(&mut tar);
+            assert!(
+                matches!(inspect(o, &tar), Err(InspectError::OvaUnsafeEntry { .. })),
+                "{name} before the descriptor"
+            );
+            assert_eq!(fails_after(o, &tar), Some(refused_at), "{name}");
         }
         // Too large a descriptor: refused from its header.
         let mut tar = tar_header("big.ovf", MAX_OVF_LEN + 1, b'0');
@@ -1672,6 +1693,20 @@ mod tests {
             })
         );
         assert_eq!(fails_after(o, &tar), Some(512));
+        // Also when the descriptor comes after other entries.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "big.mf", b'0', b"SHA256(big.ovf)= 00\n");
+        tar.extend(tar_header("big.ovf", MAX_OVF_LEN + 1, b'0'));
+        let refused_at = tar.len();
+        tar.extend(vec![b' '; 1024]);
+        assert_eq!(
+            inspect(o, &tar),
+            Err(InspectError::OvaDescriptorTooLarge {
+                size: MAX_OVF_LEN + 1,
+                limit: MAX_OVF_LEN
+            })
+        );
+        assert_eq!(fails_after(o, &tar), Some(refused_at));
         // Bad header checksum in the second entry.
         let mut tar = Vec::new();
         tar_entry(&mut tar, "a.ovf", b'0', OVF.as_bytes());
@@ -1682,6 +1717,138 @@ mod tests {
             inspect(o, &tar),
             Err(InspectError::OvaBadArchive("header checksum mismatch"))
         );
+    }
+
+    const MF: &[u8] = b"SHA256(x.ovf)= 0123\nSHA256(disk1.vmdk)= 4567\n";
+
+    #[test]
+    fn ova_descriptor_after_the_manifest() {
+        let o = ImageFormat::Ova;
+        // `tar cf x.ova x.mf x.ovf disk1.vmdk disk2.vmdk`
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "x.mf", b'0', MF);
+        tar_entry(&mut tar, "x.ovf", b'0', OVF.as_bytes());
+        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(1000));
+        tar_entry(&mut tar, "disk2.vmdk", b'0', &raw(600));
+        tar_end(&mut tar);
+        let n = tar.len();
+        assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
+        // Manifest and certificate first, descriptor in a directory, upper-case extension,
+        // no end-of-archive blocks.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "x.cert", b'0', b"-----BEGIN CERTIFICATE-----\n");
+        tar_entry(&mut tar, "x.mf", b'0', MF);
+        tar_entry(&mut tar, "vm/", b'5', b"");
+        tar_entry(&mut tar, "vm/X.OVF", b'0', OVF.as_bytes());
+        tar_entry(&mut tar, "vm/disk1.vmdk", b'0', &raw(1000));
+        let n = tar.len();
+        assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
+        // A descriptor error is reported once the descriptor is in.
+        let bad = OVF.replace("byte * 2^20", "furlong");
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "x.mf", b'0', MF);
+        tar_entry(&mut tar, "x.ovf", b'0', bad.as_bytes());
+        let descriptor_end = tar.len();
+        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(1000));
+        tar_end(&mut tar);
+        assert!(matches!(inspect(o, &tar), Err(InspectError::OvaBadDescriptor(_))));
+        assert!(fails_after(o, &tar).is_some_and(|at| at > 1024 && at <= descriptor_end));
+    }
+
+    #[test]
+    fn ova_descriptor_after_the_disks() {
+        let o = ImageFormat::Ova;
+        // `tar cf x.ova *`: disks sort before the manifest and the descriptor. The first disk
+        // is larger than the head the inspector keeps.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(HEAD_LEN + 5000));
+        tar_entry(&mut tar, "disk2.vmdk", b'0', &raw(600));
+        tar_entry(&mut tar, "x.mf", b'0', MF);
+        tar_entry(&mut tar, "x.ovf", b'0', OVF.as_bytes());
+        tar_end(&mut tar);
+        let n = tar.len();
+        assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
+        // Without the end-of-archive blocks.
+        assert_eq!(inspect(o, &tar[..n - 1024]), ok(o, OVF_SIZE, n - 1024));
+        // Cut inside the descriptor.
+        assert_eq!(inspect(o, &tar[..n - 1100]), Err(InspectError::Truncated));
+        // A skipped entry is not buffered: a disk of the largest octal size (8 GiB - 1)
+        // followed by a little data is just truncated.
+        let mut tar = Vec::new();
+        tar.extend(tar_header("disk1.vmdk", (1 << 33) - 1, b'0'));
+        tar.extend(raw(10_000));
+        assert_eq!(inspect(o, &tar), Err(InspectError::Truncated));
+        // The disk's pax size is honoured before the descriptor.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "PaxHeaders/d", b'x', b"12 size=600\n");
+        tar.extend(tar_header("disk1.vmdk", 0, b'0'));
+        tar.extend(raw(600));
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+        tar_entry(&mut tar, "x.ovf", b'0', OVF.as_bytes());
+        tar_end(&mut tar);
+        let n = tar.len();
+        assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
+    }
+
+    #[test]
+    fn ova_with_two_descriptors_is_refused() {
+        let o = ImageFormat::Ova;
+        for (first, second) in [("a.ovf", "b.ovf"), ("x.ovf", "sub/x.OVF"), ("x.ovf", "x.ovf")] {
+            let mut tar = Vec::new();
+            tar_entry(&mut tar, "x.mf", b'0', MF);
+            tar_entry(&mut tar, first, b'0', OVF.as_bytes());
+            tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(1000));
+            let refused_at = tar.len() + 512;
+            tar_entry(&mut tar, second, b'0', OVF.as_bytes());
+            tar_end(&mut tar);
+            assert_eq!(
+                inspect(o, &tar),
+                Err(InspectError::OvaMultipleDescriptors),
+                "{second}"
+            );
+            // Refused from the second descriptor's header.
+            assert_eq!(fails_after(o, &tar), Some(refused_at), "{second}");
+        }
+        // Even when the first one is broken the second is never read: the first's error wins.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "a.ovf", b'0', b"<Envelope>");
+        tar_entry(&mut tar, "b.ovf", b'0', OVF.as_bytes());
+        assert!(matches!(inspect(o, &tar), Err(InspectError::OvaBadDescriptor(_))));
+        assert_eq!(
+            InspectError::OvaMultipleDescriptors.to_string(),
+            "OVA has more than one descriptor"
+        );
+        // A directory named like a descriptor is not one.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "d.ovf/", b'5', b"");
+        tar_entry(&mut tar, "x.ovf", b'0', OVF.as_bytes());
+        tar_end(&mut tar);
+        let n = tar.len();
+        assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
+    }
+
+    #[test]
+    fn ova_without_descriptor_is_refused() {
+        let o = ImageFormat::Ova;
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "x.mf", b'0', MF);
+        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(HEAD_LEN + 5000));
+        tar_entry(&mut tar, "x.ovf.bak", b'0', OVF.as_bytes());
+        tar_entry(&mut tar, ".ovf", b'0', OVF.as_bytes());
+        let end = tar.len();
+        // The stream just stops: `finish` decides.
+        assert_eq!(inspect(o, &tar), Err(InspectError::OvaNoDescriptor));
+        assert_eq!(fails_after(o, &tar), None);
+        let mut inspector = Inspector::new(o);
+        assert_eq!(inspector.update(&tar), Ok(()));
+        assert_eq!(inspector.finish(), Err(InspectError::OvaNoDescriptor));
+        // The end-of-archive block decides.
+        tar_end(&mut tar);
+        assert_eq!(inspect(o, &tar), Err(InspectError::OvaNoDescriptor));
+        assert_eq!(fails_after(o, &tar), Some(end + 512));
+        // A descriptor after the end of the archive does not count.
+        tar_entry(&mut tar, "x.ovf", b'0', OVF.as_bytes());
+        assert_eq!(inspect(o, &tar), Err(InspectError::OvaNoDescriptor));
     }
 
     #[test]
@@ -1710,11 +1877,20 @@ mod tests {
         let n = tar.len();
         assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
 
-        // A pax header that names a non-descriptor first entry.
+        // A pax header that renames the only `.ovf` entry: no descriptor.
         let mut tar = Vec::new();
         tar_entry(&mut tar, "PaxHeaders/x", b'x', b"18 path=disk.vmdk\n");
         tar_entry(&mut tar, "a.ovf", b'0', OVF.as_bytes());
         assert_eq!(inspect(o, &tar), Err(InspectError::OvaNoDescriptor));
+        // A pax header that names a later entry as the descriptor.
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "x.mf", b'0', b"SHA256(x.ovf)= 00\n");
+        tar_entry(&mut tar, "PaxHeaders/x", b'x', b"14 path=x.ovf\n");
+        tar_entry(&mut tar, "placeholder", b'0', OVF.as_bytes());
+        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(1000));
+        tar_end(&mut tar);
+        let n = tar.len();
+        assert_eq!(inspect(o, &tar), ok(o, OVF_SIZE, n));
 
         // pax size overrides the header size.
         let mut tar = Vec::new();
@@ -1941,7 +2117,18 @@ mod tests {
             iso(ISO_PROBE_LEN + 10),
             ova(),
             raw(600),
+            ova_descriptor_last(),
         ]
+    }
+
+    /// An OVA as `tar cf x.ova *` makes it: disk, manifest, then the descriptor.
+    fn ova_descriptor_last() -> Vec<u8> {
+        let mut tar = Vec::new();
+        tar_entry(&mut tar, "disk1.vmdk", b'0', &raw(700));
+        tar_entry(&mut tar, "x.mf", b'0', MF);
+        tar_entry(&mut tar, "x.ovf", b'0', OVF.as_bytes());
+        tar_end(&mut tar);
+        tar
     }
 
     fn chunked(data: Vec<u8>, cuts: Vec<usize>) -> Vec<Vec<u8>> {
@@ -1981,7 +2168,7 @@ mod tests {
 
         #[test]
         fn mutated_samples_never_panic(
-            sample in 0usize..7,
+            sample in 0usize..8,
             mutations in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
             truncate in prop::option::of(any::<usize>()),
             cuts in prop::collection::vec(any::<usize>(), 0..20),

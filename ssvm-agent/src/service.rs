@@ -37,16 +37,48 @@ use crate::job::{DownloadSpec, JobRecord, JobState, derived_job_id, valid_job_id
 /// Largest request body accepted by the API.
 const MAX_BODY: usize = 64 * 1024;
 
-/// A job submission.
+/// A job submission: the job id (optional) and the download's fields.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Submit {
     /// Job id chosen by the caller (core); derived from the spec when absent.
     #[serde(default)]
     pub id: Option<String>,
-    /// The download.
-    #[serde(flatten)]
-    pub spec: DownloadSpec,
+    /// Source URL (http or https).
+    pub url: String,
+    /// Install directory, e.g. `template/tmpl/2/201`.
+    pub path: String,
+    /// Declared format (QCOW2, RAW, VHD, ISO, OVA).
+    pub format: String,
+    /// Expected checksum, `{ALGO}hex`.
+    #[serde(default)]
+    pub checksum: Option<String>,
+    /// Description for `template.properties`.
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Submit {
+    fn into_parts(self) -> (Option<String>, DownloadSpec) {
+        let Submit {
+            id,
+            url,
+            path,
+            format,
+            checksum,
+            description,
+        } = self;
+        (
+            id,
+            DownloadSpec {
+                url,
+                path,
+                format,
+                checksum,
+                description,
+            },
+        )
+    }
 }
 
 struct Running {
@@ -89,7 +121,15 @@ impl Agent {
     /// Resumes every job the journal has as queued or running (the agent was stopped mid-job).
     pub fn resume_all(self: &Arc<Self>) -> anyhow::Result<usize> {
         let mut n = 0;
-        for record in self.downloader.journal.load_all()?.into_values() {
+        let store = self.downloader.store.url().to_string();
+        for mut record in self.downloader.journal.load_all()?.into_values() {
+            if !record.state.is_final() && record.store != store {
+                warn!(job.id = %record.id, job.store = %record.store, "Job belongs to another store, not resuming");
+                record.state = JobState::Failed;
+                record.error = Some(format!("agent restarted on another store ({store})"));
+                self.downloader.journal.save(&record)?;
+                continue;
+            }
             if !record.state.is_final() {
                 info!(job.id = %record.id, "Resuming job from the journal");
                 self.spawn(record);
@@ -132,17 +172,16 @@ impl Agent {
 
     /// Submits a job (idempotent by id).
     pub fn submit(self: &Arc<Self>, submit: Submit) -> Result<(StatusCode, JobRecord), (StatusCode, String)> {
-        submit
-            .spec
-            .validate()
+        let (id, spec) = submit.into_parts();
+        spec.validate()
             .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e:#}")))?;
         let store = self.downloader.store.url().to_string();
-        let id = submit.id.unwrap_or_else(|| derived_job_id(&store, &submit.spec));
+        let id = id.unwrap_or_else(|| derived_job_id(&store, &spec));
         if !valid_job_id(&id) {
             return Err((StatusCode::BAD_REQUEST, format!("invalid job id {id:?}")));
         }
         match self.downloader.journal.load(&id) {
-            Ok(Some(existing)) if existing.spec == submit.spec => {
+            Ok(Some(existing)) if existing.spec == spec => {
                 return Ok((StatusCode::OK, self.with_live(existing)));
             }
             Ok(Some(_)) => {
@@ -154,7 +193,7 @@ impl Agent {
             Ok(None) => {}
             Err(e) => return Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))),
         }
-        let record = JobRecord::new(&id, submit.spec, &store);
+        let record = JobRecord::new(&id, spec, &store);
         self.downloader
             .journal
             .save(&record)
@@ -170,6 +209,7 @@ impl Agent {
             let bytes = r.live.bytes.load(std::sync::atomic::Ordering::Relaxed);
             let total = r.live.total.load(std::sync::atomic::Ordering::Relaxed);
             record.progress.bytes = bytes.max(record.progress.bytes);
+            record.progress.rate = r.live.rate.load(std::sync::atomic::Ordering::Relaxed);
             if total > 0 {
                 record.progress.total = Some(total);
                 record.progress.percent =

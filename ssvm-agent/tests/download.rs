@@ -567,3 +567,95 @@ fn killed_agent_resumes_the_same_job() {
     assert!(out.status.success());
     assert_eq!(http.requests("/big.qcow2").len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_configured_ca_bundle_and_verified_by_default() {
+    let img = images();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let https = HttpFixture::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).unwrap();
+    https.file("/small.qcow2", img.bytes("small.qcow2"));
+    let url = https.https_url("localhost", "/small.qcow2");
+
+    // The system CA bundle does not trust this server: the download fails on the certificate.
+    let untrusted = env(
+        "tls-untrusted",
+        DownloadSettings {
+            retries: 0,
+            ..quick()
+        },
+        true,
+    )
+    .await;
+    let r = register(&untrusted, "untrusted", spec(url.clone(), "QCOW2", None)).await;
+    assert_eq!(r.state, JobState::Failed);
+    assert!(
+        r.error.as_deref().unwrap().to_lowercase().contains("certificate"),
+        "{:?}",
+        r.error
+    );
+
+    // With its CA in the configured bundle (and SNI "localhost"), it installs.
+    let mut trusted = env("tls-trusted", quick(), true).await;
+    let bundle = trusted.store_dir.parent().unwrap().join("ca.pem");
+    std::fs::write(&bundle, cert.cert.pem()).unwrap();
+    trusted.downloader.http = fetch::client(&FetchConfig {
+        ca_bundle: bundle,
+        allow_internal: vec!["127.0.0.0/8".parse().unwrap()],
+        ..FetchConfig::default()
+    })
+    .unwrap();
+    let r = register(&trusted, "trusted", spec(url, "QCOW2", None)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_reports_incomplete_installs_and_keeps_them() {
+    let img = images();
+    let env = env("inventory", quick(), true).await;
+    env.http.file("/small.qcow2", img.bytes("small.qcow2"));
+    let r = register(&env, "inv", spec(env.http.url("/small.qcow2"), "QCOW2", None)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+    // A directory an interrupted install left behind, and one whose properties lack uniquename.
+    let partial = env.store_dir.join("template/tmpl/2/202");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("x.qcow2.part"), b"half").unwrap();
+    let broken = env.store_dir.join("template/tmpl/3/301");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(
+        broken.join("template.properties"),
+        "filename=a.qcow2\nqcow2=true\nsize=4\n",
+    )
+    .unwrap();
+
+    let entries = ssvm_agent::inventory::scan(&env.downloader.store).await.unwrap();
+    let by_path = |p: &str| {
+        entries
+            .iter()
+            .find(|e| e.path == p)
+            .unwrap_or_else(|| panic!("{p} not listed: {entries:?}"))
+    };
+    assert!(by_path("template/tmpl/2/201").complete);
+    let e = by_path("template/tmpl/2/202");
+    assert!(
+        !e.complete && e.problem.as_deref().unwrap().contains("no template.properties"),
+        "{e:?}"
+    );
+    let e = by_path("template/tmpl/3/301");
+    assert!(!e.complete && e.problem.is_some(), "{e:?}");
+    assert!(partial.join("x.qcow2.part").exists(), "inventory never deletes");
+
+    // The CLI prints the same as JSON lines.
+    let out = Command::new(env!("CARGO_BIN_EXE_ssvm-agent"))
+        .args(["inventory", "--store"])
+        .arg(format!("file://{}", env.store_dir.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.iter().filter(|l| l["complete"] == true).count(), 1);
+}

@@ -156,6 +156,17 @@ async fn job_api_submit_status_cancel_and_resume_after_kill() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    let mut unknown = job.clone();
+    unknown["id"] = json!("job-typo");
+    unknown["formt"] = json!("RAW");
+    let r = c
+        .post(format!("{}/jobs", agent.api))
+        .json(&unknown)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("formt"));
 
     // A second job, cancelled while it runs.
     let cancel = json!({ "id": "job-b", "url": http.url("/other.img"), "path": "template/tmpl/2/212", "format": "RAW" });
@@ -191,6 +202,7 @@ async fn job_api_submit_status_cancel_and_resume_after_kill() {
     .await;
     assert_eq!(s["state"], "running");
     assert!(s["progress"]["total"].as_u64() == Some(data.len() as u64), "{s}");
+    assert!(s["progress"]["rate"].as_u64().unwrap_or(0) > 0, "{s}");
     let capacity: Value = c
         .get(format!("{}/capacity", agent.api))
         .send()

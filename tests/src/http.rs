@@ -1,6 +1,6 @@
 //! A scriptable HTTP server on loopback, on a thread of its own (usable from sync and async tests).
 //!
-//! Routes serve bytes with an ETag and honour `Range: bytes=N-` (with `If-Range`), redirect, or
+//! Plain http, or https with a given certificate. Routes serve bytes with an ETag and honour `Range: bytes=N-` (with `If-Range`), redirect, or
 //! misbehave on purpose for their first requests: drop the connection after some bytes, or stall.
 
 use std::collections::HashMap;
@@ -74,6 +74,29 @@ const CHUNK: usize = 256 * 1024;
 impl HttpFixture {
     /// Starts the server on 127.0.0.1 on its own thread and runtime.
     pub fn start() -> std::io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts an https server with this certificate chain and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> std::io::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(&e))?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .map_err(|e| bad(&e))?;
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -89,14 +112,23 @@ impl HttpFixture {
                 };
                 while let Ok((tcp, _)) = listener.accept().await {
                     let state = shared.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |req| {
                             let state = state.clone();
                             async move { Ok::<_, Infallible>(respond(&state, &req)) }
                         });
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(tcp), service)
-                            .await;
+                        let http = http1::Builder::new();
+                        match tls {
+                            Some(acceptor) => {
+                                if let Ok(stream) = acceptor.accept(tcp).await {
+                                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                                }
+                            }
+                            None => {
+                                let _ = http.serve_connection(TokioIo::new(tcp), service).await;
+                            }
+                        }
                     });
                 }
             });
@@ -129,6 +161,11 @@ impl HttpFixture {
     /// The URL of a path.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The https URL of a path, with `host` as the name (the certificate's name).
+    pub fn https_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.addr.port())
     }
 
     /// Requests received for a path.
