@@ -387,6 +387,7 @@ impl Downloader {
         // Install side: decompressed blocks → inspector, installed hash, store writes.
         let mut writes: JoinSet<Result<(), StoreError>> = JoinSet::new();
         let mut last_checkpoint = (state.written, Instant::now());
+        let mut checkpoint: Option<(u64, tokio::task::JoinHandle<Result<(), StoreError>>)> = None;
         let mut last_report = Instant::now();
         let mut last_bytes = offset;
         loop {
@@ -436,18 +437,30 @@ impl Downloader {
                 last_report = Instant::now();
                 last_bytes = now_bytes;
             }
-            if !record.compressed
+            // Checkpoints: once the writes below an offset are done, a flush runs beside the
+            // pipeline; when it completes, that offset becomes the resume point.
+            if checkpoint.as_ref().is_some_and(|(_, flush)| flush.is_finished())
+                && let Some((at, flush)) = checkpoint.take()
+            {
+                finish_checkpoint(flush).await?;
+                record.durable_offset = at;
+                self.save(record);
+            }
+            if checkpoint.is_none()
+                && !record.compressed
                 && (state.written - last_checkpoint.0 >= self.settings.checkpoint_every
                     || last_checkpoint.1.elapsed() >= self.settings.checkpoint_interval)
             {
                 drain(&mut writes).await?;
-                self.store.flush(&file).await?;
-                record.durable_offset = state.written;
+                let (store, id) = (self.store.clone(), file.clone());
+                checkpoint = Some((state.written, tokio::spawn(async move { store.flush(&id).await })));
                 last_checkpoint = (state.written, Instant::now());
-                self.save(record);
             }
         }
         drain(&mut writes).await?;
+        if let Some((_, flush)) = checkpoint.take() {
+            finish_checkpoint(flush).await?;
+        }
         let (download_hasher, downloaded) = match fetch_handle.await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(e),
@@ -688,6 +701,15 @@ async fn fetch_error(
         }
         Ok(Err(e)) => e,
         _ => permanent(format!("cannot decompress the download: {read}")),
+    }
+}
+
+async fn finish_checkpoint(
+    flush: tokio::task::JoinHandle<Result<(), StoreError>>,
+) -> Result<(), DownloadError> {
+    match flush.await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(DownloadError::Transient(format!("store flush task failed: {e}"))),
     }
 }
 
