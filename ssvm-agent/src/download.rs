@@ -404,7 +404,18 @@ impl Downloader {
                         drain(&mut writes).await?;
                         // Dropping the reader closes the channel, so the fetch task ends at once.
                         drop(body);
-                        return Err(fetch_error(fetch_handle, e).await);
+                        let error = fetch_error(fetch_handle, e).await;
+                        if matches!(error, DownloadError::Transient(_)) && !record.compressed {
+                            // Keep what arrived: everything written so far becomes the resume point.
+                            if let Some((_, flush)) = checkpoint.take() {
+                                let _ = finish_checkpoint(flush).await;
+                            }
+                            if self.store.flush(&file).await.is_ok() {
+                                record.durable_offset = state.written;
+                                self.save(record);
+                            }
+                        }
+                        return Err(error);
                     }
                 }
             }
