@@ -164,7 +164,7 @@ fn main() -> anyhow::Result<()> {
             max_sessions,
             keepalive,
         } => {
-            init_tracing(cli.log_json);
+            systemvm_telemetry::init_tracing(cli.log_json);
             let file = match &config {
                 Some(path) => dto::ConfigFile::load(path)?,
                 None => dto::ConfigFile::default(),
@@ -183,19 +183,6 @@ fn main() -> anyhow::Result<()> {
             };
             serve(config::from_file_and_flags(file, flags)?)
         }
-    }
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -50,21 +50,8 @@ fn images() -> &'static Images {
     IMAGES.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("ssvm-images-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        // 24 MiB of deterministic noise, so the qcow2 made from it is big enough to interrupt.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let noise: Vec<u8> = (0..24 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(dir.join("noise.raw"), &noise).unwrap();
-        run(Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(dir.join("noise.raw"))
-            .arg(dir.join("big.qcow2")));
+        // A 24 MiB qcow2 of noise: big enough to interrupt.
+        systemvm_tests::images::qcow2_of_noise(&dir, "big.qcow2", 24, 0x2545_f491_4f6c_dd1d).unwrap();
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(dir.join("small.qcow2"))

@@ -18,26 +18,8 @@ use crate::nfs::{NFS_LOCK, ganesha};
 
 /// A qcow2 with `mib` MiB of data, made with qemu-img from deterministic noise.
 fn qcow2(dir: &Path, mib: usize) -> Vec<u8> {
-    std::fs::create_dir_all(dir).expect("image dir");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..mib << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let raw = dir.join("noise.raw");
-    let img = dir.join("image.qcow2");
-    std::fs::write(&raw, noise).expect("write raw");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&img)
-        .output()
-        .expect("qemu-img (run scripts/deps.sh test)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = systemvm_tests::images::qcow2_of_noise(dir, "image.qcow2", mib, 0x9e37_79b9_7f4a_7c15)
+        .expect("qcow2 image");
     std::fs::read(img).expect("read qcow2")
 }
 

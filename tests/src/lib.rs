@@ -2,6 +2,8 @@
 //!
 //! - [`http`]: a scriptable HTTP server (Range, ETag, redirects, dropped and stalled bodies, throttling)
 //!   standing in for the template mirrors a storage agent downloads from.
+//! - [`images`]: deterministic noise and qcow2 images made from it with `qemu-img`.
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod images;
