@@ -1,24 +1,56 @@
-//! `systemvm-core`: the management service of the suite.
-//!
-//! The workspace reserves its place: the CloudStack-compatible API, the agent endpoint and the
-//! deployer are built in their own milestones (see ARCHITECTURE.md). Until then the binary only
-//! reports its version and the wire-format versions it speaks.
+//! `systemvm-core`: the management service of the suite (CLI entry point).
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use systemvm_core::{CoreConfig, start};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Management service of the Mold system-VM suite (API and deployer not built yet)"
-)]
-struct Cli {}
+#[command(version, about = "Management service of the Mold system-VM suite")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    println!(
-        "systemvm-core {} (console token format v{})",
-        env!("CARGO_PKG_VERSION"),
-        systemvm_proto::console::TOKEN_VERSION
-    );
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serves the CloudStack-compatible API.
+    Serve {
+        /// Data directory (SQLite database, credentials.json).
+        #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// API listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// PostgreSQL URL (postgres://user:pass@host:port/db); SQLite in the data dir when absent.
+        #[arg(long, env = "SYSTEMVM_CORE_DATABASE_URL")]
+        database_url: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cmd::Serve {
+        data_dir,
+        listen,
+        database_url,
+    } = Cli::parse().command;
+    let mut config = CoreConfig::new(data_dir);
+    config.listen = listen;
+    config.database_url = database_url;
+    let core = start(config).await?;
+    println!("API: {}", core.api_url());
+    println!("Credentials: {}", core.credentials_path.display());
+    tokio::signal::ctrl_c().await?;
+    core.shutdown().await;
+    Ok(())
 }
