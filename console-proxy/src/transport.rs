@@ -157,12 +157,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             remaining: header.len,
             offset: 0,
         };
-        if header.len == 0 && header.opcode.is_control() {
-            // Empty control frames complete at once: handled by `next` with n = 0.
-            self.current = Some(current);
-            return Ok(());
-        }
-        self.current = (header.len > 0).then_some(current);
+        // An empty data frame carries nothing; an empty control frame still has to be reported, which
+        // `next` does when it consumes zero payload bytes.
+        self.current = (header.len > 0 || header.opcode.is_control()).then_some(current);
         Ok(())
     }
 
