@@ -411,6 +411,31 @@ async fn browser_novnc_shows_the_vm_screen_and_errors() {
         check.report
     );
 
+    // A session that ends (here: the proxy shuts down) says so, and that a new link is needed.
+    let ending = Proxy::start().await;
+    let url = ending.page_url(&ending.keys.seal(&claims(vm.vnc, Some(VNC_PASSWORD))).unwrap());
+    let shot = shots.join("console-ended.png");
+    let page = tokio::task::spawn_blocking(move || support::check_page(&url, &shot, "ended"));
+    let waited = std::time::Instant::now();
+    while ending.running.active_sessions() == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the page never opened a session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give noVNC time to draw the screen before the session ends.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ending.running.shutdown().await;
+    let check = page.await.unwrap();
+    assert!(check.matched, "{}", check.report);
+    assert_eq!(check.report["code"], close_code::GOING_AWAY);
+    let status = check.report["status"].as_str().unwrap();
+    assert!(
+        status.contains("Session ended") && status.contains("shutting down"),
+        "{status}"
+    );
+
     let forged = KeySet::generate()
         .unwrap()
         .seal(&claims(vm.vnc, Some(VNC_PASSWORD)))

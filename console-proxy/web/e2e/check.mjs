@@ -1,6 +1,6 @@
 // End-to-end check of the console page, used by the Rust end-to-end tests.
 //
-//   node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed] [--timeout-ms N]
+//   node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N]
 //
 // Opens the page in headless Chromium, waits for window.__console.state to
 // settle ('connected' and the noVNC canvas showing at least two colours, or
@@ -24,7 +24,7 @@ const CHROMIUM_ARGS = [
   '--disable-sync',
 ];
 const USAGE =
-  'usage: node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed] [--timeout-ms N]';
+  'usage: node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N]';
 const POLL_MS = 200;
 
 function parseArgs(argv) {
@@ -34,8 +34,8 @@ function parseArgs(argv) {
     const arg = argv[i];
     if (arg === '--expect') {
       opts.expect = argv[++i];
-      if (opts.expect !== 'connected' && opts.expect !== 'failed') {
-        throw new Error(`--expect must be connected or failed, not ${opts.expect}`);
+      if (!['connected', 'failed', 'ended'].includes(opts.expect)) {
+        throw new Error(`--expect must be connected, failed or ended, not ${opts.expect}`);
       }
     } else if (arg === '--timeout-ms') {
       opts.timeoutMs = Number(argv[++i]);
@@ -138,6 +138,11 @@ async function run(opts) {
       await sleep(POLL_MS);
       snapshot = await page.evaluate(probe);
     }
+    // --expect ended: once connected, wait for the session to end (the test ends it).
+    while (opts.expect === 'ended' && snapshot.state === 'connected' && Date.now() < deadline) {
+      await sleep(POLL_MS);
+      snapshot = await page.evaluate(probe);
+    }
     await page.screenshot({ path: opts.screenshot });
     return snapshot;
   } finally {
@@ -158,7 +163,7 @@ try {
   process.stdout.write(`${JSON.stringify(outcome)}\n`);
   const ok = opts.expect === 'connected'
     ? outcome.state === 'connected' && outcome.distinctColours >= 2
-    : outcome.state === 'failed';
+    : outcome.state === opts.expect;
   process.exitCode = ok ? 0 : 1;
 } catch (err) {
   process.stderr.write(`check failed: ${err.stack ?? err}\n`);

@@ -119,7 +119,9 @@ function finish(code, reason) {
   const title = state === 'ended' ? 'Session ended' : 'Console unavailable';
   // The token-refused sentence already says how to get a new link.
   const hint = state === 'ended' ? HINT_ENDED : code === 4001 ? '' : HINT_FAILED;
-  if (why) {
+  // Skip the proxy's reason when the sentence for its code already says the same.
+  const redundant = why && sentence.toLowerCase().includes(why.toLowerCase().replace(/\.$/, ''));
+  if (why && !redundant) {
     setStatus(`${title}: ${why} — ${sentence}`);
     showNotice(title, `${capitalise(why.replace(/\.$/, ''))}. ${sentence}`, hint);
   } else {
