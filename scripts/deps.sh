@@ -3,7 +3,7 @@
 # Idempotent and fast when everything is present already. Needs root (or sudo) for apt.
 #
 #   scripts/deps.sh run     # what `scripts/run.sh` needs: QEMU (demo VM), noVNC (npm)
-#   scripts/deps.sh test    # what `scripts/test.sh` needs: also Chromium and playwright-core
+#   scripts/deps.sh test    # what `scripts/test.sh` needs: also Chromium, playwright-core, PostgreSQL, `cs`
 #   scripts/deps.sh bench   # also TigerVNC Xvnc and websockify (PyPI) for the relay benchmark
 set -euo pipefail
 
@@ -23,6 +23,8 @@ if [ "$mode" != run ]; then
   apt_pkgs+=(chromium fonts-dejavu-core genisoimage bzip2 xz-utils zstd zip)
   # The NFS server the store's end-to-end tests run against (started with scripts/fake_rpcbind.py).
   apt_pkgs+=(nfs-ganesha nfs-ganesha-vfs)
+  # The core's API tests: PostgreSQL (a throwaway cluster per test run) and a venv for the `cs` CLI.
+  apt_pkgs+=(postgresql python3-venv)
 fi
 if [ "$mode" = bench ]; then
   apt_pkgs+=(tigervnc-standalone-server tigervnc-tools x11-xserver-utils python3-venv)
@@ -63,6 +65,17 @@ if [ ! -f "$web/node_modules/@novnc/novnc/core/rfb.js" ] || [ ! -d "$web/node_mo
    || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
   echo "deps: npm ci in console-proxy/web" >&2
   (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# The real CloudStack CLI the core's API tests drive (PyPI `cs`, pinned).
+if [ "$mode" != run ]; then
+  cs_venv="$here/target/cs-venv"
+  if ! { [ -x "$cs_venv/bin/cs" ] \
+         && "$cs_venv/bin/python" -c 'import importlib.metadata as m; assert m.version("cs") == "5.2.0"' 2>/dev/null; }; then
+    echo "deps: cs into $cs_venv" >&2
+    python3 -m venv "$cs_venv"
+    "$cs_venv/bin/pip" install -q cs==5.2.0
+  fi
 fi
 
 if [ "$mode" = bench ]; then

@@ -10,6 +10,9 @@ use systemvm_core::{CoreConfig, start};
 #[derive(Parser)]
 #[command(version, about = "Management service of the Mold system-VM suite")]
 struct Cli {
+    /// Log JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -32,18 +35,13 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    systemvm_telemetry::init_tracing(cli.log_json);
     let Cmd::Serve {
         data_dir,
         listen,
         database_url,
-    } = Cli::parse().command;
+    } = cli.command;
     let mut config = CoreConfig::new(data_dir);
     config.listen = listen;
     config.database_url = database_url;

@@ -1,0 +1,227 @@
+//! Zones: `createZone`, `listZones`, `deleteZone`, and the default zone made on first start.
+//!
+//! Invariants: zone names are unique; `networktype` is stored as `Basic` or `Advanced`;
+//! `allocationstate` is `Enabled` or `Disabled`.
+
+use serde_json::{Value, json};
+use sqlx::Row as _;
+
+use crate::api::{Filter, list_response, success};
+use crate::command::{ParamSpec, Ty, opt, req};
+use crate::error::ApiError;
+use crate::paging::Page;
+use crate::params::Params;
+use crate::state::{Caller, State};
+use crate::util::{new_uuid, now_cs};
+
+/// Name of the zone created on first start.
+pub const DEFAULT_ZONE: &str = "default-zone";
+
+/// `createZone` parameters.
+pub const CREATE_ZONE: &[ParamSpec] = &[
+    req("name", Ty::String, "Zone name"),
+    req("networktype", Ty::String, "Basic or Advanced"),
+    req("dns1", Ty::String, "First public DNS server"),
+    req("internaldns1", Ty::String, "First internal DNS server"),
+    opt("dns2", Ty::String, "Second public DNS server"),
+    opt("internaldns2", Ty::String, "Second internal DNS server"),
+    opt("domain", Ty::String, "Network domain of the zone"),
+    opt(
+        "allocationstate",
+        Ty::String,
+        "Enabled or Disabled (default Enabled)",
+    ),
+];
+/// `listZones` parameters.
+pub const LIST_ZONES: &[ParamSpec] = &[
+    opt("id", Ty::Uuid, "Zone id"),
+    opt("name", Ty::String, "Zone name"),
+    opt("networktype", Ty::String, "Basic or Advanced"),
+    opt("available", Ty::Boolean, "Accepted for compatibility"),
+    opt("showcapacities", Ty::Boolean, "Accepted for compatibility"),
+    opt("keyword", Ty::String, "Substring of the name"),
+    opt("page", Ty::Integer, "Page number"),
+    opt("pagesize", Ty::Integer, "Page size"),
+];
+/// `deleteZone` parameters.
+pub const DELETE_ZONE: &[ParamSpec] = &[req("id", Ty::Uuid, "Zone id")];
+
+fn network_type(s: &str) -> Result<&'static str, ApiError> {
+    match s.to_ascii_lowercase().as_str() {
+        "basic" => Ok("Basic"),
+        "advanced" => Ok("Advanced"),
+        _ => Err(ApiError::param(format!(
+            "Invalid network type {s:?}: use Basic or Advanced"
+        ))),
+    }
+}
+
+fn zone_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
+    let nt: String = row.try_get("network_type")?;
+    Ok(json!({
+        "id": row.try_get::<String, _>("id")?,
+        "name": row.try_get::<String, _>("name")?,
+        "networktype": nt,
+        "allocationstate": row.try_get::<String, _>("allocation_state")?,
+        "dns1": row.try_get::<Option<String>, _>("dns1")?,
+        "dns2": row.try_get::<Option<String>, _>("dns2")?,
+        "internaldns1": row.try_get::<Option<String>, _>("internal_dns1")?,
+        "internaldns2": row.try_get::<Option<String>, _>("internal_dns2")?,
+        "domain": row.try_get::<Option<String>, _>("domain")?,
+        "securitygroupsenabled": nt == "Basic",
+        "localstorageenabled": false,
+        "dhcpprovider": "VirtualRouter",
+        "type": "Core",
+        "tags": [],
+        "hasannotations": false,
+        "created": row.try_get::<String, _>("created")?,
+    }))
+}
+
+const SELECT: &str = "SELECT id, name, network_type, allocation_state, dns1, dns2, internal_dns1, internal_dns2, domain, created FROM zones";
+
+/// A zone to insert.
+#[derive(Debug)]
+pub struct NewZone<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// `Basic` or `Advanced`.
+    pub network_type: &'a str,
+    /// `Enabled` or `Disabled`.
+    pub allocation_state: &'a str,
+    /// DNS servers: dns1, dns2, internaldns1, internaldns2.
+    pub dns: [Option<&'a str>; 4],
+    /// Network domain.
+    pub domain: Option<&'a str>,
+}
+
+/// Inserts a zone; returns its id.
+pub async fn insert_zone(state: &State, z: &NewZone<'_>) -> Result<String, ApiError> {
+    let id = new_uuid().map_err(|e| ApiError::internal(&e))?;
+    let opt = |v: Option<&str>| v.map(str::to_owned);
+    let r = sqlx::query(
+        "INSERT INTO zones (id, name, network_type, allocation_state, dns1, dns2, internal_dns1, internal_dns2, domain, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id.clone())
+    .bind(z.name.to_owned())
+    .bind(z.network_type.to_owned())
+    .bind(z.allocation_state.to_owned())
+    .bind(opt(z.dns[0]))
+    .bind(opt(z.dns[1]))
+    .bind(opt(z.dns[2]))
+    .bind(opt(z.dns[3]))
+    .bind(opt(z.domain))
+    .bind(now_cs())
+    .execute(&state.db.pool)
+    .await;
+    match r {
+        Ok(_) => Ok(id),
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(ApiError::param(format!(
+            "A zone with name {} already exists",
+            z.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates the default zone when there is no zone at all.
+pub async fn ensure_default_zone(state: &State) -> Result<(), ApiError> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM zones")
+        .fetch_one(&state.db.pool)
+        .await?;
+    if n == 0 {
+        insert_zone(
+            state,
+            &NewZone {
+                name: DEFAULT_ZONE,
+                network_type: "Advanced",
+                allocation_state: "Enabled",
+                dns: [Some("8.8.8.8"), None, Some("8.8.8.8"), None],
+                domain: None,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// `createZone`.
+pub async fn create_zone(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let allocation_state = match p
+        .non_empty("allocationstate")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("enabled") => "Enabled",
+        Some("disabled") => "Disabled",
+        Some(other) => {
+            return Err(ApiError::param(format!(
+                "Invalid allocationstate {other:?}: use Enabled or Disabled"
+            )));
+        }
+    };
+    let id = insert_zone(
+        &state,
+        &NewZone {
+            name: p.non_empty("name").unwrap_or_default(),
+            network_type: network_type(p.non_empty("networktype").unwrap_or_default())?,
+            allocation_state,
+            dns: [
+                p.non_empty("dns1"),
+                p.non_empty("dns2"),
+                p.non_empty("internaldns1"),
+                p.non_empty("internaldns2"),
+            ],
+            domain: p.non_empty("domain"),
+        },
+    )
+    .await?;
+    let mut f = Filter::default();
+    f.eq("id", &id);
+    let rows = f.rows(&state.db.pool, SELECT, "").await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::internal(&"zone vanished after insert"))?;
+    Ok(json!({ "zone": zone_json(row)? }))
+}
+
+/// `listZones`.
+pub async fn list_zones(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let page = Page::from_params(&p, state.page_size().await)?;
+    let mut f = Filter::default();
+    if let Some(id) = p.non_empty("id") {
+        f.eq("id", id);
+    }
+    if let Some(name) = p.non_empty("name") {
+        f.eq("name", name);
+    }
+    if let Some(nt) = p.non_empty("networktype") {
+        f.eq("network_type", network_type(nt)?);
+    }
+    if let Some(k) = p.non_empty("keyword") {
+        f.keyword(&["name"], k);
+    }
+    let total = f.count(&state.db.pool, "zones").await?;
+    let rows = f
+        .rows(
+            &state.db.pool,
+            SELECT,
+            &format!(" ORDER BY created, name{}", page.sql()),
+        )
+        .await?;
+    let items = rows.iter().map(zone_json).collect::<Result<Vec<_>, _>>()?;
+    Ok(list_response("zone", total, items))
+}
+
+/// `deleteZone`.
+pub async fn delete_zone(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let id = p.non_empty("id").unwrap_or_default();
+    let done = sqlx::query("DELETE FROM zones WHERE id = $1")
+        .bind(id.to_owned())
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::param(format!("Unable to find zone by id {id}")));
+    }
+    Ok(success())
+}

@@ -1,0 +1,235 @@
+//! The command table: every API command, its parameters and whether it is async. The same table
+//! drives dispatch, parameter validation, permission checks and `listApis`.
+//!
+//! Invariants: a handler only runs after its required parameters are present and every declared
+//! parameter that is present has the declared type; a Read-Only caller only reaches commands whose
+//! name starts with `list`, `query` or `get`; `Access::Admin` commands only reach root admins.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::params::Params;
+use crate::state::{Caller, Role, State};
+use crate::util::is_uuid;
+
+/// A parameter's type, as `listApis` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    /// Any string.
+    String,
+    /// A UUID.
+    Uuid,
+    /// 32-bit integer.
+    Integer,
+    /// 64-bit integer.
+    Long,
+    /// 16-bit integer.
+    Short,
+    /// `true` or `false`.
+    Boolean,
+}
+
+impl Ty {
+    /// `listApis` type name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Uuid => "uuid",
+            Self::Integer => "integer",
+            Self::Long => "long",
+            Self::Short => "short",
+            Self::Boolean => "boolean",
+        }
+    }
+
+    /// Whether `v` is a valid value of this type.
+    pub fn accepts(self, v: &str) -> bool {
+        match self {
+            Self::String => true,
+            Self::Uuid => is_uuid(v),
+            Self::Integer => v.parse::<i32>().is_ok(),
+            Self::Long => v.parse::<i64>().is_ok(),
+            Self::Short => v.parse::<i16>().is_ok(),
+            Self::Boolean => v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("false"),
+        }
+    }
+}
+
+/// One declared parameter.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamSpec {
+    /// Name (lowercase).
+    pub name: &'static str,
+    /// Type.
+    pub ty: Ty,
+    /// Whether the command fails without it.
+    pub required: bool,
+    /// Description for `listApis`.
+    pub description: &'static str,
+}
+
+/// Shorthand for an optional parameter.
+pub const fn opt(name: &'static str, ty: Ty, description: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        ty,
+        required: false,
+        description,
+    }
+}
+
+/// Shorthand for a required parameter.
+pub const fn req(name: &'static str, ty: Ty, description: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        ty,
+        required: true,
+        description,
+    }
+}
+
+/// Who may call a command (Read-Only callers are further limited by name, see module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Root admins only.
+    Admin,
+    /// Any authenticated caller.
+    Any,
+}
+
+/// A boxed handler future.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send>>;
+
+/// A command handler: returns the inner response object (a sync answer, or an async job's result).
+pub type Handler = fn(State, Caller, Params) -> HandlerFuture;
+
+/// One API command.
+#[derive(Debug, Clone, Copy)]
+pub struct Command {
+    /// Name as called (`listZones`).
+    pub name: &'static str,
+    /// Description for `listApis`.
+    pub description: &'static str,
+    /// Whether it answers with a `jobid` and runs as an async job.
+    pub is_async: bool,
+    /// Who may call it.
+    pub access: Access,
+    /// Declared parameters.
+    pub params: &'static [ParamSpec],
+    /// The handler.
+    pub handler: Handler,
+}
+
+impl Command {
+    /// The top-level response key: `<name lowercased>response`.
+    pub fn response_key(&self) -> String {
+        format!("{}response", self.name.to_ascii_lowercase())
+    }
+
+    /// Whether `role` may call this command.
+    pub fn allowed(&self, role: Role) -> bool {
+        match role {
+            Role::Admin => true,
+            Role::User => self.access == Access::Any,
+            Role::ReadOnly => {
+                self.access == Access::Any
+                    && ["list", "query", "get"].iter().any(|p| self.name.starts_with(p))
+            }
+        }
+    }
+
+    /// Checks required parameters and declared types (431 on failure).
+    pub fn validate(&self, p: &Params) -> Result<(), ApiError> {
+        let cmd = self.name.to_ascii_lowercase();
+        for spec in self.params {
+            match p.non_empty(spec.name) {
+                None if spec.required => {
+                    return Err(ApiError::param(format!(
+                        "Unable to execute API command {cmd} due to missing parameter {}",
+                        spec.name
+                    )));
+                }
+                Some(v) if !spec.ty.accepts(v) => {
+                    return Err(ApiError::param(format!(
+                        "Unable to execute API command {cmd} due to invalid value {v:?} for parameter {} (expected {})",
+                        spec.name,
+                        spec.ty.name()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wraps an `async fn(State, Caller, Params) -> Result<Value, ApiError>` as a [`Handler`].
+#[macro_export]
+macro_rules! handler {
+    ($f:path) => {
+        |s, c, p| -> $crate::command::HandlerFuture { Box::pin($f(s, c, p)) }
+    };
+}
+
+/// Every command, in `listApis` order.
+pub fn table() -> &'static [Command] {
+    crate::api::COMMANDS
+}
+
+/// Looks a command up by its exact name.
+pub fn find(name: &str) -> Option<&'static Command> {
+    table().iter().find(|c| c.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types() {
+        assert!(Ty::Uuid.accepts("0b1e4c4c-3a5e-4a8e-9f4a-3c1d2e3f4a5b"));
+        assert!(!Ty::Uuid.accepts("x"));
+        assert!(Ty::Integer.accepts("-5") && !Ty::Integer.accepts("99999999999"));
+        assert!(Ty::Boolean.accepts("TRUE") && !Ty::Boolean.accepts("yes"));
+    }
+
+    #[test]
+    fn table_is_consistent() {
+        let mut names: Vec<&str> = table().iter().map(|c| c.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate command names");
+        for c in table() {
+            for p in c.params {
+                assert_eq!(p.name, p.name.to_ascii_lowercase(), "{}: {}", c.name, p.name);
+            }
+        }
+    }
+
+    #[test]
+    fn read_only_is_limited_by_name() {
+        let list = find("listZones").unwrap();
+        let create = find("createZone").unwrap();
+        let keys = find("registerUserKeys").unwrap();
+        assert!(list.allowed(Role::ReadOnly));
+        assert!(!create.allowed(Role::ReadOnly) && !create.allowed(Role::User));
+        assert!(keys.allowed(Role::User) && !keys.allowed(Role::ReadOnly));
+    }
+
+    #[test]
+    fn missing_parameter_message() {
+        let e = find("createZone")
+            .unwrap()
+            .validate(&Params::default())
+            .unwrap_err();
+        assert_eq!(e.code, 431);
+        assert!(
+            e.text
+                .starts_with("Unable to execute API command createzone due to missing parameter ")
+        );
+    }
+}

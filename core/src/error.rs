@@ -1,0 +1,134 @@
+//! The one error type of the query API and its CloudStack wire shape.
+//!
+//! Invariants: the HTTP status always equals `errorcode`; a 5xx error never carries internal text
+//! to the client (internal causes are logged and replaced by a fixed sentence); 401 bodies omit
+//! `cserrorcode`, as CloudStack does.
+
+use serde_json::{Value, json};
+
+/// CloudStack `ApiErrorCode` values this service answers with.
+pub mod code {
+    /// Bad credentials or signature.
+    pub const UNAUTHORIZED: u16 = 401;
+    /// Wrong HTTP method (login over GET).
+    pub const METHOD_NOT_ALLOWED: u16 = 405;
+    /// Undecodable parameter encoding.
+    pub const MALFORMED_PARAMETER: u16 = 430;
+    /// Missing or invalid parameter.
+    pub const PARAM_ERROR: u16 = 431;
+    /// Unknown command.
+    pub const UNSUPPORTED_ACTION: u16 = 432;
+    /// Internal error.
+    pub const INTERNAL_ERROR: u16 = 530;
+    /// Permission denied.
+    pub const ACCOUNT_ERROR: u16 = 531;
+    /// Resource still in use.
+    pub const RESOURCE_IN_USE: u16 = 536;
+}
+
+/// CloudStack exception-class codes (`cserrorcode`).
+pub mod cs {
+    /// `InvalidParameterValueException`.
+    pub const INVALID_PARAMETER_VALUE: u32 = 4350;
+    /// `PermissionDeniedException`.
+    pub const PERMISSION_DENIED: u32 = 4365;
+    /// `ServerApiException` and anything generic.
+    pub const SERVER_API: u32 = 9999;
+}
+
+/// A failed API call: what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("api error {code}: {text}")]
+pub struct ApiError {
+    /// `errorcode` and HTTP status.
+    pub code: u16,
+    /// `cserrorcode`.
+    pub cs_code: u32,
+    /// `errortext`.
+    pub text: String,
+}
+
+impl ApiError {
+    /// An error with explicit codes.
+    pub fn new(code: u16, cs_code: u32, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            cs_code,
+            text: text.into(),
+        }
+    }
+
+    /// 401 with CloudStack's fixed sentence.
+    pub fn unauthorized() -> Self {
+        Self::new(
+            code::UNAUTHORIZED,
+            cs::SERVER_API,
+            "unable to verify user credentials and/or request signature",
+        )
+    }
+
+    /// 431, invalid parameter value.
+    pub fn param(text: impl Into<String>) -> Self {
+        Self::new(code::PARAM_ERROR, cs::INVALID_PARAMETER_VALUE, text)
+    }
+
+    /// 430, malformed parameter encoding.
+    pub fn malformed(text: impl Into<String>) -> Self {
+        Self::new(code::MALFORMED_PARAMETER, cs::SERVER_API, text)
+    }
+
+    /// 531, permission denied.
+    pub fn denied(text: impl Into<String>) -> Self {
+        Self::new(code::ACCOUNT_ERROR, cs::PERMISSION_DENIED, text)
+    }
+
+    /// 530 for an internal failure: `cause` is logged, never sent.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "Internal error while serving an API call");
+        Self::new(
+            code::INTERNAL_ERROR,
+            cs::SERVER_API,
+            "internal error executing the command",
+        )
+    }
+
+    /// The inner object of the error body (also the `jobresult` of a failed job).
+    pub fn body(&self) -> Value {
+        let mut v = json!({
+            "uuidList": [],
+            "errorcode": self.code,
+            "errortext": self.text,
+        });
+        if self.code != code::UNAUTHORIZED {
+            v["cserrorcode"] = json!(self.cs_code);
+        }
+        v
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::internal(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_has_no_cserrorcode() {
+        let b = ApiError::unauthorized().body();
+        assert_eq!(b["errorcode"], 401);
+        assert!(b.get("cserrorcode").is_none());
+        assert_eq!(b["uuidList"], json!([]));
+    }
+
+    #[test]
+    fn internal_hides_the_cause() {
+        let e = ApiError::internal(&"password=hunter2 in /secret/path");
+        assert_eq!(e.code, 530);
+        assert!(!e.text.contains("hunter2"));
+        assert_eq!(e.body()["cserrorcode"], 9999);
+    }
+}

@@ -1,0 +1,257 @@
+//! `systemvm-core`: the management service of the Mold system-VM suite. This milestone builds its
+//! foundation: the CloudStack-compatible query API (`/client/api`) and its persistent state.
+//!
+//! # Architecture notes
+//!
+//! * **Code map.** [`server`] is the HTTP side (limits, auth, dispatch); [`command`] is the command
+//!   table that drives dispatch, validation, permissions and `listApis`; [`api`] has one file per
+//!   resource (accounts, zones, configurations, jobs, apis); [`jobs`] runs async commands;
+//!   [`signing`] is CloudStack's HMAC-SHA1 request signature; [`params`] and [`paging`] decode and
+//!   window requests; [`db`] opens the database and applies the embedded migrations; [`error`] maps
+//!   everything to CloudStack's error shape.
+//! * **One schema, two backends, through `sqlx::AnyPool`.** SQLite (`DATA_DIR/core.db`) by default,
+//!   PostgreSQL with `--database-url postgres://…`. `AnyPool` was chosen over an enum of
+//!   `SqlitePool`/`PgPool` because it keeps a single copy of every query: the schema is written in
+//!   portable SQL (TEXT, BIGINT; UUID text keys, so no AUTOINCREMENT/SERIAL difference; flags are
+//!   BIGINT 0/1, keeping to the two types `Any` maps the same way on both drivers; dates are
+//!   CloudStack text in UTC) and queries use `$n` placeholders, which SQLite also accepts. The price is that
+//!   `Any` only maps basic types and offers no compile-time checking; both backends run every API
+//!   end-to-end test, which is what keeps the SQL portable.
+//! * **Migrations** are embedded (`include_str!`) and applied by [`db`] itself, each in a
+//!   transaction with its `schema_migrations` row; no `sqlx` macros or `migrate` feature are needed.
+//! * **Sessions** (`command=login`) live in memory; a restart logs users out. API keys survive.
+//!
+//! Architecture invariant: every response is CloudStack-shaped JSON with exactly one top-level key
+//! and HTTP status = `errorcode`; XML (`response=xml`) is not served — JSON is always answered.
+//!
+//! Architecture invariant: no command runs without authentication, except `login` and requests on
+//! the integration listener, which binds 127.0.0.1 only and is off unless `integration.api.port`
+//! is set (read at start).
+//!
+//! Architecture invariant: secrets (API secret keys, passwords, session keys) never reach a log;
+//! passwords are stored only as Argon2id hashes; `credentials.json` is written 0600 via
+//! temp-file + rename.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, RwLock, watch};
+use tokio::task::JoinHandle;
+
+pub mod api;
+pub mod command;
+pub mod db;
+pub mod error;
+pub mod jobs;
+pub mod paging;
+pub mod params;
+pub mod server;
+pub mod signing;
+pub mod state;
+pub mod util;
+
+use crate::state::{Role, Shared, State};
+
+/// How to run the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Data directory (SQLite database, `credentials.json`).
+    pub data_dir: PathBuf,
+    /// Address of the public API listener.
+    pub listen: SocketAddr,
+    /// `postgres://…` (or `sqlite:…`); `None` = SQLite file `DATA_DIR/core.db`.
+    pub database_url: Option<String>,
+}
+
+impl CoreConfig {
+    /// Defaults: listen on 127.0.0.1:8080, SQLite in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            database_url: None,
+        }
+    }
+}
+
+/// A core serving in the background. Dropping it does not stop it: call [`RunningCore::shutdown`].
+#[derive(Debug)]
+pub struct RunningCore {
+    /// The public API's bound address (`http://ADDR/client/api`).
+    pub addr: SocketAddr,
+    /// The integration listener's address, when `integration.api.port` > 0.
+    pub integration_addr: Option<SocketAddr>,
+    /// `DATA_DIR/credentials.json`.
+    pub credentials_path: PathBuf,
+    state: State,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningCore {
+    /// The API endpoint URL.
+    pub fn api_url(&self) -> String {
+        format!("http://{}/client/api", self.addr)
+    }
+
+    /// Stops the listeners, aborts running async jobs (the next start fails them) and closes the
+    /// database pool.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.state.jobs.lock().await.shutdown().await;
+        self.state.db.pool.close().await;
+    }
+}
+
+/// The `credentials.json` content.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    /// API key of the root admin.
+    pub apikey: String,
+    /// Secret key of the root admin.
+    pub secretkey: String,
+}
+
+fn write_credentials(path: &Path, creds: &Credentials) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("failed to create {}", tmp.display()))?;
+    f.write_all(serde_json::to_string_pretty(creds)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates the data directory (0700) and, for SQLite, the database file (0600) before sqlx opens
+/// it: both hold secrets (API secret keys).
+fn prepare_data_dir(dir: &Path, sqlite: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    if sqlite {
+        let db = dir.join("core.db");
+        if !db.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&db)
+                .with_context(|| format!("failed to create {}", db.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// First start: the root admin account and user, its keys, `credentials.json`, the default zone.
+async fn bootstrap(state: &State, credentials: &Path) -> anyhow::Result<()> {
+    if !api::accounts::any_account(state).await? {
+        let password = util::random_token::<24>()?;
+        let (_, user_id) = api::accounts::insert_account(
+            state,
+            &api::accounts::NewAccount {
+                account: "admin",
+                username: "admin",
+                password: &password,
+                email: "admin@localhost",
+                firstname: "Root",
+                lastname: "Admin",
+                role: Role::Admin,
+                is_system: true,
+            },
+        )
+        .await
+        .context("failed to create the root admin")?;
+        let (apikey, secretkey) = api::accounts::new_keys(state, &user_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("failed to create the root admin's keys: {}", e.text))?;
+        write_credentials(credentials, &Credentials { apikey, secretkey })?;
+        tracing::info!(path = %credentials.display(), "Created the root admin and wrote its API keys");
+    } else if !credentials.exists() {
+        tracing::warn!(path = %credentials.display(), "Credentials file missing; the root admin keys are in the database only");
+    }
+    api::zones::ensure_default_zone(state)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to create the default zone: {}", e.text))?;
+    Ok(())
+}
+
+/// Opens the database, bootstraps on first start, and starts the listeners.
+pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
+    prepare_data_dir(&config.data_dir, config.database_url.is_none())?;
+    let db = db::Db::open(config.database_url.as_deref(), &config.data_dir)
+        .await
+        .context("failed to open the database")?;
+    let orphans = jobs::fail_orphans(&db.pool).await?;
+    if orphans > 0 {
+        tracing::warn!(orphans, "Failed async jobs left pending by a previous run");
+    }
+    let settings = api::configs::load(&db.pool).await?;
+    let state: State = Arc::new(Shared {
+        db,
+        settings: RwLock::new(settings),
+        sessions: Mutex::new(HashMap::new()),
+        data_dir: config.data_dir.clone(),
+        jobs: Mutex::new(tokio::task::JoinSet::new()),
+    });
+    let credentials_path = config.data_dir.join("credentials.json");
+    bootstrap(&state, &credentials_path).await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("failed to bind the API listener on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(server::serve(
+        listener,
+        state.clone(),
+        server::Listener::Public,
+        stop_rx.clone(),
+    ))];
+    let port: u16 = state.setting("integration.api.port").await.parse().unwrap_or(0);
+    let mut integration_addr = None;
+    if port > 0 {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+            .await
+            .with_context(|| format!("failed to bind the integration port 127.0.0.1:{port}"))?;
+        integration_addr = Some(l.local_addr()?);
+        tracing::warn!(
+            port,
+            "Integration API port open on loopback: unauthenticated root-admin access"
+        );
+        tasks.push(tokio::spawn(server::serve(
+            l,
+            state.clone(),
+            server::Listener::Integration,
+            stop_rx,
+        )));
+    }
+    tracing::info!(%addr, backend = ?state.db.backend, "Core API listening");
+    Ok(RunningCore {
+        addr,
+        integration_addr,
+        credentials_path,
+        state,
+        stop,
+        tasks,
+    })
+}

@@ -1,0 +1,103 @@
+//! Request parameters: strict decoding of the query string and form body, limits, lookups.
+//!
+//! Invariants: the parameter list keeps names and values exactly as received (decoded), in order,
+//! for the signature; the first occurrence of a name wins for lookups; more than [`MAX_PARAMS`]
+//! parameters is a 431; an undecodable `%` sequence or non-UTF-8 value is a 430.
+
+use crate::error::ApiError;
+
+/// Most parameters a request may carry (query string and body together).
+pub const MAX_PARAMS: usize = 2048;
+
+/// Decoded request parameters.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    /// `(name, value)` as received, decoded.
+    pub list: Vec<(String, String)>,
+}
+
+fn decode(raw: &str) -> Result<String, ApiError> {
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| ApiError::malformed("malformed percent-encoding in request"))?;
+                out.push(hex);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| ApiError::malformed("request parameter is not valid UTF-8"))
+}
+
+impl Params {
+    /// Appends the pairs of an `application/x-www-form-urlencoded` string.
+    pub fn extend_urlencoded(&mut self, raw: &str) -> Result<(), ApiError> {
+        for pair in raw.split('&').filter(|p| !p.is_empty()) {
+            if self.list.len() >= MAX_PARAMS {
+                return Err(ApiError::param(format!(
+                    "too many request parameters (at most {MAX_PARAMS})"
+                )));
+            }
+            let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+            self.list.push((decode(n)?, decode(v)?));
+        }
+        Ok(())
+    }
+
+    /// The value of `name`, matched case-insensitively (the API's own names are lowercase; the
+    /// signing names `apiKey`, `signatureVersion`, … arrive in any case).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.list
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Like [`Params::get`], but an empty value counts as absent.
+    pub fn non_empty(&self, name: &str) -> Option<&str> {
+        self.get(name).filter(|v| !v.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_and_keeps_order() {
+        let mut p = Params::default();
+        p.extend_urlencoded("b=x+y&a=%C3%A9%2F&c&apiKey=K").unwrap();
+        assert_eq!(p.list[0], ("b".into(), "x y".into()));
+        assert_eq!(p.get("a"), Some("é/"));
+        assert_eq!(p.get("c"), Some(""));
+        assert_eq!(p.get("APIKEY"), Some("K"));
+    }
+
+    #[test]
+    fn malformed_is_430() {
+        let mut p = Params::default();
+        assert_eq!(p.extend_urlencoded("a=%zz").unwrap_err().code, 430);
+        assert_eq!(p.extend_urlencoded("a=%C3").unwrap_err().code, 430);
+        assert_eq!(p.extend_urlencoded("a=%4").unwrap_err().code, 430);
+    }
+
+    #[test]
+    fn too_many_is_431() {
+        let raw = (0..=MAX_PARAMS)
+            .map(|i| format!("p{i}=1"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let mut p = Params::default();
+        assert_eq!(p.extend_urlencoded(&raw).unwrap_err().code, 431);
+    }
+}

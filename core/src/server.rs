@@ -1,0 +1,425 @@
+//! The HTTP side of the query API at `/client/api`: limits, parameter merge, authentication
+//! (signature, session, or none on the integration port), permission and parameter checks,
+//! dispatch to sync handlers or the job executor, and CloudStack's response shapes.
+//!
+//! Invariants: every answer is JSON (`application/json; charset=UTF-8`) with exactly one top-level
+//! key, and its HTTP status equals the `errorcode` inside on failure; bodies over [`MAX_BODY`] and
+//! more than [`crate::params::MAX_PARAMS`] parameters are refused with 431 before any command runs;
+//! no command runs unauthenticated except `login` and everything on the integration listener
+//! (which only ever binds loopback); `login` is POST only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::api::accounts;
+use crate::command;
+use crate::error::{ApiError, code};
+use crate::jobs;
+use crate::params::Params;
+use crate::signing;
+use crate::state::{Caller, Role, Session, State};
+use crate::util::random_token;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Most API connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Time a client gets to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most password checks (`login`) running at once; more wait their turn.
+pub const MAX_PASSWORD_CHECKS: usize = 4;
+/// Idle time after which a login session expires.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The public API: signed or session requests.
+    Public,
+    /// The integration port: unauthenticated, loopback only, acts as the root admin.
+    Integration,
+}
+
+/// Accepts connections until `stop` flips, then aborts the open ones.
+pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "Too many API connections, refusing one");
+                        continue;
+                    };
+                    let state = state.clone();
+                    conns.spawn(async move {
+                        let _permit = permit;
+                        let svc = service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(handle(state, kind, peer, req).await) }
+                        });
+                        if let Err(error) = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_TIMEOUT)
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .await
+                        {
+                            tracing::debug!(%error, "API connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Failed to accept an API connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    conns.shutdown().await;
+}
+
+/// Drops `null` members from objects, recursively: CloudStack (Gson) omits unset fields.
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+fn json_response(status: u16, body: &Value) -> Response<Full<Bytes>> {
+    let mut body = body.clone();
+    strip_nulls(&mut body);
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    r
+}
+
+fn error_response(key: &str, e: &ApiError) -> Response<Full<Bytes>> {
+    json_response(e.code, &json!({ key: e.body() }))
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_owned())
+}
+
+async fn handle(
+    state: State,
+    kind: Listener,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/client/api" && req.uri().path() != "/client/api/" {
+        let mut r = json_response(
+            404,
+            &json!({"errorresponse": {"uuidList": [], "errorcode": 404, "errortext": "not found"}}),
+        );
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
+    let (parts, body) = req.into_parts();
+    let mut params = Params::default();
+    if let Err(e) = params.extend_urlencoded(parts.uri.query().unwrap_or("")) {
+        return error_response("errorresponse", &e);
+    }
+    if parts.method == Method::POST {
+        let bytes = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                let e = ApiError::param(format!("request body larger than {MAX_BODY} bytes"));
+                return error_response("errorresponse", &e);
+            }
+        };
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t,
+            Err(_) => {
+                return error_response(
+                    "errorresponse",
+                    &ApiError::malformed("request body is not valid UTF-8"),
+                );
+            }
+        };
+        if let Err(e) = params.extend_urlencoded(text) {
+            return error_response("errorresponse", &e);
+        }
+    } else if parts.method != Method::GET {
+        let e = ApiError::new(
+            code::METHOD_NOT_ALLOWED,
+            crate::error::cs::SERVER_API,
+            "use GET or POST",
+        );
+        return error_response("errorresponse", &e);
+    }
+    let name = params.get("command").unwrap_or_default().to_owned();
+    let key = format!("{}response", name.to_ascii_lowercase());
+    match name.as_str() {
+        "login" => return login(&state, &parts.method, &params).await,
+        "logout" => return logout(&state, &parts.headers).await,
+        _ => {}
+    }
+    let Some(cmd) = command::find(&name) else {
+        let e = ApiError::new(
+            code::UNSUPPORTED_ACTION,
+            crate::error::cs::SERVER_API,
+            "The given command does not exist or it is not available for the user",
+        );
+        return error_response("errorresponse", &e);
+    };
+    let caller = match kind {
+        Listener::Integration => match integration_caller(&state).await {
+            Ok(c) => c,
+            Err(e) => return error_response(&key, &e),
+        },
+        Listener::Public => match authenticate(&state, &parts.headers, &params).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%peer, command = %name, "Refused an unauthenticated API request");
+                return error_response(&key, &e);
+            }
+        },
+    };
+    if !cmd.allowed(caller.role) {
+        let e = ApiError::denied(format!(
+            "The API {name} is not allowed for account {} (role {})",
+            caller.account_name,
+            caller.role.role_name()
+        ));
+        return error_response(&key, &e);
+    }
+    if let Err(e) = cmd.validate(&params) {
+        return error_response(&key, &e);
+    }
+    let result = if cmd.is_async {
+        jobs::submit(&state, &caller, cmd, params)
+            .await
+            .map(|id| json!({ "jobid": id }))
+    } else {
+        (cmd.handler)(state.clone(), caller, params).await
+    };
+    match result {
+        Ok(v) => json_response(200, &json!({ key: v })),
+        Err(e) => error_response(&key, &e),
+    }
+}
+
+/// The root admin, for the integration listener.
+async fn integration_caller(state: &State) -> Result<Caller, ApiError> {
+    let row: Option<(String, String, String, String)> = sqlx::query_as(
+        "SELECT u.id, u.username, a.id, a.name FROM users u JOIN accounts a ON a.id = u.account_id WHERE a.is_system = 1 ORDER BY u.created LIMIT 1",
+    )
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let (user_id, username, account_id, account_name) =
+        row.ok_or_else(|| ApiError::internal(&"no root admin account"))?;
+    Ok(Caller {
+        user_id,
+        username,
+        account_id,
+        account_name,
+        role: Role::Admin,
+    })
+}
+
+async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Result<Caller, ApiError> {
+    if let Some(api_key) = params.get("apikey") {
+        let signature = params.get("signature").ok_or_else(ApiError::unauthorized)?;
+        if params.get("signatureversion") == Some("3") {
+            let expires = params
+                .get("expires")
+                .and_then(|e| signing::parse_expires(e).ok())
+                .ok_or_else(ApiError::unauthorized)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if expires < now {
+                return Err(ApiError::unauthorized());
+            }
+        }
+        let user = accounts::user_by_api_key(state, api_key)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
+        let secret = user.secret_key.ok_or_else(ApiError::unauthorized)?;
+        if !signing::verify(&params.list, &secret, signature) {
+            return Err(ApiError::unauthorized());
+        }
+        return Ok(user.caller);
+    }
+    // Session: JSESSIONID cookie, and the session key both as cookie and as parameter.
+    let jsession = cookie(headers, "JSESSIONID").ok_or_else(ApiError::unauthorized)?;
+    let cookie_key = cookie(headers, "sessionkey").ok_or_else(ApiError::unauthorized)?;
+    let param_key = params.get("sessionkey").ok_or_else(ApiError::unauthorized)?;
+    let mut sessions = state.sessions.lock().await;
+    let session = sessions.get_mut(&jsession).ok_or_else(ApiError::unauthorized)?;
+    if session.last_used.elapsed() > SESSION_TIMEOUT {
+        sessions.remove(&jsession);
+        return Err(ApiError::unauthorized());
+    }
+    let ok = subtle::ConstantTimeEq::ct_eq(session.key.as_bytes(), cookie_key.as_bytes())
+        & subtle::ConstantTimeEq::ct_eq(session.key.as_bytes(), param_key.as_bytes());
+    if !bool::from(ok) {
+        return Err(ApiError::unauthorized());
+    }
+    session.last_used = Instant::now();
+    Ok(session.caller.clone())
+}
+
+async fn login(state: &State, method: &Method, params: &Params) -> Response<Full<Bytes>> {
+    let key = "loginresponse";
+    if method != Method::POST {
+        let e = ApiError::new(
+            code::METHOD_NOT_ALLOWED,
+            crate::error::cs::SERVER_API,
+            "Please use HTTP POST to authenticate using this API",
+        );
+        return error_response(key, &e);
+    }
+    let username = params.get("username").unwrap_or_default();
+    let password = params.get("password").unwrap_or_default().to_owned();
+    let domain = params.get("domain").unwrap_or("/");
+    let failed = || {
+        ApiError::new(
+            code::ACCOUNT_ERROR,
+            crate::error::cs::SERVER_API,
+            format!(
+                "Failed to authenticate user {username} in domain {domain}; please provide valid credentials"
+            ),
+        )
+    };
+    let root = matches!(
+        domain.trim_matches('/').to_ascii_uppercase().as_str(),
+        "" | "ROOT"
+    );
+    let user = match accounts::user_by_name(state, username).await {
+        Ok(u) => u,
+        Err(e) => return error_response(key, &ApiError::from(e)),
+    };
+    // An unknown user costs the same hash check as a known one, so timing does not tell them apart.
+    static DUMMY_HASH: OnceLock<String> = OnceLock::new();
+    let user = user.filter(|_| root);
+    let hash = match &user {
+        Some(u) => u.password_hash.clone(),
+        None => DUMMY_HASH
+            .get_or_init(|| accounts::hash_password("not a password").unwrap_or_default())
+            .clone(),
+    };
+    // Argon2 costs ~19 MiB and real CPU per check: cap concurrent checks so unauthenticated
+    // logins cannot exhaust memory or the blocking pool.
+    static PASSWORD_CHECKS: Semaphore = Semaphore::const_new(MAX_PASSWORD_CHECKS);
+    let Ok(_slot) = PASSWORD_CHECKS.acquire().await else {
+        return error_response(key, &ApiError::internal(&"password check semaphore closed"));
+    };
+    let ok = tokio::task::spawn_blocking(move || accounts::verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    let Some(user) = user.filter(|_| ok) else {
+        return error_response(key, &failed());
+    };
+    let (jsession, session_key) = match (random_token::<24>(), random_token::<20>()) {
+        (Ok(j), Ok(k)) => (j, k),
+        (Err(e), _) | (_, Err(e)) => return error_response(key, &ApiError::internal(&e)),
+    };
+    let c = user.caller.clone();
+    state.sessions.lock().await.insert(
+        jsession.clone(),
+        Session {
+            key: session_key.clone(),
+            caller: user.caller,
+            last_used: Instant::now(),
+        },
+    );
+    tracing::info!(user = %c.username, "User logged in");
+    let body = json!({ key: {
+        "username": c.username,
+        "userid": c.user_id,
+        "domainid": accounts::ROOT_DOMAIN_ID,
+        "timeout": SESSION_TIMEOUT.as_secs(),
+        "account": c.account_name,
+        "type": c.role.account_type(),
+        "timezone": "UTC",
+        "timezoneoffset": "0.0",
+        "registered": "false",
+        "sessionkey": session_key,
+        "is2faenabled": "false",
+        "is2faverified": "false",
+    }});
+    let mut r = json_response(200, &body);
+    for c in [
+        format!("JSESSIONID={jsession}; Path=/client; HttpOnly"),
+        format!("sessionkey={session_key}; Path=/client; HttpOnly"),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            r.headers_mut().append(SET_COOKIE, v);
+        }
+    }
+    r
+}
+
+async fn logout(state: &State, headers: &HeaderMap) -> Response<Full<Bytes>> {
+    if let Some(j) = cookie(headers, "JSESSIONID") {
+        state.sessions.lock().await.remove(&j);
+    }
+    json_response(200, &json!({ "logoutresponse": { "description": "success" } }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; JSESSIONID=abc; sessionkey=\"k\""),
+        );
+        assert_eq!(cookie(&h, "JSESSIONID").as_deref(), Some("abc"));
+        assert_eq!(cookie(&h, "sessionkey").as_deref(), Some("k"));
+        assert_eq!(cookie(&h, "missing"), None);
+    }
+
+    #[test]
+    fn nulls_are_omitted() {
+        let mut v = json!({"a": null, "b": [{"c": null, "d": 1}]});
+        strip_nulls(&mut v);
+        assert_eq!(v, json!({"b": [{"d": 1}]}));
+    }
+
+    #[test]
+    fn error_status_equals_errorcode() {
+        let r = error_response("xresponse", &ApiError::param("bad"));
+        assert_eq!(r.status().as_u16(), 431);
+        assert_eq!(
+            r.headers().get(CONTENT_TYPE).unwrap(),
+            "application/json; charset=UTF-8"
+        );
+    }
+}

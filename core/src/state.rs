@@ -1,0 +1,120 @@
+//! Shared service state: the database, cached settings, login sessions, the caller model.
+//!
+//! Invariants: settings are read from the cache, which is loaded from the database at start and
+//! written through on every update (the database is the source of truth); sessions live in memory
+//! only (a restart logs everyone out); secrets are never logged.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{Mutex, RwLock};
+use tokio::task::JoinSet;
+
+use crate::db::Db;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Root admin: everything.
+    Admin,
+    /// User: its own resources, no admin commands.
+    User,
+    /// Read-only user: only `list*`, `query*` and `get*` commands, on its own resources.
+    ReadOnly,
+}
+
+impl Role {
+    /// The stored and displayed name (`roletype`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "Admin",
+            Self::User => "User",
+            Self::ReadOnly => "ReadOnly",
+        }
+    }
+
+    /// Parses a stored or requested role name (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "admin" => Some(Self::Admin),
+            "user" => Some(Self::User),
+            "readonly" | "read-only" => Some(Self::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// CloudStack's display role name.
+    pub fn role_name(self) -> &'static str {
+        match self {
+            Self::Admin => "Root Admin",
+            Self::User => "User",
+            Self::ReadOnly => "Read-Only User - Default",
+        }
+    }
+
+    /// CloudStack `accounttype`: 1 admin, 0 user.
+    pub fn account_type(self) -> i64 {
+        match self {
+            Self::Admin => 1,
+            Self::User | Self::ReadOnly => 0,
+        }
+    }
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// User id.
+    pub user_id: String,
+    /// User name.
+    pub username: String,
+    /// Account id.
+    pub account_id: String,
+    /// Account name.
+    pub account_name: String,
+    /// Role of the account.
+    pub role: Role,
+}
+
+/// A login session (`command=login`).
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The `sessionkey` cookie and parameter.
+    pub key: String,
+    /// Who logged in.
+    pub caller: Caller,
+    /// Last use, for the idle timeout.
+    pub last_used: Instant,
+}
+
+/// State shared by every request and job.
+#[derive(Debug)]
+pub struct Shared {
+    /// The database.
+    pub db: Db,
+    /// Setting values by name (cache of the `configurations` table over the defaults).
+    pub settings: RwLock<HashMap<String, String>>,
+    /// Login sessions by `JSESSIONID`.
+    pub sessions: Mutex<HashMap<String, Session>>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Running async jobs (aborted at shutdown).
+    pub jobs: Mutex<JoinSet<()>>,
+}
+
+/// Handle on the shared state.
+pub type State = Arc<Shared>;
+
+impl Shared {
+    /// The value of setting `name` (its default when unset, empty when unknown).
+    pub async fn setting(&self, name: &str) -> String {
+        self.settings.read().await.get(name).cloned().unwrap_or_default()
+    }
+
+    /// `default.page.size`: the default and maximum page size.
+    pub async fn page_size(&self) -> i64 {
+        self.setting("default.page.size").await.parse().unwrap_or(500)
+    }
+}

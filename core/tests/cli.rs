@@ -1,0 +1,40 @@
+//! The `systemvm-core serve` binary: prints the API URL and the credentials path, answers, stops.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::process::{Command, Stdio};
+
+#[test]
+fn serve_prints_url_and_credentials_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_systemvm-core"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let api = lines.next().unwrap().unwrap();
+    let creds = lines.next().unwrap().unwrap();
+    let url = api.strip_prefix("API: http://").unwrap();
+    let addr = url.strip_suffix("/client/api").unwrap();
+    assert_eq!(
+        creds,
+        format!("Credentials: {}", dir.path().join("credentials.json").display())
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("credentials.json")).unwrap()).unwrap();
+    assert_eq!(c["apikey"].as_str().unwrap().len(), 86);
+    // Unsigned: 401 in CloudStack's shape.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(
+        b"GET /client/api?command=listZones&response=json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(out.contains(r#""errorcode":401"#), "{out}");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
