@@ -182,16 +182,27 @@ pub mod dto {
 /// Builds the configuration from the file (if any) and the flags that override it;
 /// [`crate::start`] validates it before binding.
 pub fn from_file_and_flags(file: dto::ConfigFile, flags: dto::ConfigFile) -> anyhow::Result<ProxyConfig> {
-    let keys = flags
-        .keys
-        .or(file.keys)
-        .context("no key file: pass --keys or set `keys` in the config file")?;
+    from_file_and_flags_with(file, flags, true)
+}
+
+/// [`from_file_and_flags`], where the key file may be absent when `keys_required` is false (keys
+/// then come from core; until they do, every token is refused).
+pub fn from_file_and_flags_with(
+    file: dto::ConfigFile,
+    flags: dto::ConfigFile,
+    keys_required: bool,
+) -> anyhow::Result<ProxyConfig> {
+    let keys = match flags.keys.or(file.keys) {
+        Some(path) => load_keys(&path)?,
+        None if !keys_required => KeySet::default(),
+        None => anyhow::bail!("no key file: pass --keys or set `keys` in the config file"),
+    };
     let listen = flags
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let web = flags.web.or(file.web).unwrap_or_else(default_web_root);
-    let mut config = ProxyConfig::new(listen, load_keys(&keys)?, web);
+    let mut config = ProxyConfig::new(listen, keys, web);
     if let Some(tls) = flags.tls.or(file.tls) {
         config.tls = Some(load_tls(&tls.cert, &tls.key)?);
     }

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod core_link;
 pub mod replay;
 pub mod server;
 pub mod session;

@@ -64,6 +64,8 @@ enum Command {
         /// Seconds between WebSocket pings [default: 30]; a browser silent for three intervals is dropped.
         #[arg(long)]
         keepalive: Option<u64>,
+        #[command(flatten)]
+        core: CoreArgs,
     },
     /// Prints one console token (or a console URL with --url).
     Token {
@@ -101,6 +103,39 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+}
+
+/// The link to systemvm-core: all four together, or none (standalone).
+#[derive(clap::Args)]
+struct CoreArgs {
+    /// Core agent endpoint(s), wss://HOST:8250/agent, comma-separated; keys then come from core
+    /// and --keys is optional.
+    #[arg(long, value_delimiter = ',')]
+    core: Vec<String>,
+    /// System VM id issued by core.
+    #[arg(long)]
+    vm_id: Option<String>,
+    /// System VM secret issued by core (or SYSTEMVM_AGENT_SECRET, to keep it out of `ps`).
+    #[arg(long, env = "SYSTEMVM_AGENT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// PEM of core's CA (core's DATA_DIR/ca.pem): the only CA trusted for core.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+impl CoreArgs {
+    fn link(self) -> anyhow::Result<Option<console_proxy::core_link::CoreLink>> {
+        match (self.core.is_empty(), self.vm_id, self.secret, self.ca) {
+            (true, None, None, None) => Ok(None),
+            (false, Some(vm_id), Some(secret), Some(ca)) => Ok(Some(console_proxy::core_link::CoreLink {
+                urls: self.core,
+                vm_id,
+                secret: Secret(secret),
+                ca,
+            })),
+            _ => anyhow::bail!("--core, --vm-id, --secret and --ca go together: give all four or none"),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -163,7 +198,9 @@ fn main() -> anyhow::Result<()> {
             allowed_origins,
             max_sessions,
             keepalive,
+            core,
         } => {
+            let link = core.link()?;
             systemvm_telemetry::init_tracing(cli.log_json);
             let file = match &config {
                 Some(path) => dto::ConfigFile::load(path)?,
@@ -181,20 +218,35 @@ fn main() -> anyhow::Result<()> {
                     .map(|(cert, key)| dto::TlsFiles { cert, key }),
                 ..Default::default()
             };
-            serve(config::from_file_and_flags(file, flags)?)
+            serve(
+                config::from_file_and_flags_with(file, flags, link.is_none())?,
+                link,
+            )
         }
     }
 }
 
 #[tokio::main]
-async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
-    let proxy = console_proxy::start(config).await?;
-    tokio::signal::ctrl_c()
-        .await
-        .context("failed to wait for Ctrl-C")?;
+async fn serve(config: ProxyConfig, link: Option<console_proxy::core_link::CoreLink>) -> anyhow::Result<()> {
+    let max_sessions = config.max_sessions;
+    let proxy = std::sync::Arc::new(console_proxy::start(config).await?);
+    let client = match &link {
+        Some(link) => Some(console_proxy::core_link::connect(
+            proxy.clone(),
+            max_sessions,
+            link,
+        )?),
+        None => None,
+    };
+    let stop = tokio::signal::ctrl_c().await.context("failed to wait for Ctrl-C");
     tracing::info!("Shutting down");
-    proxy.shutdown().await;
-    Ok(())
+    if let Some(client) = client {
+        client.shutdown().await;
+    }
+    if let Ok(proxy) = std::sync::Arc::try_unwrap(proxy) {
+        proxy.shutdown().await;
+    }
+    stop
 }
 
 fn keygen(out: &Path, rotate: bool) -> anyhow::Result<()> {

@@ -11,7 +11,10 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 
 /// Migrations, in order: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("../migrations/0001_initial.sql")),
+    (2, "system_vms", include_str!("../migrations/0002_system_vms.sql")),
+];
 
 /// Opening or migrating the database failed.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +149,6 @@ mod tests {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-        assert_eq!(v, 1);
+        assert_eq!(v, MIGRATIONS.len() as i64);
     }
 }

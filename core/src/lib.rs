@@ -5,7 +5,8 @@
 //!
 //! * **Code map.** [`server`] is the HTTP side (limits, auth, dispatch); [`command`] is the command
 //!   table that drives dispatch, validation, permissions and `listApis`; [`api`] has one file per
-//!   resource (accounts, zones, configurations, jobs, apis); [`jobs`] runs async commands;
+//!   resource (accounts, zones, configurations, jobs, apis, system VMs); [`jobs`] runs async commands;
+//!   [`agent`] is the agent endpoint system VMs dial in to, with [`ca`] core's own CA for it;
 //!   [`signing`] is CloudStack's HMAC-SHA1 request signature; [`params`] and [`paging`] decode and
 //!   window requests; [`db`] opens the database and applies the embedded migrations; [`error`] maps
 //!   everything to CloudStack's error shape.
@@ -43,7 +44,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, RwLock, watch};
 use tokio::task::JoinHandle;
 
+pub mod agent;
 pub mod api;
+pub mod ca;
 pub mod command;
 pub mod db;
 pub mod error;
@@ -66,6 +69,12 @@ pub struct CoreConfig {
     pub listen: SocketAddr,
     /// `postgres://…` (or `sqlite:…`); `None` = SQLite file `DATA_DIR/core.db`.
     pub database_url: Option<String>,
+    /// Address of the agent endpoint (TLS WebSocket at `/agent`); `None` = no agent endpoint.
+    /// The CLI defaults to `0.0.0.0:8250`; the library leaves it off so tests do not collide.
+    pub agent_listen: Option<SocketAddr>,
+    /// Extra subject alternative names (DNS names or IP addresses) of the agent endpoint's
+    /// certificate, besides loopback, `localhost` and the host name.
+    pub agent_sans: Vec<String>,
 }
 
 impl CoreConfig {
@@ -75,6 +84,8 @@ impl CoreConfig {
             data_dir: data_dir.into(),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             database_url: None,
+            agent_listen: None,
+            agent_sans: Vec::new(),
         }
     }
 }
@@ -88,6 +99,10 @@ pub struct RunningCore {
     pub integration_addr: Option<SocketAddr>,
     /// `DATA_DIR/credentials.json`.
     pub credentials_path: PathBuf,
+    /// The agent endpoint's bound address, when [`CoreConfig::agent_listen`] is set.
+    pub agent_addr: Option<SocketAddr>,
+    /// `DATA_DIR/ca.pem`: the CA agents verify core with (`--ca`).
+    pub ca_path: PathBuf,
     state: State,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -97,6 +112,16 @@ impl RunningCore {
     /// The API endpoint URL.
     pub fn api_url(&self) -> String {
         format!("http://{}/client/api", self.addr)
+    }
+
+    /// The agent endpoint URL (`wss://ADDR/agent`), when it listens.
+    pub fn agent_url(&self) -> Option<String> {
+        self.agent_addr.map(|a| format!("wss://{a}{}", agent::PATH))
+    }
+
+    /// The console-token keys core gives console proxies (for issuing tokens).
+    pub fn console_keys(&self) -> &systemvm_proto::console::KeySet {
+        &self.state.console_keys
     }
 
     /// Stops the listeners, aborts running async jobs (the next start fails them) and closes the
@@ -206,12 +231,18 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         tracing::warn!(orphans, "Failed async jobs left pending by a previous run");
     }
     let settings = api::configs::load(&db.pool).await?;
+    let console_keys = agent::load_console_keys(&db.pool)
+        .await
+        .context("failed to load the console-token keys")?;
+    let ca = ca::Ca::load_or_create(&config.data_dir).context("failed to set up the agent CA")?;
     let state: State = Arc::new(Shared {
         db,
         settings: RwLock::new(settings),
         sessions: Mutex::new(HashMap::new()),
         data_dir: config.data_dir.clone(),
         jobs: Mutex::new(tokio::task::JoinSet::new()),
+        console_keys,
+        agents: agent::Hub::default(),
     });
     let credentials_path = config.data_dir.join("credentials.json");
     bootstrap(&state, &credentials_path).await?;
@@ -242,14 +273,30 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
             l,
             state.clone(),
             server::Listener::Integration,
-            stop_rx,
+            stop_rx.clone(),
         )));
+    }
+    let mut agent_addr = None;
+    if let Some(listen) = config.agent_listen {
+        let tls = ca
+            .server_config(&config.agent_sans)
+            .context("failed to issue the agent endpoint certificate")?;
+        let l = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("failed to bind the agent endpoint on {listen}"))?;
+        let a = l.local_addr()?;
+        agent_addr = Some(a);
+        tasks.push(tokio::spawn(agent::serve(l, tls, state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(agent::monitor(state.clone(), stop_rx.clone())));
+        tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
     }
     tracing::info!(%addr, backend = ?state.db.backend, "Core API listening");
     Ok(RunningCore {
         addr,
         integration_addr,
         credentials_path,
+        agent_addr,
+        ca_path: ca.cert_path,
         state,
         stop,
         tasks,

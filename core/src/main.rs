@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use systemvm_core::{CoreConfig, start};
 
@@ -19,9 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serves the CloudStack-compatible API.
+    /// Serves the CloudStack-compatible API and the agent endpoint.
     Serve {
-        /// Data directory (SQLite database, credentials.json).
+        /// Data directory (SQLite database, credentials.json, the agent CA).
         #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
         data_dir: PathBuf,
         /// API listen address.
@@ -30,6 +31,30 @@ enum Cmd {
         /// PostgreSQL URL (postgres://user:pass@host:port/db); SQLite in the data dir when absent.
         #[arg(long, env = "SYSTEMVM_CORE_DATABASE_URL")]
         database_url: Option<String>,
+        /// Agent endpoint listen address (TLS WebSocket at /agent, certificate from DATA_DIR/ca.pem).
+        #[arg(long, default_value = "0.0.0.0:8250")]
+        agent_listen: SocketAddr,
+        /// Extra name or IP address in the agent endpoint's certificate (repeatable).
+        #[arg(long = "agent-san")]
+        agent_sans: Vec<String>,
+    },
+    /// Registers a system VM whose agent is started by hand; prints its id and secret (shown once).
+    RegisterSystemvm {
+        /// Data directory of the core (its database and CA).
+        #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// PostgreSQL URL; SQLite in the data dir when absent.
+        #[arg(long, env = "SYSTEMVM_CORE_DATABASE_URL")]
+        database_url: Option<String>,
+        /// consoleproxy or secondarystoragevm (secstorage).
+        #[arg(long)]
+        role: String,
+        /// Zone id (default: the oldest zone).
+        #[arg(long)]
+        zone: Option<String>,
+        /// Name (default: generated).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -37,18 +62,55 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     systemvm_telemetry::init_tracing(cli.log_json);
-    let Cmd::Serve {
-        data_dir,
-        listen,
-        database_url,
-    } = cli.command;
-    let mut config = CoreConfig::new(data_dir);
-    config.listen = listen;
-    config.database_url = database_url;
-    let core = start(config).await?;
-    println!("API: {}", core.api_url());
-    println!("Credentials: {}", core.credentials_path.display());
-    tokio::signal::ctrl_c().await?;
-    core.shutdown().await;
+    match cli.command {
+        Cmd::Serve {
+            data_dir,
+            listen,
+            database_url,
+            agent_listen,
+            agent_sans,
+        } => {
+            let mut config = CoreConfig::new(data_dir);
+            config.listen = listen;
+            config.database_url = database_url;
+            config.agent_listen = Some(agent_listen);
+            config.agent_sans = agent_sans;
+            let core = start(config).await?;
+            println!("API: {}", core.api_url());
+            println!("Credentials: {}", core.credentials_path.display());
+            if let Some(url) = core.agent_url() {
+                println!("Agent endpoint: {url} (CA {})", core.ca_path.display());
+            }
+            tokio::signal::ctrl_c().await?;
+            core.shutdown().await;
+        }
+        Cmd::RegisterSystemvm {
+            data_dir,
+            database_url,
+            role,
+            zone,
+            name,
+        } => {
+            let role = systemvm_proto::agent::AgentRole::parse(&role)
+                .with_context(|| format!("invalid role {role:?}: use consoleproxy or secondarystoragevm"))?;
+            let ca = data_dir.join("ca.pem");
+            anyhow::ensure!(
+                ca.exists(),
+                "{} missing: start `systemvm-core serve` on this data dir once first",
+                ca.display()
+            );
+            let db = systemvm_core::db::Db::open(database_url.as_deref(), &data_dir)
+                .await
+                .context("failed to open the database")?;
+            let r = systemvm_core::api::systemvms::register(&db.pool, role, zone.as_deref(), name.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!("failed to register the system VM: {}", e.text))?;
+            db.pool.close().await;
+            println!("id: {}", r.id);
+            println!("name: {}", r.name);
+            println!("secret: {}", r.secret);
+            println!("ca: {}", ca.display());
+        }
+    }
     Ok(())
 }

@@ -102,6 +102,10 @@ pub struct Shared {
     pub data_dir: PathBuf,
     /// Running async jobs (aborted at shutdown).
     pub jobs: Mutex<JoinSet<()>>,
+    /// Console-token keys, pushed to console proxies in `Welcome`.
+    pub console_keys: systemvm_proto::console::KeySet,
+    /// Current agent connections.
+    pub agents: crate::agent::Hub,
 }
 
 /// Handle on the shared state.

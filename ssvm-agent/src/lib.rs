@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checksum;
+pub mod core_link;
 pub mod download;
 pub mod fetch;
 pub mod inspect;

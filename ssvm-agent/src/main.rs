@@ -76,7 +76,41 @@ enum Command {
         concurrent_jobs: usize,
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        core: CoreArgs,
     },
+}
+
+/// The link to systemvm-core: all four together, or none (standalone).
+#[derive(Args)]
+struct CoreArgs {
+    /// Core agent endpoint(s), wss://HOST:8250/agent, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    core: Vec<String>,
+    /// System VM id issued by core.
+    #[arg(long)]
+    vm_id: Option<String>,
+    /// System VM secret issued by core (or SYSTEMVM_AGENT_SECRET, to keep it out of `ps`).
+    #[arg(long, env = "SYSTEMVM_AGENT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// PEM of core's CA (core's DATA_DIR/ca.pem): the only CA trusted for core.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+impl CoreArgs {
+    fn link(self) -> anyhow::Result<Option<ssvm_agent::core_link::CoreLink>> {
+        match (self.core.is_empty(), self.vm_id, self.secret, self.ca) {
+            (true, None, None, None) => Ok(None),
+            (false, Some(vm_id), Some(secret), Some(ca)) => Ok(Some(ssvm_agent::core_link::CoreLink {
+                urls: self.core,
+                vm_id,
+                secret: systemvm_proto::Secret(secret),
+                ca,
+            })),
+            _ => anyhow::bail!("--core, --vm-id, --secret and --ca go together: give all four or none"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -251,7 +285,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             concurrent_jobs,
             net,
+            core,
         } => {
+            let link = core.link()?;
             let journal = Journal::open(&state_dir(&store))?;
             let store = open_store(&store).await?;
             let agent = ssvm_agent::service::Agent::new(downloader(store, journal, &net)?, concurrent_jobs);
@@ -261,10 +297,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             if resumed > 0 {
                 tracing::info!(resumed, "Resumed jobs from the journal");
             }
-            ssvm_agent::service::serve(agent, listener, async {
+            let running_link = match &link {
+                Some(link) => Some(ssvm_agent::core_link::connect(agent.clone(), link)?),
+                None => None,
+            };
+            let served = ssvm_agent::service::serve(agent, listener, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
-            .await?;
+            .await;
+            if let Some(l) = running_link {
+                l.shutdown().await;
+            }
+            served?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -240,6 +240,23 @@ impl Agent {
         self.running().get(id).map(|r| r.cancel.cancel()).is_some()
     }
 
+    /// Jobs and store state as the agent channel reports them to core (`Heartbeat.load.storage`).
+    pub async fn storage_load(&self) -> systemvm_proto::agent::StorageLoad {
+        let r = self.capacity().await;
+        let store_health = match (&r.health, &r.error) {
+            (crate::store::Health::Healthy, None) => "ok".to_owned(),
+            (crate::store::Health::Healthy, Some(e)) => e.clone(),
+            (crate::store::Health::Unhealthy { error, .. }, _) => error.clone(),
+        };
+        systemvm_proto::agent::StorageLoad {
+            jobs_running: r.jobs_running as u64,
+            jobs_queued: r.jobs_queued as u64,
+            store_health,
+            capacity_total: r.capacity.as_ref().map(|c| c.total),
+            capacity_used: r.capacity.as_ref().map(|c| c.used),
+        }
+    }
+
     async fn capacity(&self) -> CapacityReport {
         let (capacity, error) = match self.downloader.store.capacity().await {
             Ok(c) => (Some(c), None),

@@ -143,7 +143,7 @@ fn start_postgres() -> Postgres {
 }
 
 /// A fresh database on the shared cluster; returns its URL.
-fn postgres_database() -> String {
+pub(crate) fn postgres_database() -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     let pg = postgres();
     let name = format!(
@@ -151,26 +151,34 @@ fn postgres_database() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     );
-    let out = Command::new(pg.bin.join("psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-c",
-        ])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "CREATE DATABASE failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Concurrent CREATE DATABASE can fail transiently (template1 in use): retry a few times.
+    let mut out = None;
+    for attempt in 0..5 {
+        let o = Command::new(pg.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
+            .arg(format!("CREATE DATABASE {name}"))
+            .output()
+            .unwrap();
+        if o.status.success() {
+            out = None;
+            break;
+        }
+        out = Some(o);
+        std::thread::sleep(std::time::Duration::from_millis(200 * (attempt + 1)));
+    }
+    if let Some(o) = out {
+        panic!("CREATE DATABASE failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
     format!("postgres://postgres@127.0.0.1:{}/{name}", pg.port)
 }
 

@@ -32,7 +32,7 @@ fn deps_of<'a>(meta: &'a serde_json::Value, package: &str) -> Vec<&'a str> {
 #[test]
 fn agents_never_depend_on_core() {
     let meta = metadata();
-    for agent in ["console-proxy", "ssvm-agent"] {
+    for agent in ["console-proxy", "ssvm-agent", "systemvm-agent-client"] {
         assert!(
             !deps_of(&meta, agent).contains(&"systemvm-core"),
             "{agent} depends on systemvm-core"
@@ -53,5 +53,18 @@ fn wire_types_do_no_io() {
         "systemvm-core",
     ] {
         assert!(!deps.contains(&banned), "systemvm-proto depends on {banned}");
+    }
+}
+
+#[test]
+fn agent_client_speaks_only_the_wire_types() {
+    let meta = metadata();
+    let deps = deps_of(&meta, "systemvm-agent-client");
+    assert!(deps.contains(&"systemvm-proto"));
+    for banned in ["systemvm-core", "sqlx", "console-proxy", "ssvm-agent"] {
+        assert!(
+            !deps.contains(&banned),
+            "systemvm-agent-client depends on {banned}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests across the suite's crates, against real components (QEMU, Chromium, …).
 //! One test binary, so real servers start once per run.
 
+mod agents;
 mod console;
 mod core_api;
 mod layout;

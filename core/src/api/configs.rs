@@ -116,6 +116,22 @@ pub const SETTINGS: &[Setting] = &[
         dynamic: false,
         description: "Integration (unauthenticated) API port on 127.0.0.1, 0 to disable. Takes effect on restart",
     },
+    Setting {
+        name: "agent.heartbeat.interval",
+        category: "Advanced",
+        default: "5",
+        kind: Kind::Integer(1, 3600),
+        dynamic: true,
+        description: "Seconds between two heartbeats of a system-VM agent (sent in Welcome; applies at the next connection)",
+    },
+    Setting {
+        name: "agent.heartbeat.timeout",
+        category: "Advanced",
+        default: "15",
+        kind: Kind::Integer(1, 86_400),
+        dynamic: true,
+        description: "Seconds of silence after which core marks a system-VM agent Disconnected and drops its connection",
+    },
 ];
 
 /// `listConfigurations` parameters.

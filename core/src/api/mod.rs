@@ -12,6 +12,7 @@ pub mod accounts;
 pub mod apis;
 pub mod configs;
 pub mod jobs;
+pub mod systemvms;
 pub mod zones;
 
 /// Every command (see [`crate::command`]).
@@ -79,6 +80,22 @@ pub static COMMANDS: &[Command] = &[
         access: Access::Admin,
         params: zones::DELETE_ZONE,
         handler: handler!(zones::delete_zone),
+    },
+    Command {
+        name: "registerSystemVm",
+        description: "Registers a system VM whose agent is started by hand; answers its id and its secret (shown once)",
+        is_async: false,
+        access: Access::Admin,
+        params: systemvms::REGISTER_SYSTEM_VM,
+        handler: handler!(systemvms::register_system_vm),
+    },
+    Command {
+        name: "listSystemVms",
+        description: "Lists system VMs with their agent state",
+        is_async: false,
+        access: Access::Admin,
+        params: systemvms::LIST_SYSTEM_VMS,
+        handler: handler!(systemvms::list_system_vms),
     },
     Command {
         name: "listConfigurations",

@@ -4,11 +4,13 @@
 //! driver or cloud SDK). Every decoder here takes untrusted bytes and returns an error instead of
 //! panicking; the decoders are property-tested and fuzzed (`fuzz/`).
 //!
+//! - [`agent`]: the agent channel's versioned JSON messages (system VMs ↔ core).
 //! - [`console`]: console-token claims and, behind the `token` feature, their AEAD sealing.
 //! - [`rfb`]: the RFB (VNC) handshake as sans-I/O state machines, for the console proxy's security proxy.
 //! - [`ws`]: RFC 6455 WebSocket frame headers, for the console proxy's zero-copy relay.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod console;
 pub mod rfb;
 pub mod ws;

@@ -1,0 +1,64 @@
+//! The proxy's link to systemvm-core (`serve --core …`): dials core's agent endpoint with
+//! `systemvm-agent-client`, installs the console-token keys core pushes (`Welcome`, `KeysUpdate`)
+//! and reports active/max sessions in heartbeats.
+//!
+//! Invariant: keys from core replace the proxy's whole key set, so a key core retires stops
+//! opening tokens at the next update; keys that fail to parse are logged and ignored (the proxy
+//! keeps the set it had).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use systemvm_agent_client::{AgentClient, ClientConfig, Hooks};
+use systemvm_proto::Secret;
+use systemvm_proto::agent::{AgentRole, ConsoleLoad, Load};
+
+use crate::server::RunningProxy;
+
+/// Where core is and who this proxy is (`--core URL[,URL…] --vm-id ID --secret S --ca PEM`).
+#[derive(Clone, Debug)]
+pub struct CoreLink {
+    /// Core agent endpoint URLs, tried in turn.
+    pub urls: Vec<String>,
+    /// The id core issued.
+    pub vm_id: String,
+    /// The secret core issued.
+    pub secret: Secret,
+    /// PEM of core's CA.
+    pub ca: PathBuf,
+}
+
+/// Starts the link: the returned client runs until [`AgentClient::shutdown`].
+pub fn connect(
+    proxy: Arc<RunningProxy>,
+    max_sessions: usize,
+    link: &CoreLink,
+) -> anyhow::Result<AgentClient> {
+    let mut config = ClientConfig::new(
+        &link.urls,
+        &link.ca,
+        AgentRole::ConsoleProxy,
+        link.vm_id.clone(),
+        link.secret.clone(),
+    )?;
+    config.capabilities = vec!["console".into()];
+    config.software_version = env!("CARGO_PKG_VERSION").into();
+    let for_load = proxy.clone();
+    let hooks = Hooks {
+        load: Arc::new(move || Load {
+            console: Some(ConsoleLoad {
+                active_sessions: for_load.active_sessions() as u64,
+                max_sessions: max_sessions as u64,
+            }),
+            storage: None,
+        }),
+        keys: Arc::new(move |keys| match keys.to_key_set() {
+            Ok(set) => {
+                tracing::info!(ids = ?set.ids(), "Installed console-token keys from core");
+                proxy.set_keys(set);
+            }
+            Err(error) => tracing::warn!(%error, "Ignored invalid console-token keys from core"),
+        }),
+    };
+    Ok(AgentClient::spawn(config, hooks))
+}

@@ -1,0 +1,183 @@
+//! Core's own certificate authority: agents verify core's agent endpoint against it (`--ca PEM`).
+//!
+//! Invariants: the CA key (`DATA_DIR/ca-key.pem`) is written 0600 and the certificate
+//! (`DATA_DIR/ca.pem`) 0644, each through a temp file and a rename, so a crash never leaves half a
+//! CA; an existing CA is reused, never replaced (agents hold its certificate). The endpoint's
+//! server certificate is issued afresh at every start (its key lives in memory only); its issuer
+//! name and key id are rebuilt from the fixed CA parameters and the stored CA key, which is why
+//! [`ca_params`] must never change for an existing CA.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// Creating, loading or using the CA failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Reading or writing a CA file failed.
+    #[error("failed to access {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Generating or parsing a key or certificate failed.
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// One of the two CA files exists without the other.
+    #[error("{0} exists without its pair: restore it or remove both ca.pem and ca-key.pem")]
+    HalfCa(PathBuf),
+    /// rustls refused the server certificate.
+    #[error("TLS configuration failed")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The CA's fixed parameters (see the module invariants).
+fn ca_params() -> Result<CertificateParams, CaError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name
+        .push(DnType::CommonName, "systemvm-core agent CA");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Mold system-VM suite");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2125, 1, 1);
+    Ok(p)
+}
+
+/// Writes `text` to `path` with `mode` through a temp file and a rename.
+fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("pem.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Core's CA, loaded or created.
+#[derive(Debug)]
+pub struct Ca {
+    /// `DATA_DIR/ca.pem`: what agents get as `--ca`.
+    pub cert_path: PathBuf,
+    key: KeyPair,
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, creating it on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca-key.pem");
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                let pem = std::fs::read_to_string(&key_path).map_err(|source| CaError::Io {
+                    path: key_path.clone(),
+                    source,
+                })?;
+                let key = KeyPair::from_pem(&pem)?;
+                Ok(Self { cert_path, key })
+            }
+            (false, false) => {
+                let key = KeyPair::generate()?;
+                let cert = ca_params()?.self_signed(&key)?;
+                write_atomic(&key_path, &key.serialize_pem(), 0o600)?;
+                write_atomic(&cert_path, &cert.pem(), 0o644)?;
+                tracing::info!(path = %cert_path.display(), "Created the agent CA");
+                Ok(Self { cert_path, key })
+            }
+            (true, false) => Err(CaError::HalfCa(cert_path)),
+            (false, true) => Err(CaError::HalfCa(key_path)),
+        }
+    }
+
+    /// Issues a server certificate for the agent endpoint and builds its TLS configuration.
+    /// SANs: loopback addresses, `localhost`, this host's name, and `extra`.
+    pub fn server_config(&self, extra: &[String]) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        let mut names: Vec<String> = vec!["localhost".into()];
+        if let Some(h) = hostname() {
+            names.push(h);
+        }
+        let mut ips: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()];
+        for e in extra {
+            match e.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => names.push(e.clone()),
+            }
+        }
+        let mut p = CertificateParams::new(names)?;
+        p.subject_alt_names
+            .extend(ips.into_iter().map(SanType::IpAddress));
+        p.distinguished_name
+            .push(DnType::CommonName, "systemvm-core agent endpoint");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let leaf_key = KeyPair::generate()?;
+        let issuer = Issuer::new(ca_params()?, &self.key);
+        let leaf = p.signed_by(&leaf_key, &issuer)?;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn hostname() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let h = h.trim();
+    (!h.is_empty()).then(|| h.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_with_private_key_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let first = std::fs::read_to_string(&ca.cert_path).unwrap();
+        let mode = std::fs::metadata(dir.path().join("ca-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        ca.server_config(&["agent.example".into(), "10.0.0.1".into()])
+            .unwrap();
+        let again = Ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&again.cert_path).unwrap(), first);
+        again.server_config(&[]).unwrap();
+        std::fs::remove_file(dir.path().join("ca-key.pem")).unwrap();
+        assert!(matches!(Ca::load_or_create(dir.path()), Err(CaError::HalfCa(_))));
+    }
+}
