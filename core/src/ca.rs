@@ -5,7 +5,7 @@
 //! CA; an existing CA is reused, never replaced (agents hold its certificate). The endpoint's
 //! server certificate is issued afresh at every start (its key lives in memory only); its issuer
 //! name and key id are rebuilt from the fixed CA parameters and the stored CA key, which is why
-//! [`ca_params`] must never change for an existing CA.
+//! `ca_params` must never change for an existing CA.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
