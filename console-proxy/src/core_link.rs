@@ -6,27 +6,14 @@
 //! opening tokens at the next update; keys that fail to parse are logged and ignored (the proxy
 //! keeps the set it had).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use systemvm_agent_client::{AgentClient, ClientConfig, Hooks};
-use systemvm_proto::Secret;
 use systemvm_proto::agent::{AgentRole, ConsoleLoad, Load};
 
 use crate::server::RunningProxy;
 
-/// Where core is and who this proxy is (`--core URL[,URL…] --vm-id ID --secret S --ca PEM`).
-#[derive(Clone, Debug)]
-pub struct CoreLink {
-    /// Core agent endpoint URLs, tried in turn.
-    pub urls: Vec<String>,
-    /// The id core issued.
-    pub vm_id: String,
-    /// The secret core issued.
-    pub secret: Secret,
-    /// PEM of core's CA.
-    pub ca: PathBuf,
-}
+pub use systemvm_agent_client::CoreLink;
 
 /// Starts the link: the returned client runs until [`AgentClient::shutdown`].
 pub fn connect(

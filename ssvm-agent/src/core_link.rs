@@ -5,12 +5,10 @@
 //! [`REFRESH`]) and heartbeats send the latest copy, so a hung NFS server cannot silence the agent
 //! (core would then mark a live agent Disconnected).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use systemvm_agent_client::{AgentClient, ClientConfig, Hooks};
-use systemvm_proto::Secret;
 use systemvm_proto::agent::{AgentRole, Load, StorageLoad};
 
 use crate::service::Agent;
@@ -18,18 +16,7 @@ use crate::service::Agent;
 /// How often the reported load is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
-/// Where core is and who this agent is (`--core URL[,URL…] --vm-id ID --secret S --ca PEM`).
-#[derive(Clone, Debug)]
-pub struct CoreLink {
-    /// Core agent endpoint URLs, tried in turn.
-    pub urls: Vec<String>,
-    /// The id core issued.
-    pub vm_id: String,
-    /// The secret core issued.
-    pub secret: Secret,
-    /// PEM of core's CA.
-    pub ca: PathBuf,
-}
+pub use systemvm_agent_client::CoreLink;
 
 /// The running link.
 #[derive(Debug)]

@@ -77,40 +77,8 @@ enum Command {
         #[command(flatten)]
         net: NetArgs,
         #[command(flatten)]
-        core: CoreArgs,
+        core: systemvm_agent_client::CoreArgs,
     },
-}
-
-/// The link to systemvm-core: all four together, or none (standalone).
-#[derive(Args)]
-struct CoreArgs {
-    /// Core agent endpoint(s), wss://HOST:8250/agent, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    core: Vec<String>,
-    /// System VM id issued by core.
-    #[arg(long)]
-    vm_id: Option<String>,
-    /// System VM secret issued by core (or SYSTEMVM_AGENT_SECRET, to keep it out of `ps`).
-    #[arg(long, env = "SYSTEMVM_AGENT_SECRET", hide_env_values = true)]
-    secret: Option<String>,
-    /// PEM of core's CA (core's DATA_DIR/ca.pem): the only CA trusted for core.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-}
-
-impl CoreArgs {
-    fn link(self) -> anyhow::Result<Option<ssvm_agent::core_link::CoreLink>> {
-        match (self.core.is_empty(), self.vm_id, self.secret, self.ca) {
-            (true, None, None, None) => Ok(None),
-            (false, Some(vm_id), Some(secret), Some(ca)) => Ok(Some(ssvm_agent::core_link::CoreLink {
-                urls: self.core,
-                vm_id,
-                secret: systemvm_proto::Secret(secret),
-                ca,
-            })),
-            _ => anyhow::bail!("--core, --vm-id, --secret and --ca go together: give all four or none"),
-        }
-    }
 }
 
 #[derive(Args)]

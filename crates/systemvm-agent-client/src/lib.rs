@@ -533,3 +533,54 @@ mod tests {
         assert!(parse_url("nonsense").is_err());
     }
 }
+
+/// Where core is and who this system VM is (`--core URL[,URL…] --vm-id ID --secret S --ca PEM`).
+#[derive(Clone, Debug)]
+pub struct CoreLink {
+    /// Core agent endpoint URLs, tried in turn.
+    pub urls: Vec<String>,
+    /// The id core issued.
+    pub vm_id: String,
+    /// The secret core issued.
+    pub secret: systemvm_proto::Secret,
+    /// PEM of core's CA.
+    pub ca: std::path::PathBuf,
+}
+
+/// The agents' command-line flags for the link to core: all four together, or none (standalone).
+#[derive(clap::Args, Debug, Default)]
+pub struct CoreArgs {
+    /// Core agent endpoint(s), wss://HOST:8250/agent, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub core: Vec<String>,
+    /// System VM id issued by core.
+    #[arg(long)]
+    pub vm_id: Option<String>,
+    /// System VM secret issued by core (or SYSTEMVM_AGENT_SECRET, to keep it out of `ps`).
+    #[arg(long, env = "SYSTEMVM_AGENT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// PEM of core's CA (core's DATA_DIR/ca.pem): the only CA trusted for core.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// The link flags were given partly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--core, --vm-id, --secret and --ca go together: give all four or none")]
+pub struct IncompleteCoreArgs;
+
+impl CoreArgs {
+    /// The link, or `None` in standalone mode.
+    pub fn link(self) -> Result<Option<CoreLink>, IncompleteCoreArgs> {
+        match (self.core.is_empty(), self.vm_id, self.secret, self.ca) {
+            (true, None, None, None) => Ok(None),
+            (false, Some(vm_id), Some(secret), Some(ca)) => Ok(Some(CoreLink {
+                urls: self.core,
+                vm_id,
+                secret: systemvm_proto::Secret(secret),
+                ca,
+            })),
+            _ => Err(IncompleteCoreArgs),
+        }
+    }
+}
