@@ -8,14 +8,13 @@
     reason = "test helpers: a failed unwrap is a failed test"
 )]
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use systemvm_proto::agent::{AgentMessage, AgentRole, ConsoleKeys, CoreMessage, Welcome};
 use systemvm_proto::console::{ConsoleTarget, ConsoleTokenClaims, KeySet, ViewerMode, VmRef};
+use systemvm_tests::standin_core::StandinCore;
 use tokio_tungstenite::tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_console-proxy");
@@ -79,31 +78,7 @@ async fn serve_with_core_gets_keys_from_welcome() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
 
-    // A CA and an endpoint certificate for 127.0.0.1 issued by it.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let ca_pem = dir.join("ca.pem");
-    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let core: SocketAddr = listener.local_addr().unwrap();
+    let core = StandinCore::start(&dir).await.unwrap();
 
     let listen = format!("127.0.0.1:{}", free_port());
     let _proxy = Kill(
@@ -115,11 +90,11 @@ async fn serve_with_core_gets_keys_from_welcome() {
                 "--max-sessions",
                 "9",
                 "--core",
-                &format!("wss://127.0.0.1:{}/agent", core.port()),
+                &core.url("127.0.0.1"),
                 "--vm-id",
                 "vm-1",
                 "--ca",
-                ca_pem.to_str().unwrap(),
+                core.ca_pem.to_str().unwrap(),
             ])
             .env("SYSTEMVM_AGENT_SECRET", "s3cret")
             .stdout(Stdio::null())
@@ -128,16 +103,10 @@ async fn serve_with_core_gets_keys_from_welcome() {
             .unwrap(),
     );
 
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
+    let (mut ws, hello) = core
+        .accept(Duration::from_secs(20))
         .await
-        .expect("the proxy did not dial in")
-        .unwrap();
-    let tls = acceptor.accept(tcp).await.unwrap();
-    let mut ws = tokio_tungstenite::accept_async(tls).await.unwrap();
-    let hello = ws.next().await.unwrap().unwrap();
-    let AgentMessage::Hello(hello) = serde_json::from_str(hello.to_text().unwrap()).unwrap() else {
-        panic!("first message is not Hello")
-    };
+        .expect("the proxy did not dial in");
     assert_eq!(hello.role, AgentRole::ConsoleProxy);
     assert_eq!(hello.vm_id, "vm-1");
     assert_eq!(hello.secret.expose(), "s3cret");
@@ -149,12 +118,9 @@ async fn serve_with_core_gets_keys_from_welcome() {
         console_keys: Some(ConsoleKeys::from_key_set(&keys).unwrap()),
         config: Default::default(),
     });
-    ws.send(Message::text(serde_json::to_string(&welcome).unwrap()))
-        .await
-        .unwrap();
-    let hb = ws.next().await.unwrap().unwrap();
-    let AgentMessage::Heartbeat(hb) = serde_json::from_str(hb.to_text().unwrap()).unwrap() else {
-        panic!("expected a heartbeat: {hb:?}")
+    ws.send(&welcome).await.unwrap();
+    let AgentMessage::Heartbeat(hb) = ws.recv(Duration::from_secs(10)).await.unwrap() else {
+        panic!("expected a heartbeat")
     };
     assert_eq!(hb.load.console.unwrap().max_sessions, 9);
 
