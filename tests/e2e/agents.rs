@@ -6,124 +6,40 @@
 //! the proxy; silence, disconnects, wrong secrets and a foreign CA behave as documented.
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use systemvm_agent_client::{AgentClient, ClientConfig, Hooks, Status};
-use systemvm_core::{CoreConfig, RunningCore};
+
 use systemvm_proto::Secret;
 use systemvm_proto::agent::{AgentRole, Load, StorageLoad};
 use systemvm_proto::console::KeySet;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::core_api::{Backend, Core, cs_bin};
 use crate::support::{VNC_PASSWORD, claims, qemu, workspace};
 
-struct Core {
-    running: Option<RunningCore>,
-    config: CoreConfig,
-    key: String,
-    secret: String,
-    dir: PathBuf,
-}
-
-impl Drop for Core {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn cs_bin() -> PathBuf {
-    let bin = workspace().join("target/cs-venv/bin/cs");
-    assert!(
-        bin.is_file(),
-        "{} missing: run scripts/deps.sh test",
-        bin.display()
-    );
-    bin
+/// A core with its agent endpoint on loopback and heartbeats of 1 s (timeout 3 s).
+async fn start_core(postgres: bool) -> Core {
+    let backend = if postgres {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    };
+    let core = Core::start_with(backend, |c| c.agent_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    core.ok(&["updateConfiguration", "name=agent.heartbeat.interval", "value=1"])
+        .await;
+    core.ok(&["updateConfiguration", "name=agent.heartbeat.timeout", "value=3"])
+        .await;
+    core
 }
 
 impl Core {
-    async fn start(postgres: bool) -> Core {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "systemvm-e2e-agents-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut config = CoreConfig::new(&dir);
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.agent_listen = Some("127.0.0.1:0".parse().unwrap());
-        if postgres {
-            config.database_url = Some(
-                tokio::task::spawn_blocking(crate::core_api::postgres_database)
-                    .await
-                    .unwrap(),
-            );
-        }
-        let running = systemvm_core::start(config.clone())
-            .await
-            .expect("core failed to start");
-        let creds: Value =
-            serde_json::from_str(&std::fs::read_to_string(&running.credentials_path).unwrap()).unwrap();
-        let core = Core {
-            running: Some(running),
-            config,
-            key: creds["apikey"].as_str().unwrap().to_owned(),
-            secret: creds["secretkey"].as_str().unwrap().to_owned(),
-            dir,
-        };
-        core.ok(&["updateConfiguration", "name=agent.heartbeat.interval", "value=1"])
-            .await;
-        core.ok(&["updateConfiguration", "name=agent.heartbeat.timeout", "value=3"])
-            .await;
-        core
-    }
-
-    /// Stops the core and starts it again on the same data dir, database and agent port.
-    async fn restart(&mut self) {
-        let old = self.running.take().unwrap();
-        self.config.agent_listen = old.agent_addr;
-        old.shutdown().await;
-        self.running = Some(
-            systemvm_core::start(self.config.clone())
-                .await
-                .expect("core failed to restart"),
-        );
-    }
-
-    fn running(&self) -> &RunningCore {
-        self.running.as_ref().unwrap()
-    }
-
     fn agent_url(&self) -> String {
         self.running().agent_url().unwrap()
-    }
-
-    /// `cs` as the root admin; must succeed.
-    async fn ok(&self, args: &[&str]) -> Value {
-        let out = tokio::process::Command::new(cs_bin())
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", std::env::temp_dir())
-            .env("CLOUDSTACK_ENDPOINT", self.running().api_url())
-            .env("CLOUDSTACK_KEY", &self.key)
-            .env("CLOUDSTACK_SECRET", &self.secret)
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cs {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// Registers a system VM; returns (id, secret).
@@ -242,7 +158,7 @@ both_backends!(
 );
 
 async fn agents_dial_in_report_load_and_get_console_keys(postgres: bool) {
-    let core = Core::start(postgres).await;
+    let core = start_core(postgres).await;
     let ca = core.running().ca_path.clone();
     let (cp_id, cp_secret) = core.register("consoleproxy", "v-e2e-VM").await;
     let (ss_id, ss_secret) = core.register("secondarystoragevm", "s-e2e-VM").await;
@@ -377,7 +293,7 @@ async fn agents_dial_in_report_load_and_get_console_keys(postgres: bool) {
 }
 
 async fn silent_agent_is_marked_disconnected_after_the_heartbeat_timeout(postgres: bool) {
-    let core = Core::start(postgres).await;
+    let core = start_core(postgres).await;
     let (id, secret) = core.register("secondarystoragevm", "s-silent-VM").await;
     // A hand-made agent: Hello, then silence (no heartbeats).
     let pem = std::fs::read(&core.running().ca_path).unwrap();
@@ -430,7 +346,7 @@ async fn silent_agent_is_marked_disconnected_after_the_heartbeat_timeout(postgre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_and_foreign_ca_are_refused() {
-    let core = Core::start(false).await;
+    let core = start_core(false).await;
     let ca = core.running().ca_path.clone();
     let (id, secret) = core.register("consoleproxy", "v-refused-VM").await;
 
@@ -460,7 +376,7 @@ async fn wrong_secret_and_foreign_ca_are_refused() {
 
     // An agent given another CA does not trust core's certificate.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let other_ca = core.dir.join("other-ca.pem");
+    let other_ca = core.dir().join("other-ca.pem");
     std::fs::write(&other_ca, other.cert.pem()).unwrap();
     let foreign = client(
         &core,
@@ -505,7 +421,7 @@ async fn wrong_secret_and_foreign_ca_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_reconnect_after_a_core_restart_with_the_same_ca_and_keys() {
-    let mut core = Core::start(false).await;
+    let mut core = start_core(false).await;
     let ca = core.running().ca_path.clone();
     let ca_pem = std::fs::read_to_string(&ca).unwrap();
     let (id, secret) = core.register("consoleproxy", "v-restart-VM").await;

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::support::{wait_port, workspace};
 
 #[derive(Debug, Clone, Copy)]
-enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
@@ -184,12 +184,13 @@ pub(crate) fn postgres_database() -> String {
 
 // === The core under test ===
 
-struct Core {
+/// A core started in process on a temporary data dir (removed when dropped), with its root admin keys.
+pub(crate) struct Core {
     running: Option<RunningCore>,
     config: CoreConfig,
-    key: String,
-    secret: String,
-    _dir: TempDir,
+    pub(crate) key: String,
+    pub(crate) secret: String,
+    dir: TempDir,
 }
 
 struct TempDir(PathBuf);
@@ -226,7 +227,7 @@ impl Raw {
     }
 }
 
-fn cs_bin() -> PathBuf {
+pub(crate) fn cs_bin() -> PathBuf {
     let bin = workspace().join("target/cs-venv/bin/cs");
     assert!(
         bin.is_file(),
@@ -242,6 +243,11 @@ fn enc(v: &str) -> String {
 
 impl Core {
     async fn start(backend: Backend) -> Core {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Starts a core after `adjust` changed its configuration.
+    pub(crate) async fn start_with(backend: Backend, adjust: impl FnOnce(&mut CoreConfig)) -> Core {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "systemvm-e2e-core-{}-{}",
@@ -254,6 +260,7 @@ impl Core {
         if let Backend::Postgres = backend {
             config.database_url = Some(tokio::task::spawn_blocking(postgres_database).await.unwrap());
         }
+        adjust(&mut config);
         let running = systemvm_core::start(config.clone())
             .await
             .expect("core failed to start");
@@ -264,17 +271,26 @@ impl Core {
             config,
             key: creds["apikey"].as_str().unwrap().to_owned(),
             secret: creds["secretkey"].as_str().unwrap().to_owned(),
-            _dir: TempDir(dir),
+            dir: TempDir(dir),
         }
     }
 
-    fn running(&self) -> &RunningCore {
+    pub(crate) fn running(&self) -> &RunningCore {
         self.running.as_ref().unwrap()
     }
 
-    /// Stops and starts the core again on the same data dir and database.
-    async fn restart(&mut self) {
-        self.running.take().unwrap().shutdown().await;
+    /// The data dir.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
+    /// Stops and starts the core again on the same data dir, database and agent port.
+    pub(crate) async fn restart(&mut self) {
+        let old = self.running.take().unwrap();
+        if old.agent_addr.is_some() {
+            self.config.agent_listen = old.agent_addr;
+        }
+        old.shutdown().await;
         self.running = Some(
             systemvm_core::start(self.config.clone())
                 .await
@@ -318,7 +334,7 @@ impl Core {
     }
 
     /// `cs` that must succeed; returns its JSON.
-    async fn ok(&self, args: &[&str]) -> Value {
+    pub(crate) async fn ok(&self, args: &[&str]) -> Value {
         let o = self.cs(args).await;
         assert!(o.ok, "cs {args:?} failed: {}\n{}", o.stderr, o.json);
         o.json
