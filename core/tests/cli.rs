@@ -3,10 +3,9 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::process::{Command, Stdio};
 
-#[test]
-fn serve_prints_url_and_credentials_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_systemvm-core"))
+/// `systemvm-core serve` on loopback ports with its stdout piped.
+fn spawn_serve(data_dir: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_systemvm-core"))
         .args([
             "serve",
             "--listen",
@@ -15,11 +14,17 @@ fn serve_prints_url_and_credentials_path() {
             "127.0.0.1:0",
             "--data-dir",
         ])
-        .arg(dir.path())
+        .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .expect("failed to start systemvm-core")
+}
+
+#[test]
+fn serve_prints_url_and_credentials_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_serve(dir.path());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let api = lines.next().unwrap().unwrap();
     let creds = lines.next().unwrap().unwrap();
@@ -67,20 +72,7 @@ fn register_systemvm_prints_id_secret_and_ca() {
     assert!(!early.status.success());
     assert!(String::from_utf8_lossy(&early.stderr).contains("once first"));
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_systemvm-core"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--agent-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_serve(dir.path());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let _ = lines.next().unwrap().unwrap();
     let out = register("secondarystoragevm");
