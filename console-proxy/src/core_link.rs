@@ -1,10 +1,13 @@
 //! The proxy's link to systemvm-core (`serve --core …`): dials core's agent endpoint with
-//! `systemvm-agent-client`, installs the console-token keys core pushes (`Welcome`, `KeysUpdate`)
-//! and reports active/max sessions in heartbeats.
+//! `systemvm-agent-client`, installs the console-token keys core pushes (`Welcome`, `KeysUpdate`),
+//! reports active/max sessions and its public endpoint, and claims each session id from core
+//! before opening the console (one session per link across the fleet).
 //!
-//! Invariant: keys from core replace the proxy's whole key set, so a key core retires stops
+//! Invariants: keys from core replace the proxy's whole key set, so a key core retires stops
 //! opening tokens at the next update; keys that fail to parse are logged and ignored (the proxy
-//! keeps the set it had).
+//! keeps the set it had). A session whose claim core refuses, or cannot answer, is not opened;
+//! only a core too old to know claims (protocol version 1) leaves the proxy's own replay check
+//! alone in charge.
 
 use std::sync::Arc;
 
@@ -20,6 +23,7 @@ pub fn connect(
     proxy: Arc<RunningProxy>,
     max_sessions: usize,
     link: &CoreLink,
+    endpoint: Option<String>,
 ) -> anyhow::Result<AgentClient> {
     let mut config = ClientConfig::new(
         &link.urls,
@@ -30,7 +34,9 @@ pub fn connect(
     )?;
     config.capabilities = vec!["console".into()];
     config.software_version = env!("CARGO_PKG_VERSION").into();
+    config.endpoint = endpoint;
     let for_load = proxy.clone();
+    let for_claims = proxy.clone();
     let hooks = Hooks {
         load: Arc::new(move || Load {
             console: Some(ConsoleLoad {
@@ -46,6 +52,9 @@ pub fn connect(
             }
             Err(error) => tracing::warn!(%error, "Ignored invalid console-token keys from core"),
         }),
+        ..Hooks::default()
     };
-    Ok(AgentClient::spawn(config, hooks))
+    let client = AgentClient::spawn(config, hooks);
+    for_claims.set_claimer(client.claimer());
+    Ok(client)
 }

@@ -64,6 +64,10 @@ enum Command {
         /// Seconds between WebSocket pings [default: 30]; a browser silent for three intervals is dropped.
         #[arg(long)]
         keepalive: Option<u64>,
+        /// With --core: the base URL browsers reach this proxy at (core builds console links from
+        /// it); default http(s)://LISTEN-ADDRESS.
+        #[arg(long)]
+        public_url: Option<String>,
         #[command(flatten)]
         core: systemvm_agent_client::CoreArgs,
     },
@@ -165,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             allowed_origins,
             max_sessions,
             keepalive,
+            public_url,
             core,
         } => {
             let link = core.link()?;
@@ -188,20 +193,28 @@ fn main() -> anyhow::Result<()> {
             serve(
                 config::from_file_and_flags_with(file, flags, link.is_none())?,
                 link,
+                public_url,
             )
         }
     }
 }
 
 #[tokio::main]
-async fn serve(config: ProxyConfig, link: Option<console_proxy::core_link::CoreLink>) -> anyhow::Result<()> {
+async fn serve(
+    config: ProxyConfig,
+    link: Option<console_proxy::core_link::CoreLink>,
+    public_url: Option<String>,
+) -> anyhow::Result<()> {
     let max_sessions = config.max_sessions;
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     let proxy = std::sync::Arc::new(console_proxy::start(config).await?);
+    let endpoint = public_url.unwrap_or_else(|| format!("{scheme}://{}", proxy.addr));
     let client = match &link {
         Some(link) => Some(console_proxy::core_link::connect(
             proxy.clone(),
             max_sessions,
             link,
+            Some(endpoint),
         )?),
         None => None,
     };

@@ -34,6 +34,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 struct Shared {
     config: ProxyConfig,
     keys: RwLock<KeySet>,
+    /// Claims session ids from core when linked to one.
+    claimer: RwLock<Option<systemvm_agent_client::Claimer>>,
     replay: ReplayStore,
     sessions: Arc<Semaphore>,
     connections: Arc<Semaphore>,
@@ -61,6 +63,11 @@ impl RunningProxy {
         *self.shared.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
     }
 
+    /// Makes every new session claim its id from core first (`serve --core`).
+    pub fn set_claimer(&self, claimer: systemvm_agent_client::Claimer) {
+        *self.shared.claimer.write().unwrap_or_else(PoisonError::into_inner) = Some(claimer);
+    }
+
     /// Stops accepting, closes open sessions with code 1001, and waits for them (bounded).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -79,6 +86,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let shared = Arc::new(Shared {
         keys: RwLock::new(config.keys.clone()),
         replay: ReplayStore::default(),
+        claimer: RwLock::new(None),
         sessions: Arc::new(Semaphore::new(config.max_sessions)),
         connections: Arc::new(Semaphore::new(
             config.max_sessions.saturating_mul(2).saturating_add(64),
@@ -354,6 +362,17 @@ fn websocket<S: BrowserStream>(
                     reason: "console proxy is at its session limit, try again later".into(),
                 }),
                 (Err(refusal), _) => Err(refusal),
+            };
+            let claimer = task_shared
+                .claimer
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let verdict = match (verdict, claimer) {
+                (Ok((claims, permit)), Some(claimer)) => {
+                    session::claim_fleet_wide(&claimer, &claims).await.map(|()| (claims, permit))
+                }
+                (v, _) => v,
             };
             match verdict {
                 Ok((claims, _permit)) => {

@@ -115,6 +115,35 @@ pub fn authorize(
     Ok(claims)
 }
 
+/// Claims the token's session id from core (a link opens one session across every proxy).
+pub async fn claim_fleet_wide(
+    claimer: &systemvm_agent_client::Claimer,
+    claims: &ConsoleTokenClaims,
+) -> Result<(), Refusal> {
+    use systemvm_agent_client::ClaimError;
+    match claimer
+        .claim_session(&claims.session_id, &claims.vm.id, claims.expires)
+        .await
+    {
+        Ok(answer) if answer.granted => Ok(()),
+        Ok(answer) => Err(Refusal::new(
+            close_code::TOKEN_REFUSED,
+            format!(
+                "console token already used: {}",
+                answer.reason.as_deref().unwrap_or("refused by the management server")
+            ),
+        )),
+        Err(ClaimError::Unsupported(version)) => {
+            tracing::debug!(version, "Core does not check session claims; the local replay check applies");
+            Ok(())
+        }
+        Err(e) => Err(Refusal::new(
+            close_code::INTERNAL,
+            format!("the console proxy could not confirm this link with the management server ({e}); open the console again"),
+        )),
+    }
+}
+
 /// Origin policy: the token's own list when it has one; otherwise the proxy's own origin or its
 /// allow-list. Requests without `Origin` (not from a browser) pass unless the token names origins.
 fn origin_allowed(config: &ProxyConfig, claims: &ConsoleTokenClaims, client: &ClientInfo) -> bool {

@@ -25,12 +25,12 @@ use sha2::Digest as _;
 use sqlx::Row as _;
 use subtle::ConstantTimeEq as _;
 use systemvm_proto::agent::{
-    AgentMessage, AgentRole, ConsoleKeys, CoreMessage, Hello, MAX_MESSAGE_SIZE, Refused, Welcome,
-    validate_protocol_version,
+    AgentCommand, AgentMessage, AgentRole, Answer, ClaimAnswer, ClaimSession, Command, ConsoleKeys,
+    CoreMessage, Hello, MAX_MESSAGE_SIZE, Refused, Welcome, validate_protocol_version,
 };
 use systemvm_proto::console::KeySet;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -47,33 +47,145 @@ pub const UP: &str = "Up";
 /// `agent_state` otherwise.
 pub const DISCONNECTED: &str = "Disconnected";
 
-/// The current connection of each system VM.
+/// A current agent connection.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    close: oneshot::Sender<()>,
+    tx: mpsc::Sender<CoreMessage>,
+    role: AgentRole,
+    version: u32,
+}
+
+/// A command could not be answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The system VM has no current connection.
+    #[error("system VM {0} is not connected")]
+    NotConnected(String),
+    /// The connection ended before the answer came.
+    #[error("system VM {0} disconnected before answering")]
+    Lost(String),
+    /// No answer in time.
+    #[error("system VM {vm_id} did not answer within {secs}s")]
+    Timeout {
+        /// The VM.
+        vm_id: String,
+        /// The time allowed.
+        secs: u64,
+    },
+}
+
+/// The current connection of each system VM, and the commands waiting for answers.
 #[derive(Debug, Default)]
 pub struct Hub {
-    conns: std::sync::Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    conns: std::sync::Mutex<HashMap<String, Conn>>,
+    pending: std::sync::Mutex<HashMap<String, oneshot::Sender<Answer>>>,
     next: AtomicU64,
 }
 
 impl Hub {
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Answer>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Makes a new connection current for `vm_id`, closing the previous one.
-    fn register(&self, vm_id: &str) -> (u64, oneshot::Receiver<()>) {
+    fn register(
+        &self,
+        vm_id: &str,
+        role: AgentRole,
+        version: u32,
+    ) -> (u64, oneshot::Receiver<()>, mpsc::Receiver<CoreMessage>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, old)) = conns.insert(vm_id.to_owned(), (id, tx)) {
-            let _ = old.send(());
+        let (close, closed) = oneshot::channel();
+        let (tx, rx) = mpsc::channel(64);
+        let conn = Conn {
+            id,
+            close,
+            tx,
+            role,
+            version,
+        };
+        if let Some(old) = self.conns().insert(vm_id.to_owned(), conn) {
+            let _ = old.close.send(());
         }
-        (id, rx)
+        (id, closed, rx)
     }
 
     /// Forgets connection `id` of `vm_id`; false when a newer connection replaced it.
     fn unregister(&self, vm_id: &str, id: u64) -> bool {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.get(vm_id).is_some_and(|(c, _)| *c == id) {
+        let mut conns = self.conns();
+        if conns.get(vm_id).is_some_and(|c| c.id == id) {
             conns.remove(vm_id);
             true
         } else {
             false
+        }
+    }
+
+    /// The id of `vm_id`'s current connection.
+    pub fn connection(&self, vm_id: &str) -> Option<u64> {
+        self.conns().get(vm_id).map(|c| c.id)
+    }
+
+    /// The protocol version `vm_id`'s current connection speaks.
+    pub fn version(&self, vm_id: &str) -> Option<u32> {
+        self.conns().get(vm_id).map(|c| c.version)
+    }
+
+    /// Queues a message for `vm_id`; false when it is not connected or its queue is full.
+    pub fn push(&self, vm_id: &str, message: CoreMessage) -> bool {
+        self.conns()
+            .get(vm_id)
+            .is_some_and(|c| c.tx.try_send(message).is_ok())
+    }
+
+    /// Queues a message for every connected agent of `role`; returns how many got it.
+    pub fn broadcast(&self, role: AgentRole, message: &CoreMessage) -> usize {
+        self.conns()
+            .values()
+            .filter(|c| c.role == role)
+            .filter(|c| c.tx.try_send(message.clone()).is_ok())
+            .count()
+    }
+
+    /// Sends a command to `vm_id` and waits up to `timeout` for its answer.
+    pub async fn call(
+        &self,
+        vm_id: &str,
+        body: &AgentCommand,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        let id = format!("cmd-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.pending().insert(id.clone(), tx);
+        let sent = self.push(vm_id, CoreMessage::Command(Command::new(id.clone(), body)));
+        let r = if !sent {
+            Err(CallError::NotConnected(vm_id.to_owned()))
+        } else {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(_)) => Err(CallError::Lost(vm_id.to_owned())),
+                Err(_) => Err(CallError::Timeout {
+                    vm_id: vm_id.to_owned(),
+                    secs: timeout.as_secs(),
+                }),
+            }
+        };
+        self.pending().remove(&id);
+        r
+    }
+
+    fn answered(&self, answer: Answer) {
+        match self.pending().remove(&answer.id) {
+            Some(w) => {
+                let _ = w.send(answer);
+            }
+            None => tracing::debug!(id = %answer.id, "Answer to no waiting command (late) skipped"),
         }
     }
 }
@@ -87,7 +199,8 @@ pub fn hash_secret(secret: &str) -> String {
         .collect()
 }
 
-fn now_ms() -> i64 {
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
     let t = time::OffsetDateTime::now_utc();
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
@@ -161,10 +274,19 @@ pub async fn serve(
 /// Marks agents that stayed silent past `agent.heartbeat.timeout` as `Disconnected`, every second.
 pub async fn monitor(state: State, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        ticks = ticks.wrapping_add(1);
+        if ticks % 60 == 0 {
+            match prune_claims(&state.db.pool).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(count = n, "Forgot expired console session claims"),
+                Err(error) => tracing::warn!(%error, "Failed to prune console session claims"),
+            }
         }
         let timeout = setting_secs(&state, "agent.heartbeat.timeout", 15).await;
         let cutoff = now_ms().saturating_sub(i64::try_from(timeout.saturating_mul(1000)).unwrap_or(i64::MAX));
@@ -318,12 +440,22 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
     let interval = setting_secs(&state, "agent.heartbeat.interval", 5).await;
     let timeout = setting_secs(&state, "agent.heartbeat.timeout", 15).await;
     let console_keys = match hello.role {
-        AgentRole::ConsoleProxy => ConsoleKeys::from_key_set(&state.console_keys).ok(),
+        AgentRole::ConsoleProxy => ConsoleKeys::from_key_set(&state.console_keys()).ok(),
         AgentRole::SecStorage => None,
     };
-    let (conn_id, mut replaced) = state.agents.register(&vm_id);
+    let (conn_id, mut replaced, mut outgoing) = state.agents.register(&vm_id, hello.role, hello.version);
     if let Err(error) = mark_up(&state, &vm_id, Some(&hello.software_version), None).await {
         tracing::error!(%error, "Failed to record the agent as Up");
+    }
+    if let Some(endpoint) = &hello.endpoint {
+        let r = sqlx::query("UPDATE system_vms SET endpoint = $1 WHERE id = $2")
+            .bind(endpoint.clone())
+            .bind(vm_id.clone())
+            .execute(&state.db.pool)
+            .await;
+        if let Err(error) = r {
+            tracing::error!(%error, "Failed to record the agent's endpoint");
+        }
     }
     let welcome = CoreMessage::Welcome(Welcome {
         version: systemvm_proto::agent::CURRENT_PROTOCOL_VERSION,
@@ -341,9 +473,20 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
                     Err(_) => break "heartbeat timeout",
                     Ok(None | Some(Ok(Message::Close(_)))) => break "connection closed by the agent",
                     Ok(Some(Err(_))) => break "connection lost",
-                    Ok(Some(Ok(Message::Text(t)))) => on_message(&state, &vm_id, t.as_str()).await,
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        if let Some(reply) = on_message(&state, &vm_id, t.as_str()).await
+                            && send(&mut ws, &reply).await.is_err()
+                        {
+                            break "connection lost";
+                        }
+                    }
                     Ok(Some(Ok(_))) => {}
                 },
+                Some(m) = outgoing.recv() => {
+                    if send(&mut ws, &m).await.is_err() {
+                        break "connection lost";
+                    }
+                }
                 _ = &mut replaced => {
                     tracing::info!("Agent connection replaced by a newer one");
                     let _ = ws.close(None).await;
@@ -387,16 +530,86 @@ async fn mark_up(
     .map(|_| ())
 }
 
-async fn on_message(state: &State, vm_id: &str, text: &str) {
+/// Handles one agent message; returns the reply to send at once, if any.
+async fn on_message(state: &State, vm_id: &str, text: &str) -> Option<CoreMessage> {
     match serde_json::from_str::<AgentMessage>(text) {
         Ok(AgentMessage::Heartbeat(hb)) => {
             let load = serde_json::to_string(&hb.load).ok();
             if let Err(error) = mark_up(state, vm_id, None, load).await {
                 tracing::error!(%error, "Failed to record a heartbeat");
             }
+            None
         }
-        Ok(AgentMessage::Unknown) => tracing::debug!("Skipped an agent message of an unknown type"),
-        Ok(other) => tracing::debug!(message = ?other, "Agent message not handled yet"),
-        Err(error) => tracing::warn!(%error, "Unreadable agent message skipped"),
+        Ok(AgentMessage::Answer(a)) => {
+            state.agents.answered(a);
+            None
+        }
+        Ok(AgentMessage::JobProgress(p)) => {
+            crate::api::templates::on_progress(state, vm_id, &p).await;
+            None
+        }
+        Ok(AgentMessage::ClaimSession(c)) => Some(CoreMessage::ClaimAnswer(claim(state, vm_id, &c).await)),
+        Ok(AgentMessage::Unknown) => {
+            tracing::debug!("Skipped an agent message of an unknown type");
+            None
+        }
+        Ok(AgentMessage::Hello(_)) => {
+            tracing::warn!("Second Hello on a connection skipped");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Unreadable agent message skipped");
+            None
+        }
     }
+}
+
+/// Claims a console session id for the proxy `vm_id`: granted once per id across every proxy
+/// (the row's primary key decides), remembered until the token expires.
+async fn claim(state: &State, proxy_id: &str, c: &ClaimSession) -> ClaimAnswer {
+    let refuse = |reason: &str| ClaimAnswer {
+        id: c.id.clone(),
+        granted: false,
+        reason: Some(reason.to_owned()),
+    };
+    if c.session_id.is_empty() || c.session_id.len() > 128 {
+        return refuse("invalid session id");
+    }
+    let expires_ms = i64::try_from(c.expires.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let r = sqlx::query(
+        "INSERT INTO console_sessions (session_id, vm_id, proxy_id, claimed, claimed_ms, expires_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id) DO NOTHING",
+    )
+    .bind(c.session_id.clone())
+    .bind(c.vm_id.clone())
+    .bind(proxy_id.to_owned())
+    .bind(now_cs())
+    .bind(now_ms())
+    .bind(expires_ms)
+    .execute(&state.db.pool)
+    .await;
+    match r {
+        Ok(done) if done.rows_affected() == 1 => ClaimAnswer {
+            id: c.id.clone(),
+            granted: true,
+            reason: None,
+        },
+        Ok(_) => {
+            tracing::warn!(session_id = %c.session_id, vm_id = %c.vm_id, "Console session replayed: refused fleet-wide");
+            refuse("this console link was already used")
+        }
+        Err(error) => {
+            tracing::error!(%error, "Failed to record a console session claim");
+            refuse("core could not record the session")
+        }
+    }
+}
+
+/// Forgets console session claims whose tokens have expired (a token can't be used after its
+/// expiry, so its claim is no longer needed).
+pub async fn prune_claims(pool: &sqlx::AnyPool) -> Result<u64, sqlx::Error> {
+    sqlx::query("DELETE FROM console_sessions WHERE expires_ms < $1")
+        .bind(now_ms().saturating_sub(60_000))
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
 }

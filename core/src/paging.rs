@@ -64,6 +64,15 @@ impl Page {
         }
     }
 
+    /// This page of an in-memory list.
+    pub fn slice<T>(&self, items: Vec<T>) -> Vec<T> {
+        let skip = usize::try_from(self.offset).unwrap_or(usize::MAX);
+        let take = self
+            .limit
+            .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        items.into_iter().skip(skip).take(take).collect()
+    }
+
     /// ` LIMIT n OFFSET m` for SQL (numbers only, validated above).
     pub fn sql(&self) -> String {
         match self.limit {

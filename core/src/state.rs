@@ -102,10 +102,15 @@ pub struct Shared {
     pub data_dir: PathBuf,
     /// Running async jobs (aborted at shutdown).
     pub jobs: Mutex<JoinSet<()>>,
-    /// Console-token keys, pushed to console proxies in `Welcome`.
-    pub console_keys: systemvm_proto::console::KeySet,
+    /// Console-token keys, pushed to console proxies in `Welcome` and `KeysUpdate`; read them
+    /// with [`Shared::console_keys`].
+    pub console_keys: std::sync::RwLock<systemvm_proto::console::KeySet>,
     /// Current agent connections.
     pub agents: crate::agent::Hub,
+    /// Wakes the download dispatcher (a template was registered).
+    pub dispatch_wakeup: tokio::sync::Notify,
+    /// Downloads handed out: template id → (storage VM id, connection id).
+    pub dispatched: std::sync::Mutex<HashMap<String, (String, u64)>>,
 }
 
 /// Handle on the shared state.
@@ -115,6 +120,36 @@ impl Shared {
     /// The value of setting `name` (its default when unset, empty when unknown).
     pub async fn setting(&self, name: &str) -> String {
         self.settings.read().await.get(name).cloned().unwrap_or_default()
+    }
+
+    fn dispatched(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
+        self.dispatched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether template `id`'s download went to a connection that is still current.
+    pub fn dispatched_live(&self, id: &str) -> bool {
+        let Some((vm, conn)) = self.dispatched().get(id).cloned() else {
+            return false;
+        };
+        self.agents.connection(&vm) == Some(conn)
+    }
+
+    /// Records that template `id`'s download went to connection `conn` of `vm_id`.
+    pub fn dispatched_set(&self, id: &str, vm_id: &str, conn: u64) {
+        self.dispatched().insert(id.to_owned(), (vm_id.to_owned(), conn));
+    }
+
+    /// Forgets template `id`'s dispatch (ended or deleted).
+    pub fn dispatched_forget(&self, id: &str) {
+        self.dispatched().remove(id);
+    }
+
+    /// The current console-token keys.
+    pub fn console_keys(&self) -> systemvm_proto::console::KeySet {
+        self.console_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// `default.page.size`: the default and maximum page size.

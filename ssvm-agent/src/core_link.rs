@@ -1,17 +1,32 @@
 //! The storage agent's link to systemvm-core (`serve --core …`): dials core's agent endpoint with
-//! `systemvm-agent-client` and reports jobs and store health/capacity in heartbeats.
+//! `systemvm-agent-client`, reports jobs and store health/capacity in heartbeats, and runs core's
+//! commands (download, cancel, delete an install), reporting job progress.
 //!
-//! Invariant: a heartbeat never waits on the store: the load is refreshed by its own task (every
-//! [`REFRESH`]) and heartbeats send the latest copy, so a hung NFS server cannot silence the agent
-//! (core would then mark a live agent Disconnected).
+//! Invariants:
+//! * a heartbeat never waits on the store: the load is refreshed by its own task (every
+//!   [`REFRESH`]) and heartbeats send the latest copy, so a hung NFS server cannot silence the
+//!   agent (core would then mark a live agent Disconnected);
+//! * a download command is idempotent by job id (it is the local API's submit): sent again after
+//!   a reconnect it reports the existing job and re-attaches its progress, never a second download;
+//! * a command naming a store this agent does not serve is refused, never run on another store;
+//! * one progress watcher per job, ending with the job's final state.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use systemvm_agent_client::{AgentClient, ClientConfig, Hooks};
-use systemvm_proto::agent::{AgentRole, Load, StorageLoad};
+use systemvm_agent_client::{AgentClient, AnswerFuture, ClientConfig, Hooks, Outbox, unsupported};
+use systemvm_proto::agent::{
+    AgentCommand, AgentMessage, AgentRole, Answer, Command, InstalledImage, JobPhase, JobProgress, Load,
+    StorageLoad,
+};
 
-use crate::service::Agent;
+use crate::job::{JobRecord, JobState};
+use crate::service::{Agent, Submit};
+use crate::store::StoreUrl;
+
+/// How often a watched job's progress is sent to core.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the reported load is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -54,6 +69,7 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
         ..Default::default()
     }));
     let writer = latest.clone();
+    let agent_for_commands = agent.clone();
     let refresher = tokio::spawn(async move {
         loop {
             let load = agent.storage_load().await;
@@ -61,15 +77,179 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
             tokio::time::sleep(REFRESH).await;
         }
     });
+    let (outbox, start) = AgentClient::prepare();
+    let runner = Arc::new(Runner {
+        agent: agent_for_commands,
+        outbox,
+        watched: Mutex::new(HashSet::new()),
+    });
     let hooks = Hooks {
         load: Arc::new(move || Load {
             console: None,
             storage: Some(latest.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }),
         keys: Arc::new(|_| {}),
+        command: Arc::new(move |c| -> AnswerFuture {
+            let runner = runner.clone();
+            Box::pin(async move { runner.run(c).await })
+        }),
     };
     Ok(RunningLink {
-        client: AgentClient::spawn(config, hooks),
+        client: start(config, hooks),
         refresher,
     })
+}
+
+/// Runs core's commands.
+struct Runner {
+    agent: Arc<Agent>,
+    outbox: Outbox,
+    watched: Mutex<HashSet<String>>,
+}
+
+/// A job record as core's progress message.
+pub fn progress_of(r: &JobRecord) -> JobProgress {
+    let state = match r.state {
+        JobState::Queued => JobPhase::Queued,
+        JobState::Running => JobPhase::Running,
+        JobState::Completed => JobPhase::Completed,
+        JobState::Failed => JobPhase::Failed,
+        JobState::Cancelled => JobPhase::Cancelled,
+    };
+    let percent = match r.state {
+        JobState::Completed => 100,
+        _ => r.progress.percent.map_or(0, |p| p.clamp(0.0, 100.0) as u8),
+    };
+    JobProgress {
+        id: r.id.clone(),
+        percent,
+        status: format!("{:?}", r.state).to_lowercase(),
+        state: Some(state),
+        bytes: r.progress.bytes,
+        total: r.progress.total,
+        error: r.error.clone(),
+        installed: r.installed.as_ref().map(|i| InstalledImage {
+            file: i.file.clone(),
+            format: i.format.clone(),
+            physical_size: i.physical_size,
+            virtual_size: i.virtual_size,
+            sha256: i.installed_sha256.clone(),
+        }),
+    }
+}
+
+impl Runner {
+    fn answer(c: &Command, r: anyhow::Result<serde_json::Value>) -> Answer {
+        match r {
+            Ok(body) => Answer {
+                id: c.id.clone(),
+                ok: true,
+                body,
+                error: None,
+            },
+            Err(e) => Answer {
+                id: c.id.clone(),
+                ok: false,
+                body: serde_json::Value::Null,
+                error: Some(format!("{e:#}")),
+            },
+        }
+    }
+
+    fn check_store(&self, url: &str) -> anyhow::Result<()> {
+        let asked: StoreUrl = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid store URL {url:?}: {e}"))?;
+        anyhow::ensure!(
+            &asked == self.agent.store_url(),
+            "this storage VM serves {}, not {url}",
+            self.agent.store_url()
+        );
+        Ok(())
+    }
+
+    async fn run(self: Arc<Self>, c: Command) -> Answer {
+        let Some(typed) = c.typed() else {
+            tracing::warn!(body = %c.body, "Unsupported command from core");
+            return unsupported(&c);
+        };
+        let r = match typed {
+            AgentCommand::Download(d) => self.check_store(&d.store_url).and_then(|()| {
+                let submit = Submit {
+                    id: Some(d.job_id.clone()),
+                    url: d.url,
+                    path: d.path,
+                    format: d.format,
+                    checksum: d.checksum,
+                    description: d.description,
+                };
+                let (_, record) = self
+                    .agent
+                    .submit(submit)
+                    .map_err(|(status, msg)| anyhow::anyhow!("{msg} ({status})"))?;
+                self.watch(&record);
+                Ok(serde_json::to_value(progress_of(&record))?)
+            }),
+            AgentCommand::CancelJob { job_id } => {
+                let cancelled = self.agent.cancel(&job_id);
+                Ok(serde_json::json!({ "cancelled": cancelled }))
+            }
+            AgentCommand::DeleteInstall { store_url, path } => match self.check_store(&store_url) {
+                Ok(()) => self
+                    .agent
+                    .delete_install(&path)
+                    .await
+                    .map(|removed| serde_json::json!({ "removed": removed })),
+                Err(e) => Err(e),
+            },
+        };
+        Self::answer(&c, r)
+    }
+
+    /// Sends the job's progress to core until it ends (one watcher per job).
+    fn watch(self: &Arc<Self>, record: &JobRecord) {
+        if record.state.is_final() {
+            return;
+        }
+        if !self
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(record.id.clone())
+        {
+            return;
+        }
+        let runner = self.clone();
+        let id = record.id.clone();
+        tokio::spawn(async move {
+            let mut last: Option<JobProgress> = None;
+            loop {
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+                let record = match runner.agent.status(&id) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::warn!(job.id = %id, error = %format!("{error:#}"), "Job status unreadable");
+                        continue;
+                    }
+                };
+                let p = progress_of(&record);
+                let changed = last
+                    .as_ref()
+                    .is_none_or(|l| l.percent != p.percent || l.state != p.state || l.bytes != p.bytes);
+                if changed {
+                    runner.outbox.send(AgentMessage::JobProgress(p.clone()));
+                    last = Some(p);
+                }
+                if record.state.is_final() {
+                    break;
+                }
+            }
+            runner
+                .watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
 }

@@ -254,7 +254,41 @@ impl Agent {
             store_health,
             capacity_total: r.capacity.as_ref().map(|c| c.total),
             capacity_used: r.capacity.as_ref().map(|c| c.used),
+            store_url: Some(r.store),
         }
+    }
+
+    /// The store this agent serves.
+    pub fn store_url(&self) -> &crate::store::StoreUrl {
+        self.downloader.store.url()
+    }
+
+    /// Removes an installed template or ISO: the files of its install directory, then the
+    /// directory. Returns the names removed; a missing directory removes nothing.
+    pub async fn delete_install(&self, path: &str) -> anyhow::Result<Vec<String>> {
+        crate::job::install_ids(path)?;
+        let dir = path.trim_matches('/');
+        let store = &self.downloader.store;
+        let entries = match store.list_dir(dir).await {
+            Ok(e) => e,
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("failed to list {dir}"))),
+        };
+        let mut removed = Vec::new();
+        for e in entries {
+            anyhow::ensure!(!e.is_dir, "{dir}/{} is a directory: not an install this agent made", e.name);
+            store
+                .remove_file(&format!("{dir}/{}", e.name))
+                .await
+                .with_context(|| format!("failed to remove {dir}/{}", e.name))?;
+            removed.push(e.name);
+        }
+        store
+            .remove_dir(dir)
+            .await
+            .with_context(|| format!("failed to remove {dir}"))?;
+        info!(path = dir, files = removed.len(), "Install removed");
+        Ok(removed)
     }
 
     async fn capacity(&self) -> CapacityReport {

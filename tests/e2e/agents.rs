@@ -97,9 +97,10 @@ fn storage_hooks() -> Hooks {
                 store_health: "ok".into(),
                 capacity_total: Some(1000),
                 capacity_used: Some(10),
+                store_url: None,
             }),
         }),
-        keys: Arc::new(|_| {}),
+        ..Hooks::default()
     }
 }
 
@@ -184,7 +185,8 @@ async fn agents_dial_in_report_load_and_get_console_keys(postgres: bool) {
         secret: Secret(cp_secret.clone()),
         ca: ca.clone(),
     };
-    let cp_client = console_proxy::core_link::connect(proxy.clone(), 7, &link).unwrap();
+    let endpoint = format!("http://{}", proxy.addr);
+    let cp_client = console_proxy::core_link::connect(proxy.clone(), 7, &link, Some(endpoint)).unwrap();
     let ss_client = client(
         &core,
         &ca,
@@ -430,6 +432,7 @@ async fn agents_reconnect_after_a_core_restart_with_the_same_ca_and_keys() {
     let hooks = Hooks {
         load: Arc::new(Load::default),
         keys: Arc::new(move |k| sink.lock().unwrap().push(k.to_key_set().unwrap())),
+        ..Hooks::default()
     };
     let agent = client(&core, &ca, AgentRole::ConsoleProxy, &id, &secret, hooks);
     core.wait_agent_state(&id, "Up", Duration::from_secs(10)).await;

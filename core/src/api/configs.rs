@@ -85,6 +85,14 @@ pub const SETTINGS: &[Setting] = &[
         description: "Timeout(in milliseconds) that console proxy tries to maintain a viewer session before it times out the session for no activity",
     },
     Setting {
+        name: "consoleproxy.url.validity",
+        category: "Console Proxy",
+        default: "300",
+        kind: Kind::Integer(10, 86_400),
+        dynamic: true,
+        description: "Seconds a console link from createConsoleEndpoint stays usable (it opens one session)",
+    },
+    Setting {
         name: "secstorage.allowed.internal.sites",
         category: "Advanced",
         default: "",

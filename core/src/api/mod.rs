@@ -12,7 +12,9 @@ pub mod accounts;
 pub mod apis;
 pub mod configs;
 pub mod jobs;
+pub mod consoles;
 pub mod systemvms;
+pub mod templates;
 pub mod zones;
 
 /// Every command (see [`crate::command`]).
@@ -98,6 +100,126 @@ pub static COMMANDS: &[Command] = &[
         handler: handler!(systemvms::list_system_vms),
     },
     Command {
+        name: "addImageStore",
+        description: "Adds a secondary storage (image) store: NFS",
+        is_async: false,
+        access: Access::Admin,
+        params: templates::ADD_IMAGE_STORE,
+        handler: handler!(templates::add_image_store),
+    },
+    Command {
+        name: "listImageStores",
+        description: "Lists image stores with the capacity their storage VMs report",
+        is_async: false,
+        access: Access::Admin,
+        params: templates::LIST_IMAGE_STORES,
+        handler: handler!(templates::list_image_stores),
+    },
+    Command {
+        name: "deleteImageStore",
+        description: "Deletes an image store that holds no templates",
+        is_async: false,
+        access: Access::Admin,
+        params: templates::DELETE_IMAGE_STORE,
+        handler: handler!(templates::delete_image_store),
+    },
+    Command {
+        name: "registerTemplate",
+        description: "Registers a template from a URL: a storage VM downloads it into the zone's image store",
+        is_async: false,
+        access: Access::Any,
+        params: templates::REGISTER_TEMPLATE,
+        handler: handler!(templates::register_template),
+    },
+    Command {
+        name: "registerIso",
+        description: "Registers an ISO from a URL: a storage VM downloads it into the zone's image store",
+        is_async: false,
+        access: Access::Any,
+        params: templates::REGISTER_ISO,
+        handler: handler!(templates::register_iso),
+    },
+    Command {
+        name: "listTemplates",
+        description: "Lists templates with their download status",
+        is_async: false,
+        access: Access::Any,
+        params: templates::LIST_TEMPLATES,
+        handler: handler!(templates::list_templates),
+    },
+    Command {
+        name: "listIsos",
+        description: "Lists ISOs with their download status",
+        is_async: false,
+        access: Access::Any,
+        params: templates::LIST_ISOS,
+        handler: handler!(templates::list_isos),
+    },
+    Command {
+        name: "deleteTemplate",
+        description: "Deletes a template and its files on the image store",
+        is_async: true,
+        access: Access::Any,
+        params: templates::DELETE_TEMPLATE,
+        handler: handler!(templates::delete_template),
+    },
+    Command {
+        name: "deleteIso",
+        description: "Deletes an ISO and its files on the image store",
+        is_async: true,
+        access: Access::Any,
+        params: templates::DELETE_TEMPLATE,
+        handler: handler!(templates::delete_iso),
+    },
+    Command {
+        name: "listCapacity",
+        description: "Lists capacity: secondary storage (type 6) per zone, as the storage VMs report it",
+        is_async: false,
+        access: Access::Admin,
+        params: templates::LIST_CAPACITY,
+        handler: handler!(templates::list_capacity),
+    },
+    Command {
+        name: "addConsoleTarget",
+        description: "Adds a VM console core does not deploy (a VNC endpoint) so createConsoleEndpoint can open it",
+        is_async: false,
+        access: Access::Admin,
+        params: consoles::ADD_CONSOLE_TARGET,
+        handler: handler!(consoles::add_console_target),
+    },
+    Command {
+        name: "listConsoleTargets",
+        description: "Lists the VM consoles core knows (a non-admin caller sees its own only); passwords are never shown",
+        is_async: false,
+        access: Access::Any,
+        params: consoles::LIST_CONSOLE_TARGETS,
+        handler: handler!(consoles::list_console_targets),
+    },
+    Command {
+        name: "deleteConsoleTarget",
+        description: "Removes a VM console",
+        is_async: false,
+        access: Access::Admin,
+        params: consoles::DELETE_CONSOLE_TARGET,
+        handler: handler!(consoles::delete_console_target),
+    },
+    Command {
+        name: "createConsoleEndpoint",
+        description: "Creates a one-time console link for a VM through a console proxy",
+        is_async: false,
+        access: Access::Any,
+        params: consoles::CREATE_CONSOLE_ENDPOINT,
+        handler: handler!(consoles::create_console_endpoint),
+    },
+    Command {
+        name: "rotateConsoleKeys",
+        description: "Adds a new console-token key, makes it primary, retires keys older than the previous one, and pushes the set to every connected console proxy",
+        is_async: false,
+        access: Access::Admin,
+        params: &[],
+        handler: handler!(consoles::rotate_console_keys),
+    },
+    Command {
         name: "listConfigurations",
         description: "Lists the global settings this service knows",
         is_async: false,
@@ -170,6 +292,24 @@ impl Filter {
     pub fn eq(&mut self, col: &str, value: &str) {
         self.binds.push(value.to_owned());
         self.clauses.push(format!("{col} = ${}", self.binds.len()));
+    }
+
+    /// Adds `col <> $n`.
+    pub fn ne(&mut self, col: &str, value: &str) {
+        self.binds.push(value.to_owned());
+        self.clauses.push(format!("{col} <> ${}", self.binds.len()));
+    }
+
+    /// Adds `col IS NULL`.
+    pub fn is_null(&mut self, col: &str) {
+        self.clauses.push(format!("{col} IS NULL"));
+    }
+
+    /// Adds "owned by `account_id`, or public" (templates).
+    pub fn own_or_public(&mut self, account_id: &str) {
+        self.binds.push(account_id.to_owned());
+        self.clauses
+            .push(format!("(t.account_id = ${} OR t.is_public = 1)", self.binds.len()));
     }
 
     /// Adds a case-insensitive substring match of `keyword` on any of `cols` (`%`, `_` and backslash

@@ -22,12 +22,19 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use systemvm_proto::Secret;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
 use systemvm_proto::agent::{
-    AgentMessage, AgentRole, Answer, CURRENT_PROTOCOL_VERSION, ConsoleKeys, CoreMessage, Heartbeat, Hello,
-    Load, MAX_MESSAGE_SIZE, validate_protocol_version,
+    AgentMessage, AgentRole, Answer, CLAIM_PROTOCOL_VERSION, CURRENT_PROTOCOL_VERSION, ClaimAnswer,
+    ClaimSession, Command, ConsoleKeys, CoreMessage, Heartbeat, Hello, Load, MAX_MESSAGE_SIZE,
+    validate_protocol_version,
 };
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -41,6 +48,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const SILENT_CORE_INTERVALS: u32 = 3;
 /// Time allowed to connect, complete TLS and the WebSocket upgrade, and get an answer to `Hello`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time core has to answer a [`ClaimSession`].
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages queued for core while the channel is down or busy; more are dropped (progress is
+/// sent again, and core re-sends unfinished commands when an agent reconnects).
+pub const OUTBOX_CAPACITY: usize = 256;
 
 /// Building the client's configuration failed.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +179,8 @@ pub struct ClientConfig {
     pub capabilities: Vec<String>,
     /// Its software version.
     pub software_version: String,
+    /// Console proxies: the base URL browsers reach it at.
+    pub endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -207,6 +221,7 @@ impl ClientConfig {
             secret,
             capabilities: Vec::new(),
             software_version: String::new(),
+            endpoint: None,
         })
     }
 }
@@ -235,6 +250,9 @@ fn tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     ))
 }
 
+/// A boxed answer future.
+pub type AnswerFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
 /// What the agent reports and receives.
 #[derive(Clone)]
 pub struct Hooks {
@@ -242,6 +260,111 @@ pub struct Hooks {
     pub load: Arc<dyn Fn() -> Load + Send + Sync>,
     /// Called with the console-token keys from `Welcome` and `KeysUpdate`.
     pub keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
+    /// Runs a command from core; its answer is sent back on the channel. Commands run
+    /// concurrently, each in its own task.
+    pub command: Arc<dyn Fn(Command) -> AnswerFuture + Send + Sync>,
+}
+
+/// The answer to a command this agent does not support.
+pub fn unsupported(command: &Command) -> Answer {
+    Answer {
+        id: command.id.clone(),
+        ok: false,
+        body: serde_json::Value::Null,
+        error: Some("command not supported by this agent".into()),
+    }
+}
+
+/// Sends messages to core on whatever connection is current (see [`OUTBOX_CAPACITY`]).
+#[derive(Clone, Debug)]
+pub struct Outbox(mpsc::Sender<AgentMessage>);
+
+impl Outbox {
+    /// Queues a message; `false` when the queue is full (the message is dropped).
+    pub fn send(&self, message: AgentMessage) -> bool {
+        self.0.try_send(message).is_ok()
+    }
+}
+
+/// A session claim could not be decided by core.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The channel to core is down.
+    #[error("core is not reachable")]
+    NotConnected,
+    /// Core runs a protocol version without claims.
+    #[error("core (protocol version {0}) does not check session claims")]
+    Unsupported(u32),
+    /// Core did not answer in time.
+    #[error("core did not answer the session claim within {}s", CLAIM_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+/// Claims console session ids from core (see [`AgentClient::claimer`]).
+#[derive(Clone, Debug)]
+pub struct Claimer {
+    outbox: Outbox,
+    shared: Arc<Shared>,
+}
+
+impl Claimer {
+    /// Core's protocol version on the current connection, `None` while the channel is down.
+    pub fn core_version(&self) -> Option<u32> {
+        match self.shared.core_version.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+
+    /// Asks core to claim a console session id across the fleet: `Ok(answer)` is core's decision.
+    pub async fn claim_session(
+        &self,
+        session_id: &str,
+        vm_id: &str,
+        expires: u64,
+    ) -> Result<ClaimAnswer, ClaimError> {
+        let version = self.core_version().ok_or(ClaimError::NotConnected)?;
+        if version < CLAIM_PROTOCOL_VERSION {
+            return Err(ClaimError::Unsupported(version));
+        }
+        let id = format!("claim-{}", self.shared.next_claim.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), tx);
+        let sent = self.outbox.send(AgentMessage::ClaimSession(ClaimSession {
+            id: id.clone(),
+            session_id: session_id.to_owned(),
+            vm_id: vm_id.to_owned(),
+            expires,
+        }));
+        let r = if sent {
+            match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(_)) => Err(ClaimError::NotConnected),
+                Err(_) => Err(ClaimError::Timeout),
+            }
+        } else {
+            Err(ClaimError::NotConnected)
+        };
+        self.shared
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        r
+    }
+}
+
+/// State shared by the client handle and its task.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Core's protocol version on the current connection (0 while down).
+    core_version: AtomicU32,
+    next_claim: AtomicU64,
+    claims: Mutex<HashMap<String, oneshot::Sender<ClaimAnswer>>>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -255,6 +378,10 @@ impl Default for Hooks {
         Self {
             load: Arc::new(Load::default),
             keys: Arc::new(|_| {}),
+            command: Arc::new(|c| {
+                let answer = unsupported(&c);
+                Box::pin(async move { answer })
+            }),
         }
     }
 }
@@ -265,20 +392,61 @@ pub struct AgentClient {
     status: watch::Receiver<Status>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    outbox: Outbox,
+    shared: Arc<Shared>,
 }
 
 impl AgentClient {
     /// Starts dialling core in the background.
     pub fn spawn(config: ClientConfig, hooks: Hooks) -> Self {
-        let (status_tx, status) = watch::channel(Status::Connecting);
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(config, hooks, status_tx, stop_rx));
-        Self { status, stop, task }
+        let (_, start) = Self::prepare();
+        start(config, hooks)
+    }
+
+    /// Two-step start for agents whose hooks need the [`Outbox`] (or the client) first: returns
+    /// the outbox and a function that starts the task.
+    #[expect(clippy::type_complexity, reason = "a one-off constructor pair")]
+    pub fn prepare() -> (Outbox, Box<dyn FnOnce(ClientConfig, Hooks) -> Self + Send>) {
+        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let outbox = Outbox(tx);
+        let for_client = outbox.clone();
+        let start = move |config: ClientConfig, hooks: Hooks| {
+            let (status_tx, status) = watch::channel(Status::Connecting);
+            let (stop, stop_rx) = watch::channel(false);
+            let shared = Arc::new(Shared::default());
+            let task = tokio::spawn(run(config, hooks, status_tx, stop_rx, rx, shared.clone()));
+            Self {
+                status,
+                stop,
+                task,
+                outbox: for_client,
+                shared,
+            }
+        };
+        (outbox, Box::new(start))
     }
 
     /// The current status; `changed()` on it waits for the next.
     pub fn status(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// Sends messages to core.
+    pub fn outbox(&self) -> Outbox {
+        self.outbox.clone()
+    }
+
+    /// Core's protocol version on the current connection, `None` while the channel is down.
+    pub fn core_version(&self) -> Option<u32> {
+        self.claimer().core_version()
+    }
+
+    /// A handle that claims console session ids through this client (cheap to clone).
+    pub fn claimer(&self) -> Claimer {
+        Claimer {
+            outbox: self.outbox.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// Closes the connection and stops reconnecting.
@@ -313,6 +481,8 @@ async fn run(
     hooks: Hooks,
     status: watch::Sender<Status>,
     mut stop: watch::Receiver<bool>,
+    mut outbox: mpsc::Receiver<AgentMessage>,
+    shared: Arc<Shared>,
 ) {
     let mut failures: u32 = 0;
     let mut next_url = 0usize;
@@ -321,9 +491,12 @@ async fn run(
         next_url = next_url.wrapping_add(1);
         let _ = status.send(Status::Connecting);
         let r = tokio::select! {
-            r = session(&config, url, &hooks, &status, &mut failures) => r,
+            r = session(&config, url, &hooks, &status, &mut failures, &mut outbox, &shared) => r,
             _ = stop.changed() => return,
         };
+        shared.core_version.store(0, Ordering::Relaxed);
+        // Claims waiting on the lost connection fail now rather than at their timeout.
+        shared.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         let error = match r {
             Ok(()) => "connection closed by core".to_owned(),
             Err(e) => error_chain(&e),
@@ -386,6 +559,7 @@ async fn handshake(
         secret: config.secret.clone(),
         capabilities: config.capabilities.clone(),
         software_version: config.software_version.clone(),
+        endpoint: config.endpoint.clone(),
     });
     ws.send(Message::text(serde_json::to_string(&hello).unwrap_or_default()))
         .await
@@ -441,12 +615,22 @@ async fn session(
     hooks: &Hooks,
     status: &watch::Sender<Status>,
     failures: &mut u32,
+    outbox: &mut mpsc::Receiver<AgentMessage>,
+    shared: &Shared,
 ) -> Result<(), ConnectError> {
     let (mut ws, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(config, url))
         .await
         .map_err(|_| ConnectError::Timeout { url: url.url.clone() })??;
     *failures = 0;
-    tracing::info!(url = %url.url, heartbeat_secs = welcome.heartbeat_interval_secs, "Agent channel up");
+    tracing::info!(
+        url = %url.url,
+        heartbeat_secs = welcome.heartbeat_interval_secs,
+        core_version = welcome.version,
+        "Agent channel up"
+    );
+    shared.core_version.store(welcome.version.max(1), Ordering::Relaxed);
+    // Answers of commands run on this connection come back here.
+    let (answers_tx, mut answers) = mpsc::channel::<Answer>(64);
     if let Some(keys) = welcome.console_keys {
         (hooks.keys)(keys);
     }
@@ -484,15 +668,21 @@ async fn session(
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<CoreMessage>(t.as_str()) {
                     Ok(CoreMessage::KeysUpdate(k)) => (hooks.keys)(k.console_keys),
                     Ok(CoreMessage::Command(c)) => {
-                        let answer = AgentMessage::Answer(Answer {
-                            id: c.id,
-                            ok: false,
-                            body: serde_json::Value::Null,
-                            error: Some("command not supported by this agent".into()),
+                        let run = (hooks.command)(c);
+                        let tx = answers_tx.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send(run.await).await;
                         });
-                        ws.send(Message::text(serde_json::to_string(&answer).unwrap_or_default()))
-                            .await
-                            .map_err(ws_err)?;
+                    }
+                    Ok(CoreMessage::ClaimAnswer(a)) => {
+                        let waiter = shared
+                            .claims
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .remove(&a.id);
+                        if let Some(w) = waiter {
+                            let _ = w.send(a);
+                        }
                     }
                     Ok(CoreMessage::Unknown) => tracing::debug!("Skipped a core message of an unknown type"),
                     Ok(other) => tracing::debug!(message = ?other, "Unexpected core message skipped"),
@@ -500,6 +690,17 @@ async fn session(
                 },
                 Some(Ok(_)) => {}
                 }
+            }
+            Some(answer) = answers.recv() => {
+                let m = AgentMessage::Answer(answer);
+                ws.send(Message::text(serde_json::to_string(&m).unwrap_or_default()))
+                    .await
+                    .map_err(ws_err)?;
+            }
+            Some(m) = outbox.recv() => {
+                ws.send(Message::text(serde_json::to_string(&m).unwrap_or_default()))
+                    .await
+                    .map_err(ws_err)?;
             }
         }
     }

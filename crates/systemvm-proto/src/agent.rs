@@ -19,8 +19,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::Secret;
 
-/// The protocol version this build speaks.
-pub const CURRENT_PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 added the proxy's `endpoint` in [`Hello`],
+/// the store URL in [`StorageLoad`], typed command bodies ([`AgentCommand`]), the job state in
+/// [`JobProgress`] and the session claim ([`ClaimSession`] / [`ClaimAnswer`]).
+pub const CURRENT_PROTOCOL_VERSION: u32 = 2;
+/// The first version whose core answers [`ClaimSession`].
+pub const CLAIM_PROTOCOL_VERSION: u32 = 2;
 /// The oldest peer version this build still talks to.
 pub const MINIMUM_PROTOCOL_VERSION: u32 = 1;
 /// Largest message accepted on the agent channel, in bytes (both directions).
@@ -108,6 +112,8 @@ pub enum AgentMessage {
     Answer(Answer),
     /// Progress of a long command (a storage job).
     JobProgress(JobProgress),
+    /// A console proxy asks core to claim a console session id fleet-wide (version 2).
+    ClaimSession(ClaimSession),
     /// A message type this build does not know; readers skip it.
     #[serde(other)]
     Unknown,
@@ -125,6 +131,8 @@ pub enum CoreMessage {
     Command(Command),
     /// New console-token keys (rotation).
     KeysUpdate(KeysUpdate),
+    /// Core's answer to a [`ClaimSession`] (version 2).
+    ClaimAnswer(ClaimAnswer),
     /// A message type this build does not know; readers skip it.
     #[serde(other)]
     Unknown,
@@ -147,6 +155,10 @@ pub struct Hello {
     /// The agent's software version (for display).
     #[serde(default)]
     pub software_version: String,
+    /// Console proxies: the base URL browsers reach the proxy at (`https://proxy.example:8443`);
+    /// core builds console links from it (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// Core accepts an agent.
@@ -264,9 +276,15 @@ pub struct StorageLoad {
     /// Bytes used, when known.
     #[serde(default)]
     pub capacity_used: Option<u64>,
+    /// The store the agent serves (`nfs://…`, `file:///…`); core dispatches a store's jobs to an
+    /// agent reporting it (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_url: Option<String>,
 }
 
-/// Work for an agent. The body's shape depends on the command; no command is defined yet.
+/// Work for an agent. `body` is an [`AgentCommand`] as JSON; it stays a JSON value in the
+/// envelope so an agent can answer a command it does not know (`ok: false`) instead of failing
+/// the whole message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     /// Chosen by core; unique per connection.
@@ -274,6 +292,65 @@ pub struct Command {
     /// What to do.
     #[serde(default)]
     pub body: serde_json::Value,
+}
+
+impl Command {
+    /// A command carrying `body`.
+    pub fn new(id: impl Into<String>, body: &AgentCommand) -> Self {
+        Self {
+            id: id.into(),
+            body: serde_json::to_value(body).unwrap_or_default(),
+        }
+    }
+
+    /// The typed body; `None` for a command this build does not know.
+    pub fn typed(&self) -> Option<AgentCommand> {
+        serde_json::from_value(self.body.clone()).ok()
+    }
+}
+
+/// The commands core sends (version 2), tagged by `"command"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum AgentCommand {
+    /// Storage VMs: download a template or ISO into the store (idempotent by `job_id`: sending it
+    /// again reports the existing job). Answered at once with a [`JobProgress`] snapshot as the
+    /// body; progress follows as `JobProgress` messages until the job ends.
+    Download(DownloadCommand),
+    /// Storage VMs: cancel a download job.
+    CancelJob {
+        /// The job.
+        job_id: String,
+    },
+    /// Storage VMs: remove an installed template or ISO (its directory in the store). Answered
+    /// with `{"removed": [file names]}`; a directory that does not exist is not an error.
+    DeleteInstall {
+        /// The store the install lives on.
+        store_url: String,
+        /// Install directory (`template/tmpl/ACCOUNT/ID`).
+        path: String,
+    },
+}
+
+/// A download into the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadCommand {
+    /// Job id chosen by core (the template's id).
+    pub job_id: String,
+    /// The store to install into; the agent refuses a store it does not serve.
+    pub store_url: String,
+    /// Source URL (http or https).
+    pub url: String,
+    /// Install directory (`template/tmpl/ACCOUNT/ID`).
+    pub path: String,
+    /// Declared format (QCOW2, RAW, VHD, ISO, OVA).
+    pub format: String,
+    /// Expected checksum, `{ALGO}hex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// Description for `template.properties`.
+    #[serde(default)]
+    pub description: String,
 }
 
 /// The result of a command.
@@ -292,7 +369,7 @@ pub struct Answer {
 }
 
 /// Progress of a long command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobProgress {
     /// The command's (job's) id.
     pub id: String,
@@ -302,6 +379,93 @@ pub struct JobProgress {
     /// A word or two on the current step.
     #[serde(default)]
     pub status: String,
+    /// Where the job is (version 2); `None` from version-1 agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobPhase>,
+    /// Bytes transferred so far (version 2).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Bytes expected, when known (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// Why the job failed (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What a completed download installed (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed: Option<InstalledImage>,
+}
+
+/// A job's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    /// Accepted, waiting for a slot.
+    Queued,
+    /// Running.
+    Running,
+    /// Done.
+    Completed,
+    /// Ended with an error.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+    /// A phase this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl JobPhase {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// An installed template or ISO.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledImage {
+    /// Path of the image file in the store.
+    pub file: String,
+    /// Detected format (CloudStack name).
+    #[serde(default)]
+    pub format: String,
+    /// Bytes on the store.
+    #[serde(default)]
+    pub physical_size: u64,
+    /// Virtual disk size (the file size for ISOs and raw images).
+    #[serde(default)]
+    pub virtual_size: u64,
+    /// SHA-256 of the installed file, hex.
+    #[serde(default)]
+    pub sha256: String,
+}
+
+/// A console proxy claims a session id before it opens the console: a token opens one session
+/// across every proxy of the fleet, not one per proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimSession {
+    /// Request id, echoed in the answer.
+    pub id: String,
+    /// The token's session id.
+    pub session_id: String,
+    /// The VM whose console it is.
+    #[serde(default)]
+    pub vm_id: String,
+    /// The token's expiry (Unix seconds): core may forget the claim after it.
+    pub expires: u64,
+}
+
+/// Core's answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimAnswer {
+    /// The claim's request id.
+    pub id: String,
+    /// `true`: first use, go ahead; `false`: refuse the session.
+    pub granted: bool,
+    /// Why not, when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// New console-token keys.
@@ -346,6 +510,7 @@ mod tests {
             secret: Secret::from("s"),
             capabilities: vec!["console".into()],
             software_version: "0.1.0".into(),
+            endpoint: Some("https://proxy.example:8443".into()),
         }));
         round_trip_agent(AgentMessage::Heartbeat(Heartbeat {
             load: Load {
@@ -359,6 +524,7 @@ mod tests {
                     store_health: "ok".into(),
                     capacity_total: Some(10),
                     capacity_used: None,
+                    store_url: Some("nfs://10.0.0.5/export".into()),
                 }),
             },
         }));
@@ -372,6 +538,34 @@ mod tests {
             id: "j".into(),
             percent: 50,
             status: "copying".into(),
+            ..Default::default()
+        }));
+        round_trip_agent(AgentMessage::JobProgress(JobProgress {
+            id: "j".into(),
+            percent: 100,
+            status: "Download Complete".into(),
+            state: Some(JobPhase::Completed),
+            bytes: 10,
+            total: Some(10),
+            error: None,
+            installed: Some(InstalledImage {
+                file: "template/tmpl/a/t/x.qcow2".into(),
+                format: "QCOW2".into(),
+                physical_size: 10,
+                virtual_size: 20,
+                sha256: "ab".into(),
+            }),
+        }));
+        round_trip_agent(AgentMessage::ClaimSession(ClaimSession {
+            id: "1".into(),
+            session_id: "s".into(),
+            vm_id: "vm".into(),
+            expires: 9,
+        }));
+        round_trip_core(CoreMessage::ClaimAnswer(ClaimAnswer {
+            id: "1".into(),
+            granted: false,
+            reason: Some("used".into()),
         }));
         round_trip_core(CoreMessage::Welcome(Welcome {
             version: 1,
@@ -385,6 +579,92 @@ mod tests {
             body: serde_json::json!({"x": 1}),
         }));
         round_trip_core(CoreMessage::KeysUpdate(KeysUpdate { console_keys: keys() }));
+    }
+
+    #[test]
+    fn typed_commands() {
+        let cmds = [
+            AgentCommand::Download(DownloadCommand {
+                job_id: "t1".into(),
+                store_url: "nfs://h/e".into(),
+                url: "http://x/y.qcow2".into(),
+                path: "template/tmpl/a/t1".into(),
+                format: "QCOW2".into(),
+                checksum: None,
+                description: "d".into(),
+            }),
+            AgentCommand::CancelJob { job_id: "t1".into() },
+            AgentCommand::DeleteInstall {
+                store_url: "nfs://h/e".into(),
+                path: "template/tmpl/a/t1".into(),
+            },
+        ];
+        for c in cmds {
+            let m = CoreMessage::Command(Command::new("c1", &c));
+            let text = serde_json::to_string(&m).unwrap();
+            let CoreMessage::Command(back) = serde_json::from_str(&text).unwrap() else {
+                panic!("not a command: {text}")
+            };
+            assert_eq!(back.typed(), Some(c), "{text}");
+        }
+        // A command of a later version reads as an envelope whose body is not typed.
+        let m: CoreMessage =
+            serde_json::from_str(r#"{"type":"Command","id":"c","body":{"command":"snapshot_copy","x":1}}"#)
+                .unwrap();
+        let CoreMessage::Command(c) = m else {
+            panic!("not a command")
+        };
+        assert_eq!(c.typed(), None);
+    }
+
+    /// A version-1 agent's messages read in this version and the other way round.
+    #[test]
+    fn version_one_and_two_read_each_other() {
+        // v1 JobProgress (no state) and v1 Hello (no endpoint) read here.
+        let p: AgentMessage =
+            serde_json::from_str(r#"{"type":"JobProgress","id":"j","percent":5,"status":"x"}"#).unwrap();
+        let AgentMessage::JobProgress(p) = p else {
+            panic!("not progress")
+        };
+        assert_eq!((p.state, p.bytes, p.installed), (None, 0, None));
+        // What this version sends still has every field a v1 reader requires.
+        let v2 = serde_json::to_value(AgentMessage::JobProgress(JobProgress {
+            id: "j".into(),
+            percent: 7,
+            status: "s".into(),
+            state: Some(JobPhase::Running),
+            ..Default::default()
+        }))
+        .unwrap();
+        for field in ["type", "id", "percent", "status"] {
+            assert!(v2.get(field).is_some(), "{field} missing in {v2}");
+        }
+        // A phase added later reads as Unknown rather than failing the message.
+        let p: JobProgress = serde_json::from_str(r#"{"id":"j","state":"verifying"}"#).unwrap();
+        assert_eq!(p.state, Some(JobPhase::Unknown));
+        // A v1 core skips the claim (unknown type), which is why proxies only claim from v2 cores.
+        #[derive(Deserialize, Debug)]
+        #[serde(tag = "type")]
+        enum V1Agent {
+            Hello,
+            Heartbeat,
+            Answer,
+            JobProgress,
+            #[serde(other)]
+            Unknown,
+        }
+        let claim = serde_json::to_string(&AgentMessage::ClaimSession(ClaimSession {
+            id: "1".into(),
+            session_id: "s".into(),
+            vm_id: String::new(),
+            expires: 1,
+        }))
+        .unwrap();
+        assert!(matches!(
+            serde_json::from_str::<V1Agent>(&claim).unwrap(),
+            V1Agent::Unknown
+        ));
+        let _ = (V1Agent::Hello, V1Agent::Heartbeat, V1Agent::Answer, V1Agent::JobProgress);
     }
 
     /// A version-1 peer that does not send the optional fields.
