@@ -23,7 +23,7 @@ use crate::core_api::{Backend, Core, cs_bin};
 use crate::support::{VNC_PASSWORD, claims, qemu, workspace};
 
 /// A core with its agent endpoint on loopback and heartbeats of 1 s (timeout 3 s).
-async fn start_core(postgres: bool) -> Core {
+pub(crate) async fn start_core(postgres: bool) -> Core {
     let backend = if postgres {
         Backend::Postgres
     } else {
@@ -38,12 +38,12 @@ async fn start_core(postgres: bool) -> Core {
 }
 
 impl Core {
-    fn agent_url(&self) -> String {
+    pub(crate) fn agent_url(&self) -> String {
         self.running().agent_url().unwrap()
     }
 
     /// Registers a system VM; returns (id, secret).
-    async fn register(&self, role: &str, name: &str) -> (String, String) {
+    pub(crate) async fn register(&self, role: &str, name: &str) -> (String, String) {
         let v = self
             .ok(&[
                 "registerSystemVm",
@@ -66,7 +66,7 @@ impl Core {
     }
 
     /// Waits until the system VM's `agentstate` is `want`; returns the VM and the time it took.
-    async fn wait_agent_state(&self, id: &str, want: &str, within: Duration) -> (Value, Duration) {
+    pub(crate) async fn wait_agent_state(&self, id: &str, want: &str, within: Duration) -> (Value, Duration) {
         let start = Instant::now();
         loop {
             let vm = self.system_vm(id).await;

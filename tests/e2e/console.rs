@@ -15,16 +15,16 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::support::{self, Proxy, VNC_PASSWORD, claims, qemu};
 
 /// An RFB client over the proxy's WebSocket, reading binary messages as one byte stream.
-struct RfbOverWs<S> {
+pub(crate) struct RfbOverWs<S> {
     ws: WebSocketStream<S>,
     buf: Vec<u8>,
 }
 
 /// How a WebSocket ended.
 #[derive(Debug)]
-struct Closed {
-    code: u16,
-    reason: String,
+pub(crate) struct Closed {
+    pub(crate) code: u16,
+    pub(crate) reason: String,
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RfbOverWs<S> {
@@ -62,7 +62,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RfbOverWs<S> {
     }
 
     /// The browser's half of the handshake, as noVNC does it; returns (width, height, name).
-    async fn handshake(&mut self) -> Result<(u16, u16, String), Closed> {
+    pub(crate) async fn handshake(&mut self) -> Result<(u16, u16, String), Closed> {
         assert_eq!(self.read(12).await?, b"RFB 003.008\n");
         self.send(b"RFB 003.008\n").await;
         assert_eq!(
@@ -85,7 +85,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RfbOverWs<S> {
 
     /// Asks for a full Raw update and returns the pixels (32 bpp) of the one update that answers it.
     /// A DesktopSize pseudo-rectangle (the guest switched video mode) updates `w`×`h`.
-    async fn full_frame(&mut self, w: &mut u16, h: &mut u16) -> Vec<u8> {
+    pub(crate) async fn full_frame(&mut self, w: &mut u16, h: &mut u16) -> Vec<u8> {
         // SetPixelFormat: 32 bpp, depth 24, little-endian, true colour, 255 max, shifts 16/8/0.
         self.send(&[
             0, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
@@ -117,7 +117,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RfbOverWs<S> {
     }
 }
 
-async fn open(url: &str, origin: Option<&str>) -> RfbOverWs<MaybeTlsStream<TcpStream>> {
+pub(crate) async fn open(url: &str, origin: Option<&str>) -> RfbOverWs<MaybeTlsStream<TcpStream>> {
     let mut req = url.into_client_request().expect("request");
     if let Some(o) = origin {
         req.headers_mut().insert("Origin", o.parse().expect("origin"));
@@ -128,7 +128,7 @@ async fn open(url: &str, origin: Option<&str>) -> RfbOverWs<MaybeTlsStream<TcpSt
     RfbOverWs { ws, buf: Vec::new() }
 }
 
-fn distinct_pixels(pixels: &[u8]) -> usize {
+pub(crate) fn distinct_pixels(pixels: &[u8]) -> usize {
     let mut seen = std::collections::HashSet::new();
     for px in pixels.chunks_exact(4).step_by(7) {
         seen.insert([px[0], px[1], px[2]]);

@@ -333,6 +333,12 @@ impl Core {
         }
     }
 
+    /// `cs` as the root admin: (success, JSON printed).
+    pub(crate) async fn cs_raw(&self, args: &[&str]) -> (bool, Value) {
+        let o = self.cs(args).await;
+        (o.ok, o.json)
+    }
+
     /// `cs` that must succeed; returns its JSON.
     pub(crate) async fn ok(&self, args: &[&str]) -> Value {
         let o = self.cs(args).await;

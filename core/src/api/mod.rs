@@ -300,6 +300,11 @@ impl Filter {
         self.clauses.push(format!("{col} <> ${}", self.binds.len()));
     }
 
+    /// Adds `col = 0|1` for a 0/1 flag column (a literal: the value is not caller input).
+    pub fn flag(&mut self, col: &str, value: bool) {
+        self.clauses.push(format!("{col} = {}", i64::from(value)));
+    }
+
     /// Adds `col IS NULL`.
     pub fn is_null(&mut self, col: &str) {
         self.clauses.push(format!("{col} IS NULL"));

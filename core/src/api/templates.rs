@@ -228,8 +228,20 @@ pub fn store_protocol(url: &str) -> Result<&'static str, ApiError> {
     }
 }
 
+/// A store URL in the form agents report it: no trailing `/`, no default NFS port.
+pub fn normalize_store_url(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    match url.strip_prefix("nfs://").and_then(|r| r.split_once('/')) {
+        Some((host, rest)) => {
+            let host = host.strip_suffix(":2049").unwrap_or(host);
+            format!("nfs://{host}/{rest}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 fn same_store(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/') == b.trim_end_matches('/')
+    normalize_store_url(a) == normalize_store_url(b)
 }
 
 /// What a connected storage VM reports, from its last heartbeat.
@@ -284,10 +296,7 @@ async fn store_capacity(state: &State) -> Result<HashMap<String, (u64, u64)>, sq
     let mut m = HashMap::new();
     for a in storage_agents(state).await? {
         if let (Some(url), Some(total)) = (a.load.store_url, a.load.capacity_total) {
-            m.insert(
-                url.trim_end_matches('/').to_owned(),
-                (total, a.load.capacity_used.unwrap_or(0)),
-            );
+            m.insert(normalize_store_url(&url), (total, a.load.capacity_used.unwrap_or(0)));
         }
     }
     Ok(m)
@@ -309,7 +318,7 @@ fn store_json(row: &sqlx::any::AnyRow, capacity: &HashMap<String, (u64, u64)>) -
         "readonly": false,
         "hasannotations": false,
     });
-    if let Some((total, used)) = capacity.get(url.trim_end_matches('/')) {
+    if let Some((total, used)) = capacity.get(&normalize_store_url(&url)) {
         v["disksizetotal"] = json!(total);
         v["disksizeused"] = json!(used);
     }
@@ -348,7 +357,7 @@ pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result
     )
     .bind(id.clone())
     .bind(name.clone())
-    .bind(url.trim_end_matches('/').to_owned())
+    .bind(normalize_store_url(url))
     .bind("NFS")
     .bind(protocol)
     .bind(zone_id)
@@ -474,9 +483,13 @@ fn check_source_url(url: &str) -> Result<(), ApiError> {
     if url.len() > MAX_URL_LEN || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(bad("too long or contains spaces or control characters"));
     }
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if !lower.starts_with("http://") && !lower.starts_with("https://") {
+        return Err(bad("only http:// and https:// URLs are supported"));
+    }
     let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
-        return Err(bad("only http:// and https:// URLs with a host are supported"));
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("the URL has no host"));
     }
     Ok(())
 }
@@ -650,16 +663,16 @@ fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
 fn visibility(f: &mut Filter, filter: &str, caller: &Caller) -> Result<(), ApiError> {
     let admin = caller.role == Role::Admin;
     match filter.to_ascii_lowercase().as_str() {
-        "featured" => f.eq("t.is_featured", "1"),
+        "featured" => f.flag("t.is_featured", true),
         "self" | "selfexecutable" => f.eq("t.account_id", &caller.account_id),
         "community" => {
-            f.eq("t.is_public", "1");
-            f.eq("t.is_featured", "0");
+            f.flag("t.is_public", true);
+            f.flag("t.is_featured", false);
         }
         "sharedexecutable" => {
             if !admin {
                 // Nothing is shared account-to-account here: only public templates of others.
-                f.eq("t.is_public", "1");
+                f.flag("t.is_public", true);
             }
         }
         "executable" | "all" => {
@@ -679,7 +692,7 @@ fn visibility(f: &mut Filter, filter: &str, caller: &Caller) -> Result<(), ApiEr
 async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, state.page_size().await)?;
     let mut f = Filter::default();
-    f.eq("t.is_iso", if iso { "1" } else { "0" });
+    f.flag("t.is_iso", iso);
     let filter = if iso {
         p.non_empty("isofilter").unwrap_or("selfexecutable")
     } else {
@@ -709,7 +722,7 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
         }
     }
     if iso && let Some(v) = p.non_empty("bootable") {
-        f.eq("t.bootable", if v.eq_ignore_ascii_case("true") { "1" } else { "0" });
+        f.flag("t.bootable", v.eq_ignore_ascii_case("true"));
     }
     if let Some(k) = p.non_empty("keyword") {
         f.keyword(&["t.name", "t.display_text"], k);
@@ -860,7 +873,7 @@ pub async fn list_capacity(state: State, _caller: Caller, p: Params) -> Result<V
         for s in &stores {
             if s.try_get::<String, _>("zone_id")? == zone_id {
                 let url: String = s.try_get("url")?;
-                if let Some((t, u)) = capacity.get(url.trim_end_matches('/')) {
+                if let Some((t, u)) = capacity.get(&normalize_store_url(&url)) {
                     total = total.saturating_add(*t);
                     used = used.saturating_add(*u);
                 }
@@ -1051,6 +1064,15 @@ mod tests {
         ] {
             assert_eq!(store_protocol(bad).unwrap_err().code, 431, "{bad}");
         }
+    }
+
+    #[test]
+    fn store_urls_normalize_like_the_agent_reports_them() {
+        assert_eq!(normalize_store_url("nfs://h:2049/e/"), "nfs://h/e");
+        assert_eq!(normalize_store_url("nfs://h:3049/e?mountport=5"), "nfs://h:3049/e?mountport=5");
+        assert_eq!(normalize_store_url("file:///srv/sec/"), "file:///srv/sec");
+        assert!(same_store("nfs://10.0.0.1/export", "nfs://10.0.0.1:2049/export/"));
+        assert!(!same_store("nfs://10.0.0.1/export", "nfs://10.0.0.2/export"));
     }
 
     #[test]
