@@ -281,7 +281,7 @@ pub async fn monitor(state: State, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         ticks = ticks.wrapping_add(1);
-        if ticks % 60 == 0 {
+        if ticks.is_multiple_of(60) {
             match prune_claims(&state.db.pool).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(count = n, "Forgot expired console session claims"),

@@ -430,7 +430,7 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
     let token = e1["websocket"]["token"].as_str().expect("token");
     let replay = format!("ws://{}/websockify?token={token}", other.proxy.addr);
     let mut rfb = open(&replay, None).await;
-    let closed = rfb.handshake().await.err().expect("replay on another proxy refused");
+    let closed = rfb.handshake().await.expect_err("replay on another proxy refused");
     assert_eq!(closed.code, close_code::TOKEN_REFUSED, "{}", closed.reason);
     assert!(closed.reason.contains("already used"), "{}", closed.reason);
 
@@ -455,7 +455,7 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
         .ok(&["createConsoleEndpoint", &format!("virtualmachineid={vm_id}")])
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    screen_through(&ws_url(&e2)).await;
+    screen_through(&ws_url(e2)).await;
     screen_through(&ws_url(&e3["consoleendpoint"])).await;
 
     // A browser with stock noVNC opens a fresh link's console page.

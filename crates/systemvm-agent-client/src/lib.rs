@@ -386,6 +386,9 @@ impl Default for Hooks {
     }
 }
 
+/// Starts the client task (see [`AgentClient::prepare`]).
+pub type StartClient = Box<dyn FnOnce(ClientConfig, Hooks) -> AgentClient + Send>;
+
 /// The running client task.
 #[derive(Debug)]
 pub struct AgentClient {
@@ -405,8 +408,7 @@ impl AgentClient {
 
     /// Two-step start for agents whose hooks need the [`Outbox`] (or the client) first: returns
     /// the outbox and a function that starts the task.
-    #[expect(clippy::type_complexity, reason = "a one-off constructor pair")]
-    pub fn prepare() -> (Outbox, Box<dyn FnOnce(ClientConfig, Hooks) -> Self + Send>) {
+    pub fn prepare() -> (Outbox, StartClient) {
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
         let outbox = Outbox(tx);
         let for_client = outbox.clone();
