@@ -120,8 +120,8 @@ impl RunningCore {
     }
 
     /// The console-token keys core gives console proxies (for issuing tokens).
-    pub fn console_keys(&self) -> &systemvm_proto::console::KeySet {
-        &self.state.console_keys
+    pub fn console_keys(&self) -> systemvm_proto::console::KeySet {
+        self.state.console_keys()
     }
 
     /// Stops the listeners, aborts running async jobs (the next start fails them) and closes the
@@ -241,8 +241,10 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         sessions: Mutex::new(HashMap::new()),
         data_dir: config.data_dir.clone(),
         jobs: Mutex::new(tokio::task::JoinSet::new()),
-        console_keys,
+        console_keys: std::sync::RwLock::new(console_keys),
         agents: agent::Hub::default(),
+        dispatch_wakeup: tokio::sync::Notify::new(),
+        dispatched: std::sync::Mutex::new(HashMap::new()),
     });
     let credentials_path = config.data_dir.join("credentials.json");
     bootstrap(&state, &credentials_path).await?;
@@ -288,6 +290,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         agent_addr = Some(a);
         tasks.push(tokio::spawn(agent::serve(l, tls, state.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(agent::monitor(state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(api::templates::dispatcher(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
     }
     tracing::info!(%addr, backend = ?state.db.backend, "Core API listening");
