@@ -180,6 +180,13 @@ impl Hub {
         r
     }
 
+    /// Closes every connection (this core lost the leader lease).
+    pub fn close_all(&self) {
+        for (_, c) in self.conns().drain() {
+            let _ = c.close.send(());
+        }
+    }
+
     fn answered(&self, answer: Answer) {
         match self.pending().remove(&answer.id) {
             Some(w) => {
@@ -281,6 +288,9 @@ pub async fn monitor(state: State, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         ticks = ticks.wrapping_add(1);
+        if !state.leader.load(Ordering::SeqCst) {
+            continue;
+        }
         if ticks.is_multiple_of(60) {
             match prune_claims(&state.db.pool).await {
                 Ok(0) => {}
@@ -288,7 +298,7 @@ pub async fn monitor(state: State, mut stop: watch::Receiver<bool>) {
                 Err(error) => tracing::warn!(%error, "Failed to prune console session claims"),
             }
         }
-        let timeout = setting_secs(&state, "agent.heartbeat.timeout", 15).await;
+        let timeout = setting_secs(&state, "agent.heartbeat.timeout", 9).await;
         let cutoff = now_ms().saturating_sub(i64::try_from(timeout.saturating_mul(1000)).unwrap_or(i64::MAX));
         let r = sqlx::query(
             "UPDATE system_vms SET agent_state = $1, disconnected = $2 WHERE agent_state = $3 AND (last_heartbeat_ms IS NULL OR last_heartbeat_ms < $4)",
@@ -371,7 +381,13 @@ async fn accept(tcp: TcpStream, acceptor: tokio_rustls::TlsAcceptor) -> Result<(
 /// Checks a `Hello`; the error is (the reason given to the agent, the detail core logs).
 async fn verify(state: &State, h: &Hello) -> Result<(), (String, &'static str)> {
     validate_protocol_version(h.version).map_err(|e| (e.to_string(), "protocol version"))?;
-    let row = sqlx::query("SELECT role, secret_hash FROM system_vms WHERE id = $1")
+    if !state.leader.load(Ordering::SeqCst) {
+        return Err((
+            "this core is on standby; try the next core URL".to_owned(),
+            "standby core",
+        ));
+    }
+    let row = sqlx::query("SELECT role, secret_hash FROM system_vms WHERE id = $1 AND removed IS NULL")
         .bind(h.vm_id.clone())
         .fetch_optional(&state.db.pool)
         .await
@@ -437,8 +453,8 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
         let _ = ws.close(None).await;
         return;
     }
-    let interval = setting_secs(&state, "agent.heartbeat.interval", 5).await;
-    let timeout = setting_secs(&state, "agent.heartbeat.timeout", 15).await;
+    let interval = setting_secs(&state, "agent.heartbeat.interval", 3).await;
+    let timeout = setting_secs(&state, "agent.heartbeat.timeout", 9).await;
     let console_keys = match hello.role {
         AgentRole::ConsoleProxy => ConsoleKeys::from_key_set(&state.console_keys()).ok(),
         AgentRole::SecStorage => None,

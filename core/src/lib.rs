@@ -47,9 +47,11 @@ use tokio::task::JoinHandle;
 pub mod agent;
 pub mod api;
 pub mod ca;
+pub mod cli;
 pub mod command;
 pub mod db;
 pub mod error;
+pub mod fleet;
 pub mod jobs;
 pub mod paging;
 pub mod params;
@@ -75,6 +77,20 @@ pub struct CoreConfig {
     /// Extra subject alternative names (DNS names or IP addresses) of the agent endpoint's
     /// certificate, besides loopback, `localhost` and the host name.
     pub agent_sans: Vec<String>,
+    /// The hypervisor driver of the system VMs core deploys; `None` = core deploys nothing
+    /// (agents are registered and started by hand).
+    pub driver: Option<DriverKind>,
+    /// Agent endpoint URLs given to the VMs core starts (`--core`); default: this core's endpoint
+    /// (loopback when it listens on every address). With two cores, list both.
+    pub agent_urls: Vec<String>,
+}
+
+/// Which driver runs the system VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverKind {
+    /// Local processes (`console-proxy`, `ssvm-agent` from the directory of the running
+    /// executable, or `SYSTEMVM_BIN_DIR`).
+    Process,
 }
 
 impl CoreConfig {
@@ -86,6 +102,8 @@ impl CoreConfig {
             database_url: None,
             agent_listen: None,
             agent_sans: Vec::new(),
+            driver: None,
+            agent_urls: Vec::new(),
         }
     }
 }
@@ -122,6 +140,27 @@ impl RunningCore {
     /// The console-token keys core gives console proxies (for issuing tokens).
     pub fn console_keys(&self) -> systemvm_proto::console::KeySet {
         self.state.console_keys()
+    }
+
+    /// Whether this core holds the leader lease.
+    pub fn is_leader(&self) -> bool {
+        self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops the processes/domains of every system VM core manages, without changing what core
+    /// wants of them: started again, core starts them again (`up` on Ctrl-C; tests).
+    pub async fn stop_system_vms(&self) {
+        let Some(fleet) = self.state.fleet.get() else {
+            return;
+        };
+        match fleet::managed_vms(&self.state, None).await {
+            Ok(vms) => {
+                for vm in vms {
+                    let _ = fleet.driver.stop(&vm.id, &vm.placement, false).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Could not list the system VMs to stop"),
+        }
     }
 
     /// Stops the listeners, aborts running async jobs (the next start fails them) and closes the
@@ -220,6 +259,12 @@ async fn bootstrap(state: &State, credentials: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn kind_name(kind: &DriverKind) -> &'static str {
+    match kind {
+        DriverKind::Process => "process",
+    }
+}
+
 /// Opens the database, bootstraps on first start, and starts the listeners.
 pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     prepare_data_dir(&config.data_dir, config.database_url.is_none())?;
@@ -245,7 +290,17 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         agents: agent::Hub::default(),
         dispatch_wakeup: tokio::sync::Notify::new(),
         dispatched: std::sync::Mutex::new(HashMap::new()),
+        instance_id: util::new_uuid()?,
+        leader: std::sync::atomic::AtomicBool::new(false),
+        fleet: std::sync::OnceLock::new(),
     });
+    let leader = fleet::lease::try_acquire(&state.db.pool, &state.instance_id)
+        .await
+        .context("failed to read the leader lease")?;
+    state.leader.store(leader, std::sync::atomic::Ordering::SeqCst);
+    if !leader {
+        tracing::warn!("Another core holds the leader lease: this core serves the API and stands by");
+    }
     let credentials_path = config.data_dir.join("credentials.json");
     bootstrap(&state, &credentials_path).await?;
 
@@ -254,12 +309,13 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         .with_context(|| format!("failed to bind the API listener on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(server::serve(
+    let mut tasks = vec![tokio::spawn(fleet::lease::run(state.clone(), stop_rx.clone()))];
+    tasks.push(tokio::spawn(server::serve(
         listener,
         state.clone(),
         server::Listener::Public,
         stop_rx.clone(),
-    ))];
+    )));
     let port: u16 = state.setting("integration.api.port").await.parse().unwrap_or(0);
     let mut integration_addr = None;
     if port > 0 {
@@ -292,6 +348,30 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         tasks.push(tokio::spawn(agent::monitor(state.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(api::templates::dispatcher(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
+        if let Some(kind) = &config.driver {
+            let driver: Arc<dyn fleet::Driver> = match kind {
+                DriverKind::Process => Arc::new(
+                    fleet::process::ProcessDriver::beside_current_exe(config.data_dir.join("systemvms"))
+                        .context("the process driver cannot run")?,
+                ),
+            };
+            let urls = if config.agent_urls.is_empty() {
+                let host = if a.ip().is_unspecified() {
+                    std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
+                } else {
+                    a
+                };
+                vec![format!("wss://{host}{}", agent::PATH)]
+            } else {
+                config.agent_urls.clone()
+            };
+            let f = Arc::new(fleet::Fleet::new(driver, urls, ca.cert_path.clone()));
+            let _ = state.fleet.set(f.clone());
+            tasks.push(tokio::spawn(fleet::run(state.clone(), f, stop_rx.clone())));
+            tracing::info!(driver = kind_name(kind), "Fleet manager running");
+        }
+    } else if config.driver.is_some() {
+        anyhow::bail!("a driver needs the agent endpoint (agent_listen) for its system VMs to dial in");
     }
     tracing::info!(%addr, backend = ?state.db.backend, "Core API listening");
     Ok(RunningCore {

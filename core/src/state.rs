@@ -111,6 +111,12 @@ pub struct Shared {
     pub dispatch_wakeup: tokio::sync::Notify,
     /// Downloads handed out: template id → (storage VM id, connection id).
     pub dispatched: std::sync::Mutex<HashMap<String, (String, u64)>>,
+    /// This core instance's id (the leader lease's holder).
+    pub instance_id: String,
+    /// Whether this core holds the leader lease (acts on agents and the fleet).
+    pub leader: std::sync::atomic::AtomicBool,
+    /// The fleet manager, when a driver is configured.
+    pub fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
 }
 
 /// Handle on the shared state.

@@ -4,6 +4,7 @@
 mod agents;
 mod console;
 mod core_api;
+mod deploy;
 mod fleet;
 mod layout;
 mod nfs;

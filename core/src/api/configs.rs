@@ -85,6 +85,22 @@ pub const SETTINGS: &[Setting] = &[
         description: "Timeout(in milliseconds) that console proxy tries to maintain a viewer session before it times out the session for no activity",
     },
     Setting {
+        name: "consoleproxy.scalein.idle",
+        category: "Console Proxy",
+        default: "300",
+        kind: Kind::Integer(1, 86_400),
+        dynamic: true,
+        description: "Seconds a console proxy must be without sessions before it is drained and destroyed, when the others still leave more than the standby capacity",
+    },
+    Setting {
+        name: "consoleproxy.scale.cooldown",
+        category: "Console Proxy",
+        default: "30",
+        kind: Kind::Integer(0, 86_400),
+        dynamic: true,
+        description: "Seconds between two console proxy scale decisions in a zone",
+    },
+    Setting {
         name: "consoleproxy.url.validity",
         category: "Console Proxy",
         default: "300",
@@ -127,7 +143,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "agent.heartbeat.interval",
         category: "Advanced",
-        default: "5",
+        default: "3",
         kind: Kind::Integer(1, 3600),
         dynamic: true,
         description: "Seconds between two heartbeats of a system-VM agent (sent in Welcome; applies at the next connection)",
@@ -135,7 +151,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "agent.heartbeat.timeout",
         category: "Advanced",
-        default: "15",
+        default: "9",
         kind: Kind::Integer(1, 86_400),
         dynamic: true,
         description: "Seconds of silence after which core marks a system-VM agent Disconnected and drops its connection",

@@ -229,7 +229,7 @@ pub fn pick_proxy<'a>(candidates: &'a [Candidate], affinity: &[String]) -> Optio
 
 async fn candidates(state: &State, zone_id: &str) -> Result<Vec<Candidate>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, endpoint, last_load FROM system_vms WHERE role = $1 AND agent_state = $2 AND zone_id = $3 AND endpoint IS NOT NULL ORDER BY name",
+        "SELECT id, endpoint, last_load FROM system_vms WHERE role = $1 AND agent_state = $2 AND zone_id = $3 AND endpoint IS NOT NULL AND removed IS NULL AND state <> 'Stopping' ORDER BY name",
     )
     .bind(AgentRole::ConsoleProxy.as_str())
     .bind(UP)

@@ -13,6 +13,7 @@ pub mod apis;
 pub mod configs;
 pub mod jobs;
 pub mod consoles;
+pub mod events;
 pub mod systemvms;
 pub mod templates;
 pub mod zones;
@@ -218,6 +219,46 @@ pub static COMMANDS: &[Command] = &[
         access: Access::Admin,
         params: &[],
         handler: handler!(consoles::rotate_console_keys),
+    },
+    Command {
+        name: "startSystemVm",
+        description: "Starts a system VM core manages",
+        is_async: true,
+        access: Access::Admin,
+        params: systemvms::LIFECYCLE,
+        handler: handler!(systemvms::start_system_vm),
+    },
+    Command {
+        name: "stopSystemVm",
+        description: "Stops a system VM core manages (core keeps it stopped)",
+        is_async: true,
+        access: Access::Admin,
+        params: systemvms::LIFECYCLE,
+        handler: handler!(systemvms::stop_system_vm),
+    },
+    Command {
+        name: "rebootSystemVm",
+        description: "Restarts a system VM core manages",
+        is_async: true,
+        access: Access::Admin,
+        params: systemvms::LIFECYCLE,
+        handler: handler!(systemvms::reboot_system_vm),
+    },
+    Command {
+        name: "destroySystemVm",
+        description: "Destroys a system VM core manages (the fleet policy may start a new one)",
+        is_async: true,
+        access: Access::Admin,
+        params: systemvms::LIFECYCLE,
+        handler: handler!(systemvms::destroy_system_vm),
+    },
+    Command {
+        name: "listEvents",
+        description: "Lists fleet events: system VM starts, restarts and scaling decisions, newest first",
+        is_async: false,
+        access: Access::Admin,
+        params: events::LIST_EVENTS,
+        handler: handler!(events::list_events),
     },
     Command {
         name: "listConfigurations",

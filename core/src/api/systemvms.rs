@@ -132,7 +132,7 @@ pub async fn register_system_vm(state: State, _caller: Caller, p: Params) -> Res
     }}))
 }
 
-const SELECT: &str = "SELECT s.id, s.name, s.role, s.zone_id, z.name AS zone_name, s.state, s.agent_state, s.last_load, s.software_version, s.disconnected, s.created FROM system_vms s JOIN zones z ON z.id = s.zone_id";
+const SELECT: &str = "SELECT s.id, s.name, s.role, s.zone_id, z.name AS zone_name, s.state, s.agent_state, s.last_load, s.software_version, s.disconnected, s.created, s.managed, s.driver, s.endpoint FROM system_vms s JOIN zones z ON z.id = s.zone_id";
 
 fn vm_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
     let role: String = row.try_get("role")?;
@@ -151,7 +151,12 @@ fn vm_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "version": row.try_get::<Option<String>, _>("software_version")?.unwrap_or_default(),
         "created": row.try_get::<String, _>("created")?,
         "hasannotations": false,
+        "managed": row.try_get::<i64, _>("managed")? != 0,
+        "hypervisor": row.try_get::<Option<String>, _>("driver")?.unwrap_or_else(|| "None".into()),
     });
+    if let Some(e) = row.try_get::<Option<String>, _>("endpoint")? {
+        v["publicurl"] = json!(e);
+    }
     if let Some(d) = row.try_get::<Option<String>, _>("disconnected")? {
         v["disconnected"] = json!(d);
     }
@@ -174,6 +179,7 @@ fn vm_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
 pub async fn list_system_vms(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, state.page_size().await)?;
     let mut f = Filter::default();
+    f.is_null("s.removed");
     if let Some(id) = p.non_empty("id") {
         f.eq("s.id", id);
     }
@@ -209,4 +215,115 @@ pub async fn list_system_vms(state: State, _caller: Caller, p: Params) -> Result
         .await?;
     let items = rows.iter().map(vm_json).collect::<Result<Vec<_>, _>>()?;
     Ok(list_response("systemvm", total, items))
+}
+
+/// The `systemvm` object of one VM (also removed ones).
+pub async fn one(state: &State, id: &str) -> Result<Value, sqlx::Error> {
+    let row = sqlx::query(&format!("{SELECT} WHERE s.id = $1"))
+        .bind(id.to_owned())
+        .fetch_one(&state.db.pool)
+        .await?;
+    vm_json(&row)
+}
+
+/// Lifecycle command parameters (`id`, `forced`).
+pub const LIFECYCLE: &[ParamSpec] = &[
+    req("id", Ty::Uuid, "System VM id"),
+    opt("forced", Ty::Boolean, "Stop at once instead of gracefully"),
+];
+
+/// How long `startSystemVm`/`rebootSystemVm` wait for the agent to come Up.
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+async fn managed(state: &State, p: &Params) -> Result<(std::sync::Arc<crate::fleet::Fleet>, crate::fleet::ManagedVm), ApiError> {
+    let id = p.non_empty("id").unwrap_or_default();
+    let fleet = state.fleet.get().cloned().ok_or_else(|| {
+        ApiError::param("This core runs no hypervisor driver: start and stop system VMs where they run")
+    })?;
+    let vm = crate::fleet::managed_vms(state, None)
+        .await?
+        .into_iter()
+        .find(|v| v.id == id);
+    match vm {
+        Some(vm) => Ok((fleet, vm)),
+        None => {
+            let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM system_vms WHERE id = $1 AND removed IS NULL")
+                .bind(id.to_owned())
+                .fetch_one(&state.db.pool)
+                .await?;
+            Err(ApiError::param(if exists > 0 {
+                format!("System VM {id} was registered by hand; core does not start or stop it")
+            } else {
+                format!("Unable to find system VM by id {id}")
+            }))
+        }
+    }
+}
+
+fn failed(text: String) -> ApiError {
+    ApiError::new(crate::error::code::INTERNAL_ERROR, crate::error::cs::SERVER_API, text)
+}
+
+async fn lifecycle(state: State, p: Params, action: &'static str) -> Result<Value, ApiError> {
+    let (fleet, vm) = managed(&state, &p).await?;
+    let force = p.non_empty("forced").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let prefix = crate::fleet::event_prefix(vm.role);
+    let lock = fleet_lock(&fleet, &vm.id);
+    let _guard = lock.lock().await;
+    match action {
+        "start" => {
+            crate::fleet::start_vm(&state, &fleet, &vm.id).await.map_err(failed)?;
+            crate::fleet::wait_up(&state, &vm.id, START_WAIT).await.map_err(failed)?;
+        }
+        "stop" => crate::fleet::stop_vm(&state, &fleet, &vm, force, false).await.map_err(failed)?,
+        "reboot" => {
+            crate::fleet::stop_vm(&state, &fleet, &vm, force, false).await.map_err(failed)?;
+            crate::fleet::start_vm(&state, &fleet, &vm.id).await.map_err(failed)?;
+            crate::fleet::wait_up(&state, &vm.id, START_WAIT).await.map_err(failed)?;
+        }
+        _ => crate::fleet::stop_vm(&state, &fleet, &vm, force, true).await.map_err(failed)?,
+    }
+    crate::fleet::event(
+        &state,
+        &format!("{prefix}.{}", action.to_ascii_uppercase()),
+        "INFO",
+        &format!("{} {} through the API", vm.name, past_tense(action)),
+        Some(&vm.id),
+        Some(&vm.zone_id),
+    )
+    .await;
+    Ok(json!({ "systemvm": one(&state, &vm.id).await? }))
+}
+
+fn past_tense(action: &str) -> &'static str {
+    match action {
+        "start" => "started",
+        "stop" => "stopped",
+        "reboot" => "rebooted",
+        _ => "destroyed",
+    }
+}
+
+fn fleet_lock(fleet: &crate::fleet::Fleet, id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    fleet.lock(id)
+}
+
+/// `startSystemVm` (async).
+pub async fn start_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    lifecycle(state, p, "start").await
+}
+
+/// `stopSystemVm` (async).
+pub async fn stop_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    lifecycle(state, p, "stop").await
+}
+
+/// `rebootSystemVm` (async).
+pub async fn reboot_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    lifecycle(state, p, "reboot").await
+}
+
+/// `destroySystemVm` (async).
+pub async fn destroy_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+    lifecycle(state, p, "destroy").await
 }

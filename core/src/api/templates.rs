@@ -963,6 +963,9 @@ pub async fn dispatcher(state: State, mut stop: watch::Receiver<bool>) {
             () = state.dispatch_wakeup.notified() => {}
             _ = stop.changed() => return,
         }
+        if !state.leader.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
         if let Err(error) = dispatch_pending(&state).await {
             tracing::warn!(%error, "Download dispatcher failed to read the database");
         }

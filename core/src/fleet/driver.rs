@@ -1,0 +1,98 @@
+//! The hypervisor driver interface: what core asks of whatever runs its system VMs.
+//!
+//! Invariants: drivers are stateless between calls as far as core is concerned: everything core
+//! needs to find a VM again (its id, the driver's handle such as a process id) is in the database,
+//! so a restarted core, or the other core of an HA pair, manages VMs the first one started; a
+//! driver never learns a VM's secret except to hand it to that VM at start.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use systemvm_proto::Secret;
+use systemvm_proto::agent::AgentRole;
+
+/// A boxed future borrowing the driver.
+pub type DriverFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Everything a system VM needs at boot (the process driver passes it as flags and environment; an
+/// image-based driver as boot parameters).
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// System VM id (`--vm-id`).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: AgentRole,
+    /// Zone.
+    pub zone_id: String,
+    /// Secret issued for this boot (`--secret`).
+    pub secret: Secret,
+    /// Core agent endpoints, tried in turn (`--core`).
+    pub core_urls: Vec<String>,
+    /// Core's CA certificate (`--ca`).
+    pub ca: PathBuf,
+    /// Storage VMs: the image store they serve.
+    pub store_url: Option<String>,
+    /// Storage VMs: internal networks downloads may reach (`secstorage.allowed.internal.sites`).
+    pub allow_internal: Vec<String>,
+    /// Console proxies: most sessions (`consoleproxy.session.max`).
+    pub max_sessions: u64,
+}
+
+/// What a driver knows of a VM it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Process id (process driver).
+    pub pid: Option<u32>,
+}
+
+/// A VM as the driver sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Running.
+    Running,
+    /// Not running; why, when known.
+    Stopped(String),
+}
+
+/// A driver call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The VM's program or image is missing or unusable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Starting or stopping failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One way of running system VMs.
+pub trait Driver: Send + Sync + std::fmt::Debug {
+    /// `process` | `qemu` | `libvirt`.
+    fn name(&self) -> &'static str;
+
+    /// Starts the VM; returns how to find it again.
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> DriverFuture<'a, Result<Placement, DriverError>>;
+
+    /// Stops the VM (gracefully, or at once when `force`); stopping a stopped VM is not an error.
+    fn stop<'a>(
+        &'a self,
+        id: &'a str,
+        placement: &'a Placement,
+        force: bool,
+    ) -> DriverFuture<'a, Result<(), DriverError>>;
+
+    /// Whether the VM runs.
+    fn state<'a>(&'a self, id: &'a str, placement: &'a Placement) -> DriverFuture<'a, VmState>;
+
+    /// Removes what the driver keeps for a destroyed VM (its files); the VM is stopped.
+    fn destroy<'a>(&'a self, id: &'a str) -> DriverFuture<'a, Result<(), DriverError>>;
+}

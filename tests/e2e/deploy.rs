@@ -1,0 +1,326 @@
+//! Core deploying and watching its system VMs with the `process` driver (real `console-proxy` and
+//! `ssvm-agent` processes): from nothing to both VMs Up, kill -9 of each detected and restarted
+//! (a console works afterwards; a download resumes), load-driven scale-out and idle scale-in
+//! without cutting a live session or flapping, and the lifecycle API.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use systemvm_core::DriverKind;
+use systemvm_tests::http::{Faults, HttpFixture, Route};
+
+use crate::console::{distinct_pixels, open};
+use crate::core_api::{Backend, Core};
+use crate::support::{VNC_PASSWORD, qemu};
+
+/// Kills (SIGKILL) every process whose command line mentions `needle` (the core's data dir, which
+/// every VM it starts is given as `--ca DIR/ca.pem`): nothing outlives a failed test.
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in pids_with(&self.0) {
+            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// Pids of processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let text = String::from_utf8_lossy(&c).replace('\0', " ");
+                    text.contains(needle) && !text.contains("kill")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+async fn start(adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
+    let core = Core::start_with(Backend::Sqlite, |c| {
+        c.agent_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c.driver = Some(DriverKind::Process);
+    })
+    .await;
+    let guard = KillOnDrop(core.dir().display().to_string());
+    for (name, value) in adjust {
+        core.ok(&["updateConfiguration", &format!("name={name}"), &format!("value={value}")])
+            .await;
+    }
+    (core, guard)
+}
+
+/// The system VMs, by type.
+async fn vms(core: &Core, kind: &str) -> Vec<Value> {
+    let v = core.ok(&["listSystemVms", &format!("systemvmtype={kind}")]).await;
+    v["systemvm"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `kind` has exactly `n` VMs, all Running with the agent Up.
+async fn wait_fleet(core: &Core, kind: &str, n: usize, within: Duration) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let list = vms(core, kind).await;
+        if list.len() == n && list.iter().all(|v| v["state"] == "Running" && v["agentstate"] == "Up") {
+            return list;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{kind}: not {n} VMs Running and Up within {within:?}: {list:?}\nevents: {}",
+            core.ok(&["listEvents"]).await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn events(core: &Core, kind: &str) -> Vec<Value> {
+    let v = core.ok(&["listEvents", &format!("type={kind}")]).await;
+    v["event"].as_array().cloned().unwrap_or_default()
+}
+
+fn kill9(vm_id: &str) -> u32 {
+    let pids = pids_with(vm_id);
+    assert_eq!(pids.len(), 1, "one process for {vm_id}: {pids:?}");
+    let st = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(pids[0].to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    pids[0]
+}
+
+/// Opens a console of `target` through core and checks the VM's screen.
+async fn console_works(core: &Core, target: &str) {
+    let e = core
+        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={target}")])
+        .await;
+    let ws = &e["consoleendpoint"]["websocket"];
+    assert_eq!(e["consoleendpoint"]["success"], true, "{e}");
+    let url = format!(
+        "ws://{}:{}/{}?token={}",
+        ws["host"].as_str().expect("host"),
+        ws["port"].as_str().expect("port"),
+        ws["path"].as_str().expect("path"),
+        ws["token"].as_str().expect("token")
+    );
+    let mut rfb = open(&url, None).await;
+    let (mut w, mut h, name) = rfb.handshake().await.expect("console through a core-started proxy");
+    assert_eq!(name, "e2e-vm");
+    let mut colours = 0;
+    for _ in 0..40 {
+        colours = distinct_pixels(&rfb.full_frame(&mut w, &mut h).await);
+        if colours >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(colours >= 2, "uniform screen");
+}
+
+async fn add_qemu_target(core: &Core) -> String {
+    let vm = qemu();
+    let t = core
+        .ok(&[
+            "addConsoleTarget",
+            "name=e2e-vm",
+            "host=127.0.0.1",
+            &format!("port={}", vm.vnc.port()),
+            &format!("password={VNC_PASSWORD}"),
+        ])
+        .await;
+    t["consoletarget"]["id"].as_str().expect("id").to_owned()
+}
+
+fn local_store(core: &Core) -> String {
+    let dir = core.dir().join("secondary");
+    std::fs::create_dir_all(&dir).expect("store dir");
+    format!("file://{}", dir.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_both_system_vms_and_restarts_killed_ones() {
+    let (core, _guard) = start(&[("secstorage.allowed.internal.sites", "127.0.0.0/8")]).await;
+    // A console proxy comes at once; the storage VM once the zone has an image store.
+    wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
+    assert!(vms(&core, "secondarystoragevm").await.is_empty());
+    core.ok(&["addImageStore", "provider=NFS", "name=local", &format!("url={}", local_store(&core))])
+        .await;
+    let ssvm = wait_fleet(&core, "secondarystoragevm", 1, Duration::from_secs(30)).await;
+    let proxy = vms(&core, "consoleproxy").await;
+    assert_eq!(proxy[0]["managed"], true);
+    assert_eq!(proxy[0]["hypervisor"], "process");
+    assert!(!events(&core, "PROXY.CREATE").await.is_empty());
+    assert!(!events(&core, "SSVM.CREATE").await.is_empty());
+
+    // kill -9 of the console proxy: detected and restarted; a console works afterwards.
+    let target = add_qemu_target(&core).await;
+    console_works(&core, &target).await;
+    let proxy_id = proxy[0]["id"].as_str().expect("id").to_owned();
+    let killed = Instant::now();
+    kill9(&proxy_id);
+    let start = Instant::now();
+    loop {
+        if !events(&core, "PROXY.RESTART").await.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "kill -9 not detected within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let detected = killed.elapsed();
+    let after = wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
+    assert_eq!(after[0]["id"], proxy_id.as_str(), "the same VM restarted, not a new one");
+    console_works(&core, &target).await;
+    eprintln!("proxy kill -9 detected in {detected:?}");
+
+    // kill -9 of the storage agent mid-download: restarted, and the job resumes (Range request).
+    let img = systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "slow.qcow2", 16, 3).expect("qcow2");
+    let data = std::fs::read(&img).expect("read");
+    let http = HttpFixture::start().expect("http");
+    http.route(
+        "/slow.qcow2",
+        Route::File {
+            data: data.clone().into(),
+            pace: Some(Duration::from_millis(150)),
+            faults: Faults::default(),
+            ranges: true,
+        },
+    );
+    let reg = core
+        .ok(&[
+            "registerTemplate",
+            "name=slow",
+            "displaytext=slow",
+            "format=QCOW2",
+            "hypervisor=KVM",
+            &format!("url={}", http.url("/slow.qcow2")),
+            &format!("checksum={{SHA-256}}{}", hex::encode(Sha256::digest(&data))),
+        ])
+        .await;
+    let tid = reg["template"][0]["id"].as_str().expect("id").to_owned();
+    // Past the first checkpoint (5 s) and some way in.
+    let start = Instant::now();
+    loop {
+        let t = core.ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")]).await;
+        let pct: u64 = t["template"][0]["downloaddetails"][0]["downloadPercent"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if pct >= 50 && start.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "download did not progress: {t}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ssvm_id = ssvm[0]["id"].as_str().expect("id").to_owned();
+    kill9(&ssvm_id);
+    let start = Instant::now();
+    loop {
+        let t = core.ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")]).await;
+        if t["template"][0]["isready"] == true {
+            break;
+        }
+        let state = &t["template"][0]["downloaddetails"][0]["downloadState"];
+        assert_ne!(state, "DOWNLOAD_ERROR", "{t}");
+        assert!(start.elapsed() < Duration::from_secs(90), "not Ready after the restart: {t}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!events(&core, "SSVM.RESTART").await.is_empty());
+    let resumed = http
+        .requests("/slow.qcow2")
+        .iter()
+        .any(|r| r.range.as_deref().is_some_and(|r| !r.starts_with("bytes=0-")));
+    assert!(resumed, "the restarted agent did not resume with a Range request: {:?}", http.requests("/slow.qcow2"));
+    let account = core.ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")]).await["template"][0]
+        ["accountid"]
+        .as_str()
+        .expect("account")
+        .to_owned();
+    let installed = std::fs::read_dir(core.dir().join(format!("secondary/template/tmpl/{account}/{tid}")))
+        .expect("install dir")
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+        .expect("image installed");
+    assert_eq!(Sha256::digest(std::fs::read(installed.path()).expect("read"))[..], Sha256::digest(&data)[..]);
+
+    // Lifecycle API: stop keeps it stopped; start brings it back; destroy removes it and the
+    // policy replaces it.
+    let stopped = core.ok(&["stopSystemVm", &format!("id={proxy_id}")]).await;
+    assert_eq!(stopped["systemvm"]["state"], "Stopped", "{stopped}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(pids_with(&proxy_id).is_empty(), "stopped VM's process still runs");
+    assert_eq!(vms(&core, "consoleproxy").await[0]["state"], "Stopped");
+    let started = core.ok(&["startSystemVm", &format!("id={proxy_id}")]).await;
+    assert_eq!(started["systemvm"]["state"], "Running", "{started}");
+    assert_eq!(started["systemvm"]["agentstate"], "Up", "{started}");
+    let rebooted = core.ok(&["rebootSystemVm", &format!("id={proxy_id}")]).await;
+    assert_eq!(rebooted["systemvm"]["state"], "Running", "{rebooted}");
+    let destroyed = core.ok(&["destroySystemVm", &format!("id={proxy_id}")]).await;
+    assert_eq!(destroyed["systemvm"]["state"], "Destroyed", "{destroyed}");
+    let replaced = wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
+    assert_ne!(replaced[0]["id"], proxy_id.as_str());
+    assert!(!Path::new(&core.dir().join("systemvms").join(&proxy_id)).exists());
+
+    core.running().stop_system_vms().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
+    let (core, _guard) = start(&[
+        ("consoleproxy.session.max", "1"),
+        ("consoleproxy.capacity.standby", "0"),
+        ("consoleproxy.launch.max", "2"),
+        ("consoleproxy.scalein.idle", "2"),
+        ("consoleproxy.scale.cooldown", "0"),
+    ])
+    .await;
+    wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
+    let target = add_qemu_target(&core).await;
+
+    // One open session fills the only proxy (1 × 1 − 1 = 0 ≤ 0): a second proxy starts.
+    let e = core
+        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={target}")])
+        .await;
+    let ws = &e["consoleendpoint"]["websocket"];
+    let url = format!(
+        "ws://{}:{}/websockify?token={}",
+        ws["host"].as_str().expect("host"),
+        ws["port"].as_str().expect("port"),
+        ws["token"].as_str().expect("token")
+    );
+    let mut live = open(&url, None).await;
+    let (mut w, mut h, _) = live.handshake().await.expect("live session");
+    let two = wait_fleet(&core, "consoleproxy", 2, Duration::from_secs(40)).await;
+    assert_eq!(events(&core, "PROXY.SCALEOUT").await.len(), 2, "the first proxy, then one for load");
+
+    // While the session lives nothing scales in (without its proxy: 1 × 1 − 1 = 0, not > 0),
+    // even the idle new one, and the session keeps working.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(vms(&core, "consoleproxy").await.len(), 2);
+    assert!(events(&core, "PROXY.SCALEIN").await.is_empty());
+    let frame = live.full_frame(&mut w, &mut h).await;
+    assert!(!frame.is_empty(), "the live session was cut");
+    drop(live);
+
+    // Idle again: one proxy is drained and destroyed; then the fleet stays at one.
+    let one = wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(40)).await;
+    assert!(two.iter().any(|v| v["id"] == one[0]["id"]));
+    assert!(!events(&core, "PROXY.SCALEIN").await.is_empty());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(vms(&core, "consoleproxy").await.len(), 1, "flapped");
+    assert_eq!(events(&core, "PROXY.SCALEOUT").await.len(), 2, "flapped: {:?}", events(&core, "PROXY.SCALEOUT").await);
+    // And the remaining proxy serves consoles.
+    console_works(&core, &target).await;
+    core.running().stop_system_vms().await;
+}
