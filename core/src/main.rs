@@ -56,6 +56,9 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Client subcommands: operations against a running core's API.
+    #[command(flatten)]
+    Client(systemvm_core::cli::ClientCommand),
 }
 
 #[tokio::main]
@@ -110,6 +113,12 @@ async fn main() -> anyhow::Result<()> {
             println!("name: {}", r.name);
             println!("secret: {}", r.secret);
             println!("ca: {}", ca.display());
+        }
+        Cmd::Client(cmd) => {
+            if let Err(e) = systemvm_core::cli::run(cmd).await {
+                eprintln!("{e:#}");
+                std::process::exit(1);
+            }
         }
     }
     Ok(())
