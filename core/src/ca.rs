@@ -37,6 +37,12 @@ pub enum CaError {
     /// rustls refused the server certificate.
     #[error("TLS configuration failed")]
     Tls(#[from] rustls::Error),
+    /// The database failed.
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+    /// The data dir holds another CA than the database (two fleets' CAs mixed up).
+    #[error("{0} is not the CA stored in the database: restore the matching data dir, or remove ca.pem and ca-key.pem to take the database's CA")]
+    Mismatch(PathBuf),
 }
 
 /// The CA's fixed parameters (see the module invariants).
@@ -113,6 +119,43 @@ impl Ca {
         }
     }
 
+    /// Loads the CA shared through the database (`core_keys` rows `ca_cert`, `ca_key`), so every
+    /// core on one database (HA) serves the same CA: the database's CA is written to a data dir
+    /// that has none; a data dir CA is stored in a database that has none; the first core to store
+    /// one wins.
+    pub async fn load_shared(dir: &Path, pool: &sqlx::AnyPool) -> Result<Self, CaError> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca-key.pem");
+        let stored = stored_ca(pool).await?;
+        if let (Some((cert, key)), false, false) = (&stored, cert_path.exists(), key_path.exists()) {
+            write_atomic(&key_path, key, 0o600)?;
+            write_atomic(&cert_path, cert, 0o644)?;
+            tracing::info!(path = %cert_path.display(), "Wrote the database's agent CA to the data dir");
+        }
+        let ca = Self::load_or_create(dir)?;
+        let cert = std::fs::read_to_string(&cert_path).map_err(|source| CaError::Io {
+            path: cert_path.clone(),
+            source,
+        })?;
+        if stored.is_none() {
+            let now = crate::util::now_cs();
+            for (name, value) in [("ca_cert", cert.clone()), ("ca_key", ca.key.serialize_pem())] {
+                sqlx::query(
+                    "INSERT INTO core_keys (name, value, created) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(value)
+                .bind(now.clone())
+                .execute(pool)
+                .await?;
+            }
+        }
+        match stored_ca(pool).await? {
+            Some((db_cert, _)) if db_cert.trim() == cert.trim() => Ok(ca),
+            _ => Err(CaError::Mismatch(cert_path)),
+        }
+    }
+
     /// Issues a server certificate for the agent endpoint and builds its TLS configuration.
     /// SANs: loopback addresses, `localhost`, this host's name, and `extra`.
     pub fn server_config(&self, extra: &[String]) -> Result<Arc<rustls::ServerConfig>, CaError> {
@@ -151,6 +194,15 @@ impl Ca {
     }
 }
 
+async fn stored_ca(pool: &sqlx::AnyPool) -> Result<Option<(String, String)>, sqlx::Error> {
+    let get = |name: &'static str| {
+        sqlx::query_scalar::<_, String>("SELECT value FROM core_keys WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+    };
+    Ok(get("ca_cert").await?.zip(get("ca_key").await?))
+}
+
 fn hostname() -> Option<String> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let h = h.trim();
@@ -179,5 +231,22 @@ mod tests {
         again.server_config(&[]).unwrap();
         std::fs::remove_file(dir.path().join("ca-key.pem")).unwrap();
         assert!(matches!(Ca::load_or_create(dir.path()), Err(CaError::HalfCa(_))));
+    }
+
+    #[tokio::test]
+    async fn cores_on_one_database_share_the_ca() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(None, a.path()).await.unwrap();
+        let first = Ca::load_shared(a.path(), &db.pool).await.unwrap();
+        let second = Ca::load_shared(b.path(), &db.pool).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&first.cert_path).unwrap(),
+            std::fs::read_to_string(&second.cert_path).unwrap()
+        );
+        // A data dir with another CA is refused rather than silently serving two CAs.
+        let c = tempfile::tempdir().unwrap();
+        Ca::load_or_create(c.path()).unwrap();
+        assert!(matches!(Ca::load_shared(c.path(), &db.pool).await, Err(CaError::Mismatch(_))));
     }
 }

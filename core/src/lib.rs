@@ -142,6 +142,11 @@ impl RunningCore {
         self.state.console_keys()
     }
 
+    /// Whether system VM `id`'s agent is connected to this core now.
+    pub fn agent_connected(&self, id: &str) -> bool {
+        self.state.agents.connection(id).is_some()
+    }
+
     /// Whether this core holds the leader lease.
     pub fn is_leader(&self) -> bool {
         self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
@@ -161,6 +166,20 @@ impl RunningCore {
             }
             Err(error) => tracing::warn!(%error, "Could not list the system VMs to stop"),
         }
+    }
+
+    /// Stops as a crash would (tests of HA): tasks are aborted, sockets close, the lease is not
+    /// released (the standby must wait for it to expire) and nothing is flushed.
+    pub async fn abort(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.state.agents.close_all();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.state.jobs.lock().await.shutdown().await;
+        self.state.db.pool.close().await;
     }
 
     /// Stops the listeners, aborts running async jobs (the next start fails them) and closes the
@@ -279,7 +298,9 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     let console_keys = agent::load_console_keys(&db.pool)
         .await
         .context("failed to load the console-token keys")?;
-    let ca = ca::Ca::load_or_create(&config.data_dir).context("failed to set up the agent CA")?;
+    let ca = ca::Ca::load_shared(&config.data_dir, &db.pool)
+        .await
+        .context("failed to set up the agent CA")?;
     let state: State = Arc::new(Shared {
         db,
         settings: RwLock::new(settings),

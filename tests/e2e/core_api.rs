@@ -264,13 +264,15 @@ impl Core {
         let running = systemvm_core::start(config.clone())
             .await
             .expect("core failed to start");
-        let creds: Value =
-            serde_json::from_str(&std::fs::read_to_string(&running.credentials_path).unwrap()).unwrap();
+        // A second core on an existing database writes no credentials: its caller sets the keys.
+        let creds: Value = std::fs::read_to_string(&running.credentials_path)
+            .map(|t| serde_json::from_str(&t).unwrap())
+            .unwrap_or_default();
         Core {
             running: Some(running),
             config,
-            key: creds["apikey"].as_str().unwrap().to_owned(),
-            secret: creds["secretkey"].as_str().unwrap().to_owned(),
+            key: creds["apikey"].as_str().unwrap_or_default().to_owned(),
+            secret: creds["secretkey"].as_str().unwrap_or_default().to_owned(),
             dir: TempDir(dir),
         }
     }
@@ -282,6 +284,13 @@ impl Core {
     /// The data dir.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir.0
+    }
+
+    /// Stops the core as a crash would (no lease release, no clean close).
+    pub(crate) async fn crash(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.abort().await;
+        }
     }
 
     /// Stops and starts the core again on the same data dir, database and agent port.

@@ -17,7 +17,7 @@ use crate::support::{VNC_PASSWORD, qemu};
 
 /// Kills (SIGKILL) every process whose command line mentions `needle` (the core's data dir, which
 /// every VM it starts is given as `--ca DIR/ca.pem`): nothing outlives a failed test.
-struct KillOnDrop(String);
+pub(crate) struct KillOnDrop(pub(crate) String);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

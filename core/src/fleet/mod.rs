@@ -52,6 +52,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_START_FAILURES: i64 = 3;
 /// How often a VM in `Error` is tried again.
 pub const ERROR_RETRY: Duration = Duration::from_secs(60);
+/// Extra time agents get to reach a core that just took the lease over (ms).
+pub const TAKEOVER_GRACE_MS: i64 = 30_000;
 /// A draining proxy is destroyed only after this long without sessions or claims.
 pub const DRAIN_QUIET: Duration = Duration::from_secs(5);
 
@@ -82,6 +84,9 @@ pub struct Fleet {
     pub ca: std::path::PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_scale_ms: std::sync::Mutex<HashMap<String, i64>>,
+    /// When this core last became the leader (ms): agents get time to move over before their
+    /// silence counts against them.
+    leader_since_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Fleet {
@@ -93,6 +98,7 @@ impl Fleet {
             ca,
             locks: std::sync::Mutex::default(),
             last_scale_ms: std::sync::Mutex::default(),
+            leader_since_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -506,12 +512,18 @@ pub fn decide(proxies: &[ProxyView], rule: &ScaleRule, since_last_scale_secs: Op
 pub async fn run(state: State, fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_leader = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if !state.leader.load(Ordering::Relaxed) {
+        let leader = state.leader.load(Ordering::Relaxed);
+        if leader && !was_leader {
+            fleet.leader_since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        was_leader = leader;
+        if !leader {
             continue;
         }
         if let Err(error) = pass(&state, &fleet).await {
@@ -618,7 +630,10 @@ async fn health(state: &State, fleet: &Fleet, vm: &ManagedVm, timeout_ms: i64) -
                     return restart(state, fleet, vm, "did not come Up in time").await;
                 }
             } else {
-                let silent = vm.last_heartbeat_ms.is_none_or(|h| now - h > timeout_ms);
+                // After a takeover, agents need a reconnect round (up to the longest backoff).
+                let since = fleet.leader_since_ms.load(Ordering::Relaxed) + TAKEOVER_GRACE_MS;
+                let heard = vm.last_heartbeat_ms.unwrap_or(0).max(since);
+                let silent = now - heard > timeout_ms;
                 if silent {
                     return restart(state, fleet, vm, "agent stopped heartbeating").await;
                 }

@@ -8,9 +8,10 @@
 //! Invariants:
 //! * core's certificate is verified against the `--ca` file only: no system roots, no way to turn
 //!   verification off;
-//! * the task never gives up: after any failure (connect, TLS, refusal, lost connection) it waits
-//!   1 s doubling to 30 s, with ±20 % jitter, trying each core URL in turn; a `Welcome` resets the
-//!   delay; only [`AgentClient::shutdown`] stops it;
+//! * the task never gives up: after any failure (connect, TLS, refusal, lost connection) it tries
+//!   the next core URL at once ([`NEXT_URL_DELAY`]), and after a round over all of them waits 1 s
+//!   doubling to 30 s, with ±20 % jitter; a `Welcome` resets the delay; only
+//!   [`AgentClient::shutdown`] stops it;
 //! * a core that stops answering (pings go with every heartbeat) for [`SILENT_CORE_INTERVALS`]
 //!   intervals plus [`HANDSHAKE_TIMEOUT`] is treated as gone: the agent reconnects, trying the next URL;
 //! * the secret never reaches a log.
@@ -48,6 +49,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const SILENT_CORE_INTERVALS: u32 = 3;
 /// Time allowed to connect, complete TLS and the WebSocket upgrade, and get an answer to `Hello`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before trying the next core URL of a round.
+pub const NEXT_URL_DELAY: Duration = Duration::from_millis(100);
 /// Time core has to answer a [`ClaimSession`].
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages queued for core while the channel is down or busy; more are dropped (progress is
@@ -503,8 +506,13 @@ async fn run(
             Ok(()) => "connection closed by core".to_owned(),
             Err(e) => error_chain(&e),
         };
-        failures = failures.saturating_add(1);
-        let delay = backoff(failures);
+        // The next core URL is tried at once; the backoff applies after a round over all of them.
+        let delay = if next_url % config.urls.len() == 0 {
+            failures = failures.saturating_add(1);
+            backoff(failures)
+        } else {
+            NEXT_URL_DELAY
+        };
         tracing::warn!(url = %url.url, %error, retry_in_ms = delay.as_millis(), "Agent channel down");
         let _ = status.send(Status::Failed(error));
         tokio::select! {
