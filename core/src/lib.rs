@@ -58,6 +58,7 @@ pub mod params;
 pub mod server;
 pub mod signing;
 pub mod state;
+pub mod up;
 pub mod util;
 
 use crate::state::{Role, Shared, State};
@@ -152,20 +153,26 @@ impl RunningCore {
         self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Stops the processes/domains of every system VM core manages, without changing what core
-    /// wants of them: started again, core starts them again (`up` on Ctrl-C; tests).
-    pub async fn stop_system_vms(&self) {
-        let Some(fleet) = self.state.fleet.get() else {
-            return;
-        };
-        match fleet::managed_vms(&self.state, None).await {
-            Ok(vms) => {
-                for vm in vms {
-                    let _ = fleet.driver.stop(&vm.id, &vm.placement, false).await;
-                }
-            }
-            Err(error) => tracing::warn!(%error, "Could not list the system VMs to stop"),
+    /// Stops core (as [`RunningCore::shutdown`]) and then the processes/domains of every system
+    /// VM it manages, without changing what core wants of them: started again, core starts them
+    /// again (`up` on Ctrl-C; tests). The fleet manager stops first, so it can't restart them.
+    pub async fn shutdown_with_system_vms(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
         }
+        if let Some(fleet) = self.state.fleet.get() {
+            match fleet::managed_vms(&self.state, None).await {
+                Ok(vms) => {
+                    for vm in vms {
+                        let _ = fleet.driver.stop(&vm.id, &vm.placement, false).await;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "Could not list the system VMs to stop"),
+            }
+        }
+        self.state.jobs.lock().await.shutdown().await;
+        self.state.db.pool.close().await;
     }
 
     /// Stops as a crash would (tests of HA): tasks are aborted, sockets close, the lease is not

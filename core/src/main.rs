@@ -37,6 +37,30 @@ enum Cmd {
         /// Extra name or IP address in the agent endpoint's certificate (repeatable).
         #[arg(long = "agent-san")]
         agent_sans: Vec<String>,
+        /// Deploy and manage the system VMs with this driver (`process`); without it, agents are
+        /// registered and started by hand.
+        #[arg(long, value_parser = ["process"])]
+        driver: Option<String>,
+        /// Agent endpoint URL(s) given to the system VMs core starts (wss://HOST:PORT/agent,
+        /// comma-separated; with two cores, both). Default: this core's endpoint.
+        #[arg(long = "agent-url", value_delimiter = ',')]
+        agent_urls: Vec<String>,
+    },
+    /// Runs the whole suite on this machine: core (SQLite), a console proxy and a storage VM as
+    /// local processes, a local image store, and a demo VM under QEMU when QEMU is installed.
+    Up {
+        /// Data directory [default: ~/.local/share/systemvm-core].
+        #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// API listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Image store (nfs://HOST/EXPORT or file:///PATH) [default: file://DATA_DIR/secondary].
+        #[arg(long)]
+        store: Option<String>,
+        /// Do not start the demo VM.
+        #[arg(long)]
+        no_demo: bool,
     },
     /// Registers a system VM whose agent is started by hand; prints its id and secret (shown once).
     RegisterSystemvm {
@@ -72,12 +96,16 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             agent_listen,
             agent_sans,
+            driver,
+            agent_urls,
         } => {
             let mut config = CoreConfig::new(data_dir);
             config.listen = listen;
             config.database_url = database_url;
             config.agent_listen = Some(agent_listen);
             config.agent_sans = agent_sans;
+            config.driver = driver.map(|_| systemvm_core::DriverKind::Process);
+            config.agent_urls = agent_urls;
             let core = start(config).await?;
             println!("API: {}", core.api_url());
             println!("Credentials: {}", core.credentials_path.display());
@@ -86,6 +114,34 @@ async fn main() -> anyhow::Result<()> {
             }
             tokio::signal::ctrl_c().await?;
             core.shutdown().await;
+        }
+        Cmd::Up {
+            data_dir,
+            listen,
+            store,
+            no_demo,
+        } => {
+            let data_dir = match data_dir {
+                Some(d) => d,
+                None => std::env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".local/share/systemvm-core"))
+                    .context("no --data-dir and no HOME")?,
+            };
+            let opts = systemvm_core::up::UpOptions {
+                data_dir: data_dir.clone(),
+                listen,
+                store,
+                demo: !no_demo,
+            };
+            let up = systemvm_core::up::up(&opts).await?;
+            println!("{}", systemvm_core::up::next_steps(&up, &data_dir));
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            eprintln!("up: stopping");
+            systemvm_core::up::down(up).await;
         }
         Cmd::RegisterSystemvm {
             data_dir,

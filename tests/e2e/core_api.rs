@@ -286,6 +286,13 @@ impl Core {
         &self.dir.0
     }
 
+    /// Stops the core, then every system VM it manages (the fleet manager first, so nothing restarts).
+    pub(crate) async fn shutdown_with_system_vms(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown_with_system_vms().await;
+        }
+    }
+
     /// Stops the core as a crash would (no lease release, no clean close).
     pub(crate) async fn crash(&mut self) {
         if let Some(r) = self.running.take() {

@@ -151,7 +151,7 @@ fn local_store(core: &Core) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_both_system_vms_and_restarts_killed_ones() {
-    let (core, _guard) = start(&[("secstorage.allowed.internal.sites", "127.0.0.0/8")]).await;
+    let (mut core, _guard) = start(&[("secstorage.allowed.internal.sites", "127.0.0.0/8")]).await;
     // A console proxy comes at once; the storage VM once the zone has an image store.
     wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
     assert!(vms(&core, "secondarystoragevm").await.is_empty());
@@ -272,12 +272,12 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
     assert_ne!(replaced[0]["id"], proxy_id.as_str());
     assert!(!Path::new(&core.dir().join("systemvms").join(&proxy_id)).exists());
 
-    core.running().stop_system_vms().await;
+    core.shutdown_with_system_vms().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
-    let (core, _guard) = start(&[
+    let (mut core, _guard) = start(&[
         ("consoleproxy.session.max", "1"),
         ("consoleproxy.capacity.standby", "0"),
         ("consoleproxy.launch.max", "2"),
@@ -322,5 +322,95 @@ async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
     assert_eq!(events(&core, "PROXY.SCALEOUT").await.len(), 2, "flapped: {:?}", events(&core, "PROXY.SCALEOUT").await);
     // And the remaining proxy serves consoles.
     console_works(&core, &target).await;
-    core.running().stop_system_vms().await;
+    core.shutdown_with_system_vms().await;
+}
+
+/// A binary of the workspace, built beside this test executable (`target/debug`).
+fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(bin.is_file(), "{} missing: cargo build --workspace --bins", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_the_suite_and_ctrl_c_stops_it() {
+    let dir = std::env::temp_dir().join(format!("systemvm-e2e-up-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _guard = KillOnDrop(dir.display().to_string());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = tokio::process::Command::new(workspace_bin("systemvm-core"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemvm-core up");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut text = String::new();
+    let started = Instant::now();
+    while !text.contains("Press Ctrl-C") {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(120), tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line))
+            .await
+            .expect("up did not finish starting within 120 s")
+            .expect("read");
+        assert!(n > 0, "up exited early: {text}");
+        text.push_str(&line);
+    }
+    eprintln!("up ready in {:?}", started.elapsed());
+    assert!(text.contains(&format!("http://127.0.0.1:{port}/client/api")), "{text}");
+    assert!(text.contains(&dir.join("credentials.json").display().to_string()), "{text}");
+    for step in ["register-template", "console", "system-vms"] {
+        assert!(text.contains(&format!("systemvm-core {step}")), "{step} missing: {text}");
+    }
+    // The printed steps work: the system VMs are listed Up, and the demo VM's console link is made.
+    let api = format!("http://127.0.0.1:{port}/client/api");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(workspace_bin("systemvm-core"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--api-url")
+            .arg(&api)
+            .output()
+            .expect("cli");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = cli(&["system-vms"]);
+    assert_eq!(table.matches("Running").count(), 2, "{table}");
+    let demo = text
+        .lines()
+        .find(|l| l.contains("systemvm-core console"))
+        .and_then(|l| l.split_whitespace().last())
+        .expect("console step")
+        .to_owned();
+    let link = cli(&["console", &demo]);
+    assert!(link.trim().starts_with("http://127.0.0.1:") && link.contains("/console?token="), "{link}");
+    // Ctrl-C stops every process it started.
+    assert!(!pids_with(&dir.display().to_string()).is_empty());
+    let st = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().expect("pid").to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("up did not stop within 30 s")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    let left = pids_with(&dir.display().to_string());
+    assert!(left.is_empty(), "processes left running: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -123,5 +123,5 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(colours >= 2);
-    b.running().stop_system_vms().await;
+    b.shutdown_with_system_vms().await;
 }
