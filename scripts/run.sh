@@ -1,70 +1,15 @@
 #!/usr/bin/env bash
-# Runs the console proxy standalone and prints a console link to open in a browser.
+# Runs the whole suite on this machine with `systemvm-core up`: core (SQLite), a console proxy and a
+# storage VM as local processes, a local-directory image store, and a demo VM under QEMU; prints the
+# API URL, the credentials file and the next steps. Ctrl-C stops everything it started.
 #
-#   scripts/run.sh                                  # starts a demo VM under QEMU (VNC with a password)
-#   scripts/run.sh --vnc HOST:PORT [--password PW]  # a VNC server you name instead
-#   LISTEN=0.0.0.0:8080 scripts/run.sh ...          # listen elsewhere (default 127.0.0.1:8080)
-#
-# Ctrl-C stops everything it started. State (key file, demo VM) lives in target/run/.
+#   scripts/run.sh                               # data in target/run/core, API on 127.0.0.1:8080
+#   scripts/run.sh --listen 127.0.0.1:9080       # another API address
+#   scripts/run.sh --store nfs://HOST/EXPORT     # an NFS image store instead of a local directory
+#   scripts/run.sh --no-demo                     # no demo VM
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-vnc="" name="" password="${CONSOLE_PROXY_VNC_PASSWORD:-}"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --vnc) vnc=$2; shift 2 ;;
-    --password) password=$2; shift 2 ;;
-    *) echo "usage: scripts/run.sh [--vnc HOST:PORT [--password PW]]" >&2; exit 2 ;;
-  esac
-done
-listen=${LISTEN:-127.0.0.1:8080}
-
 scripts/deps.sh run
-cargo build --release --locked -p console-proxy
-bin=target/release/console-proxy
-state=target/run
-mkdir -p "$state"
-
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
-
-wait_port() { # host port what
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "run: $3 did not start on $1:$2" >&2; exit 1
-}
-
-if [ -z "$vnc" ]; then
-  display=$(for d in $(seq 50 99); do (exec 3<>"/dev/tcp/127.0.0.1/$((5900 + d))") 2>/dev/null || { echo "$d"; break; }; done)
-  password=$(head -c 6 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 8)
-  printf '%s' "$password" > "$state/vnc.secret"; chmod 600 "$state/vnc.secret"
-  qemu-system-x86_64 -accel tcg -m 128 -display none -net none -monitor none -serial none \
-    -name demo-vm -object "secret,id=vncpw,file=$state/vnc.secret" \
-    -vnc "127.0.0.1:$display,password-secret=vncpw" &
-  pids+=($!)
-  vnc="127.0.0.1:$((5900 + display))" name=demo-vm
-  wait_port 127.0.0.1 $((5900 + display)) "the demo VM's VNC server"
-  echo "run: demo VM (SeaBIOS screen) on VNC $vnc with a random password"
-fi
-
-[ -f "$state/keys.json" ] || "$bin" keygen --out "$state/keys.json"
-"$bin" serve --listen "$listen" --keys "$state/keys.json" &
-pids+=($!)
-wait_port "${listen%:*}" "${listen##*:}" "console-proxy"
-
-host=${listen%:*}; [ "$host" = 0.0.0.0 ] && host=127.0.0.1
-url=$(CONSOLE_PROXY_VNC_PASSWORD="$password" "$bin" token --keys "$state/keys.json" --vnc "$vnc" \
-  --vm-name "${name:-$vnc}" --ttl 600 --url "http://$host:${listen##*:}")
-cat <<TXT
-
-Console proxy is serving on $listen. Open this link in a browser (it works once, for 10 minutes):
-
-  $url
-
-Another link: CONSOLE_PROXY_VNC_PASSWORD=… $bin token --keys $state/keys.json --vnc $vnc --url http://$host:${listen##*:}
-Press Ctrl-C to stop.
-TXT
-wait "${pids[@]}"
+cargo build --release --locked -p systemvm-core -p console-proxy -p ssvm-agent --bins
+export PATH="$PWD/target/release:$PATH"
+exec systemvm-core up --data-dir "${DATA_DIR:-$PWD/target/run/core}" "$@"
