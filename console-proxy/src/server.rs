@@ -65,7 +65,11 @@ impl RunningProxy {
 
     /// Makes every new session claim its id from core first (`serve --core`).
     pub fn set_claimer(&self, claimer: systemvm_agent_client::Claimer) {
-        *self.shared.claimer.write().unwrap_or_else(PoisonError::into_inner) = Some(claimer);
+        *self
+            .shared
+            .claimer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(claimer);
     }
 
     /// Stops accepting, closes open sessions with code 1001, and waits for them (bounded).
@@ -369,9 +373,9 @@ fn websocket<S: BrowserStream>(
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
             let verdict = match (verdict, claimer) {
-                (Ok((claims, permit)), Some(claimer)) => {
-                    session::claim_fleet_wide(&claimer, &claims).await.map(|()| (claims, permit))
-                }
+                (Ok((claims, permit)), Some(claimer)) => session::claim_fleet_wide(&claimer, &claims)
+                    .await
+                    .map(|()| (claims, permit)),
                 (v, _) => v,
             };
             match verdict {

@@ -130,16 +130,24 @@ pub async fn claim_fleet_wide(
             close_code::TOKEN_REFUSED,
             format!(
                 "console token already used: {}",
-                answer.reason.as_deref().unwrap_or("refused by the management server")
+                answer
+                    .reason
+                    .as_deref()
+                    .unwrap_or("refused by the management server")
             ),
         )),
         Err(ClaimError::Unsupported(version)) => {
-            tracing::debug!(version, "Core does not check session claims; the local replay check applies");
+            tracing::debug!(
+                version,
+                "Core does not check session claims; the local replay check applies"
+            );
             Ok(())
         }
         Err(e) => Err(Refusal::new(
             close_code::INTERNAL,
-            format!("the console proxy could not confirm this link with the management server ({e}); open the console again"),
+            format!(
+                "the console proxy could not confirm this link with the management server ({e}); open the console again"
+            ),
         )),
     }
 }

@@ -41,7 +41,9 @@ pub enum CaError {
     #[error("database error")]
     Db(#[from] sqlx::Error),
     /// The data dir holds another CA than the database (two fleets' CAs mixed up).
-    #[error("{0} is not the CA stored in the database: restore the matching data dir, or remove ca.pem and ca-key.pem to take the database's CA")]
+    #[error(
+        "{0} is not the CA stored in the database: restore the matching data dir, or remove ca.pem and ca-key.pem to take the database's CA"
+    )]
     Mismatch(PathBuf),
 }
 
@@ -247,6 +249,9 @@ mod tests {
         // A data dir with another CA is refused rather than silently serving two CAs.
         let c = tempfile::tempdir().unwrap();
         Ca::load_or_create(c.path()).unwrap();
-        assert!(matches!(Ca::load_shared(c.path(), &db.pool).await, Err(CaError::Mismatch(_))));
+        assert!(matches!(
+            Ca::load_shared(c.path(), &db.pool).await,
+            Err(CaError::Mismatch(_))
+        ));
     }
 }

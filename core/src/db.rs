@@ -14,7 +14,11 @@ use sqlx::any::AnyPoolOptions;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial", include_str!("../migrations/0001_initial.sql")),
     (2, "system_vms", include_str!("../migrations/0002_system_vms.sql")),
-    (3, "storage_consoles", include_str!("../migrations/0003_storage_consoles.sql")),
+    (
+        3,
+        "storage_consoles",
+        include_str!("../migrations/0003_storage_consoles.sql"),
+    ),
     (4, "fleet", include_str!("../migrations/0004_fleet.sql")),
 ];
 

@@ -374,7 +374,10 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         agent_addr = Some(a);
         tasks.push(tokio::spawn(agent::serve(l, tls, state.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(agent::monitor(state.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(api::templates::dispatcher(state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(api::templates::dispatcher(
+            state.clone(),
+            stop_rx.clone(),
+        )));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
         if let Some(kind) = &config.driver {
             let driver: Arc<dyn fleet::Driver> = match kind {

@@ -129,7 +129,9 @@ impl Shared {
     }
 
     fn dispatched(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
-        self.dispatched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.dispatched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether template `id`'s download went to a connection that is still current.

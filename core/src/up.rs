@@ -88,7 +88,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
             Some(u) => u.clone(),
             None => {
                 let dir = opts.data_dir.join("secondary");
-                std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("failed to create {}", dir.display()))?;
                 let dir = dir.canonicalize()?;
                 format!("file://{}", dir.display())
             }
@@ -116,10 +117,21 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            let events = call("listEvents", vec![("pagesize".into(), "10".into()), ("page".into(), "1".into())]).await?;
+            let events = call(
+                "listEvents",
+                vec![("pagesize".into(), "10".into()), ("page".into(), "1".into())],
+            )
+            .await?;
             let lines: Vec<String> = list(&events, "event")
                 .iter()
-                .map(|e| format!("  {} {}: {}", e["created"], e["type"], e["description"].as_str().unwrap_or_default()))
+                .map(|e| {
+                    format!(
+                        "  {} {}: {}",
+                        e["created"],
+                        e["type"],
+                        e["description"].as_str().unwrap_or_default()
+                    )
+                })
                 .collect();
             core.shutdown_with_system_vms().await;
             anyhow::bail!(

@@ -276,7 +276,11 @@ impl Agent {
         };
         let mut removed = Vec::new();
         for e in entries {
-            anyhow::ensure!(!e.is_dir, "{dir}/{} is a directory: not an install this agent made", e.name);
+            anyhow::ensure!(
+                !e.is_dir,
+                "{dir}/{} is a directory: not an install this agent made",
+                e.name
+            );
             store
                 .remove_file(&format!("{dir}/{}", e.name))
                 .await

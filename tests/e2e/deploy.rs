@@ -22,7 +22,10 @@ pub(crate) struct KillOnDrop(pub(crate) String);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for pid in pids_with(&self.0) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
     }
 }
@@ -55,8 +58,12 @@ async fn start(adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
     .await;
     let guard = KillOnDrop(core.dir().display().to_string());
     for (name, value) in adjust {
-        core.ok(&["updateConfiguration", &format!("name={name}"), &format!("value={value}")])
-            .await;
+        core.ok(&[
+            "updateConfiguration",
+            &format!("name={name}"),
+            &format!("value={value}"),
+        ])
+        .await;
     }
     (core, guard)
 }
@@ -72,7 +79,11 @@ async fn wait_fleet(core: &Core, kind: &str, n: usize, within: Duration) -> Vec<
     let start = Instant::now();
     loop {
         let list = vms(core, kind).await;
-        if list.len() == n && list.iter().all(|v| v["state"] == "Running" && v["agentstate"] == "Up") {
+        if list.len() == n
+            && list
+                .iter()
+                .all(|v| v["state"] == "Running" && v["agentstate"] == "Up")
+        {
             return list;
         }
         assert!(
@@ -116,7 +127,10 @@ async fn console_works(core: &Core, target: &str) {
         ws["token"].as_str().expect("token")
     );
     let mut rfb = open(&url, None).await;
-    let (mut w, mut h, name) = rfb.handshake().await.expect("console through a core-started proxy");
+    let (mut w, mut h, name) = rfb
+        .handshake()
+        .await
+        .expect("console through a core-started proxy");
     assert_eq!(name, "e2e-vm");
     let mut colours = 0;
     for _ in 0..40 {
@@ -155,8 +169,13 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
     // A console proxy comes at once; the storage VM once the zone has an image store.
     wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
     assert!(vms(&core, "secondarystoragevm").await.is_empty());
-    core.ok(&["addImageStore", "provider=NFS", "name=local", &format!("url={}", local_store(&core))])
-        .await;
+    core.ok(&[
+        "addImageStore",
+        "provider=NFS",
+        "name=local",
+        &format!("url={}", local_store(&core)),
+    ])
+    .await;
     let ssvm = wait_fleet(&core, "secondarystoragevm", 1, Duration::from_secs(30)).await;
     let proxy = vms(&core, "consoleproxy").await;
     assert_eq!(proxy[0]["managed"], true);
@@ -175,17 +194,25 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
         if !events(&core, "PROXY.RESTART").await.is_empty() {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "kill -9 not detected within 10 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "kill -9 not detected within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let detected = killed.elapsed();
     let after = wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
-    assert_eq!(after[0]["id"], proxy_id.as_str(), "the same VM restarted, not a new one");
+    assert_eq!(
+        after[0]["id"],
+        proxy_id.as_str(),
+        "the same VM restarted, not a new one"
+    );
     console_works(&core, &target).await;
     eprintln!("proxy kill -9 detected in {detected:?}");
 
     // kill -9 of the storage agent mid-download: restarted, and the job resumes (Range request).
-    let img = systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "slow.qcow2", 16, 3).expect("qcow2");
+    let img =
+        systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "slow.qcow2", 16, 3).expect("qcow2");
     let data = std::fs::read(&img).expect("read");
     let http = HttpFixture::start().expect("http");
     http.route(
@@ -212,7 +239,9 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
     // Past the first checkpoint (5 s) and some way in.
     let start = Instant::now();
     loop {
-        let t = core.ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")]).await;
+        let t = core
+            .ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")])
+            .await;
         let pct: u64 = t["template"][0]["downloaddetails"][0]["downloadPercent"]
             .as_str()
             .and_then(|p| p.parse().ok())
@@ -220,20 +249,28 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
         if pct >= 50 && start.elapsed() > Duration::from_secs(6) {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "download did not progress: {t}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "download did not progress: {t}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let ssvm_id = ssvm[0]["id"].as_str().expect("id").to_owned();
     kill9(&ssvm_id);
     let start = Instant::now();
     loop {
-        let t = core.ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")]).await;
+        let t = core
+            .ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")])
+            .await;
         if t["template"][0]["isready"] == true {
             break;
         }
         let state = &t["template"][0]["downloaddetails"][0]["downloadState"];
         assert_ne!(state, "DOWNLOAD_ERROR", "{t}");
-        assert!(start.elapsed() < Duration::from_secs(90), "not Ready after the restart: {t}");
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not Ready after the restart: {t}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(!events(&core, "SSVM.RESTART").await.is_empty());
@@ -241,18 +278,29 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
         .requests("/slow.qcow2")
         .iter()
         .any(|r| r.range.as_deref().is_some_and(|r| !r.starts_with("bytes=0-")));
-    assert!(resumed, "the restarted agent did not resume with a Range request: {:?}", http.requests("/slow.qcow2"));
-    let account = core.ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")]).await["template"][0]
-        ["accountid"]
+    assert!(
+        resumed,
+        "the restarted agent did not resume with a Range request: {:?}",
+        http.requests("/slow.qcow2")
+    );
+    let account = core
+        .ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")])
+        .await["template"][0]["accountid"]
         .as_str()
         .expect("account")
         .to_owned();
-    let installed = std::fs::read_dir(core.dir().join(format!("secondary/template/tmpl/{account}/{tid}")))
-        .expect("install dir")
-        .filter_map(Result::ok)
-        .find(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
-        .expect("image installed");
-    assert_eq!(Sha256::digest(std::fs::read(installed.path()).expect("read"))[..], Sha256::digest(&data)[..]);
+    let installed = std::fs::read_dir(
+        core.dir()
+            .join(format!("secondary/template/tmpl/{account}/{tid}")),
+    )
+    .expect("install dir")
+    .filter_map(Result::ok)
+    .find(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+    .expect("image installed");
+    assert_eq!(
+        Sha256::digest(std::fs::read(installed.path()).expect("read"))[..],
+        Sha256::digest(&data)[..]
+    );
 
     // Lifecycle API: stop keeps it stopped; start brings it back; destroy removes it and the
     // policy replaces it.
@@ -302,7 +350,11 @@ async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
     let mut live = open(&url, None).await;
     let (mut w, mut h, _) = live.handshake().await.expect("live session");
     let two = wait_fleet(&core, "consoleproxy", 2, Duration::from_secs(40)).await;
-    assert_eq!(events(&core, "PROXY.SCALEOUT").await.len(), 2, "the first proxy, then one for load");
+    assert_eq!(
+        events(&core, "PROXY.SCALEOUT").await.len(),
+        2,
+        "the first proxy, then one for load"
+    );
 
     // While the session lives nothing scales in (without its proxy: 1 × 1 − 1 = 0, not > 0),
     // even the idle new one, and the session keeps working.
@@ -319,7 +371,12 @@ async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
     assert!(!events(&core, "PROXY.SCALEIN").await.is_empty());
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(vms(&core, "consoleproxy").await.len(), 1, "flapped");
-    assert_eq!(events(&core, "PROXY.SCALEOUT").await.len(), 2, "flapped: {:?}", events(&core, "PROXY.SCALEOUT").await);
+    assert_eq!(
+        events(&core, "PROXY.SCALEOUT").await.len(),
+        2,
+        "flapped: {:?}",
+        events(&core, "PROXY.SCALEOUT").await
+    );
     // And the remaining proxy serves consoles.
     console_works(&core, &target).await;
     core.shutdown_with_system_vms().await;
@@ -330,7 +387,11 @@ fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join(name);
-    assert!(bin.is_file(), "{} missing: cargo build --workspace --bins", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: cargo build --workspace --bins",
+        bin.display()
+    );
     bin
 }
 
@@ -360,18 +421,30 @@ async fn up_runs_the_suite_and_ctrl_c_stops_it() {
     let started = Instant::now();
     while !text.contains("Press Ctrl-C") {
         let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(120), tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line))
-            .await
-            .expect("up did not finish starting within 120 s")
-            .expect("read");
+        let n = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line),
+        )
+        .await
+        .expect("up did not finish starting within 120 s")
+        .expect("read");
         assert!(n > 0, "up exited early: {text}");
         text.push_str(&line);
     }
     eprintln!("up ready in {:?}", started.elapsed());
-    assert!(text.contains(&format!("http://127.0.0.1:{port}/client/api")), "{text}");
-    assert!(text.contains(&dir.join("credentials.json").display().to_string()), "{text}");
+    assert!(
+        text.contains(&format!("http://127.0.0.1:{port}/client/api")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&dir.join("credentials.json").display().to_string()),
+        "{text}"
+    );
     for step in ["register-template", "console", "system-vms"] {
-        assert!(text.contains(&format!("systemvm-core {step}")), "{step} missing: {text}");
+        assert!(
+            text.contains(&format!("systemvm-core {step}")),
+            "{step} missing: {text}"
+        );
     }
     // The printed steps work: the system VMs are listed Up, and the demo VM's console link is made.
     let api = format!("http://127.0.0.1:{port}/client/api");
@@ -384,7 +457,11 @@ async fn up_runs_the_suite_and_ctrl_c_stops_it() {
             .arg(&api)
             .output()
             .expect("cli");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let table = cli(&["system-vms"]);
@@ -396,7 +473,10 @@ async fn up_runs_the_suite_and_ctrl_c_stops_it() {
         .expect("console step")
         .to_owned();
     let link = cli(&["console", &demo]);
-    assert!(link.trim().starts_with("http://127.0.0.1:") && link.contains("/console?token="), "{link}");
+    assert!(
+        link.trim().starts_with("http://127.0.0.1:") && link.contains("/console?token="),
+        "{link}"
+    );
     // Ctrl-C stops every process it started.
     assert!(!pids_with(&dir.display().to_string()).is_empty());
     let st = std::process::Command::new("kill")

@@ -99,7 +99,10 @@ async fn wait_download(core: &Core, list: &[&str], id: &str, within: Duration) -
         let v = core.ok(&args).await;
         let item = v
             .as_object()
-            .and_then(|o| o.values().find_map(|x| x.as_array().and_then(|a| a.first().cloned())))
+            .and_then(|o| {
+                o.values()
+                    .find_map(|x| x.as_array().and_then(|a| a.first().cloned()))
+            })
             .unwrap_or_else(|| panic!("{id} not listed: {v}"));
         let status = item["status"].as_str().unwrap_or_default().to_owned();
         if seen.last() != Some(&status) {
@@ -109,7 +112,10 @@ async fn wait_download(core: &Core, list: &[&str], id: &str, within: Duration) -
         if item["isready"] == true || state == "DOWNLOAD_ERROR" || state == "ABANDONED" {
             return (item, seen);
         }
-        assert!(start.elapsed() < within, "{id} not done within {within:?}: {item}");
+        assert!(
+            start.elapsed() < within,
+            "{id} not done within {within:?}: {item}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -136,7 +142,11 @@ async fn cs_err(core: &Core, args: &[&str]) -> (i64, String) {
 async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
     let _serial = NFS_LOCK.lock().await;
     let nfs = ganesha();
-    let tmp = temp(if matches!(backend, Backend::Sqlite) { "tmpl-sqlite" } else { "tmpl-pg" });
+    let tmp = temp(if matches!(backend, Backend::Sqlite) {
+        "tmpl-sqlite"
+    } else {
+        "tmpl-pg"
+    });
     let core = start_core(matches!(backend, Backend::Postgres)).await;
     let zone = core.ok(&["listZones"]).await["zone"][0]["id"]
         .as_str()
@@ -146,14 +156,28 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
     // No image store yet: registration is refused with CloudStack's parameter error, nothing recorded.
     let (code, text) = cs_err(
         &core,
-        &["registerTemplate", "name=x", "displaytext=x", "format=QCOW2", "hypervisor=KVM", "url=http://127.0.0.1/x.qcow2", &format!("zoneid={zone}")],
+        &[
+            "registerTemplate",
+            "name=x",
+            "displaytext=x",
+            "format=QCOW2",
+            "hypervisor=KVM",
+            "url=http://127.0.0.1/x.qcow2",
+            &format!("zoneid={zone}"),
+        ],
     )
     .await;
     assert_eq!(code, 431, "{text}");
     assert!(text.contains("no image store"), "{text}");
 
     let store = core
-        .ok(&["addImageStore", "provider=NFS", "name=ganesha", &format!("url={}", nfs.url), &format!("zoneid={zone}")])
+        .ok(&[
+            "addImageStore",
+            "provider=NFS",
+            "name=ganesha",
+            &format!("url={}", nfs.url),
+            &format!("zoneid={zone}"),
+        ])
         .await;
     assert_eq!(store["imagestore"]["protocol"], "nfs", "{store}");
     assert_eq!(store["imagestore"]["providername"], "NFS", "{store}");
@@ -200,10 +224,19 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
 
     // The storage VM comes Up, takes the download and installs it on ganesha.
     let agent = storage_agent(&core, &tmp.join("state")).await;
-    let (item, seen) = wait_download(&core, &["listTemplates", "templatefilter=all"], &tid, Duration::from_secs(60)).await;
+    let (item, seen) = wait_download(
+        &core,
+        &["listTemplates", "templatefilter=all"],
+        &tid,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(item["isready"], true, "{item} (statuses {seen:?})");
     assert_eq!(item["status"], "Download Complete", "{item}");
-    assert_eq!(item["downloaddetails"][0]["downloadState"], "DOWNLOADED", "{item}");
+    assert_eq!(
+        item["downloaddetails"][0]["downloadState"], "DOWNLOADED",
+        "{item}"
+    );
     assert_eq!(item["downloaddetails"][0]["downloadPercent"], "100", "{item}");
     assert_eq!(item["size"], 8 * 1024 * 1024, "virtual size of the qcow2: {item}");
     assert_eq!(item["format"], "QCOW2");
@@ -230,14 +263,22 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
     let start = Instant::now();
     loop {
         let stores = core.ok(&["listImageStores"]).await;
-        let cap = core.ok(&["listCapacity", "type=6", &format!("zoneid={zone}")]).await;
+        let cap = core
+            .ok(&["listCapacity", "type=6", &format!("zoneid={zone}")])
+            .await;
         let total = cap["capacity"][0]["capacitytotal"].as_u64().unwrap_or(0);
         if stores["imagestore"][0]["disksizetotal"].as_u64().unwrap_or(0) > 0 && total > 0 {
             assert_eq!(cap["capacity"][0]["type"], 6, "{cap}");
-            assert!(cap["capacity"][0]["capacityused"].as_u64().unwrap_or(0) <= total, "{cap}");
+            assert!(
+                cap["capacity"][0]["capacityused"].as_u64().unwrap_or(0) <= total,
+                "{cap}"
+            );
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "no capacity reported: {stores} {cap}");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no capacity reported: {stores} {cap}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let none = core.ok(&["listCapacity", "type=0"]).await;
@@ -256,9 +297,21 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
         ])
         .await;
     let bad_id = bad["template"][0]["id"].as_str().expect("id").to_owned();
-    let (item, _) = wait_download(&core, &["listTemplates", "templatefilter=self"], &bad_id, Duration::from_secs(60)).await;
-    assert_eq!(item["downloaddetails"][0]["downloadState"], "DOWNLOAD_ERROR", "{item}");
-    assert!(item["status"].as_str().unwrap_or_default().contains("checksum"), "{item}");
+    let (item, _) = wait_download(
+        &core,
+        &["listTemplates", "templatefilter=self"],
+        &bad_id,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        item["downloaddetails"][0]["downloadState"], "DOWNLOAD_ERROR",
+        "{item}"
+    );
+    assert!(
+        item["status"].as_str().unwrap_or_default().contains("checksum"),
+        "{item}"
+    );
     let bad_dir = nfs.dir.join(format!("template/tmpl/{account}/{bad_id}"));
     let leftovers: Vec<_> = std::fs::read_dir(&bad_dir)
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
@@ -269,8 +322,14 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
     for (args, want) in [
         (vec!["format=VMDK", "url=http://127.0.0.1/a"], "not supported"),
         (vec!["format=QCOW2", "url=file:///etc/passwd"], "http"),
-        (vec!["format=QCOW2", "url=http://127.0.0.1/a", "checksum=xyz"], "checksum"),
-        (vec!["format=QCOW2", "url=http://127.0.0.1/a", "directdownload=true"], "Direct download"),
+        (
+            vec!["format=QCOW2", "url=http://127.0.0.1/a", "checksum=xyz"],
+            "checksum",
+        ),
+        (
+            vec!["format=QCOW2", "url=http://127.0.0.1/a", "directdownload=true"],
+            "Direct download",
+        ),
     ] {
         let mut a = vec!["registerTemplate", "name=n", "displaytext=n", "hypervisor=KVM"];
         a.extend(args);
@@ -295,11 +354,23 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
     assert!(st.success());
     http.file("/tools.iso", std::fs::read(&iso_path).expect("iso"));
     let iso = core
-        .ok(&["registerIso", "name=tools", "displaytext=tools", &format!("url={}", http.url("/tools.iso")), &format!("zoneid={zone}")])
+        .ok(&[
+            "registerIso",
+            "name=tools",
+            "displaytext=tools",
+            &format!("url={}", http.url("/tools.iso")),
+            &format!("zoneid={zone}"),
+        ])
         .await;
     assert_eq!(iso["count"], 1, "{iso}");
     let iso_id = iso["iso"][0]["id"].as_str().expect("iso id").to_owned();
-    let (item, _) = wait_download(&core, &["listIsos", "isofilter=all"], &iso_id, Duration::from_secs(60)).await;
+    let (item, _) = wait_download(
+        &core,
+        &["listIsos", "isofilter=all"],
+        &iso_id,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(item["isready"], true, "{item}");
     assert_eq!(item["format"], "ISO");
     assert_eq!(item["bootable"], true);
@@ -319,7 +390,14 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
     let (code, _) = cs_err(&core, &["deleteTemplate", &format!("id={tid}")]).await;
     assert_eq!(code, 431, "deleting twice");
     // The store still holds the failed template's record: it can't be deleted yet.
-    let (code, _) = cs_err(&core, &["deleteImageStore", &format!("id={}", store["imagestore"]["id"].as_str().unwrap_or_default())]).await;
+    let (code, _) = cs_err(
+        &core,
+        &[
+            "deleteImageStore",
+            &format!("id={}", store["imagestore"]["id"].as_str().unwrap_or_default()),
+        ],
+    )
+    .await;
     assert_eq!(code, 536);
 
     agent.shutdown().await;
@@ -342,8 +420,9 @@ async fn linked_proxy(core: &Core, name: &str) -> LinkedProxy {
     );
     let proxy = Arc::new(console_proxy::start(config).await.expect("console proxy"));
     let endpoint = format!("http://{}", proxy.addr);
-    let client = console_proxy::core_link::connect(proxy.clone(), 10, &link(core, &id, &secret), Some(endpoint))
-        .expect("proxy link");
+    let client =
+        console_proxy::core_link::connect(proxy.clone(), 10, &link(core, &id, &secret), Some(endpoint))
+            .expect("proxy link");
     core.wait_agent_state(&id, "Up", Duration::from_secs(15)).await;
     LinkedProxy { proxy, client, id }
 }
@@ -402,7 +481,10 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
     let vm_id = target["consoletarget"]["id"].as_str().expect("id").to_owned();
     let listed = core.ok(&["listConsoleTargets", &format!("id={vm_id}")]).await;
     assert_eq!(listed["consoletarget"][0]["haspassword"], true, "{listed}");
-    assert!(!listed.to_string().contains(VNC_PASSWORD), "password shown: {listed}");
+    assert!(
+        !listed.to_string().contains(VNC_PASSWORD),
+        "password shown: {listed}"
+    );
     let (code, _) = cs_err(&core, &["addConsoleTarget", "name=x", "host=a b", "port=5900"]).await;
     assert_eq!(code, 431);
     let (code, _) = cs_err(&core, &["addConsoleTarget", "name=x", "host=h", "port=70000"]).await;
@@ -430,7 +512,10 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
     let token = e1["websocket"]["token"].as_str().expect("token");
     let replay = format!("ws://{}/websockify?token={token}", other.proxy.addr);
     let mut rfb = open(&replay, None).await;
-    let closed = rfb.handshake().await.expect_err("replay on another proxy refused");
+    let closed = rfb
+        .handshake()
+        .await
+        .expect_err("replay on another proxy refused");
     assert_eq!(closed.code, close_code::TOKEN_REFUSED, "{}", closed.reason);
     assert!(closed.reason.contains("already used"), "{}", closed.reason);
 
@@ -442,7 +527,10 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
         .await;
     let e2 = &e2["consoleendpoint"];
     assert!(
-        e2["url"].as_str().unwrap_or_default().starts_with(&format!("http://{}/", first.proxy.addr)),
+        e2["url"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("http://{}/", first.proxy.addr)),
         "affinity to {}: {e2}",
         first.id
     );
@@ -474,7 +562,10 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
     // Unknown VM: CloudStack's parameter error. No proxy Up: success false with the reason.
     let (code, _) = cs_err(
         &core,
-        &["createConsoleEndpoint", "virtualmachineid=00000000-0000-4000-8000-0000000000ff"],
+        &[
+            "createConsoleEndpoint",
+            "virtualmachineid=00000000-0000-4000-8000-0000000000ff",
+        ],
     )
     .await;
     assert_eq!(code, 431);
@@ -487,7 +578,10 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
             .await;
         if e["consoleendpoint"]["success"] == false {
             assert!(
-                e["consoleendpoint"]["details"].as_str().unwrap_or_default().contains("No console proxy"),
+                e["consoleendpoint"]["details"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("No console proxy"),
                 "{e}"
             );
             break;

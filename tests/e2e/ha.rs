@@ -25,7 +25,9 @@ async fn proxies(core: &Core) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_core_takes_over_when_the_active_one_dies() {
-    let url = tokio::task::spawn_blocking(postgres_database).await.expect("database");
+    let url = tokio::task::spawn_blocking(postgres_database)
+        .await
+        .expect("database");
     let (a_addr, b_addr) = (free_addr(), free_addr());
     let urls = vec![format!("wss://{a_addr}/agent"), format!("wss://{b_addr}/agent")];
     let configure = |addr: SocketAddr| {
@@ -53,13 +55,20 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
     let start = Instant::now();
     let proxy_id = loop {
         let list = proxies(&a).await;
-        if let Some(p) = list.iter().find(|p| p["state"] == "Running" && p["agentstate"] == "Up") {
+        if let Some(p) = list
+            .iter()
+            .find(|p| p["state"] == "Running" && p["agentstate"] == "Up")
+        {
             break p["id"].as_str().expect("id").to_owned();
         }
         assert!(start.elapsed() < Duration::from_secs(30), "no proxy Up: {list:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    assert_eq!(proxies(&b).await[0]["agentstate"], "Up", "the standby serves the API from the same database");
+    assert_eq!(
+        proxies(&b).await[0]["agentstate"],
+        "Up",
+        "the standby serves the API from the same database"
+    );
     let vm = qemu();
     let target = b
         .ok(&[
@@ -80,7 +89,10 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
     a.crash().await;
     let start = Instant::now();
     while !b.running().is_leader() {
-        assert!(start.elapsed() < Duration::from_secs(15), "the standby did not take the lease over");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the standby did not take the lease over"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let takeover = died.elapsed();
@@ -88,16 +100,24 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
     let start = Instant::now();
     loop {
         let list = proxies(&b).await;
-        let up = list.iter().any(|p| p["id"] == proxy_id.as_str() && p["agentstate"] == "Up");
+        let up = list
+            .iter()
+            .any(|p| p["id"] == proxy_id.as_str() && p["agentstate"] == "Up");
         if up && b.running().agent_connected(&proxy_id) {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(40), "the agent did not move to the new active core: {list:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "the agent did not move to the new active core: {list:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let moved = died.elapsed();
     let restarts = b.ok(&["listEvents", "type=PROXY.RESTART"]).await;
-    assert!(restarts.get("event").is_none(), "the proxy was restarted: {restarts}");
+    assert!(
+        restarts.get("event").is_none(),
+        "the proxy was restarted: {restarts}"
+    );
     eprintln!("lease takeover {takeover:?}, agent on the new core {moved:?}");
 
     // The API and a console through the new active core work.

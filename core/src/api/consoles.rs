@@ -32,8 +32,16 @@ pub const ADD_CONSOLE_TARGET: &[ParamSpec] = &[
     req("name", Ty::String, "VM name, shown in the console"),
     req("host", Ty::String, "Host name or address of the VNC server"),
     req("port", Ty::Integer, "TCP port of the VNC server"),
-    opt("password", Ty::String, "VNC password (stored for sealing tokens; never shown)"),
-    opt("id", Ty::Uuid, "Id to use (the VM's id in the system that runs it); default: a new one"),
+    opt(
+        "password",
+        Ty::String,
+        "VNC password (stored for sealing tokens; never shown)",
+    ),
+    opt(
+        "id",
+        Ty::Uuid,
+        "Id to use (the VM's id in the system that runs it); default: a new one",
+    ),
     opt("zoneid", Ty::Uuid, "Zone (default: the oldest zone)"),
     opt("accountid", Ty::Uuid, "Owning account (default: the caller's)"),
 ];
@@ -84,7 +92,9 @@ fn check_host(host: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::param(format!("Invalid host {host:?}: expected a host name or an IP address")))
+        Err(ApiError::param(format!(
+            "Invalid host {host:?}: expected a host name or an IP address"
+        )))
     }
 }
 
@@ -143,7 +153,9 @@ pub async fn add_console_target(state: State, caller: Caller, p: Params) -> Resu
     match r {
         Ok(_) => {}
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            return Err(ApiError::param(format!("A console target with id {id} already exists")));
+            return Err(ApiError::param(format!(
+                "A console target with id {id} already exists"
+            )));
         }
         Err(e) => return Err(e.into()),
     }
@@ -175,10 +187,17 @@ pub async fn list_console_targets(state: State, caller: Caller, p: Params) -> Re
         f.keyword(&["c.name"], k);
     }
     let total = f
-        .count(&state.db.pool, "console_targets c JOIN zones z ON z.id = c.zone_id")
+        .count(
+            &state.db.pool,
+            "console_targets c JOIN zones z ON z.id = c.zone_id",
+        )
         .await?;
     let rows = f
-        .rows(&state.db.pool, SELECT, &format!(" ORDER BY c.created, c.name{}", page.sql()))
+        .rows(
+            &state.db.pool,
+            SELECT,
+            &format!(" ORDER BY c.created, c.name{}", page.sql()),
+        )
         .await?;
     let items = rows.iter().map(target_json).collect::<Result<Vec<_>, _>>()?;
     Ok(list_response("consoletarget", total, items))
@@ -192,7 +211,9 @@ pub async fn delete_console_target(state: State, _caller: Caller, p: Params) -> 
         .execute(&state.db.pool)
         .await?;
     if done.rows_affected() == 0 {
-        return Err(ApiError::param(format!("Unable to find console target by id {id}")));
+        return Err(ApiError::param(format!(
+            "Unable to find console target by id {id}"
+        )));
     }
     Ok(success())
 }
@@ -220,10 +241,14 @@ pub fn pick_proxy<'a>(candidates: &'a [Candidate], affinity: &[String]) -> Optio
         }
     }
     candidates.iter().filter(has_room).min_by(|a, b| {
-        let ratio = |c: &Candidate| if c.max == 0 { 0.0 } else { c.active as f64 / c.max as f64 };
-        ratio(a)
-            .total_cmp(&ratio(b))
-            .then(a.active.cmp(&b.active))
+        let ratio = |c: &Candidate| {
+            if c.max == 0 {
+                0.0
+            } else {
+                c.active as f64 / c.max as f64
+            }
+        };
+        ratio(a).total_cmp(&ratio(b)).then(a.active.cmp(&b.active))
     })
 }
 
@@ -260,12 +285,17 @@ async fn candidates(state: &State, zone_id: &str) -> Result<Vec<Candidate>, sqlx
 /// `createConsoleEndpoint`: CloudStack answers `success: false` with `details` (not an error)
 /// when no link can be made; so does this.
 pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let vm_id = p.non_empty("virtualmachineid").unwrap_or_default().to_ascii_lowercase();
-    let row = sqlx::query("SELECT name, zone_id, account_id, host, port, password FROM console_targets WHERE id = $1")
-        .bind(vm_id.clone())
-        .fetch_optional(&state.db.pool)
-        .await?
-        .ok_or_else(|| ApiError::param(format!("Unable to find virtual machine by id {vm_id}")))?;
+    let vm_id = p
+        .non_empty("virtualmachineid")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let row = sqlx::query(
+        "SELECT name, zone_id, account_id, host, port, password FROM console_targets WHERE id = $1",
+    )
+    .bind(vm_id.clone())
+    .fetch_optional(&state.db.pool)
+    .await?
+    .ok_or_else(|| ApiError::param(format!("Unable to find virtual machine by id {vm_id}")))?;
     let owner: String = row.try_get("account_id")?;
     if caller.role != Role::Admin && owner != caller.account_id {
         return Err(ApiError::denied(format!(
@@ -293,12 +323,21 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     };
     let endpoint: http::Uri = match proxy.endpoint.parse() {
         Ok(u) => u,
-        Err(_) => return Ok(failed(format!("Console proxy {} reported an invalid endpoint", proxy.id))),
+        Err(_) => {
+            return Ok(failed(format!(
+                "Console proxy {} reported an invalid endpoint",
+                proxy.id
+            )));
+        }
     };
     let secure = endpoint.scheme_str() == Some("https");
     let host = endpoint.host().unwrap_or_default().to_owned();
     let port = endpoint.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let validity: u64 = state.setting("consoleproxy.url.validity").await.parse().unwrap_or(300);
+    let validity: u64 = state
+        .setting("consoleproxy.url.validity")
+        .await
+        .parse()
+        .unwrap_or(300);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -369,7 +408,12 @@ pub async fn rotate_console_keys(state: State, _caller: Caller, _p: Params) -> R
         AgentRole::ConsoleProxy,
         &CoreMessage::KeysUpdate(KeysUpdate { console_keys: keys }),
     );
-    tracing::info!(primary = new_id, ?ids, proxies = pushed, "Rotated the console-token keys");
+    tracing::info!(
+        primary = new_id,
+        ?ids,
+        proxies = pushed,
+        "Rotated the console-token keys"
+    );
     Ok(json!({ "consolekeys": { "primary": new_id, "keys": ids, "proxiesupdated": pushed } }))
 }
 

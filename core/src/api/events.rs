@@ -26,7 +26,12 @@ pub const LIST_EVENTS: &[ParamSpec] = &[
 pub async fn list_events(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, state.page_size().await)?;
     let mut f = Filter::default();
-    for (param, col) in [("id", "id"), ("type", "type"), ("level", "level"), ("resourceid", "resource_id")] {
+    for (param, col) in [
+        ("id", "id"),
+        ("type", "type"),
+        ("level", "level"),
+        ("resourceid", "resource_id"),
+    ] {
         if let Some(v) = p.non_empty(param) {
             f.eq(col, v);
         }

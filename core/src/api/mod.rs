@@ -11,9 +11,9 @@ use crate::handler;
 pub mod accounts;
 pub mod apis;
 pub mod configs;
-pub mod jobs;
 pub mod consoles;
 pub mod events;
+pub mod jobs;
 pub mod systemvms;
 pub mod templates;
 pub mod zones;
@@ -354,8 +354,10 @@ impl Filter {
     /// Adds "owned by `account_id`, or public" (templates).
     pub fn own_or_public(&mut self, account_id: &str) {
         self.binds.push(account_id.to_owned());
-        self.clauses
-            .push(format!("(t.account_id = ${} OR t.is_public = 1)", self.binds.len()));
+        self.clauses.push(format!(
+            "(t.account_id = ${} OR t.is_public = 1)",
+            self.binds.len()
+        ));
     }
 
     /// Adds a case-insensitive substring match of `keyword` on any of `cols` (`%`, `_` and backslash

@@ -235,7 +235,10 @@ pub const LIFECYCLE: &[ParamSpec] = &[
 /// How long `startSystemVm`/`rebootSystemVm` wait for the agent to come Up.
 pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
-async fn managed(state: &State, p: &Params) -> Result<(std::sync::Arc<crate::fleet::Fleet>, crate::fleet::ManagedVm), ApiError> {
+async fn managed(
+    state: &State,
+    p: &Params,
+) -> Result<(std::sync::Arc<crate::fleet::Fleet>, crate::fleet::ManagedVm), ApiError> {
     let id = p.non_empty("id").unwrap_or_default();
     let fleet = state.fleet.get().cloned().ok_or_else(|| {
         ApiError::param("This core runs no hypervisor driver: start and stop system VMs where they run")
@@ -247,10 +250,11 @@ async fn managed(state: &State, p: &Params) -> Result<(std::sync::Arc<crate::fle
     match vm {
         Some(vm) => Ok((fleet, vm)),
         None => {
-            let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM system_vms WHERE id = $1 AND removed IS NULL")
-                .bind(id.to_owned())
-                .fetch_one(&state.db.pool)
-                .await?;
+            let exists: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM system_vms WHERE id = $1 AND removed IS NULL")
+                    .bind(id.to_owned())
+                    .fetch_one(&state.db.pool)
+                    .await?;
             Err(ApiError::param(if exists > 0 {
                 format!("System VM {id} was registered by hand; core does not start or stop it")
             } else {
@@ -261,27 +265,47 @@ async fn managed(state: &State, p: &Params) -> Result<(std::sync::Arc<crate::fle
 }
 
 fn failed(text: String) -> ApiError {
-    ApiError::new(crate::error::code::INTERNAL_ERROR, crate::error::cs::SERVER_API, text)
+    ApiError::new(
+        crate::error::code::INTERNAL_ERROR,
+        crate::error::cs::SERVER_API,
+        text,
+    )
 }
 
 async fn lifecycle(state: State, p: Params, action: &'static str) -> Result<Value, ApiError> {
     let (fleet, vm) = managed(&state, &p).await?;
-    let force = p.non_empty("forced").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let force = p
+        .non_empty("forced")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let prefix = crate::fleet::event_prefix(vm.role);
     let lock = fleet_lock(&fleet, &vm.id);
     let _guard = lock.lock().await;
     match action {
         "start" => {
-            crate::fleet::start_vm(&state, &fleet, &vm.id).await.map_err(failed)?;
-            crate::fleet::wait_up(&state, &vm.id, START_WAIT).await.map_err(failed)?;
+            crate::fleet::start_vm(&state, &fleet, &vm.id)
+                .await
+                .map_err(failed)?;
+            crate::fleet::wait_up(&state, &vm.id, START_WAIT)
+                .await
+                .map_err(failed)?;
         }
-        "stop" => crate::fleet::stop_vm(&state, &fleet, &vm, force, false).await.map_err(failed)?,
+        "stop" => crate::fleet::stop_vm(&state, &fleet, &vm, force, false)
+            .await
+            .map_err(failed)?,
         "reboot" => {
-            crate::fleet::stop_vm(&state, &fleet, &vm, force, false).await.map_err(failed)?;
-            crate::fleet::start_vm(&state, &fleet, &vm.id).await.map_err(failed)?;
-            crate::fleet::wait_up(&state, &vm.id, START_WAIT).await.map_err(failed)?;
+            crate::fleet::stop_vm(&state, &fleet, &vm, force, false)
+                .await
+                .map_err(failed)?;
+            crate::fleet::start_vm(&state, &fleet, &vm.id)
+                .await
+                .map_err(failed)?;
+            crate::fleet::wait_up(&state, &vm.id, START_WAIT)
+                .await
+                .map_err(failed)?;
         }
-        _ => crate::fleet::stop_vm(&state, &fleet, &vm, force, true).await.map_err(failed)?,
+        _ => crate::fleet::stop_vm(&state, &fleet, &vm, force, true)
+            .await
+            .map_err(failed)?,
     }
     crate::fleet::event(
         &state,

@@ -60,7 +60,11 @@ const MAX_URL_LEN: usize = 2048;
 pub const ADD_IMAGE_STORE: &[ParamSpec] = &[
     req("provider", Ty::String, "NFS (S3 and Swift come later)"),
     opt("name", Ty::String, "Name (default: from the URL)"),
-    opt("url", Ty::String, "nfs://HOST[:PORT]/EXPORT[?mountport=N] or file:///PATH"),
+    opt(
+        "url",
+        Ty::String,
+        "nfs://HOST[:PORT]/EXPORT[?mountport=N] or file:///PATH",
+    ),
     opt("zoneid", Ty::Uuid, "Zone (default: the oldest zone)"),
     opt("details", Ty::String, "details[i].key / details[i].value pairs"),
 ];
@@ -82,13 +86,25 @@ const TEMPLATE_COMMON: &[ParamSpec] = &[
     req("name", Ty::String, "Name"),
     opt("displaytext", Ty::String, "Description (default: the name)"),
     req("url", Ty::String, "http(s) URL of the image"),
-    opt("zoneid", Ty::String, "Zone id (default: the oldest zone; -1 is taken as the default zone)"),
-    opt("checksum", Ty::String, "Checksum of the download, {ALGO}hex (MD5 without a prefix)"),
+    opt(
+        "zoneid",
+        Ty::String,
+        "Zone id (default: the oldest zone; -1 is taken as the default zone)",
+    ),
+    opt(
+        "checksum",
+        Ty::String,
+        "Checksum of the download, {ALGO}hex (MD5 without a prefix)",
+    ),
     opt("ispublic", Ty::Boolean, "Visible to every account"),
     opt("isfeatured", Ty::Boolean, "Featured (root admins only)"),
     opt("isextractable", Ty::Boolean, "May be extracted"),
     opt("ostypeid", Ty::String, "OS type id (recorded)"),
-    opt("imagestoreuuid", Ty::Uuid, "Image store to install into (default: the zone's first)"),
+    opt(
+        "imagestoreuuid",
+        Ty::Uuid,
+        "Image store to install into (default: the zone's first)",
+    ),
     opt("directdownload", Ty::Boolean, "Not supported: must be false"),
 ];
 /// `registerTemplate` parameters.
@@ -135,7 +151,11 @@ pub const LIST_TEMPLATES: &[ParamSpec] = &[
     opt("name", Ty::String, "Name"),
     opt("zoneid", Ty::Uuid, "Zone id"),
     opt("hypervisor", Ty::String, "Hypervisor"),
-    opt("isready", Ty::Boolean, "Only ready (true) or not ready (false) templates"),
+    opt(
+        "isready",
+        Ty::Boolean,
+        "Only ready (true) or not ready (false) templates",
+    ),
     opt("keyword", Ty::String, "Substring of the name or description"),
     opt("showremoved", Ty::Boolean, "Include removed templates"),
     opt("page", Ty::Integer, "Page number"),
@@ -151,8 +171,16 @@ pub const LIST_ISOS: &[ParamSpec] = &[
     opt("id", Ty::Uuid, "ISO id"),
     opt("name", Ty::String, "Name"),
     opt("zoneid", Ty::Uuid, "Zone id"),
-    opt("bootable", Ty::Boolean, "Only bootable (true) or not (false) ISOs"),
-    opt("isready", Ty::Boolean, "Only ready (true) or not ready (false) ISOs"),
+    opt(
+        "bootable",
+        Ty::Boolean,
+        "Only bootable (true) or not (false) ISOs",
+    ),
+    opt(
+        "isready",
+        Ty::Boolean,
+        "Only ready (true) or not ready (false) ISOs",
+    ),
     opt("keyword", Ty::String, "Substring of the name or description"),
     opt("showremoved", Ty::Boolean, "Include removed ISOs"),
     opt("page", Ty::Integer, "Page number"),
@@ -171,8 +199,16 @@ pub const DELETE_TEMPLATE: &[ParamSpec] = &[
 /// `listCapacity` parameters.
 pub const LIST_CAPACITY: &[ParamSpec] = &[
     opt("zoneid", Ty::Uuid, "Zone id"),
-    opt("type", Ty::Integer, "Capacity type (6 = secondary storage, the only one reported)"),
-    opt("fetchlatest", Ty::Boolean, "Accepted; figures are always the latest heartbeats"),
+    opt(
+        "type",
+        Ty::Integer,
+        "Capacity type (6 = secondary storage, the only one reported)",
+    ),
+    opt(
+        "fetchlatest",
+        Ty::Boolean,
+        "Accepted; figures are always the latest heartbeats",
+    ),
     opt("sortby", Ty::String, "Accepted; one type is reported"),
     opt("page", Ty::Integer, "Page number"),
     opt("pagesize", Ty::Integer, "Page size"),
@@ -213,7 +249,9 @@ pub fn store_protocol(url: &str) -> Result<&'static str, ApiError> {
         return Err(bad("too long or contains spaces or control characters"));
     }
     if let Some(rest) = url.strip_prefix("nfs://") {
-        let (host, path) = rest.split_once('/').ok_or_else(|| bad("expected nfs://HOST/EXPORT"))?;
+        let (host, path) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("expected nfs://HOST/EXPORT"))?;
         if host.is_empty() || path.trim_matches('/').is_empty() {
             return Err(bad("expected nfs://HOST/EXPORT"));
         }
@@ -281,12 +319,21 @@ pub async fn storage_agents(state: &State) -> Result<Vec<StorageAgent>, sqlx::Er
 }
 
 /// A connected storage VM in `zone_id` serving `store_url`.
-async fn agent_for_store(state: &State, zone_id: &str, store_url: &str) -> Result<Option<String>, sqlx::Error> {
+async fn agent_for_store(
+    state: &State,
+    zone_id: &str,
+    store_url: &str,
+) -> Result<Option<String>, sqlx::Error> {
     Ok(storage_agents(state)
         .await?
         .into_iter()
         .filter(|a| a.zone_id == zone_id)
-        .filter(|a| a.load.store_url.as_deref().is_some_and(|u| same_store(u, store_url)))
+        .filter(|a| {
+            a.load
+                .store_url
+                .as_deref()
+                .is_some_and(|u| same_store(u, store_url))
+        })
         .find(|a| state.agents.connection(&a.id).is_some())
         .map(|a| a.id))
 }
@@ -296,7 +343,10 @@ async fn store_capacity(state: &State) -> Result<HashMap<String, (u64, u64)>, sq
     let mut m = HashMap::new();
     for a in storage_agents(state).await? {
         if let (Some(url), Some(total)) = (a.load.store_url, a.load.capacity_total) {
-            m.insert(normalize_store_url(&url), (total, a.load.capacity_used.unwrap_or(0)));
+            m.insert(
+                normalize_store_url(&url),
+                (total, a.load.capacity_used.unwrap_or(0)),
+            );
         }
     }
     Ok(m)
@@ -333,9 +383,9 @@ pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result
             "Image store provider {provider:?} is not supported yet: use NFS"
         )));
     }
-    let url = p
-        .non_empty("url")
-        .ok_or_else(|| ApiError::param("Unable to execute API command addimagestore due to missing parameter url"))?;
+    let url = p.non_empty("url").ok_or_else(|| {
+        ApiError::param("Unable to execute API command addimagestore due to missing parameter url")
+    })?;
     let protocol = store_protocol(url)?;
     let zone_id = resolve_zone(&state.db.pool, p.non_empty("zoneid")).await?;
     let id = new_uuid().map_err(|e| ApiError::internal(&e))?;
@@ -368,7 +418,9 @@ pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result
     match r {
         Ok(_) => {}
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            return Err(ApiError::param(format!("An image store named {name} already exists")));
+            return Err(ApiError::param(format!(
+                "An image store named {name} already exists"
+            )));
         }
         Err(e) => return Err(e.into()),
     }
@@ -405,7 +457,11 @@ pub async fn list_image_stores(state: State, _caller: Caller, p: Params) -> Resu
     let from = "image_stores s JOIN zones z ON z.id = s.zone_id";
     let total = f.count(&state.db.pool, from).await?;
     let rows = f
-        .rows(&state.db.pool, STORE_SELECT, &format!(" ORDER BY s.created, s.name{}", page.sql()))
+        .rows(
+            &state.db.pool,
+            STORE_SELECT,
+            &format!(" ORDER BY s.created, s.name{}", page.sql()),
+        )
         .await?;
     let capacity = store_capacity(&state).await?;
     let items = rows
@@ -418,21 +474,26 @@ pub async fn list_image_stores(state: State, _caller: Caller, p: Params) -> Resu
 /// `deleteImageStore`: refused while templates live on the store.
 pub async fn delete_image_store(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let id = p.non_empty("id").unwrap_or_default();
-    let used: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM templates WHERE store_id = $1 AND removed IS NULL")
-        .bind(id.to_owned())
-        .fetch_one(&state.db.pool)
-        .await?;
+    let used: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM templates WHERE store_id = $1 AND removed IS NULL")
+            .bind(id.to_owned())
+            .fetch_one(&state.db.pool)
+            .await?;
     if used > 0 {
         return Err(ApiError::new(
             code::RESOURCE_IN_USE,
             cs::SERVER_API,
-            format!("Cannot delete image store {id}: it holds {used} template(s) or ISO(s); delete them first"),
+            format!(
+                "Cannot delete image store {id}: it holds {used} template(s) or ISO(s); delete them first"
+            ),
         ));
     }
-    let done = sqlx::query("DELETE FROM image_stores WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM templates WHERE store_id = $1)")
-        .bind(id.to_owned())
-        .execute(&state.db.pool)
-        .await?;
+    let done = sqlx::query(
+        "DELETE FROM image_stores WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM templates WHERE store_id = $1)",
+    )
+    .bind(id.to_owned())
+    .execute(&state.db.pool)
+    .await?;
     if done.rows_affected() == 0 {
         let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM image_stores WHERE id = $1")
             .bind(id.to_owned())
@@ -468,7 +529,11 @@ fn check_checksum(c: &str) -> Result<(), ApiError> {
         "sha256" | "sha-256" => 64,
         "sha384" | "sha-384" => 96,
         "sha512" | "sha-512" => 128,
-        _ => return Err(ApiError::param(format!("Unsupported checksum algorithm {algo:?}"))),
+        _ => {
+            return Err(ApiError::param(format!(
+                "Unsupported checksum algorithm {algo:?}"
+            )));
+        }
     };
     if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::param(format!(
@@ -527,7 +592,9 @@ async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<
         p.non_empty("hypervisor").unwrap_or("KVM").to_owned()
     };
     if flag(&p, "isfeatured", false) && caller.role != Role::Admin {
-        return Err(ApiError::denied("Only root admins may register featured templates"));
+        return Err(ApiError::denied(
+            "Only root admins may register featured templates",
+        ));
     }
     let zone_id = resolve_zone(&state.db.pool, p.non_empty("zoneid")).await?;
     let store_id: String = match p.non_empty("imagestoreuuid") {
@@ -537,15 +604,17 @@ async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<
             .fetch_optional(&state.db.pool)
             .await?
             .ok_or_else(|| ApiError::param(format!("Unable to find image store {s} in zone {zone_id}")))?,
-        None => sqlx::query_scalar("SELECT id FROM image_stores WHERE zone_id = $1 ORDER BY created, name LIMIT 1")
-            .bind(zone_id.clone())
-            .fetch_optional(&state.db.pool)
-            .await?
-            .ok_or_else(|| {
-                ApiError::param(format!(
-                    "Zone {zone_id} has no image store: add one with addImageStore first"
-                ))
-            })?,
+        None => sqlx::query_scalar(
+            "SELECT id FROM image_stores WHERE zone_id = $1 ORDER BY created, name LIMIT 1",
+        )
+        .bind(zone_id.clone())
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| {
+            ApiError::param(format!(
+                "Zone {zone_id} has no image store: add one with addImageStore first"
+            ))
+        })?,
     };
     let id = new_uuid().map_err(|e| ApiError::internal(&e))?;
     let install_path = format!("template/tmpl/{}/{id}", caller.account_id);
@@ -729,7 +798,11 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
     }
     let total = f.count(&state.db.pool, TEMPLATE_FROM).await?;
     let rows = f
-        .rows(&state.db.pool, TEMPLATE_SELECT, &format!(" ORDER BY t.created, t.name{}", page.sql()))
+        .rows(
+            &state.db.pool,
+            TEMPLATE_SELECT,
+            &format!(" ORDER BY t.created, t.name{}", page.sql()),
+        )
         .await?;
     let items = rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?;
     Ok(list_response(if iso { "iso" } else { "template" }, total, items))
@@ -758,7 +831,10 @@ async fn delete(state: State, caller: Caller, p: Params, iso: bool) -> Result<Va
     .ok_or_else(|| ApiError::param(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
     if caller.role != Role::Admin && owner != caller.account_id {
-        return Err(ApiError::denied(format!("Account {} does not own {what} {id}", caller.account_name)));
+        return Err(ApiError::denied(format!(
+            "Account {} does not own {what} {id}",
+            caller.account_name
+        )));
     }
     let zone_id: String = row.try_get("zone_id")?;
     let path: String = row.try_get("install_path")?;
@@ -779,22 +855,30 @@ async fn delete(state: State, caller: Caller, p: Params, iso: bool) -> Result<Va
         }
         mark_removed(&state, &id).await?;
         tracing::warn!(%id, %path, "Removed a template record; its files stay on the store (forced, no storage VM)");
-        return Ok(json!({ "success": true, "displaytext": format!("{what} removed; its files remain on {store_name} at {path}") }));
+        return Ok(
+            json!({ "success": true, "displaytext": format!("{what} removed; its files remain on {store_name} at {path}") }),
+        );
     };
     if dl_state == download_state::IN_PROGRESS || dl_state == download_state::NOT_DOWNLOADED {
         // Stop the download first, so it can't install after the files are gone; ABANDONED keeps
         // the dispatcher and late progress away from it.
-        sqlx::query("UPDATE templates SET download_state = $1, status = $2 WHERE id = $3 AND download_state <> $4")
-            .bind(download_state::ABANDONED)
-            .bind("Download cancelled: deleting")
-            .bind(id.clone())
-            .bind(download_state::DOWNLOADED)
-            .execute(&state.db.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE templates SET download_state = $1, status = $2 WHERE id = $3 AND download_state <> $4",
+        )
+        .bind(download_state::ABANDONED)
+        .bind("Download cancelled: deleting")
+        .bind(id.clone())
+        .bind(download_state::DOWNLOADED)
+        .execute(&state.db.pool)
+        .await?;
         state.dispatched_forget(&id);
         let _ = state
             .agents
-            .call(&agent, &AgentCommand::CancelJob { job_id: id.clone() }, COMMAND_TIMEOUT)
+            .call(
+                &agent,
+                &AgentCommand::CancelJob { job_id: id.clone() },
+                COMMAND_TIMEOUT,
+            )
             .await;
     }
     let answer = state
@@ -808,7 +892,13 @@ async fn delete(state: State, caller: Caller, p: Params, iso: bool) -> Result<Va
             COMMAND_TIMEOUT,
         )
         .await
-        .map_err(|e| ApiError::new(code::INTERNAL_ERROR, cs::SERVER_API, format!("Failed to delete the {what}'s files: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                code::INTERNAL_ERROR,
+                cs::SERVER_API,
+                format!("Failed to delete the {what}'s files: {e}"),
+            )
+        })?;
     if !answer.ok {
         return Err(ApiError::new(
             code::INTERNAL_ERROR,
@@ -860,7 +950,11 @@ pub async fn list_capacity(state: State, _caller: Caller, p: Params) -> Result<V
         f.eq("z.id", z);
     }
     let zones = f
-        .rows(&state.db.pool, "SELECT z.id, z.name FROM zones z", " ORDER BY z.created, z.name")
+        .rows(
+            &state.db.pool,
+            "SELECT z.id, z.name FROM zones z",
+            " ORDER BY z.created, z.name",
+        )
         .await?;
     let stores = sqlx::query("SELECT zone_id, url FROM image_stores")
         .fetch_all(&state.db.pool)
@@ -916,8 +1010,16 @@ async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Result<(
             p.error.clone().unwrap_or_else(|| "download failed".into()),
             i64::from(p.percent),
         ),
-        JobPhase::Cancelled => (download_state::ABANDONED, "Download cancelled".to_owned(), i64::from(p.percent)),
-        JobPhase::Queued => (download_state::IN_PROGRESS, "Waiting for a download slot".to_owned(), 0),
+        JobPhase::Cancelled => (
+            download_state::ABANDONED,
+            "Download cancelled".to_owned(),
+            i64::from(p.percent),
+        ),
+        JobPhase::Queued => (
+            download_state::IN_PROGRESS,
+            "Waiting for a download slot".to_owned(),
+            0,
+        ),
         JobPhase::Running | JobPhase::Unknown => (
             download_state::IN_PROGRESS,
             format!("{}% Downloaded", p.percent.min(100)),
@@ -1041,7 +1143,9 @@ async fn dispatch_pending(state: &State) -> Result<(), sqlx::Error> {
                 )
                 .await?;
             }
-            Err(error) => tracing::warn!(template = %id, agent = %agent, %error, "Download not dispatched; will retry"),
+            Err(error) => {
+                tracing::warn!(template = %id, agent = %agent, %error, "Download not dispatched; will retry")
+            }
         }
     }
     Ok(())
@@ -1072,7 +1176,10 @@ mod tests {
     #[test]
     fn store_urls_normalize_like_the_agent_reports_them() {
         assert_eq!(normalize_store_url("nfs://h:2049/e/"), "nfs://h/e");
-        assert_eq!(normalize_store_url("nfs://h:3049/e?mountport=5"), "nfs://h:3049/e?mountport=5");
+        assert_eq!(
+            normalize_store_url("nfs://h:3049/e?mountport=5"),
+            "nfs://h:3049/e?mountport=5"
+        );
         assert_eq!(normalize_store_url("file:///srv/sec/"), "file:///srv/sec");
         assert!(same_store("nfs://10.0.0.1/export", "nfs://10.0.0.1:2049/export/"));
         assert!(!same_store("nfs://10.0.0.1/export", "nfs://10.0.0.2/export"));
@@ -1081,9 +1188,17 @@ mod tests {
     #[test]
     fn checksums() {
         assert!(check_checksum("d41d8cd98f00b204e9800998ecf8427e").is_ok());
-        assert!(check_checksum("{SHA-256}e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855").is_ok());
+        assert!(
+            check_checksum("{SHA-256}e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+                .is_ok()
+        );
         assert!(check_checksum("{sha1}da39a3ee5e6b4b0d3255bfef95601890afd80709").is_ok());
-        for bad in ["abc", "{sha256}abc", "{crc32}00000000", "zz1d8cd98f00b204e9800998ecf8427e"] {
+        for bad in [
+            "abc",
+            "{sha256}abc",
+            "{crc32}00000000",
+            "zz1d8cd98f00b204e9800998ecf8427e",
+        ] {
             assert_eq!(check_checksum(bad).unwrap_err().code, 431, "{bad}");
         }
     }
@@ -1092,7 +1207,13 @@ mod tests {
     fn source_urls() {
         assert!(check_source_url("https://example.com/a.qcow2").is_ok());
         assert!(check_source_url("http://10.0.0.1:8000/x.iso").is_ok());
-        for bad in ["ftp://x/y", "file:///etc/passwd", "http://", "nonsense", "http://x/a b"] {
+        for bad in [
+            "ftp://x/y",
+            "file:///etc/passwd",
+            "http://",
+            "nonsense",
+            "http://x/a b",
+        ] {
             assert_eq!(check_source_url(bad).unwrap_err().code, 431, "{bad}");
         }
         assert!(check_source_url(&format!("http://x/{}", "a".repeat(3000))).is_err());

@@ -29,12 +29,14 @@ fn ttl_ms() -> i64 {
 /// Takes or renews the lease for `holder`; true when `holder` holds it afterwards.
 pub async fn try_acquire(pool: &sqlx::AnyPool, holder: &str) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    sqlx::query("INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
-        .bind(NAME)
-        .bind(holder.to_owned())
-        .bind(now + ttl_ms())
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(NAME)
+    .bind(holder.to_owned())
+    .bind(now + ttl_ms())
+    .execute(pool)
+    .await?;
     let done = sqlx::query(
         "UPDATE leases SET holder = $1, expires_ms = $2 WHERE name = $3 AND (holder = $1 OR expires_ms < $4)",
     )
@@ -78,7 +80,9 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
         };
         let was = state.leader.swap(held, Ordering::SeqCst);
         match (was, held) {
-            (false, true) => tracing::warn!(instance = %state.instance_id, "This core is now the active core (leader lease taken)"),
+            (false, true) => {
+                tracing::warn!(instance = %state.instance_id, "This core is now the active core (leader lease taken)")
+            }
             (true, false) => {
                 tracing::warn!(instance = %state.instance_id, "This core lost the leader lease: standing by");
                 state.agents.close_all();

@@ -118,7 +118,14 @@ impl Fleet {
 }
 
 /// Records an event (`listEvents`) and logs it.
-pub async fn event(state: &State, kind: &str, level: &str, description: &str, resource: Option<&str>, zone: Option<&str>) {
+pub async fn event(
+    state: &State,
+    kind: &str,
+    level: &str,
+    description: &str,
+    resource: Option<&str>,
+    zone: Option<&str>,
+) {
     if level == "ERROR" || level == "WARN" {
         tracing::warn!(event = kind, resource, %description, "Fleet event");
     } else {
@@ -254,12 +261,13 @@ async fn setting_u64(state: &State, name: &str, default: u64) -> u64 {
 
 /// Starts (or restarts) a managed VM with a fresh secret; the VM is `Starting` until its agent is Up.
 pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), String> {
-    let row = sqlx::query("SELECT name, role, zone_id, pid FROM system_vms WHERE id = $1 AND removed IS NULL")
-        .bind(id.to_owned())
-        .fetch_optional(&state.db.pool)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("system VM {id} not found"))?;
+    let row =
+        sqlx::query("SELECT name, role, zone_id, pid FROM system_vms WHERE id = $1 AND removed IS NULL")
+            .bind(id.to_owned())
+            .fetch_optional(&state.db.pool)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("system VM {id} not found"))?;
     let name: String = row.try_get("name").map_err(|e| e.to_string())?;
     let role_text: String = row.try_get("role").map_err(|e| e.to_string())?;
     let role = AgentRole::parse(&role_text).ok_or_else(|| format!("unknown role {role_text}"))?;
@@ -275,12 +283,13 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
     let _ = fleet.driver.stop(id, &old, true).await;
     let store_url: Option<String> = match role {
         AgentRole::SecStorage => {
-            let url: Option<String> =
-                sqlx::query_scalar("SELECT url FROM image_stores WHERE zone_id = $1 ORDER BY created, name LIMIT 1")
-                    .bind(zone_id.clone())
-                    .fetch_optional(&state.db.pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let url: Option<String> = sqlx::query_scalar(
+                "SELECT url FROM image_stores WHERE zone_id = $1 ORDER BY created, name LIMIT 1",
+            )
+            .bind(zone_id.clone())
+            .fetch_optional(&state.db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
             Some(url.ok_or_else(|| format!("zone {zone_id} has no image store for the storage VM"))?)
         }
         AgentRole::ConsoleProxy => None,
@@ -330,11 +339,13 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
         }
         Err(e) => {
             let reason = e.to_string();
-            let _ = sqlx::query("UPDATE system_vms SET state = $1, start_failures = start_failures + 1 WHERE id = $2")
-                .bind(vm_state::ERROR)
-                .bind(id.to_owned())
-                .execute(&state.db.pool)
-                .await;
+            let _ = sqlx::query(
+                "UPDATE system_vms SET state = $1, start_failures = start_failures + 1 WHERE id = $2",
+            )
+            .bind(vm_state::ERROR)
+            .bind(id.to_owned())
+            .execute(&state.db.pool)
+            .await;
             event(
                 state,
                 &format!("{}.START", event_prefix(role)),
@@ -350,8 +361,18 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
 }
 
 /// Stops a managed VM and records it `Stopped` (or removes it, for `destroy`).
-pub async fn stop_vm(state: &State, fleet: &Fleet, vm: &ManagedVm, force: bool, destroy: bool) -> Result<(), String> {
-    let desired = if destroy { vm_state::DESTROYED } else { vm_state::STOPPED };
+pub async fn stop_vm(
+    state: &State,
+    fleet: &Fleet,
+    vm: &ManagedVm,
+    force: bool,
+    destroy: bool,
+) -> Result<(), String> {
+    let desired = if destroy {
+        vm_state::DESTROYED
+    } else {
+        vm_state::STOPPED
+    };
     sqlx::query("UPDATE system_vms SET desired = $1, state = $2 WHERE id = $3")
         .bind(desired)
         .bind(vm_state::STOPPING)
@@ -367,7 +388,11 @@ pub async fn stop_vm(state: &State, fleet: &Fleet, vm: &ManagedVm, force: bool, 
     if destroy {
         fleet.driver.destroy(&vm.id).await.map_err(|e| e.to_string())?;
     }
-    let final_state = if destroy { vm_state::DESTROYED } else { vm_state::STOPPED };
+    let final_state = if destroy {
+        vm_state::DESTROYED
+    } else {
+        vm_state::STOPPED
+    };
     sqlx::query(
         "UPDATE system_vms SET state = $1, pid = NULL, agent_state = 'Disconnected', removed = CASE WHEN $2 = 1 THEN $3 ELSE removed END WHERE id = $4",
     )
@@ -382,7 +407,13 @@ pub async fn stop_vm(state: &State, fleet: &Fleet, vm: &ManagedVm, force: bool, 
 }
 
 /// Creates a managed VM of `role` in `zone` and starts it.
-pub async fn create_vm(state: &State, fleet: &Fleet, zone: &str, role: AgentRole, why: &str) -> Result<String, String> {
+pub async fn create_vm(
+    state: &State,
+    fleet: &Fleet,
+    zone: &str,
+    role: AgentRole,
+    why: &str,
+) -> Result<String, String> {
     let r = systemvms::register(&state.db.pool, role, Some(zone), None)
         .await
         .map_err(|e| e.text)?;
@@ -420,7 +451,9 @@ pub async fn wait_up(state: &State, id: &str, within: Duration) -> Result<(), St
         let vm: String = row.try_get("state").map_err(|e| e.to_string())?;
         if agent == UP && state.agents.connection(id).is_some() {
             if vm != vm_state::RUNNING {
-                set_state(state, id, vm_state::RUNNING).await.map_err(|e| e.to_string())?;
+                set_state(state, id, vm_state::RUNNING)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             return Ok(());
         }
@@ -533,7 +566,8 @@ pub async fn run(state: State, fleet: Arc<Fleet>, mut stop: watch::Receiver<bool
 }
 
 async fn pass(state: &State, fleet: &Fleet) -> Result<(), sqlx::Error> {
-    let timeout_ms = i64::try_from(setting_u64(state, "agent.heartbeat.timeout", 9).await * 1000).unwrap_or(i64::MAX);
+    let timeout_ms =
+        i64::try_from(setting_u64(state, "agent.heartbeat.timeout", 9).await * 1000).unwrap_or(i64::MAX);
     for vm in managed_vms(state, None).await? {
         health(state, fleet, &vm, timeout_ms).await?;
     }
@@ -568,7 +602,11 @@ async fn restart(state: &State, fleet: &Fleet, vm: &ManagedVm, why: &str) -> Res
                 state,
                 &format!("{}.START", event_prefix(vm.role)),
                 "ERROR",
-                &format!("{} failed to come Up {MAX_START_FAILURES} times; retrying every {}s", vm.name, ERROR_RETRY.as_secs()),
+                &format!(
+                    "{} failed to come Up {MAX_START_FAILURES} times; retrying every {}s",
+                    vm.name,
+                    ERROR_RETRY.as_secs()
+                ),
                 Some(&vm.id),
                 Some(&vm.zone_id),
             )
@@ -685,13 +723,29 @@ async fn drain_step(state: &State, fleet: &Fleet, vm: &ManagedVm, now: i64) -> R
             .bind(vm.id.clone())
             .execute(&state.db.pool)
             .await?;
-        event(state, "PROXY.SCALEIN", "INFO", &format!("{}: a session arrived while draining; kept", vm.name), Some(&vm.id), Some(&vm.zone_id)).await;
+        event(
+            state,
+            "PROXY.SCALEIN",
+            "INFO",
+            &format!("{}: a session arrived while draining; kept", vm.name),
+            Some(&vm.id),
+            Some(&vm.zone_id),
+        )
+        .await;
         return Ok(());
     }
     if now - drain_started >= quiet_ms {
         match stop_vm(state, fleet, vm, false, true).await {
             Ok(()) => {
-                event(state, "PROXY.DESTROY", "INFO", &format!("{} drained and destroyed (scale-in)", vm.name), Some(&vm.id), Some(&vm.zone_id)).await;
+                event(
+                    state,
+                    "PROXY.DESTROY",
+                    "INFO",
+                    &format!("{} drained and destroyed (scale-in)", vm.name),
+                    Some(&vm.id),
+                    Some(&vm.zone_id),
+                )
+                .await;
             }
             Err(e) => tracing::warn!(vm.id = %vm.id, error = %e, "Destroying a drained proxy failed"),
         }
@@ -778,7 +832,15 @@ async fn policy(state: &State, fleet: &Fleet, zone: &str) -> Result<(), sqlx::Er
                     rule.standby
                 )
             };
-            event(state, "PROXY.SCALEOUT", "INFO", &format!("Scaling out: {why}"), None, Some(zone)).await;
+            event(
+                state,
+                "PROXY.SCALEOUT",
+                "INFO",
+                &format!("Scaling out: {why}"),
+                None,
+                Some(zone),
+            )
+            .await;
             if let Err(e) = create_vm(state, fleet, zone, AgentRole::ConsoleProxy, &why).await {
                 tracing::warn!(zone, error = %e, "Could not start a console proxy");
             }
@@ -863,10 +925,16 @@ mod tests {
         let two = [p("a", 2, None), p("b", 0, Some(120))];
         assert_eq!(decide(&two, &RULE, None), Decision::ScaleIn("b".into()));
         // Not idle long enough, or cooling down: hold.
-        assert_eq!(decide(&[p("a", 2, None), p("b", 0, Some(10))], &RULE, None), Decision::Hold);
+        assert_eq!(
+            decide(&[p("a", 2, None), p("b", 0, Some(10))], &RULE, None),
+            Decision::Hold
+        );
         assert_eq!(decide(&two, &RULE, Some(5)), Decision::Hold);
         // Without b: 10 − 5 = 5, not > 5: keep b (scaling in would trigger scaling out).
-        assert_eq!(decide(&[p("a", 5, None), p("b", 0, Some(120))], &RULE, None), Decision::Hold);
+        assert_eq!(
+            decide(&[p("a", 5, None), p("b", 0, Some(120))], &RULE, None),
+            Decision::Hold
+        );
         // Never below one proxy.
         assert_eq!(decide(&[p("a", 0, Some(999))], &RULE, None), Decision::Hold);
     }
@@ -881,7 +949,11 @@ mod tests {
                 proxies[0].sessions = sessions;
                 if let Decision::ScaleIn(id) = decide(&proxies, &RULE, None) {
                     proxies.retain(|x| x.id != id);
-                    assert_ne!(decide(&proxies, &RULE, None), Decision::ScaleOut, "n={n} s={sessions}");
+                    assert_ne!(
+                        decide(&proxies, &RULE, None),
+                        Decision::ScaleOut,
+                        "n={n} s={sessions}"
+                    );
                 }
             }
         }

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use systemvm_proto::Secret;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use systemvm_proto::Secret;
 
 use systemvm_proto::agent::{
     AgentMessage, AgentRole, Answer, CLAIM_PROTOCOL_VERSION, CURRENT_PROTOCOL_VERSION, ClaimAnswer,
@@ -501,13 +501,17 @@ async fn run(
         };
         shared.core_version.store(0, Ordering::Relaxed);
         // Claims waiting on the lost connection fail now rather than at their timeout.
-        shared.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        shared
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         let error = match r {
             Ok(()) => "connection closed by core".to_owned(),
             Err(e) => error_chain(&e),
         };
         // The next core URL is tried at once; the backoff applies after a round over all of them.
-        let delay = if next_url % config.urls.len() == 0 {
+        let delay = if next_url.is_multiple_of(config.urls.len()) {
             failures = failures.saturating_add(1);
             backoff(failures)
         } else {
@@ -638,7 +642,9 @@ async fn session(
         core_version = welcome.version,
         "Agent channel up"
     );
-    shared.core_version.store(welcome.version.max(1), Ordering::Relaxed);
+    shared
+        .core_version
+        .store(welcome.version.max(1), Ordering::Relaxed);
     // Answers of commands run on this connection come back here.
     let (answers_tx, mut answers) = mpsc::channel::<Answer>(64);
     if let Some(keys) = welcome.console_keys {

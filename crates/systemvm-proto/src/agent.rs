@@ -664,7 +664,12 @@ mod tests {
             serde_json::from_str::<V1Agent>(&claim).unwrap(),
             V1Agent::Unknown
         ));
-        let _ = (V1Agent::Hello, V1Agent::Heartbeat, V1Agent::Answer, V1Agent::JobProgress);
+        let _ = (
+            V1Agent::Hello,
+            V1Agent::Heartbeat,
+            V1Agent::Answer,
+            V1Agent::JobProgress,
+        );
     }
 
     /// A version-1 peer that does not send the optional fields.
