@@ -101,7 +101,7 @@ pub enum ClientCommand {
     AddImageStore {
         #[command(flatten)]
         conn: ConnectArgs,
-        /// nfs://HOST[:PORT]/EXPORT (or file:///PATH).
+        /// nfs://HOST/EXPORT (a port after HOST if not 2049), or file:///PATH.
         #[arg(long)]
         url: String,
         /// Name (default: from the URL).
