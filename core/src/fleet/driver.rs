@@ -57,6 +57,27 @@ pub enum VmState {
     Stopped(String),
 }
 
+/// Where a guest VM's console is, as its hypervisor reports it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VncEndpoint {
+    /// Host (address or name) of the VNC server.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// VNC password, when one is set.
+    pub password: Option<Secret>,
+}
+
+impl std::fmt::Debug for VncEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VncEndpoint")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
 /// A driver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -95,4 +116,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
 
     /// Removes what the driver keeps for a destroyed VM (its files); the VM is stopped.
     fn destroy<'a>(&'a self, id: &'a str) -> DriverFuture<'a, Result<(), DriverError>>;
+
+    /// The VNC console of a guest VM this driver's hosts run (`guest`: the hypervisor's name or
+    /// id of the VM), so `createConsoleEndpoint` works for it; `Ok(None)` when the driver has no
+    /// such VM or cannot tell.
+    fn console_of<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<Option<VncEndpoint>, DriverError>> {
+        let _ = guest;
+        Box::pin(async { Ok(None) })
+    }
 }

@@ -37,7 +37,7 @@ use systemvm_proto::Secret;
 use systemvm_proto::agent::{AgentRole, Load};
 use tokio::sync::watch;
 
-pub use driver::{Driver, DriverError, Placement, VmSpec, VmState};
+pub use driver::{Driver, DriverError, Placement, VmSpec, VmState, VncEndpoint};
 
 use crate::agent::{UP, hash_secret, now_ms};
 use crate::api::systemvms;
