@@ -349,6 +349,12 @@ impl Core {
         }
     }
 
+    /// `cs` with another account's keys: (success, JSON printed).
+    pub(crate) async fn cs_with(&self, key: &str, secret: &str, args: &[&str]) -> (bool, Value) {
+        let o = self.cs_as(key, secret, false, args).await;
+        (o.ok, o.json)
+    }
+
     /// `cs` as the root admin: (success, JSON printed).
     pub(crate) async fn cs_raw(&self, args: &[&str]) -> (bool, Value) {
         let o = self.cs(args).await;
@@ -420,7 +426,7 @@ impl Core {
     }
 
     /// Creates an account with `role` and registers keys for its user; returns (account id, user id, key, secret).
-    async fn account(&self, name: &str, role: &str) -> (String, String, String, String) {
+    pub(crate) async fn account(&self, name: &str, role: &str) -> (String, String, String, String) {
         let a = self
             .ok(&[
                 "createAccount",

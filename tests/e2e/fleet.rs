@@ -318,6 +318,35 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "failed download left {leftovers:?}");
 
+    // A user sees its own and public templates only, and can't delete someone else's.
+    let (_, _, key, secret) = core.account("tmpl-user", "User").await;
+    let (ok, seen) = core
+        .cs_with(&key, &secret, &["listTemplates", "templatefilter=executable"])
+        .await;
+    assert!(ok, "{seen}");
+    assert_eq!(seen["count"], 1, "only the public template: {seen}");
+    assert_eq!(seen["template"][0]["id"], tid.as_str());
+    let (ok, seen) = core
+        .cs_with(
+            &key,
+            &secret,
+            &["listTemplates", "templatefilter=all", &format!("id={bad_id}")],
+        )
+        .await;
+    assert!(
+        ok && seen.get("template").is_none(),
+        "another account's private template shown: {seen}"
+    );
+    let (ok, denied) = core
+        .cs_with(&key, &secret, &["deleteTemplate", &format!("id={tid}")])
+        .await;
+    assert!(!ok, "{denied}");
+    assert_eq!(
+        find_error(&denied).map(|e| e["errorcode"].clone()),
+        Some(serde_json::json!(531)),
+        "{denied}"
+    );
+
     // Bad input: CloudStack's parameter errors, nothing recorded.
     for (args, want) in [
         (vec!["format=VMDK", "url=http://127.0.0.1/a"], "not supported"),
