@@ -20,6 +20,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0003_storage_consoles.sql"),
     ),
     (4, "fleet", include_str!("../migrations/0004_fleet.sql")),
+    (
+        5,
+        "console_hypervisor_ref",
+        include_str!("../migrations/0005_console_hypervisor_ref.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

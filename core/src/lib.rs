@@ -84,6 +84,9 @@ pub struct CoreConfig {
     /// Agent endpoint URLs given to the VMs core starts (`--core`); default: this core's endpoint
     /// (loopback when it listens on every address). With two cores, list both.
     pub agent_urls: Vec<String>,
+    /// Drivers of hypervisor hosts whose guest VMs' consoles core resolves by name
+    /// (`addConsoleTarget hypervisorvm=NAME`).
+    pub guest_drivers: Vec<Arc<dyn fleet::Driver>>,
 }
 
 /// Which driver runs the system VMs.
@@ -105,6 +108,7 @@ impl CoreConfig {
             agent_sans: Vec::new(),
             driver: None,
             agent_urls: Vec::new(),
+            guest_drivers: Vec::new(),
         }
     }
 }
@@ -321,6 +325,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         instance_id: util::new_uuid()?,
         leader: std::sync::atomic::AtomicBool::new(false),
         fleet: std::sync::OnceLock::new(),
+        guest_drivers: config.guest_drivers.clone(),
     });
     let leader = fleet::lease::try_acquire(&state.db.pool, &state.instance_id)
         .await

@@ -115,6 +115,9 @@ pub struct Shared {
     pub instance_id: String,
     /// Whether this core holds the leader lease (acts on agents and the fleet).
     pub leader: std::sync::atomic::AtomicBool,
+    /// Drivers of the hypervisor hosts whose guest VMs' consoles core resolves
+    /// (`addConsoleTarget hypervisorvm=`).
+    pub guest_drivers: Vec<Arc<dyn crate::fleet::Driver>>,
     /// The fleet manager, when a driver is configured.
     pub fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
 }

@@ -588,6 +588,43 @@ async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend
         assert!(check.matched, "{}", check.report);
     }
 
+    // A VM named on a hypervisor host core does not know: no link, and the reason.
+    let guest = core
+        .ok(&[
+            "addConsoleTarget",
+            "name=elsewhere",
+            "hypervisorvm=no-such-domain",
+        ])
+        .await;
+    let guest_id = guest["consoletarget"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        guest["consoletarget"]["hypervisorvm"], "no-such-domain",
+        "{guest}"
+    );
+    let e = core
+        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={guest_id}")])
+        .await;
+    assert_eq!(e["consoleendpoint"]["success"], false, "{e}");
+    assert!(
+        e["consoleendpoint"]["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-domain"),
+        "{e}"
+    );
+    let (code, _) = cs_err(
+        &core,
+        &[
+            "addConsoleTarget",
+            "name=x",
+            "host=h",
+            "port=5900",
+            "hypervisorvm=d",
+        ],
+    )
+    .await;
+    assert_eq!(code, 431);
+
     // Unknown VM: CloudStack's parameter error. No proxy Up: success false with the reason.
     let (code, _) = cs_err(
         &core,

@@ -30,8 +30,17 @@ use crate::util::{new_uuid, now_cs};
 /// `addConsoleTarget` parameters.
 pub const ADD_CONSOLE_TARGET: &[ParamSpec] = &[
     req("name", Ty::String, "VM name, shown in the console"),
-    req("host", Ty::String, "Host name or address of the VNC server"),
-    req("port", Ty::Integer, "TCP port of the VNC server"),
+    opt(
+        "host",
+        Ty::String,
+        "Host name or address of the VNC server (with port)",
+    ),
+    opt("port", Ty::Integer, "TCP port of the VNC server (with host)"),
+    opt(
+        "hypervisorvm",
+        Ty::String,
+        "Instead of host/port: the VM's name on a hypervisor host core knows (libvirt domain); its VNC endpoint is read when a link is made",
+    ),
     opt(
         "password",
         Ty::String,
@@ -66,10 +75,10 @@ pub const CREATE_CONSOLE_ENDPOINT: &[ParamSpec] = &[
     ),
 ];
 
-const SELECT: &str = "SELECT c.id, c.name, c.zone_id, z.name AS zone_name, c.account_id, a.name AS account_name, c.host, c.port, c.password, c.created FROM console_targets c JOIN zones z ON z.id = c.zone_id LEFT JOIN accounts a ON a.id = c.account_id";
+const SELECT: &str = "SELECT c.id, c.name, c.zone_id, z.name AS zone_name, c.account_id, a.name AS account_name, c.host, c.port, c.password, c.hypervisor_ref, c.created FROM console_targets c JOIN zones z ON z.id = c.zone_id LEFT JOIN accounts a ON a.id = c.account_id";
 
 fn target_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
-    Ok(json!({
+    let mut v = json!({
         "id": row.try_get::<String, _>("id")?,
         "name": row.try_get::<String, _>("name")?,
         "host": row.try_get::<String, _>("host")?,
@@ -80,7 +89,11 @@ fn target_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "accountid": row.try_get::<String, _>("account_id")?,
         "account": row.try_get::<Option<String>, _>("account_name")?.unwrap_or_default(),
         "created": row.try_get::<String, _>("created")?,
-    }))
+    });
+    if let Some(r) = row.try_get::<Option<String>, _>("hypervisor_ref")? {
+        v["hypervisorvm"] = json!(r);
+    }
+    Ok(v)
 }
 
 fn check_host(host: &str) -> Result<(), ApiError> {
@@ -104,12 +117,28 @@ pub async fn add_console_target(state: State, caller: Caller, p: Params) -> Resu
     if name.len() > 255 {
         return Err(ApiError::param("name is longer than 255 characters"));
     }
-    let host = p.non_empty("host").unwrap_or_default();
-    check_host(host)?;
-    let port: i64 = p.non_empty("port").and_then(|v| v.parse().ok()).unwrap_or(0);
-    if !(1..=65535).contains(&port) {
-        return Err(ApiError::param(format!("Invalid port {port}: expected 1-65535")));
-    }
+    let hypervisor_ref = p.non_empty("hypervisorvm");
+    let (host, port) = match (hypervisor_ref, p.non_empty("host"), p.non_empty("port")) {
+        (Some(r), None, None) => {
+            if r.len() > 255 || r.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(ApiError::param(format!("Invalid hypervisorvm {r:?}")));
+            }
+            ("", 0)
+        }
+        (None, Some(host), Some(port)) => {
+            check_host(host)?;
+            let port: i64 = port.parse().unwrap_or(0);
+            if !(1..=65535).contains(&port) {
+                return Err(ApiError::param(format!("Invalid port {port}: expected 1-65535")));
+            }
+            (host, port)
+        }
+        _ => {
+            return Err(ApiError::param(
+                "Give either host and port of the VNC server, or hypervisorvm",
+            ));
+        }
+    };
     let password = p.get("password").filter(|v| !v.is_empty());
     if password.is_some_and(|v| v.len() > 256) {
         return Err(ApiError::param("password is longer than 256 characters"));
@@ -138,7 +167,7 @@ pub async fn add_console_target(state: State, caller: Caller, p: Params) -> Resu
         None => new_uuid().map_err(|e| ApiError::internal(&e))?,
     };
     let r = sqlx::query(
-        "INSERT INTO console_targets (id, name, zone_id, account_id, host, port, password, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO console_targets (id, name, zone_id, account_id, host, port, password, created, hypervisor_ref) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id.clone())
     .bind(name.to_owned())
@@ -148,6 +177,7 @@ pub async fn add_console_target(state: State, caller: Caller, p: Params) -> Resu
     .bind(port)
     .bind(password.map(str::to_owned))
     .bind(now_cs())
+    .bind(hypervisor_ref.map(str::to_owned))
     .execute(&state.db.pool)
     .await;
     match r {
@@ -290,7 +320,7 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
         .unwrap_or_default()
         .to_ascii_lowercase();
     let row = sqlx::query(
-        "SELECT name, zone_id, account_id, host, port, password FROM console_targets WHERE id = $1",
+        "SELECT name, zone_id, account_id, host, port, password, hypervisor_ref FROM console_targets WHERE id = $1",
     )
     .bind(vm_id.clone())
     .fetch_optional(&state.db.pool)
@@ -341,13 +371,35 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let port_i: i64 = row.try_get("port")?;
-    let claims = ConsoleTokenClaims {
-        target: ConsoleTarget::Vnc {
-            host: row.try_get("host")?,
-            port: u16::try_from(port_i).unwrap_or(0),
-            password: row.try_get::<Option<String>, _>("password")?.map(Secret),
+    let target = match row.try_get::<Option<String>, _>("hypervisor_ref")? {
+        Some(guest) => match guest_console(&state, &guest).await {
+            Ok(Some(vnc)) => ConsoleTarget::Vnc {
+                host: vnc.host,
+                port: vnc.port,
+                password: vnc.password,
+            },
+            Ok(None) => {
+                return Ok(failed(format!(
+                    "VM {guest} has no VNC console on the hypervisor hosts core knows (not running?)"
+                )));
+            }
+            Err(e) => {
+                return Ok(failed(format!(
+                    "Could not ask the hypervisor about VM {guest}: {e}"
+                )));
+            }
         },
+        None => {
+            let port_i: i64 = row.try_get("port")?;
+            ConsoleTarget::Vnc {
+                host: row.try_get("host")?,
+                port: u16::try_from(port_i).unwrap_or(0),
+                password: row.try_get::<Option<String>, _>("password")?.map(Secret),
+            }
+        }
+    };
+    let claims = ConsoleTokenClaims {
+        target,
         vm: VmRef {
             id: vm_id.clone(),
             display_name: row.try_get("name")?,
@@ -378,6 +430,19 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
             "extra": "",
         },
     }}))
+}
+
+/// Asks each guest driver (hypervisor hosts core knows) for `guest`'s VNC endpoint.
+async fn guest_console(
+    state: &State,
+    guest: &str,
+) -> Result<Option<crate::fleet::VncEndpoint>, crate::fleet::DriverError> {
+    for driver in &state.guest_drivers {
+        if let Some(vnc) = driver.console_of(guest).await? {
+            return Ok(Some(vnc));
+        }
+    }
+    Ok(None)
 }
 
 /// `rotateConsoleKeys`: new primary key, the previous one kept, older ones retired; the set is
