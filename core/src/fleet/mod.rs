@@ -25,6 +25,8 @@
 pub mod driver;
 pub mod lease;
 pub mod process;
+pub mod qemu;
+pub mod seed;
 
 use std::collections::HashMap;
 use std::sync::Arc;

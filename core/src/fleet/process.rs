@@ -133,6 +133,51 @@ async fn signal(pid: u32, sig: &str) {
         .await;
 }
 
+impl ProcessDriver {
+    /// Stops the process of VM `id` (SIGTERM, then SIGKILL after [`STOP_GRACE`]; at once when
+    /// `force`); a process that is gone, or is not this VM's, is left alone.
+    pub fn stop_pid<'a>(
+        id: &'a str,
+        placement: &'a Placement,
+        force: bool,
+    ) -> DriverFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let Some(pid) = placement.pid.filter(|p| is_our_process(*p, id)) else {
+                return Ok(());
+            };
+            if !force {
+                signal(pid, "TERM").await;
+                let deadline = tokio::time::Instant::now() + STOP_GRACE;
+                while tokio::time::Instant::now() < deadline {
+                    if !is_our_process(pid, id) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            signal(pid, "KILL").await;
+            for _ in 0..50 {
+                if !is_our_process(pid, id) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether VM `id`'s process runs.
+    pub fn state_of_pid<'a>(id: &'a str, placement: &'a Placement) -> DriverFuture<'a, VmState> {
+        Box::pin(async move {
+            match placement.pid {
+                Some(pid) if is_our_process(pid, id) => VmState::Running,
+                Some(pid) => VmState::Stopped(format!("process {pid} is gone")),
+                None => VmState::Stopped("never started".into()),
+            }
+        })
+    }
+}
+
 impl Driver for ProcessDriver {
     fn name(&self) -> &'static str {
         "process"
@@ -176,39 +221,11 @@ impl Driver for ProcessDriver {
         placement: &'a Placement,
         force: bool,
     ) -> DriverFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            let Some(pid) = placement.pid.filter(|p| is_our_process(*p, id)) else {
-                return Ok(());
-            };
-            if !force {
-                signal(pid, "TERM").await;
-                let deadline = tokio::time::Instant::now() + STOP_GRACE;
-                while tokio::time::Instant::now() < deadline {
-                    if !is_our_process(pid, id) {
-                        return Ok(());
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-            signal(pid, "KILL").await;
-            for _ in 0..50 {
-                if !is_our_process(pid, id) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Ok(())
-        })
+        Self::stop_pid(id, placement, force)
     }
 
     fn state<'a>(&'a self, id: &'a str, placement: &'a Placement) -> DriverFuture<'a, VmState> {
-        Box::pin(async move {
-            match placement.pid {
-                Some(pid) if is_our_process(pid, id) => VmState::Running,
-                Some(pid) => VmState::Stopped(format!("process {pid} is gone")),
-                None => VmState::Stopped("never started".into()),
-            }
-        })
+        Self::state_of_pid(id, placement)
     }
 
     fn destroy<'a>(&'a self, id: &'a str) -> DriverFuture<'a, Result<(), DriverError>> {
