@@ -120,7 +120,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// The VNC console of a guest VM this driver's hosts run (`guest`: the hypervisor's name or
     /// id of the VM), so `createConsoleEndpoint` works for it; `Ok(None)` when the driver has no
     /// such VM or cannot tell.
-    fn console_of<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<Option<VncEndpoint>, DriverError>> {
+    fn console_of<'a>(
+        &'a self,
+        guest: &'a str,
+    ) -> DriverFuture<'a, Result<Option<VncEndpoint>, DriverError>> {
         let _ = guest;
         Box::pin(async { Ok(None) })
     }
