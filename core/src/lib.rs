@@ -95,6 +95,15 @@ pub enum DriverKind {
     /// Local processes (`console-proxy`, `ssvm-agent` from the directory of the running
     /// executable, or `SYSTEMVM_BIN_DIR`).
     Process,
+    /// QEMU guests on this host (`qemu-system-x86_64` from `PATH`), booting `boot` with
+    /// `memory_mib` MiB; core adds `10.0.2.2` (the host as the guests see it) to its agent
+    /// endpoint's certificate.
+    Qemu {
+        /// What the system VMs boot.
+        boot: fleet::qemu::Boot,
+        /// Memory per VM, MiB.
+        memory_mib: u32,
+    },
 }
 
 impl CoreConfig {
@@ -292,6 +301,7 @@ async fn bootstrap(state: &State, credentials: &Path) -> anyhow::Result<()> {
 fn kind_name(kind: &DriverKind) -> &'static str {
     match kind {
         DriverKind::Process => "process",
+        DriverKind::Qemu { .. } => "qemu",
     }
 }
 
@@ -369,8 +379,12 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     }
     let mut agent_addr = None;
     if let Some(listen) = config.agent_listen {
+        let mut sans = config.agent_sans.clone();
+        if matches!(config.driver, Some(DriverKind::Qemu { .. })) {
+            sans.push(fleet::qemu::HOST_FROM_GUEST.to_owned());
+        }
         let tls = ca
-            .server_config(&config.agent_sans)
+            .server_config(&sans)
             .context("failed to issue the agent endpoint certificate")?;
         let l = TcpListener::bind(listen)
             .await
@@ -385,11 +399,18 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         )));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
         if let Some(kind) = &config.driver {
+            let vm_root = config.data_dir.join("systemvms");
             let driver: Arc<dyn fleet::Driver> = match kind {
                 DriverKind::Process => Arc::new(
-                    fleet::process::ProcessDriver::beside_current_exe(config.data_dir.join("systemvms"))
+                    fleet::process::ProcessDriver::beside_current_exe(vm_root)
                         .context("the process driver cannot run")?,
                 ),
+                DriverKind::Qemu { boot, memory_mib } => Arc::new(fleet::qemu::QemuDriver {
+                    qemu: fleet::qemu::find_qemu().context("the qemu driver cannot run")?,
+                    vm_root,
+                    boot: boot.clone(),
+                    memory_mib: *memory_mib,
+                }),
             };
             let urls = if config.agent_urls.is_empty() {
                 let host = if a.ip().is_unspecified() {

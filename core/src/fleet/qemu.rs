@@ -65,6 +65,19 @@ pub fn guest_core_urls(urls: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// `qemu-system-x86_64` on `PATH`.
+pub fn find_qemu() -> Result<PathBuf, DriverError> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("qemu-system-x86_64"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            DriverError::Unavailable("qemu-system-x86_64 not found on PATH (package qemu-system-x86)".into())
+        })
+}
+
 impl QemuDriver {
     fn vm_dir(&self, id: &str) -> PathBuf {
         self.vm_root.join(id)
