@@ -224,18 +224,42 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
             ranges: true,
         },
     );
-    let reg = core
-        .ok(&[
-            "registerTemplate",
-            "name=slow",
-            "displaytext=slow",
-            "format=QCOW2",
-            "hypervisor=KVM",
-            &format!("url={}", http.url("/slow.qcow2")),
-            &format!("checksum={{SHA-256}}{}", hex::encode(Sha256::digest(&data))),
-        ])
-        .await;
-    let tid = reg["template"][0]["id"].as_str().expect("id").to_owned();
+    // Registered with the CLI, which waits with its progress display through the restart.
+    let mut cli = tokio::process::Command::new(workspace_bin("systemvm-core"))
+        .arg("register-template")
+        .arg("--data-dir")
+        .arg(core.dir())
+        .arg("--api-url")
+        .arg(core.running().api_url())
+        .args(["--name", "slow", "--format", "QCOW2", "--url"])
+        .arg(http.url("/slow.qcow2"))
+        .arg("--checksum")
+        .arg(format!("{{SHA-256}}{}", hex::encode(Sha256::digest(&data))))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemvm-core register-template");
+    let mut cli_out = tokio::io::BufReader::new(cli.stdout.take().expect("stdout"));
+    let mut cli_text = String::new();
+    let tid = loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncBufReadExt::read_line(&mut cli_out, &mut line),
+        )
+        .await
+        .expect("the CLI printed no template")
+        .expect("read");
+        assert!(n > 0, "the CLI ended early: {cli_text}");
+        cli_text.push_str(&line);
+        if let Some(id) = line
+            .split_whitespace()
+            .find(|w| w.len() == 36 && w.matches('-').count() == 4)
+        {
+            break id.to_owned();
+        }
+    };
     // Past the first checkpoint (5 s) and some way in.
     let start = Instant::now();
     loop {
@@ -274,6 +298,21 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(!events(&core, "SSVM.RESTART").await.is_empty());
+    let cli_done = tokio::time::timeout(Duration::from_secs(30), cli.wait_with_output())
+        .await
+        .expect("the CLI did not finish")
+        .expect("CLI output");
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut cli_out, &mut rest)
+        .await
+        .expect("CLI stdout");
+    let progress = String::from_utf8_lossy(&cli_done.stderr);
+    assert!(cli_done.status.success(), "{cli_text}{rest}\n{progress}");
+    assert!(rest.contains("Ready"), "{rest}");
+    assert!(
+        progress.lines().filter(|l| l.contains('%')).count() >= 2,
+        "no progress shown: {progress}"
+    );
     let resumed = http
         .requests("/slow.qcow2")
         .iter()
