@@ -11,8 +11,9 @@ use sha2::{Digest as _, Sha256};
 use systemvm_core::DriverKind;
 use systemvm_tests::http::{Faults, HttpFixture, Route};
 
-use crate::console::{distinct_pixels, open};
+use crate::console::open;
 use crate::core_api::{Backend, Core};
+use crate::fleet::console_works;
 use crate::support::{VNC_PASSWORD, qemu};
 
 /// Kills (SIGKILL) every process whose command line mentions `needle` (the core's data dir, which
@@ -110,37 +111,6 @@ fn kill9(vm_id: &str) -> u32 {
         .expect("kill");
     assert!(st.success());
     pids[0]
-}
-
-/// Opens a console of `target` through core and checks the VM's screen.
-async fn console_works(core: &Core, target: &str) {
-    let e = core
-        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={target}")])
-        .await;
-    let ws = &e["consoleendpoint"]["websocket"];
-    assert_eq!(e["consoleendpoint"]["success"], true, "{e}");
-    let url = format!(
-        "ws://{}:{}/{}?token={}",
-        ws["host"].as_str().expect("host"),
-        ws["port"].as_str().expect("port"),
-        ws["path"].as_str().expect("path"),
-        ws["token"].as_str().expect("token")
-    );
-    let mut rfb = open(&url, None).await;
-    let (mut w, mut h, name) = rfb
-        .handshake()
-        .await
-        .expect("console through a core-started proxy");
-    assert_eq!(name, "e2e-vm");
-    let mut colours = 0;
-    for _ in 0..40 {
-        colours = distinct_pixels(&rfb.full_frame(&mut w, &mut h).await);
-        if colours >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert!(colours >= 2, "uniform screen");
 }
 
 async fn add_qemu_target(core: &Core) -> String {

@@ -465,8 +465,8 @@ impl LinkedProxy {
     }
 }
 
-/// Opens a console link's WebSocket and checks the VM's screen comes through.
-async fn screen_through(ws_url: &str) {
+/// Opens a console link's WebSocket and checks the VM's screen (named `e2e-vm`) comes through.
+pub(crate) async fn screen_through(ws_url: &str) {
     let mut rfb = open(ws_url, None).await;
     let (mut w, mut h, name) = rfb.handshake().await.expect("console opens through the proxy");
     assert_eq!(name, "e2e-vm");
@@ -481,7 +481,8 @@ async fn screen_through(ws_url: &str) {
     assert!(colours >= 2, "the VM's screen stayed uniform");
 }
 
-fn ws_url(endpoint: &Value) -> String {
+/// The WebSocket URL of a `consoleendpoint` answer.
+pub(crate) fn ws_url(endpoint: &Value) -> String {
     let ws = &endpoint["websocket"];
     format!(
         "ws://{}:{}/{}?token={}",
@@ -490,6 +491,15 @@ fn ws_url(endpoint: &Value) -> String {
         ws["path"].as_str().expect("path"),
         ws["token"].as_str().expect("token")
     )
+}
+
+/// Makes a console link for `target` through `core` and checks the VM's screen comes through it.
+pub(crate) async fn console_works(core: &Core, target: &str) {
+    let e = core
+        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={target}")])
+        .await;
+    assert_eq!(e["consoleendpoint"]["success"], true, "{e}");
+    screen_through(&ws_url(&e["consoleendpoint"])).await;
 }
 
 async fn console_endpoint_opens_qemu_through_a_registered_proxy(backend: Backend) {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use systemvm_core::DriverKind;
 
-use crate::console::{distinct_pixels, open};
 use crate::core_api::{Backend, Core, postgres_database};
 use crate::support::{VNC_PASSWORD, qemu};
 
@@ -121,27 +120,6 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
     eprintln!("lease takeover {takeover:?}, agent on the new core {moved:?}");
 
     // The API and a console through the new active core work.
-    let e = b
-        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={target}")])
-        .await;
-    let ws = &e["consoleendpoint"]["websocket"];
-    assert_eq!(e["consoleendpoint"]["success"], true, "{e}");
-    let url = format!(
-        "ws://{}:{}/websockify?token={}",
-        ws["host"].as_str().expect("host"),
-        ws["port"].as_str().expect("port"),
-        ws["token"].as_str().expect("token")
-    );
-    let mut rfb = open(&url, None).await;
-    let (mut w, mut h, _) = rfb.handshake().await.expect("console after the takeover");
-    let mut colours = 0;
-    for _ in 0..40 {
-        colours = distinct_pixels(&rfb.full_frame(&mut w, &mut h).await);
-        if colours >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert!(colours >= 2);
+    crate::fleet::console_works(&b, &target).await;
     b.shutdown_with_system_vms().await;
 }

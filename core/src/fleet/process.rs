@@ -229,16 +229,19 @@ impl Driver for ProcessDriver {
     }
 
     fn destroy<'a>(&'a self, id: &'a str) -> DriverFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            match std::fs::remove_dir_all(self.vm_dir(id)) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(DriverError::Io {
-                    what: "failed to remove the VM directory".into(),
-                    source,
-                }),
-            }
-        })
+        Box::pin(async move { remove_vm_dir(&self.vm_dir(id)) })
+    }
+}
+
+/// Removes a destroyed VM's directory; one that is already gone is fine.
+pub fn remove_vm_dir(dir: &Path) -> Result<(), DriverError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DriverError::Io {
+            what: format!("failed to remove {}", dir.display()),
+            source,
+        }),
     }
 }
 

@@ -205,16 +205,7 @@ impl Driver for QemuDriver {
     }
 
     fn destroy<'a>(&'a self, id: &'a str) -> DriverFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            match std::fs::remove_dir_all(self.vm_dir(id)) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(DriverError::Io {
-                    what: "failed to remove the VM directory".into(),
-                    source,
-                }),
-            }
-        })
+        Box::pin(async move { super::process::remove_vm_dir(&self.vm_dir(id)) })
     }
 }
 
