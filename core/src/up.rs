@@ -224,8 +224,22 @@ async fn start_demo_vm(
     anyhow::bail!("QEMU's VNC server did not start on {vnc}")
 }
 
+/// How to call this program: `systemvm-core` when that is what `PATH` finds, else its full path.
+fn program() -> String {
+    let me = std::env::current_exe().ok();
+    let found = find_on_path("systemvm-core");
+    match (me, found) {
+        (Some(me), Some(found)) if found.canonicalize().ok() == me.canonicalize().ok() => {
+            "systemvm-core".into()
+        }
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "systemvm-core".into(),
+    }
+}
+
 /// The next steps `up` prints.
 pub fn next_steps(up: &Up, data_dir: &Path) -> String {
+    let prog = program();
     let api = up.core.api_url();
     let d = if api == "http://127.0.0.1:8080/client/api" {
         data_dir.display().to_string()
@@ -233,20 +247,20 @@ pub fn next_steps(up: &Up, data_dir: &Path) -> String {
         format!("{} --api-url {api}", data_dir.display())
     };
     let mut s = format!(
-        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n\nNext steps:\n  1. Register a template (a progress bar follows the download):\n       systemvm-core register-template --data-dir {d} --name tiny --format QCOW2 --url https://example.org/tiny.qcow2\n",
+        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n\nNext steps:\n  1. Register a template (a progress bar follows the download):\n       {prog} register-template --data-dir {d} --name tiny --format QCOW2 --url https://example.org/tiny.qcow2\n",
         up.core.api_url(),
         up.core.credentials_path.display(),
     );
     match &up.demo {
         Some((_, id)) => s.push_str(&format!(
-            "  2. Open the console of the demo VM (QEMU) in a browser:\n       systemvm-core console --data-dir {d} {id}\n"
+            "  2. Open the console of the demo VM (QEMU) in a browser:\n       {prog} console --data-dir {d} {id}\n"
         )),
         None => s.push_str(&format!(
-            "  2. Add a VM console (any VNC server) and open it:\n       systemvm-core api --data-dir {d} addConsoleTarget name=my-vm host=127.0.0.1 port=5901 password=…\n       systemvm-core console --data-dir {d} ID\n"
+            "  2. Add a VM console (any VNC server) and open it:\n       {prog} api --data-dir {d} addConsoleTarget name=my-vm host=127.0.0.1 port=5901 password=…\n       {prog} console --data-dir {d} ID\n"
         )),
     }
     s.push_str(&format!(
-        "  3. List the system VMs core runs:\n       systemvm-core system-vms --data-dir {d}\n\nPress Ctrl-C to stop everything.\n"
+        "  3. List the system VMs core runs:\n       {prog} system-vms --data-dir {d}\n\nPress Ctrl-C to stop everything.\n"
     ));
     s
 }
