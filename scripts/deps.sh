@@ -25,6 +25,8 @@ if [ "$mode" != run ]; then
   apt_pkgs+=(nfs-ganesha nfs-ganesha-vfs)
   # The core's API tests: PostgreSQL (a throwaway cluster per test run) and a venv for the `cs` CLI.
   apt_pkgs+=(postgresql python3-venv)
+  # The libvirt driver's tests: libvirtd (started by the tests, no systemd) and a guest initramfs.
+  apt_pkgs+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients busybox-static cpio)
 fi
 if [ "$mode" = bench ]; then
   apt_pkgs+=(tigervnc-standalone-server tigervnc-tools x11-xserver-utils python3-venv)
@@ -65,6 +67,18 @@ if [ ! -f "$web/node_modules/@novnc/novnc/core/rfb.js" ] || [ ! -d "$web/node_mo
    || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
   echo "deps: npm ci in console-proxy/web" >&2
   (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# A guest kernel for the libvirt driver's tests: Debian's, taken out of its package (no modules needed).
+if [ "$mode" != run ] && [ ! -s "$here/target/guest-kernel/vmlinuz" ]; then
+  kdir="$here/target/guest-kernel"
+  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+  echo "deps: guest kernel from $kpkg" >&2
+  rm -rf "$kdir" && mkdir -p "$kdir"
+  (cd "$kdir" && apt-get download -qq "$kpkg" 2>/dev/null)
+  dpkg-deb --fsys-tarfile "$kdir/${kpkg}"_*.deb | tar -x -C "$kdir" --wildcards './boot/vmlinuz-*'
+  mv "$kdir"/boot/vmlinuz-* "$kdir/vmlinuz"
+  rm -rf "$kdir/boot" "$kdir"/*.deb
 fi
 
 # The real CloudStack CLI the core's API tests drive (PyPI `cs`, pinned).

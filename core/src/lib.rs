@@ -104,6 +104,15 @@ pub enum DriverKind {
         /// Memory per VM, MiB.
         memory_mib: u32,
     },
+    /// libvirt domains on the host of `uri` (through `virsh`), booting `boot`.
+    Libvirt {
+        /// The libvirt URI.
+        uri: String,
+        /// What the system VMs boot.
+        boot: fleet::qemu::Boot,
+        /// Memory per VM, MiB.
+        memory_mib: u32,
+    },
 }
 
 impl CoreConfig {
@@ -302,6 +311,7 @@ fn kind_name(kind: &DriverKind) -> &'static str {
     match kind {
         DriverKind::Process => "process",
         DriverKind::Qemu { .. } => "qemu",
+        DriverKind::Libvirt { .. } => "libvirt",
     }
 }
 
@@ -405,6 +415,16 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
                     fleet::process::ProcessDriver::beside_current_exe(vm_root)
                         .context("the process driver cannot run")?,
                 ),
+                DriverKind::Libvirt {
+                    uri,
+                    boot,
+                    memory_mib,
+                } => Arc::new(fleet::libvirt::LibvirtDriver {
+                    uri: uri.clone(),
+                    vm_root,
+                    boot: boot.clone(),
+                    memory_mib: *memory_mib,
+                }),
                 DriverKind::Qemu { boot, memory_mib } => Arc::new(fleet::qemu::QemuDriver {
                     qemu: fleet::qemu::find_qemu().context("the qemu driver cannot run")?,
                     vm_root,

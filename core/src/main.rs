@@ -45,6 +45,10 @@ enum Cmd {
         /// comma-separated; with two cores, both). Default: this core's endpoint.
         #[arg(long = "agent-url", value_delimiter = ',')]
         agent_urls: Vec<String>,
+        /// A libvirt host whose guest VMs' consoles core opens by domain name
+        /// (`addConsoleTarget hypervisorvm=NAME`), e.g. qemu+ssh://kvm1/system (repeatable).
+        #[arg(long = "guest-libvirt")]
+        guest_libvirt: Vec<String>,
     },
     /// Runs the whole suite on this machine: core (SQLite), a console proxy and a storage VM as
     /// local processes, a local image store, and a demo VM under QEMU when QEMU is installed.
@@ -98,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
             agent_sans,
             driver,
             agent_urls,
+            guest_libvirt,
         } => {
             let mut config = CoreConfig::new(data_dir);
             config.listen = listen;
@@ -106,6 +111,13 @@ async fn main() -> anyhow::Result<()> {
             config.agent_sans = agent_sans;
             config.driver = driver.map(|_| systemvm_core::DriverKind::Process);
             config.agent_urls = agent_urls;
+            config.guest_drivers = guest_libvirt
+                .into_iter()
+                .map(|uri| {
+                    std::sync::Arc::new(systemvm_core::fleet::libvirt::LibvirtDriver::guests_only(uri))
+                        as std::sync::Arc<dyn systemvm_core::fleet::Driver>
+                })
+                .collect();
             let core = start(config).await?;
             println!("API: {}", core.api_url());
             println!("Credentials: {}", core.credentials_path.display());

@@ -434,13 +434,13 @@ async fn template_registered_through_core_lands_on_ganesha(backend: Backend) {
 }
 
 /// An in-process console proxy linked to core.
-struct LinkedProxy {
+pub(crate) struct LinkedProxy {
     proxy: Arc<console_proxy::RunningProxy>,
     client: systemvm_agent_client::AgentClient,
     id: String,
 }
 
-async fn linked_proxy(core: &Core, name: &str) -> LinkedProxy {
+pub(crate) async fn linked_proxy(core: &Core, name: &str) -> LinkedProxy {
     let (id, secret) = core.register("consoleproxy", name).await;
     let config = console_proxy::ProxyConfig::new(
         "127.0.0.1:0".parse().expect("addr"),
@@ -457,7 +457,7 @@ async fn linked_proxy(core: &Core, name: &str) -> LinkedProxy {
 }
 
 impl LinkedProxy {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.client.shutdown().await;
         if let Ok(p) = Arc::try_unwrap(self.proxy) {
             p.shutdown().await;

@@ -8,6 +8,7 @@ mod deploy;
 mod fleet;
 mod ha;
 mod layout;
+mod libvirt;
 mod nfs;
 mod storage;
 mod support;

@@ -24,6 +24,7 @@
 
 pub mod driver;
 pub mod lease;
+pub mod libvirt;
 pub mod process;
 pub mod qemu;
 pub mod seed;
