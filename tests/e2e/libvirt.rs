@@ -262,3 +262,79 @@ async fn libvirt_driver_runs_a_domain_and_core_opens_a_guest_console() {
     eprintln!("libvirt: boot to marker {booted:?}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_driver_boots_a_system_vm_with_its_seed_and_no_secret_on_the_command_line() {
+    use systemvm_core::fleet::qemu::QemuDriver;
+    let tmp = std::env::temp_dir().join(format!("systemvm-e2e-qemu-driver-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let marker = "systemvm-e2e-qemu-guest up";
+    let driver = QemuDriver {
+        qemu: which("qemu-system-x86_64").expect("qemu-system-x86_64: run scripts/deps.sh"),
+        vm_root: tmp.join("vms"),
+        boot: Boot::Kernel {
+            kernel: kernel(),
+            initrd: initramfs(&tmp, marker),
+            cmdline: "console=ttyS0 quiet panic=5".into(),
+        },
+        memory_mib: 256,
+    };
+    let ca = tmp.join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("ca");
+    let spec = VmSpec {
+        id: "7e2a4b3f-8d5c-4f6a-8b2e-6c1d3f4a5b72".into(),
+        name: "v-e2e-qemu-VM".into(),
+        role: AgentRole::ConsoleProxy,
+        zone_id: "zone".into(),
+        secret: Secret::from("qemu-secret-never-in-ps"),
+        core_urls: vec!["wss://127.0.0.1:8250/agent".into()],
+        ca,
+        store_url: None,
+        allow_internal: vec![],
+        max_sessions: 5,
+    };
+    let started = Instant::now();
+    let placement = driver.start(&spec).await.expect("start");
+    let pid = placement.pid.expect("pid");
+    let _kill = crate::deploy::KillOnDrop(spec.id.clone());
+    assert_eq!(driver.state(&spec.id, &placement).await, VmState::Running);
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline"))
+        .replace('\0', " ");
+    assert!(
+        !cmdline.contains("qemu-secret-never-in-ps"),
+        "secret on QEMU's command line"
+    );
+    assert!(
+        cmdline.contains("systemvm.seed=cidata") && cmdline.contains("hostfwd=tcp:127.0.0.1:"),
+        "{cmdline}"
+    );
+    let seed = std::fs::read(driver.vm_root.join(&spec.id).join("seed.iso")).expect("seed");
+    let seed = String::from_utf8_lossy(&seed);
+    assert!(
+        seed.contains("wss://10.0.2.2:8250/agent"),
+        "loopback core URL not rewritten for the guest"
+    );
+    assert!(seed.contains("qemu-secret-never-in-ps") && seed.contains("\"public_url\""));
+    let log = driver.vm_root.join(&spec.id).join("console.log");
+    loop {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains(marker) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no boot marker in {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!("qemu driver: boot to marker {:?}", started.elapsed());
+    driver.stop(&spec.id, &placement, false).await.expect("stop");
+    assert!(matches!(
+        driver.state(&spec.id, &placement).await,
+        VmState::Stopped(_)
+    ));
+    driver.destroy(&spec.id).await.expect("destroy");
+    assert!(!driver.vm_root.join(&spec.id).exists());
+    let _ = std::fs::remove_dir_all(&tmp);
+}

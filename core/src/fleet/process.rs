@@ -123,6 +123,18 @@ fn is_our_process(pid: u32, vm_id: &str) -> bool {
     !zombie && cmdline.split(|b| *b == 0).any(|arg| arg == vm_id.as_bytes())
 }
 
+/// Waits (up to 2 s) until `pid` runs the new program (its command line names `vm_id`): right
+/// after a spawn the child may still be the forked copy of core.
+pub async fn wait_exec(pid: Option<u32>, vm_id: &str) {
+    let Some(pid) = pid else { return };
+    for _ in 0..200 {
+        if is_our_process(pid, vm_id) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn signal(pid: u32, sig: &str) {
     let _ = tokio::process::Command::new("kill")
         .arg(format!("-{sig}"))
@@ -206,6 +218,7 @@ impl Driver for ProcessDriver {
                 .spawn()
                 .map_err(io(&format!("failed to run {}", spec.role.as_str())))?;
             let pid = child.id();
+            wait_exec(pid, &spec.id).await;
             // Reap the process when it exits (no zombie); its state is read from /proc.
             tokio::spawn(async move {
                 let _ = child.wait().await;

@@ -181,6 +181,7 @@ impl Driver for QemuDriver {
                 .spawn()
                 .map_err(io("failed to run QEMU"))?;
             let pid = child.id();
+            super::process::wait_exec(pid, &spec.id).await;
             tokio::spawn(async move {
                 let _ = child.wait().await;
             });
