@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "console_hypervisor_ref",
         include_str!("../migrations/0005_console_hypervisor_ref.sql"),
     ),
+    (
+        6,
+        "zone_configurations",
+        include_str!("../migrations/0006_zone_configurations.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

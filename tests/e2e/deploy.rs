@@ -334,14 +334,50 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
-    let (mut core, _guard) = start(&[
+    let (mut core, _guard) = start(&[]).await;
+    // The zone's own values of the fleet settings (the global ones stay at their defaults).
+    let zone = core.ok(&["listZones"]).await["zone"][0]["id"]
+        .as_str()
+        .expect("zone")
+        .to_owned();
+    for (name, value) in [
         ("consoleproxy.session.max", "1"),
         ("consoleproxy.capacity.standby", "0"),
         ("consoleproxy.launch.max", "2"),
         ("consoleproxy.scalein.idle", "2"),
         ("consoleproxy.scale.cooldown", "0"),
-    ])
-    .await;
+    ] {
+        let c = core
+            .ok(&[
+                "updateConfiguration",
+                &format!("name={name}"),
+                &format!("value={value}"),
+                &format!("zoneid={zone}"),
+            ])
+            .await;
+        assert_eq!(c["configuration"]["scope"], "zone", "{c}");
+    }
+    let zoned = core
+        .ok(&[
+            "listConfigurations",
+            "name=consoleproxy.session.max",
+            &format!("zoneid={zone}"),
+        ])
+        .await;
+    assert_eq!(zoned["configuration"][0]["value"], "1", "{zoned}");
+    let global = core
+        .ok(&["listConfigurations", "name=consoleproxy.session.max"])
+        .await;
+    assert_eq!(global["configuration"][0]["value"], "50", "{global}");
+    let (ok, e) = core
+        .cs_raw(&[
+            "updateConfiguration",
+            "name=default.page.size",
+            "value=5",
+            &format!("zoneid={zone}"),
+        ])
+        .await;
+    assert!(!ok && e.to_string().contains("no zone scope"), "{e}");
     wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
     let target = add_qemu_target(&core).await;
 

@@ -161,6 +161,11 @@ pub const SETTINGS: &[Setting] = &[
 /// `listConfigurations` parameters.
 pub const LIST_CONFIGURATIONS: &[ParamSpec] = &[
     opt("name", Ty::String, "Substring of the setting name"),
+    opt(
+        "zoneid",
+        Ty::Uuid,
+        "A zone: its values of the zone-scoped settings (consoleproxy.*, secstorage.*)",
+    ),
     opt("category", Ty::String, "Category"),
     opt("keyword", Ty::String, "Substring of the name or description"),
     opt("page", Ty::Integer, "Page number"),
@@ -169,8 +174,51 @@ pub const LIST_CONFIGURATIONS: &[ParamSpec] = &[
 /// `updateConfiguration` parameters.
 pub const UPDATE_CONFIGURATION: &[ParamSpec] = &[
     req("name", Ty::String, "Setting name"),
-    opt("value", Ty::String, "New value (absent or empty: the default)"),
+    opt(
+        "value",
+        Ty::String,
+        "New value (absent or empty: the default; with zoneid: the global value)",
+    ),
+    opt(
+        "zoneid",
+        Ty::Uuid,
+        "Set the value for this zone only (zone-scoped settings)",
+    ),
 ];
+
+/// Whether a setting may have a value per zone (the fleet's settings).
+pub fn zone_scoped(name: &str) -> bool {
+    name.starts_with("consoleproxy.") || name.starts_with("secstorage.")
+}
+
+/// The value of `name` in `zone`: the zone's own value, else the global one.
+pub async fn zone_value(state: &State, zone: &str, name: &str) -> String {
+    if zone_scoped(name) {
+        let v: Result<Option<String>, _> =
+            sqlx::query_scalar("SELECT value FROM zone_configurations WHERE zone_id = $1 AND name = $2")
+                .bind(zone.to_owned())
+                .bind(name.to_owned())
+                .fetch_optional(&state.db.pool)
+                .await;
+        match v {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, name, "Zone setting unreadable; using the global value"),
+        }
+    }
+    state.setting(name).await
+}
+
+async fn zone_exists(state: &State, zone: &str) -> Result<(), ApiError> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM zones WHERE id = $1")
+        .bind(zone.to_owned())
+        .fetch_one(&state.db.pool)
+        .await?;
+    if n == 0 {
+        return Err(ApiError::param(format!("Unable to find zone by id {zone}")));
+    }
+    Ok(())
+}
 
 /// Finds a setting definition.
 pub fn find(name: &str) -> Option<&'static Setting> {
@@ -229,12 +277,23 @@ fn setting_json(s: &Setting, value: &str) -> Value {
 /// `listConfigurations`.
 pub async fn list_configurations(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, state.page_size().await)?;
-    let values = state.settings.read().await.clone();
+    let mut values = state.settings.read().await.clone();
+    let zone = p.non_empty("zoneid");
+    if let Some(z) = zone {
+        zone_exists(&state, z).await?;
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, value FROM zone_configurations WHERE zone_id = $1")
+                .bind(z.to_owned())
+                .fetch_all(&state.db.pool)
+                .await?;
+        values.extend(rows);
+    }
     let name = p.non_empty("name").map(str::to_lowercase);
     let category = p.non_empty("category");
     let keyword = p.non_empty("keyword").map(str::to_lowercase);
     let matching: Vec<&Setting> = SETTINGS
         .iter()
+        .filter(|s| zone.is_none() || zone_scoped(s.name))
         .filter(|s| name.as_deref().is_none_or(|n| s.name.contains(n)))
         .filter(|s| category.is_none_or(|c| s.category.eq_ignore_ascii_case(c)))
         .filter(|s| {
@@ -252,7 +311,14 @@ pub async fn list_configurations(state: State, _caller: Caller, p: Params) -> Re
                 .and_then(|l| usize::try_from(l).ok())
                 .unwrap_or(usize::MAX),
         )
-        .map(|s| setting_json(s, values.get(s.name).map_or(s.default, String::as_str)))
+        .map(|s| {
+            let mut v = setting_json(s, values.get(s.name).map_or(s.default, String::as_str));
+            if let Some(z) = zone {
+                v["scope"] = json!("zone");
+                v["zoneid"] = json!(z);
+            }
+            v
+        })
         .collect();
     Ok(list_response("configuration", total, items))
 }
@@ -261,6 +327,39 @@ pub async fn list_configurations(state: State, _caller: Caller, p: Params) -> Re
 pub async fn update_configuration(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let name = p.non_empty("name").unwrap_or_default();
     let s = find(name).ok_or_else(|| ApiError::param(format!("Configuration {name} does not exist")))?;
+    if let Some(zone) = p.non_empty("zoneid") {
+        if !zone_scoped(name) {
+            return Err(ApiError::param(format!("Configuration {name} has no zone scope")));
+        }
+        zone_exists(&state, zone).await?;
+        if let Some(v) = p.non_empty("value") {
+            check(s, v)?;
+        }
+        let mut tx = state.db.pool.begin().await?;
+        sqlx::query("DELETE FROM zone_configurations WHERE zone_id = $1 AND name = $2")
+            .bind(zone.to_owned())
+            .bind(name.to_owned())
+            .execute(&mut *tx)
+            .await?;
+        if let Some(v) = p.non_empty("value") {
+            sqlx::query(
+                "INSERT INTO zone_configurations (zone_id, name, value, updated) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(zone.to_owned())
+            .bind(name.to_owned())
+            .bind(v.to_owned())
+            .bind(now_cs())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let value = zone_value(&state, zone, name).await;
+        tracing::info!(%name, zone, "Zone setting updated");
+        let mut v = setting_json(s, &value);
+        v["scope"] = json!("zone");
+        v["zoneid"] = json!(zone);
+        return Ok(json!({ "configuration": v }));
+    }
     let value = p.non_empty("value").unwrap_or(s.default);
     check(s, value)?;
     // Portable upsert: delete then insert, in one transaction.

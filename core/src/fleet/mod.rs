@@ -262,6 +262,14 @@ async fn setting_u64(state: &State, name: &str, default: u64) -> u64 {
     state.setting(name).await.parse().unwrap_or(default)
 }
 
+/// A numeric setting as it applies in `zone` (its own value, else the global one).
+async fn zone_u64(state: &State, zone: &str, name: &str, default: u64) -> u64 {
+    crate::api::configs::zone_value(state, zone, name)
+        .await
+        .parse()
+        .unwrap_or(default)
+}
+
 /// Starts (or restarts) a managed VM with a fresh secret; the VM is `Starting` until its agent is Up.
 pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), String> {
     let row =
@@ -298,14 +306,14 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
         AgentRole::ConsoleProxy => None,
     };
     let secret = random_token::<32>().map_err(|e| e.to_string())?;
-    let allow_internal = state
-        .setting("secstorage.allowed.internal.sites")
-        .await
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let allow_internal =
+        crate::api::configs::zone_value(state, &zone_id, "secstorage.allowed.internal.sites")
+            .await
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
     let spec = VmSpec {
         id: id.to_owned(),
         name: name.clone(),
@@ -316,7 +324,7 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
         ca: fleet.ca.clone(),
         store_url,
         allow_internal,
-        max_sessions: setting_u64(state, "consoleproxy.session.max", 50).await,
+        max_sessions: zone_u64(state, &zone_id, "consoleproxy.session.max", 50).await,
     };
     sqlx::query(
         "UPDATE system_vms SET secret_hash = $1, state = $2, desired = $3, driver = $4, started_ms = $5, idle_since_ms = NULL, pid = NULL WHERE id = $6",
@@ -795,11 +803,11 @@ async fn policy(state: &State, fleet: &Fleet, zone: &str) -> Result<(), sqlx::Er
         })
         .collect();
     let rule = ScaleRule {
-        session_max: setting_u64(state, "consoleproxy.session.max", 50).await,
-        standby: setting_u64(state, "consoleproxy.capacity.standby", 10).await,
-        launch_max: setting_u64(state, "consoleproxy.launch.max", 10).await,
-        idle_secs: setting_u64(state, "consoleproxy.scalein.idle", 300).await,
-        cooldown_secs: setting_u64(state, "consoleproxy.scale.cooldown", 30).await,
+        session_max: zone_u64(state, zone, "consoleproxy.session.max", 50).await,
+        standby: zone_u64(state, zone, "consoleproxy.capacity.standby", 10).await,
+        launch_max: zone_u64(state, zone, "consoleproxy.launch.max", 10).await,
+        idle_secs: zone_u64(state, zone, "consoleproxy.scalein.idle", 300).await,
+        cooldown_secs: zone_u64(state, zone, "consoleproxy.scale.cooldown", 30).await,
     };
     let last = fleet
         .last_scale_ms
