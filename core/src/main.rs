@@ -37,10 +37,26 @@ enum Cmd {
         /// Extra name or IP address in the agent endpoint's certificate (repeatable).
         #[arg(long = "agent-san")]
         agent_sans: Vec<String>,
-        /// Deploy and manage the system VMs with this driver (`process`); without it, agents are
-        /// registered and started by hand.
-        #[arg(long, value_parser = ["process"])]
+        /// Deploy and manage the system VMs with this driver: `process` (local processes), `qemu`
+        /// (QEMU guests on this host) or `libvirt` (domains on --libvirt-uri); without it, agents
+        /// are registered and started by hand.
+        #[arg(long, value_parser = ["process", "qemu", "libvirt"])]
         driver: Option<String>,
+        /// qemu/libvirt drivers: the system VM image (qcow2), booted copy-on-write.
+        #[arg(long, conflicts_with = "vm_kernel")]
+        vm_image: Option<PathBuf>,
+        /// qemu/libvirt drivers: boot this kernel (with --vm-initrd) instead of an image.
+        #[arg(long, requires = "vm_initrd")]
+        vm_kernel: Option<PathBuf>,
+        /// qemu/libvirt drivers: the initramfs booted with --vm-kernel.
+        #[arg(long, requires = "vm_kernel")]
+        vm_initrd: Option<PathBuf>,
+        /// qemu/libvirt drivers: memory per system VM, MiB.
+        #[arg(long, default_value_t = 512)]
+        vm_memory: u32,
+        /// libvirt driver: the host's libvirt URI.
+        #[arg(long, default_value = "qemu:///system")]
+        libvirt_uri: String,
         /// Agent endpoint URL(s) given to the system VMs core starts (wss://HOST:PORT/agent,
         /// comma-separated; with two cores, both). Default: this core's endpoint.
         #[arg(long = "agent-url", value_delimiter = ',')]
@@ -101,6 +117,11 @@ async fn main() -> anyhow::Result<()> {
             agent_listen,
             agent_sans,
             driver,
+            vm_image,
+            vm_kernel,
+            vm_initrd,
+            vm_memory,
+            libvirt_uri,
             agent_urls,
             guest_libvirt,
         } => {
@@ -109,7 +130,31 @@ async fn main() -> anyhow::Result<()> {
             config.database_url = database_url;
             config.agent_listen = Some(agent_listen);
             config.agent_sans = agent_sans;
-            config.driver = driver.map(|_| systemvm_core::DriverKind::Process);
+            let boot = match (vm_image, vm_kernel, vm_initrd) {
+                (Some(image), _, _) => Some(systemvm_core::fleet::qemu::Boot::Disk { image }),
+                (None, Some(kernel), Some(initrd)) => Some(systemvm_core::fleet::qemu::Boot::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline: "console=ttyS0 quiet panic=5".into(),
+                }),
+                _ => None,
+            };
+            config.driver = match (driver.as_deref(), boot) {
+                (None, _) => None,
+                (Some("process"), _) => Some(systemvm_core::DriverKind::Process),
+                (Some("qemu"), Some(boot)) => Some(systemvm_core::DriverKind::Qemu {
+                    boot,
+                    memory_mib: vm_memory,
+                }),
+                (Some(_), Some(boot)) => Some(systemvm_core::DriverKind::Libvirt {
+                    uri: libvirt_uri,
+                    boot,
+                    memory_mib: vm_memory,
+                }),
+                (Some(d), None) => {
+                    anyhow::bail!("--driver {d} needs --vm-image, or --vm-kernel with --vm-initrd")
+                }
+            };
             config.agent_urls = agent_urls;
             config.guest_drivers = guest_libvirt
                 .into_iter()

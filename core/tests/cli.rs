@@ -492,3 +492,33 @@ fn register_template_fails_when_the_download_fails() {
         r.err
     );
 }
+
+#[test]
+fn serve_refuses_an_image_driver_without_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    for driver in ["qemu", "libvirt"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_systemvm-core"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--agent-listen",
+                "127.0.0.1:0",
+                "--driver",
+                driver,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "--driver {driver} needs --vm-image, or --vm-kernel with --vm-initrd"
+            )),
+            "{err}"
+        );
+    }
+}
