@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "zone_configurations",
         include_str!("../migrations/0006_zone_configurations.sql"),
     ),
+    (
+        7,
+        "zone_driver",
+        include_str!("../migrations/0007_zone_driver.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

@@ -187,7 +187,9 @@ impl RunningCore {
             match fleet::managed_vms(&self.state, None).await {
                 Ok(vms) => {
                     for vm in vms {
-                        let _ = fleet.driver.stop(&vm.id, &vm.placement, false).await;
+                        if let Some(d) = fleet.driver_for(vm.driver.as_deref()) {
+                            let _ = d.stop(&vm.id, &vm.placement, false).await;
+                        }
                     }
                 }
                 Err(error) => tracing::warn!(%error, "Could not list the system VMs to stop"),
@@ -442,7 +444,15 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
             } else {
                 config.agent_urls.clone()
             };
-            let f = Arc::new(fleet::Fleet::new(driver, urls, ca.cert_path.clone()));
+            let mut f = fleet::Fleet::new(driver, urls, ca.cert_path.clone());
+            f.vm_root = config.data_dir.join("systemvms");
+            f.zone_boot = match kind {
+                DriverKind::Qemu { boot, memory_mib } | DriverKind::Libvirt { boot, memory_mib, .. } => {
+                    Some((boot.clone(), *memory_mib))
+                }
+                DriverKind::Process => None,
+            };
+            let f = Arc::new(f);
             let _ = state.fleet.set(f.clone());
             tasks.push(tokio::spawn(fleet::run(state.clone(), f, stop_rx.clone())));
             tracing::info!(driver = kind_name(kind), "Fleet manager running");

@@ -311,6 +311,46 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
         Sha256::digest(&data)[..]
     );
 
+    // A zone whose system VMs are started by hand: core deploys nothing there, even with a store.
+    let manual = core
+        .ok(&[
+            "createZone",
+            "name=manual",
+            "networktype=Advanced",
+            "dns1=8.8.8.8",
+            "internaldns1=8.8.8.8",
+            "systemvmdriver=none",
+        ])
+        .await;
+    assert_eq!(manual["zone"]["systemvmdriver"], "none", "{manual}");
+    let manual_id = manual["zone"]["id"].as_str().expect("zone id").to_owned();
+    let manual_dir = core.dir().join("secondary-manual");
+    std::fs::create_dir_all(&manual_dir).expect("dir");
+    core.ok(&[
+        "addImageStore",
+        "provider=NFS",
+        "name=manual-store",
+        &format!("url=file://{}", manual_dir.display()),
+        &format!("zoneid={manual_id}"),
+    ])
+    .await;
+    for (spec, why) in [
+        ("libvirt:qemu:///system", "image"),
+        ("kvm", "Invalid systemvmdriver"),
+    ] {
+        let (ok, e) = core
+            .cs_raw(&[
+                "createZone",
+                "name=z-bad",
+                "networktype=Advanced",
+                "dns1=8.8.8.8",
+                "internaldns1=8.8.8.8",
+                &format!("systemvmdriver={spec}"),
+            ])
+            .await;
+        assert!(!ok && e.to_string().contains(why), "{spec}: {e}");
+    }
+
     // Lifecycle API: stop keeps it stopped; start brings it back; destroy removes it and the
     // policy replaces it.
     let stopped = core.ok(&["stopSystemVm", &format!("id={proxy_id}")]).await;
@@ -328,6 +368,11 @@ async fn deploys_both_system_vms_and_restarts_killed_ones() {
     let replaced = wait_fleet(&core, "consoleproxy", 1, Duration::from_secs(30)).await;
     assert_ne!(replaced[0]["id"], proxy_id.as_str());
     assert!(!Path::new(&core.dir().join("systemvms").join(&proxy_id)).exists());
+    let in_manual = core.ok(&["listSystemVms", &format!("zoneid={manual_id}")]).await;
+    assert!(
+        in_manual.get("systemvm").is_none(),
+        "core deployed into a `none` zone: {in_manual}"
+    );
 
     core.shutdown_with_system_vms().await;
 }

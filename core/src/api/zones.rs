@@ -31,6 +31,11 @@ pub const CREATE_ZONE: &[ParamSpec] = &[
         Ty::String,
         "Enabled or Disabled (default Enabled)",
     ),
+    opt(
+        "systemvmdriver",
+        Ty::String,
+        "Ours: how core deploys the zone's system VMs: absent = core's driver, none = not at all (started by hand), libvirt:URI = libvirt domains on that host",
+    ),
 ];
 /// `listZones` parameters.
 pub const LIST_ZONES: &[ParamSpec] = &[
@@ -56,9 +61,32 @@ fn network_type(s: &str) -> Result<&'static str, ApiError> {
     }
 }
 
+/// Checks a zone's `systemvmdriver`: `none`, `libvirt:URI`, or the name of core's own driver.
+pub fn check_systemvm_driver(spec: &str, state: &State) -> Result<(), ApiError> {
+    let own = state.fleet.get().map(|f| f.driver.name());
+    let ok = spec == "none"
+        || own == Some(spec)
+        || spec
+            .strip_prefix("libvirt:")
+            .is_some_and(|u| u.contains("://") && !u.chars().any(|c| c.is_whitespace() || c.is_control()));
+    if !ok {
+        return Err(ApiError::param(format!(
+            "Invalid systemvmdriver {spec:?}: use none, libvirt:URI, or this core's driver ({})",
+            own.unwrap_or("none configured")
+        )));
+    }
+    if spec.starts_with("libvirt:") && state.fleet.get().is_none_or(|f| f.zone_boot.is_none()) {
+        return Err(ApiError::param(
+            "A zone on a libvirt host needs a system VM image: run core with --driver qemu or libvirt and --vm-image",
+        ));
+    }
+    Ok(())
+}
+
 fn zone_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
     let nt: String = row.try_get("network_type")?;
-    Ok(json!({
+    let driver: Option<String> = row.try_get("systemvm_driver")?;
+    let mut v = json!({
         "id": row.try_get::<String, _>("id")?,
         "name": row.try_get::<String, _>("name")?,
         "networktype": nt,
@@ -75,10 +103,14 @@ fn zone_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "tags": [],
         "hasannotations": false,
         "created": row.try_get::<String, _>("created")?,
-    }))
+    });
+    if let Some(d) = driver {
+        v["systemvmdriver"] = json!(d);
+    }
+    Ok(v)
 }
 
-const SELECT: &str = "SELECT id, name, network_type, allocation_state, dns1, dns2, internal_dns1, internal_dns2, domain, created FROM zones";
+const SELECT: &str = "SELECT id, name, network_type, allocation_state, dns1, dns2, internal_dns1, internal_dns2, domain, created, systemvm_driver FROM zones";
 
 /// A zone to insert.
 #[derive(Debug)]
@@ -160,6 +192,10 @@ pub async fn create_zone(state: State, _caller: Caller, p: Params) -> Result<Val
             )));
         }
     };
+    let driver = p.non_empty("systemvmdriver");
+    if let Some(d) = driver {
+        check_systemvm_driver(d, &state)?;
+    }
     let id = insert_zone(
         &state,
         &NewZone {
@@ -176,6 +212,13 @@ pub async fn create_zone(state: State, _caller: Caller, p: Params) -> Result<Val
         },
     )
     .await?;
+    if let Some(d) = driver {
+        sqlx::query("UPDATE zones SET systemvm_driver = $1 WHERE id = $2")
+            .bind(d.to_owned())
+            .bind(id.clone())
+            .execute(&state.db.pool)
+            .await?;
+    }
     let mut f = Filter::default();
     f.eq("id", &id);
     let rows = f.rows(&state.db.pool, SELECT, "").await?;

@@ -85,6 +85,12 @@ pub struct Fleet {
     pub core_urls: Vec<String>,
     /// Core's CA certificate (`--ca`).
     pub ca: std::path::PathBuf,
+    /// What image drivers of zones (`libvirt:URI`) boot, and memory per VM; `None`: zones can't
+    /// have their own libvirt host.
+    pub zone_boot: Option<(qemu::Boot, u32)>,
+    /// Where zone drivers keep per-VM files.
+    pub vm_root: std::path::PathBuf,
+    zone_drivers: std::sync::Mutex<HashMap<String, Arc<dyn Driver>>>,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_scale_ms: std::sync::Mutex<HashMap<String, i64>>,
     /// When this core last became the leader (ms): agents get time to move over before their
@@ -99,9 +105,47 @@ impl Fleet {
             driver,
             core_urls,
             ca,
+            zone_boot: None,
+            vm_root: std::path::PathBuf::new(),
+            zone_drivers: std::sync::Mutex::default(),
             locks: std::sync::Mutex::default(),
             last_scale_ms: std::sync::Mutex::default(),
             leader_since_ms: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// The driver a spec names (`system_vms.driver`, `zones.systemvm_driver`): core's own driver
+    /// for its name or an empty/absent spec, a libvirt host for `libvirt:URI` (when image boot is
+    /// configured); `None` for `none` or an unusable spec.
+    pub fn driver_for(&self, spec: Option<&str>) -> Option<Arc<dyn Driver>> {
+        match spec.map(str::trim).filter(|s| !s.is_empty()) {
+            None => Some(self.driver.clone()),
+            Some(s) if s == self.driver.name() => Some(self.driver.clone()),
+            Some(s) => {
+                let uri = s.strip_prefix("libvirt:")?;
+                let (boot, memory_mib) = self.zone_boot.clone()?;
+                let mut cache = self
+                    .zone_drivers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let d = cache.entry(s.to_owned()).or_insert_with(|| {
+                    Arc::new(libvirt::LibvirtDriver {
+                        uri: uri.to_owned(),
+                        vm_root: self.vm_root.clone(),
+                        boot,
+                        memory_mib,
+                    })
+                });
+                Some(d.clone())
+            }
+        }
+    }
+
+    /// The spec stored for a VM started by `driver_for(zone_spec)`.
+    fn spec_of(&self, zone_spec: Option<&str>) -> String {
+        match zone_spec.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) if s.starts_with("libvirt:") => s.to_owned(),
+            _ => self.driver.name().to_owned(),
         }
     }
 
@@ -190,6 +234,8 @@ pub struct ManagedVm {
     pub last_heartbeat_ms: Option<i64>,
     /// Last reported load.
     pub load: Option<Load>,
+    /// The driver spec it was started with.
+    pub driver: Option<String>,
 }
 
 impl ManagedVm {
@@ -202,7 +248,7 @@ impl ManagedVm {
     }
 }
 
-const VM_SELECT: &str = "SELECT id, name, role, zone_id, state, agent_state, desired, pid, started_ms, start_failures, idle_since_ms, last_heartbeat_ms, last_load FROM system_vms WHERE managed = 1 AND removed IS NULL";
+const VM_SELECT: &str = "SELECT id, name, role, zone_id, state, agent_state, desired, pid, started_ms, start_failures, idle_since_ms, last_heartbeat_ms, last_load, driver FROM system_vms WHERE managed = 1 AND removed IS NULL";
 
 fn managed_vm(row: &sqlx::any::AnyRow) -> Result<ManagedVm, sqlx::Error> {
     let role: String = row.try_get("role")?;
@@ -228,6 +274,7 @@ fn managed_vm(row: &sqlx::any::AnyRow) -> Result<ManagedVm, sqlx::Error> {
         load: row
             .try_get::<Option<String>, _>("last_load")?
             .and_then(|l| serde_json::from_str(&l).ok()),
+        driver: row.try_get("driver")?,
     })
 }
 
@@ -273,7 +320,7 @@ async fn zone_u64(state: &State, zone: &str, name: &str, default: u64) -> u64 {
 /// Starts (or restarts) a managed VM with a fresh secret; the VM is `Starting` until its agent is Up.
 pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), String> {
     let row =
-        sqlx::query("SELECT name, role, zone_id, pid FROM system_vms WHERE id = $1 AND removed IS NULL")
+        sqlx::query("SELECT s.name, s.role, s.zone_id, s.pid, s.driver, z.systemvm_driver FROM system_vms s JOIN zones z ON z.id = s.zone_id WHERE s.id = $1 AND s.removed IS NULL")
             .bind(id.to_owned())
             .fetch_optional(&state.db.pool)
             .await
@@ -291,7 +338,15 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
             .and_then(|p| u32::try_from(p).ok()),
     };
     // Whatever ran before goes first (a stale process must not hold the VM's place).
-    let _ = fleet.driver.stop(id, &old, true).await;
+    let previous: Option<String> = row.try_get("driver").map_err(|e| e.to_string())?;
+    if let Some(d) = fleet.driver_for(previous.as_deref()) {
+        let _ = d.stop(id, &old, true).await;
+    }
+    let zone_spec: Option<String> = row.try_get("systemvm_driver").map_err(|e| e.to_string())?;
+    let driver = fleet
+        .driver_for(zone_spec.as_deref())
+        .ok_or_else(|| format!("zone {zone_id} has no usable system VM driver ({zone_spec:?})"))?;
+    let driver_spec = fleet.spec_of(zone_spec.as_deref());
     let store_url: Option<String> = match role {
         AgentRole::SecStorage => {
             let url: Option<String> = sqlx::query_scalar(
@@ -332,13 +387,13 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Stri
     .bind(hash_secret(&secret))
     .bind(vm_state::STARTING)
     .bind(vm_state::RUNNING)
-    .bind(fleet.driver.name())
+    .bind(driver_spec.clone())
     .bind(now_ms())
     .bind(id.to_owned())
     .execute(&state.db.pool)
     .await
     .map_err(|e| e.to_string())?;
-    match fleet.driver.start(&spec).await {
+    match driver.start(&spec).await {
         Ok(p) => {
             sqlx::query("UPDATE system_vms SET pid = $1 WHERE id = $2")
                 .bind(p.pid.map(i64::from))
@@ -391,13 +446,15 @@ pub async fn stop_vm(
         .execute(&state.db.pool)
         .await
         .map_err(|e| e.to_string())?;
-    fleet
-        .driver
+    let driver = fleet
+        .driver_for(vm.driver.as_deref())
+        .ok_or_else(|| format!("the driver {:?} of {} is not available", vm.driver, vm.name))?;
+    driver
         .stop(&vm.id, &vm.placement, force)
         .await
         .map_err(|e| e.to_string())?;
     if destroy {
-        fleet.driver.destroy(&vm.id).await.map_err(|e| e.to_string())?;
+        driver.destroy(&vm.id).await.map_err(|e| e.to_string())?;
     }
     let final_state = if destroy {
         vm_state::DESTROYED
@@ -582,11 +639,16 @@ async fn pass(state: &State, fleet: &Fleet) -> Result<(), sqlx::Error> {
     for vm in managed_vms(state, None).await? {
         health(state, fleet, &vm, timeout_ms).await?;
     }
-    let zones: Vec<String> = sqlx::query_scalar("SELECT id FROM zones ORDER BY created")
-        .fetch_all(&state.db.pool)
-        .await?;
-    for zone in zones {
-        policy(state, fleet, &zone).await?;
+    let zones: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, systemvm_driver FROM zones ORDER BY created")
+            .fetch_all(&state.db.pool)
+            .await?;
+    for (zone, spec) in zones {
+        // `none`: the zone's system VMs are started by hand; an unusable spec was refused by
+        // createZone, or lost its boot configuration: nothing to deploy with.
+        if fleet.driver_for(spec.as_deref()).is_some() {
+            policy(state, fleet, &zone).await?;
+        }
     }
     Ok(())
 }
@@ -607,7 +669,9 @@ async fn restart(state: &State, fleet: &Fleet, vm: &ManagedVm, why: &str) -> Res
             .execute(&state.db.pool)
             .await?;
         if vm.start_failures + 1 >= MAX_START_FAILURES {
-            let _ = fleet.driver.stop(&vm.id, &vm.placement, true).await;
+            if let Some(d) = fleet.driver_for(vm.driver.as_deref()) {
+                let _ = d.stop(&vm.id, &vm.placement, true).await;
+            }
             set_state(state, &vm.id, vm_state::ERROR).await?;
             event(
                 state,
@@ -652,7 +716,10 @@ async fn health(state: &State, fleet: &Fleet, vm: &ManagedVm, timeout_ms: i64) -
             }
         }
         (vm_state::RUNNING, vm_state::STARTING | vm_state::RUNNING) => {
-            if let VmState::Stopped(why) = fleet.driver.state(&vm.id, &vm.placement).await {
+            let Some(driver) = fleet.driver_for(vm.driver.as_deref()) else {
+                return Ok(());
+            };
+            if let VmState::Stopped(why) = driver.state(&vm.id, &vm.placement).await {
                 return restart(state, fleet, vm, &format!("not running ({why})")).await;
             }
             let up = vm.agent_state == UP && state.agents.connection(&vm.id).is_some();
@@ -968,6 +1035,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn zone_driver_specs() {
+        let process: Arc<dyn Driver> = Arc::new(process::ProcessDriver {
+            bin_dir: "/bin".into(),
+            vm_root: "/vms".into(),
+        });
+        let mut f = Fleet::new(process, vec![], "/ca.pem".into());
+        assert_eq!(f.driver_for(None).unwrap().name(), "process");
+        assert_eq!(f.driver_for(Some("process")).unwrap().name(), "process");
+        assert!(f.driver_for(Some("none")).is_none());
+        assert!(
+            f.driver_for(Some("libvirt:qemu:///system")).is_none(),
+            "no image to boot"
+        );
+        f.zone_boot = Some((
+            qemu::Boot::Disk {
+                image: "/svm.qcow2".into(),
+            },
+            256,
+        ));
+        let a = f.driver_for(Some("libvirt:qemu+ssh://kvm1/system")).unwrap();
+        let b = f.driver_for(Some("libvirt:qemu+ssh://kvm1/system")).unwrap();
+        assert_eq!(a.name(), "libvirt");
+        assert!(Arc::ptr_eq(&a, &b), "one driver per host");
+        assert_eq!(
+            f.spec_of(Some("libvirt:qemu+ssh://kvm1/system")),
+            "libvirt:qemu+ssh://kvm1/system"
+        );
+        assert_eq!(f.spec_of(None), "process");
     }
 
     #[test]
