@@ -45,6 +45,7 @@ pub fn connect(
             }),
             storage: None,
         }),
+        config: Arc::new(|_| {}),
         keys: Arc::new(move |keys| match keys.to_key_set() {
             Ok(set) => {
                 tracing::info!(ids = ?set.ids(), "Installed console-token keys from core");

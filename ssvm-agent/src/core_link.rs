@@ -89,6 +89,7 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
             storage: Some(latest.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }),
         keys: Arc::new(|_| {}),
+        config: Arc::new(|_| {}),
         command: Arc::new(move |c| -> AnswerFuture {
             let runner = runner.clone();
             Box::pin(async move { runner.run(c).await })

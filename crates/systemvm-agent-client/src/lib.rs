@@ -263,6 +263,9 @@ pub struct Hooks {
     pub load: Arc<dyn Fn() -> Load + Send + Sync>,
     /// Called with the console-token keys from `Welcome` and `KeysUpdate`.
     pub keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
+    /// Called with the agent's settings from `Welcome` and `ConfigUpdate` (core's setting names,
+    /// `systemvm_proto::agent::config_keys`).
+    pub config: Arc<dyn Fn(std::collections::BTreeMap<String, String>) + Send + Sync>,
     /// Runs a command from core; its answer is sent back on the channel. Commands run
     /// concurrently, each in its own task.
     pub command: Arc<dyn Fn(Command) -> AnswerFuture + Send + Sync>,
@@ -381,6 +384,7 @@ impl Default for Hooks {
         Self {
             load: Arc::new(Load::default),
             keys: Arc::new(|_| {}),
+            config: Arc::new(|_| {}),
             command: Arc::new(|c| {
                 let answer = unsupported(&c);
                 Box::pin(async move { answer })
@@ -650,6 +654,7 @@ async fn session(
     if let Some(keys) = welcome.console_keys {
         (hooks.keys)(keys);
     }
+    (hooks.config)(welcome.config);
     let _ = status.send(Status::Up(url.url.clone()));
     let ws_err = |e| ConnectError::Ws {
         url: url.url.clone(),
@@ -683,6 +688,7 @@ async fn session(
                 Some(Err(e)) => return Err(ws_err(e)),
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<CoreMessage>(t.as_str()) {
                     Ok(CoreMessage::KeysUpdate(k)) => (hooks.keys)(k.console_keys),
+                    Ok(CoreMessage::ConfigUpdate(c)) => (hooks.config)(c.config),
                     Ok(CoreMessage::Command(c)) => {
                         let run = (hooks.command)(c);
                         let tx = answers_tx.clone();

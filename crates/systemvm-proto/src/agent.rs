@@ -133,6 +133,9 @@ pub enum CoreMessage {
     KeysUpdate(KeysUpdate),
     /// Core's answer to a [`ClaimSession`] (version 2).
     ClaimAnswer(ClaimAnswer),
+    /// Changed settings for the agent (a dynamic setting was updated); same keys as
+    /// [`Welcome::config`]. Agents of older builds skip it.
+    ConfigUpdate(ConfigUpdate),
     /// A message type this build does not know; readers skip it.
     #[serde(other)]
     Unknown,
@@ -171,9 +174,20 @@ pub struct Welcome {
     /// The console-token keys (console proxies only).
     #[serde(default)]
     pub console_keys: Option<ConsoleKeys>,
-    /// Settings for the agent (free-form).
+    /// Settings for the agent, by core's setting name (see [`config_keys`]); an agent applies the
+    /// keys it knows and ignores the others.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+}
+
+/// The setting names core sends in [`Welcome::config`] and [`ConfigUpdate::config`].
+pub mod config_keys {
+    /// Storage VMs: comma-separated CIDRs downloads may reach although internal.
+    pub const ALLOWED_INTERNAL_SITES: &str = "secstorage.allowed.internal.sites";
+    /// Storage VMs: largest template or ISO, in GiB.
+    pub const MAX_TEMPLATE_SIZE_GB: &str = "max.template.iso.size";
+    /// Console proxies: a session without browser input for this many milliseconds is closed.
+    pub const SESSION_IDLE_TIMEOUT_MS: &str = "consoleproxy.session.timeout";
 }
 
 /// Core refuses an agent.
@@ -468,6 +482,13 @@ pub struct ClaimAnswer {
     pub reason: Option<String>,
 }
 
+/// Settings changed while the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigUpdate {
+    /// The agent's settings, all of them (replaces what `Welcome` or an earlier update gave).
+    pub config: BTreeMap<String, String>,
+}
+
 /// New console-token keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeysUpdate {
@@ -566,6 +587,9 @@ mod tests {
             id: "1".into(),
             granted: false,
             reason: Some("used".into()),
+        }));
+        round_trip_core(CoreMessage::ConfigUpdate(ConfigUpdate {
+            config: [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "5".to_owned())].into(),
         }));
         round_trip_core(CoreMessage::Welcome(Welcome {
             version: 1,
