@@ -9,7 +9,9 @@
 //! * a download command is idempotent by job id (it is the local API's submit): sent again after
 //!   a reconnect it reports the existing job and re-attaches its progress, never a second download;
 //! * a command naming a store this agent does not serve is refused, never run on another store;
-//! * one progress watcher per job, ending with the job's final state.
+//! * one progress watcher per job, ending with the job's final state;
+//! * core's settings (`Welcome.config`, then every `ConfigUpdate`) go to
+//!   [`Agent::apply_core_config`] as a whole map, in the order they arrive.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -70,6 +72,7 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
     }));
     let writer = latest.clone();
     let agent_for_commands = agent.clone();
+    let agent_for_config = agent.clone();
     let refresher = tokio::spawn(async move {
         loop {
             let load = agent.storage_load().await;
@@ -89,7 +92,7 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
             storage: Some(latest.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }),
         keys: Arc::new(|_| {}),
-        config: Arc::new(|_| {}),
+        config: Arc::new(move |config| agent_for_config.apply_core_config(&config)),
         command: Arc::new(move |c| -> AnswerFuture {
             let runner = runner.clone();
             Box::pin(async move { runner.run(c).await })

@@ -4,10 +4,14 @@
 //! Invariant: no request leaves for a loopback, link-local (cloud metadata), private or otherwise
 //! internal address unless an allow-listed CIDR covers it. The check runs on every resolved address of
 //! every hop (initial URL and each redirect), after DNS, so a name that resolves inside is refused too.
+//!
+//! The allow-list can change at runtime (core's `secstorage.allowed.internal.sites`): a client made
+//! with [`client_with_allow_list`] reads its [`AllowList`] on every resolution and every redirect, so
+//! a new list governs the next connection; no check ever sees half of an update.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -38,6 +42,28 @@ impl Default for FetchConfig {
             max_redirects: 10,
             connect_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// The internal ranges downloads may reach, shared and swappable at runtime: readers take a snapshot
+/// ([`AllowList::get`]), writers replace the whole list ([`AllowList::set`]).
+#[derive(Clone, Debug, Default)]
+pub struct AllowList(Arc<RwLock<Arc<Vec<IpNet>>>>);
+
+impl AllowList {
+    /// A list holding `nets`.
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        AllowList(Arc::new(RwLock::new(Arc::new(nets))))
+    }
+
+    /// The current list.
+    pub fn get(&self) -> Arc<Vec<IpNet>> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the list; checks after this call see `nets`.
+    pub fn set(&self, nets: Vec<IpNet>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(nets);
     }
 }
 
@@ -100,12 +126,12 @@ pub fn check_address(ip: IpAddr, allow: &[IpNet]) -> Result<(), InternalAddress>
 
 /// A resolver that drops internal addresses, so no connection to them is ever made.
 struct GuardedResolver {
-    allow: Arc<Vec<IpNet>>,
+    allow: AllowList,
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let allow = self.allow.clone();
+        let allow = self.allow.get();
         Box::pin(async move {
             let host = name.as_str().to_owned();
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
@@ -149,17 +175,23 @@ pub fn check_url(url: &reqwest::Url, allow: &[IpNet]) -> Result<(), String> {
     }
 }
 
-/// Builds the download client.
+/// Builds the download client with the fixed allow-list `config.allow_internal`.
 pub fn client(config: &FetchConfig) -> anyhow::Result<reqwest::Client> {
+    client_with_allow_list(config, &AllowList::new(config.allow_internal.clone()))
+}
+
+/// Builds the download client whose resolver and redirect checks read `allow` each time (so
+/// [`AllowList::set`] governs its later connections); `config.allow_internal` is not used.
+pub fn client_with_allow_list(config: &FetchConfig, allow: &AllowList) -> anyhow::Result<reqwest::Client> {
     let tls = tls_config(&config.ca_bundle)?;
-    let allow = Arc::new(config.allow_internal.clone());
+    let allow = allow.clone();
     let redirect_allow = allow.clone();
     let max = config.max_redirects;
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() > max {
             return attempt.error(format!("more than {max} redirects"));
         }
-        match check_url(attempt.url(), &redirect_allow) {
+        match check_url(attempt.url(), &redirect_allow.get()) {
             Ok(()) => attempt.follow(),
             Err(e) => {
                 let msg = format!("redirect to {} refused: {e}", attempt.url());
@@ -237,6 +269,35 @@ mod tests {
         assert!(check_address("::ffff:127.0.0.1".parse().unwrap(), &allow).is_ok());
         let err = check_address("169.254.169.254".parse().unwrap(), &allow).unwrap_err();
         assert!(err.to_string().contains("169.254.169.254"), "{err}");
+    }
+
+    #[test]
+    fn allow_list_swaps_whole_lists() {
+        let list = AllowList::new(Vec::new());
+        let before = list.get();
+        assert!(check_address("127.0.0.1".parse().unwrap(), &before).is_err());
+        list.clone().set(vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(check_address("127.0.0.1".parse().unwrap(), &list.get()).is_ok());
+        // A snapshot taken before the update keeps the old list.
+        assert!(before.is_empty());
+    }
+
+    #[tokio::test]
+    async fn resolver_reads_the_current_list() {
+        let list = AllowList::new(Vec::new());
+        let resolver = GuardedResolver { allow: list.clone() };
+        let refused = resolver.resolve("localhost".parse().unwrap()).await;
+        assert!(refused.is_err_and(|e| e.to_string().contains("internal address")));
+        list.set(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        let addrs: Vec<SocketAddr> = resolver
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()),
+            "{addrs:?}"
+        );
     }
 
     #[test]

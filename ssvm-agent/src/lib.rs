@@ -10,6 +10,8 @@
 //! - [`download`]: the download → decompress → inspect → hash → store pipeline and the install step.
 //! - [`inventory`]: what an existing store holds, read back from `template.properties`.
 //! - [`service`]: `ssvm-agent serve`: background jobs and the local JSON job API.
+//! - [`settings`]: core's settings for this agent (internal sites, size cap) over the command line.
+//! - [`core_link`]: the link to systemvm-core: heartbeats, commands, settings.
 #![forbid(unsafe_code)]
 
 pub mod checksum;
@@ -21,4 +23,5 @@ pub mod inventory;
 pub mod job;
 pub mod properties;
 pub mod service;
+pub mod settings;
 pub mod store;

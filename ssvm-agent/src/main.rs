@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use ssvm_agent::download::{DownloadSettings, Downloader, LiveProgress};
-use ssvm_agent::fetch::{self, FetchConfig};
+use ssvm_agent::fetch::{self, AllowList, FetchConfig};
 use ssvm_agent::job::{DownloadSpec, JobRecord, JobState, Journal, derived_job_id, valid_job_id};
 use ssvm_agent::store::{Store, StoreOptions, StoreUrl};
 use tokio_util::sync::CancellationToken;
@@ -99,7 +99,8 @@ struct StoreArgs {
 
 #[derive(Args)]
 struct NetArgs {
-    /// Internal range a download may reach anyway, e.g. 10.0.0.0/8 (repeatable).
+    /// Internal range a download may reach anyway, e.g. 10.0.0.0/8 (repeatable). With --core,
+    /// core's secstorage.allowed.internal.sites replaces it while core sends that setting.
     #[arg(long = "allow-internal")]
     allow_internal: Vec<ipnet::IpNet>,
     /// PEM bundle of trusted CAs for https.
@@ -111,7 +112,8 @@ struct NetArgs {
     /// Retries after transient failures.
     #[arg(long, default_value_t = 5)]
     retries: u32,
-    /// Largest download in bytes.
+    /// Largest download in bytes. With --core, core's max.template.iso.size (GiB) replaces it while
+    /// core sends that setting.
     #[arg(long, default_value_t = 50 << 30)]
     max_size: u64,
     /// Seconds between checkpoints of a download's resume point.
@@ -160,14 +162,22 @@ fn state_dir(args: &StoreArgs) -> PathBuf {
     })
 }
 
-fn downloader(store: Store, journal: Journal, net: &NetArgs) -> anyhow::Result<Downloader> {
+/// The downloader for the command line's settings; its client reads `allow` (which starts as
+/// `--allow-internal`), so `serve --core` can apply core's internal sites.
+fn downloader(
+    store: Store,
+    journal: Journal,
+    net: &NetArgs,
+    allow: &AllowList,
+) -> anyhow::Result<Downloader> {
     let fetch_config = FetchConfig {
         ca_bundle: net.ca_bundle.clone(),
         allow_internal: net.allow_internal.clone(),
         ..FetchConfig::default()
     };
+    allow.set(net.allow_internal.clone());
     Ok(Downloader {
-        http: fetch::client(&fetch_config)?,
+        http: fetch::client_with_allow_list(&fetch_config, allow)?,
         store,
         journal,
         settings: DownloadSettings {
@@ -215,7 +225,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(r) => r,
                 None => JobRecord::new(&id, spec, &store.url().to_string()),
             };
-            let downloader = downloader(store, journal, &net)?;
+            let downloader = downloader(store, journal, &net, &AllowList::default())?;
             let live = Arc::new(LiveProgress::default());
             let cancel = CancellationToken::new();
             let bar = progress_bar(live.clone());
@@ -258,7 +268,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let link = core.link()?;
             let journal = Journal::open(&state_dir(&store))?;
             let store = open_store(&store).await?;
-            let agent = ssvm_agent::service::Agent::new(downloader(store, journal, &net)?, concurrent_jobs);
+            let allow = AllowList::default();
+            let downloader = downloader(store, journal, &net, &allow)?;
+            let agent = ssvm_agent::service::Agent::with_allow_list(downloader, allow, concurrent_jobs);
             let listener = ssvm_agent::service::bind(listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "Storage agent API listening");
             let resumed = agent.resume_all()?;

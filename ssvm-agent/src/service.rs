@@ -9,10 +9,15 @@
 //! | `GET /capacity` | the store's total/used/available, its health, and the job load |
 //! | `GET /health` | the store's health |
 //!
-//! Invariant: the API listens on loopback unless told otherwise; a hung store makes `/health` say so
-//! and jobs fail with the reason, while the API keeps answering.
+//! Invariants:
+//! * the API listens on loopback unless told otherwise; a hung store makes `/health` say so and jobs
+//!   fail with the reason, while the API keeps answering;
+//! * core's settings ([`Agent::apply_core_config`]) apply to jobs that start afterwards: a job takes
+//!   the size cap and the allow-list of its literal-IP check when it gets a slot, and the client's
+//!   resolver and redirect checks read the same list (so at a job's start both checks agree; later
+//!   connections of a running job resolve names against the newest list).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::download::{Downloader, LiveProgress};
+use crate::fetch::AllowList;
 use crate::job::{DownloadSpec, JobRecord, JobState, derived_job_id, valid_job_id};
+use crate::settings::{self, DownloadPolicy};
 
 /// Largest request body accepted by the API.
 const MAX_BODY: usize = 64 * 1024;
@@ -88,7 +95,13 @@ struct Running {
 
 /// The agent service: the downloader and the jobs it runs.
 pub struct Agent {
+    /// The downloader as configured on the command line (its size cap and allow-list are the base
+    /// core's settings apply over).
     downloader: Downloader,
+    /// The allow-list the downloader's client reads, when it reads one.
+    allow: Option<AllowList>,
+    /// The size cap and allow-list jobs start with now.
+    policy: Mutex<DownloadPolicy>,
     running: Mutex<HashMap<String, Running>>,
     slots: Arc<Semaphore>,
     concurrent: usize,
@@ -108,14 +121,79 @@ struct CapacityReport {
 }
 
 impl Agent {
-    /// An agent running at most `concurrent` jobs at once.
+    /// An agent running at most `concurrent` jobs at once, whose client has a fixed allow-list:
+    /// core's allow-list setting cannot apply (it is ignored with a warning), its size cap can.
     pub fn new(downloader: Downloader, concurrent: usize) -> Arc<Self> {
+        Self::build(downloader, None, concurrent)
+    }
+
+    /// An agent whose downloader's client reads `allow` ([`crate::fetch::client_with_allow_list`]),
+    /// so core's allow-list setting applies to it. `allow` starts as `downloader.allow_internal`.
+    pub fn with_allow_list(downloader: Downloader, allow: AllowList, concurrent: usize) -> Arc<Self> {
+        allow.set(downloader.allow_internal.to_vec());
+        Self::build(downloader, Some(allow), concurrent)
+    }
+
+    fn build(downloader: Downloader, allow: Option<AllowList>, concurrent: usize) -> Arc<Self> {
+        let policy = DownloadPolicy {
+            allow_internal: downloader.allow_internal.to_vec(),
+            max_size: downloader.settings.max_size,
+        };
         Arc::new(Agent {
             downloader,
+            allow,
+            policy: Mutex::new(policy),
             running: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(concurrent.max(1))),
             concurrent: concurrent.max(1),
         })
+    }
+
+    /// Applies core's settings for this agent (the full map from `Welcome` or `ConfigUpdate`, see
+    /// [`crate::settings`]) to the jobs that start afterwards; keys absent from `config` go back to
+    /// the command-line values. Settings that cannot be used are logged and skipped.
+    pub fn apply_core_config(&self, config: &BTreeMap<String, String>) {
+        let base = DownloadPolicy {
+            allow_internal: self.downloader.allow_internal.to_vec(),
+            max_size: self.downloader.settings.max_size,
+        };
+        let (mut policy, errors) = settings::resolve(&base, config);
+        for error in &errors {
+            warn!(%error, "Setting from core not applied");
+        }
+        let mut current = self.policy.lock().unwrap_or_else(PoisonError::into_inner);
+        match &self.allow {
+            Some(list) => list.set(policy.allow_internal.clone()),
+            None if policy.allow_internal != base.allow_internal => {
+                warn!(
+                    "This agent's HTTP client has a fixed allow-list: the internal sites from core are ignored"
+                );
+                policy.allow_internal = base.allow_internal;
+            }
+            None => {}
+        }
+        if *current != policy {
+            info!(
+                allow_internal = ?policy.allow_internal,
+                max_size = policy.max_size,
+                "Download settings changed"
+            );
+            *current = policy;
+        }
+    }
+
+    /// The size cap and allow-list a job starting now gets.
+    pub fn download_policy(&self) -> DownloadPolicy {
+        self.policy.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The downloader for a job starting now: the command-line one with the current policy.
+    fn job_downloader(&self) -> Downloader {
+        let policy = self.download_policy();
+        let mut downloader = self.downloader.clone();
+        downloader.allow_internal = Arc::new(policy.allow_internal);
+        downloader.settings.max_size = policy.max_size;
+        downloader
     }
 
     /// Resumes every job the journal has as queued or running (the agent was stopped mid-job).
@@ -160,7 +238,7 @@ impl Agent {
                 _ = cancel.cancelled() => None,
             };
             if permit.is_some() {
-                agent.downloader.run(&mut record, &live, &cancel).await;
+                agent.job_downloader().run(&mut record, &live, &cancel).await;
             } else {
                 record.state = JobState::Cancelled;
                 record.error = Some("cancelled before it started".into());
@@ -429,5 +507,83 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<Bytes
             }
         }
         _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::download::DownloadSettings;
+    use crate::job::Journal;
+    use crate::store::{Store, StoreOptions};
+    use systemvm_proto::agent::config_keys;
+
+    async fn downloader(dir: &std::path::Path, allow: Vec<ipnet::IpNet>) -> Downloader {
+        let store_dir = dir.join("store");
+        std::fs::create_dir_all(&store_dir).unwrap();
+        let url = format!("file://{}", store_dir.display()).parse().unwrap();
+        Downloader {
+            http: crate::fetch::client(&crate::fetch::FetchConfig::default()).unwrap(),
+            store: Store::open(&url, StoreOptions::default()).await.unwrap(),
+            journal: Journal::open(&dir.join("state")).unwrap(),
+            settings: DownloadSettings {
+                max_size: 7 << 30,
+                ..DownloadSettings::default()
+            },
+            allow_internal: Arc::new(allow),
+        }
+    }
+
+    fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn core_settings_apply_to_new_jobs_and_fall_back_to_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let allow = AllowList::default();
+        let agent = Agent::with_allow_list(downloader(dir.path(), cli.clone()).await, allow.clone(), 1);
+        assert_eq!(
+            *allow.get(),
+            cli,
+            "the client's list starts as the command line's"
+        );
+
+        agent.apply_core_config(&config(&[
+            (config_keys::ALLOWED_INTERNAL_SITES, "127.0.0.0/8, nonsense"),
+            (config_keys::MAX_TEMPLATE_SIZE_GB, "2"),
+        ]));
+        let loopback: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        assert_eq!(*allow.get(), loopback, "the resolver sees the new list");
+        let job = agent.job_downloader();
+        assert_eq!(
+            *job.allow_internal, loopback,
+            "the literal-IP check sees the new list"
+        );
+        assert_eq!(job.settings.max_size, 2 << 30);
+
+        // The next map lacks both keys: the command line is back.
+        agent.apply_core_config(&config(&[]));
+        assert_eq!(*allow.get(), cli);
+        let job = agent.job_downloader();
+        assert_eq!(*job.allow_internal, cli);
+        assert_eq!(job.settings.max_size, 7 << 30);
+    }
+
+    #[tokio::test]
+    async fn a_fixed_client_list_is_not_changed_behind_the_resolver() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::new(downloader(dir.path(), Vec::new()).await, 1);
+        agent.apply_core_config(&config(&[
+            (config_keys::ALLOWED_INTERNAL_SITES, "127.0.0.0/8"),
+            (config_keys::MAX_TEMPLATE_SIZE_GB, "3"),
+        ]));
+        let policy = agent.download_policy();
+        assert!(policy.allow_internal.is_empty(), "{policy:?}");
+        assert_eq!(policy.max_size, 3 << 30);
     }
 }

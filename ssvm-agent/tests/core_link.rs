@@ -1,13 +1,22 @@
 //! Smoke test of `ssvm-agent serve --core … --vm-id … --secret … --ca …` (the real binary) against
 //! a minimal stand-in for core's agent endpoint: the agent verifies the endpoint against the given
-//! CA, says Hello as a storage VM and reports its jobs and store health in heartbeats. The real
-//! core is exercised in `tests/e2e/agents.rs`.
+//! CA, says Hello as a storage VM and reports its jobs and store health in heartbeats, and applies
+//! core's settings at runtime. The real core is exercised in `tests/e2e/agents.rs`.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed unwrap is a failed test"
+)]
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use systemvm_proto::agent::{AgentMessage, AgentRole, CoreMessage, Welcome};
-use systemvm_tests::standin_core::StandinCore;
+use systemvm_proto::agent::{
+    AgentCommand, AgentMessage, AgentRole, Command as AgentCmd, ConfigUpdate, CoreMessage, DownloadCommand,
+    JobPhase, JobProgress, Welcome, config_keys,
+};
+use systemvm_tests::http::HttpFixture;
+use systemvm_tests::standin_core::{AgentConn, StandinCore};
 
 struct Kill(std::process::Child);
 impl Drop for Kill {
@@ -15,6 +24,138 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The agent binary in `serve --core` mode against the stand-in at `core_url`, with no
+/// `--allow-internal`.
+fn serve(dir: &std::path::Path, store: &std::path::Path, core_url: &str, ca: &std::path::Path) -> Kill {
+    Kill(
+        Command::new(env!("CARGO_BIN_EXE_ssvm-agent"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+            .arg(format!("file://{}", store.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args([
+                "--core", core_url, "--vm-id", "ssvm-1", "--secret", "s3cret", "--ca",
+            ])
+            .arg(ca)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Sends a download command and waits for the job's final progress (heartbeats skipped).
+async fn download(ws: &mut AgentConn, store: &std::path::Path, job_id: &str, url: &str) -> JobProgress {
+    let command = AgentCmd::new(
+        format!("cmd-{job_id}"),
+        &AgentCommand::Download(DownloadCommand {
+            job_id: job_id.into(),
+            store_url: format!("file://{}", store.display()),
+            url: url.into(),
+            path: format!("template/tmpl/2/{job_id}"),
+            format: "RAW".into(),
+            checksum: None,
+            description: String::new(),
+        }),
+    );
+    ws.send(&CoreMessage::Command(command)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "job {job_id} never ended");
+        match ws.recv(Duration::from_secs(10)).await.unwrap() {
+            AgentMessage::Answer(a) => {
+                assert!(a.ok, "download refused: {a:?}");
+                let p: JobProgress = serde_json::from_value(a.body).unwrap();
+                if p.state
+                    .is_some_and(|s| !matches!(s, JobPhase::Queued | JobPhase::Running))
+                {
+                    return p;
+                }
+            }
+            AgentMessage::JobProgress(p)
+                if p.id == job_id
+                    && p.state
+                        .is_some_and(|s| !matches!(s, JobPhase::Queued | JobPhase::Running)) =>
+            {
+                return p;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn refused(p: &JobProgress) -> bool {
+    p.state == Some(JobPhase::Failed) && p.error.as_deref().is_some_and(|e| e.contains("internal address"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_update_from_core_changes_the_internal_sites_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let http = HttpFixture::start().unwrap();
+    http.file("/disk.img", systemvm_tests::images::noise(1 << 20, 7));
+    let by_ip = http.url("/disk.img");
+    let by_name = format!("http://localhost:{}/disk.img", http.addr.port());
+
+    let core = StandinCore::start(dir.path()).await.unwrap();
+    let _agent = serve(dir.path(), &store, &core.url("localhost"), &core.ca_pem);
+    let (mut ws, _) = core
+        .accept(Duration::from_secs(20))
+        .await
+        .expect("the agent did not dial in");
+    ws.send(&CoreMessage::Welcome(Welcome {
+        version: 2,
+        heartbeat_interval_secs: 1,
+        console_keys: None,
+        config: [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "1".to_owned())].into(),
+    }))
+    .await
+    .unwrap();
+
+    // Loopback is internal: refused, by address (literal-IP check) and by name (resolver).
+    let p = download(&mut ws, &store, "t1", &by_ip).await;
+    assert!(refused(&p), "{p:?}");
+    let p = download(&mut ws, &store, "t2", &by_name).await;
+    assert!(refused(&p), "{p:?}");
+    assert!(
+        http.requests("/disk.img").is_empty(),
+        "a refused download reached the server"
+    );
+
+    // Core allows loopback: the same agent process now downloads from it, both ways.
+    let allow = [(
+        config_keys::ALLOWED_INTERNAL_SITES.to_owned(),
+        "127.0.0.0/8, not-a-cidr".to_owned(),
+    )];
+    ws.send(&CoreMessage::ConfigUpdate(ConfigUpdate { config: allow.into() }))
+        .await
+        .unwrap();
+    for (job, url) in [("t3", &by_ip), ("t4", &by_name)] {
+        let p = download(&mut ws, &store, job, url).await;
+        assert_eq!(p.state, Some(JobPhase::Completed), "{p:?}");
+        let installed = p.installed.expect("installed image");
+        assert_eq!(installed.physical_size, 1 << 20);
+        assert!(
+            installed.file.starts_with(&format!("template/tmpl/2/{job}/")),
+            "{installed:?}"
+        );
+        assert!(store.join(&installed.file).is_file(), "{installed:?}");
+    }
+    let served = http.requests("/disk.img").len();
+    assert!(served >= 2, "{served}");
+
+    // The next update lacks the key: the command line (no internal site) is back.
+    ws.send(&CoreMessage::ConfigUpdate(ConfigUpdate {
+        config: Default::default(),
+    }))
+    .await
+    .unwrap();
+    let p = download(&mut ws, &store, "t5", &by_ip).await;
+    assert!(refused(&p), "{p:?}");
+    assert_eq!(http.requests("/disk.img").len(), served);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
