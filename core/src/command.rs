@@ -115,6 +115,10 @@ pub struct Command {
     pub description: &'static str,
     /// Whether it answers with a `jobid` and runs as an async job.
     pub is_async: bool,
+    /// Whether only the core holding the leader lease may carry it out (it acts on system VMs or
+    /// needs their connections): either core accepts it and records the job, the lease holder
+    /// runs it (async commands only).
+    pub leader: bool,
     /// Who may call it.
     pub access: Access,
     /// Declared parameters.
@@ -207,6 +211,23 @@ mod tests {
             for p in c.params {
                 assert_eq!(p.name, p.name.to_ascii_lowercase(), "{}: {}", c.name, p.name);
             }
+        }
+    }
+
+    #[test]
+    fn leader_commands_are_async() {
+        for c in table().iter().filter(|c| c.leader) {
+            assert!(c.is_async, "{} runs on the leader, so it must be async", c.name);
+        }
+        for name in [
+            "startSystemVm",
+            "stopSystemVm",
+            "rebootSystemVm",
+            "destroySystemVm",
+            "deleteTemplate",
+            "deleteIso",
+        ] {
+            assert!(find(name).unwrap().leader, "{name}");
         }
     }
 

@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "zone_driver",
         include_str!("../migrations/0007_zone_driver.sql"),
     ),
+    (8, "ha", include_str!("../migrations/0008_ha.sql")),
 ];
 
 /// Opening or migrating the database failed.
@@ -83,6 +84,23 @@ pub struct Db {
 }
 
 impl Db {
+    /// The database's clock, Unix milliseconds, as an SQL expression for this backend. Every
+    /// comparison between cores (the leader lease, core heartbeats, agent heartbeats) uses it, so
+    /// cores whose clocks disagree still agree on who holds what.
+    pub fn now_ms_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
+    /// The database's clock now, Unix milliseconds.
+    pub async fn now_ms(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(&format!("SELECT {}", self.now_ms_sql()))
+            .fetch_one(&self.pool)
+            .await
+    }
+
     /// Opens `url` (`postgres://…`), or the SQLite file `DATA_DIR/core.db` when `url` is `None`,
     /// and applies pending migrations.
     pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Self, OpenDbError> {
@@ -171,5 +189,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn database_clock_is_unix_millis() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(None, dir.path()).await.unwrap();
+        let db_now = db.now_ms().await.unwrap();
+        let here = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        assert!((db_now - here).abs() < 5_000, "db {db_now} vs {here}");
     }
 }

@@ -112,6 +112,44 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// The edge between the domain layer and the API: each domain error becomes CloudStack's code
+/// for it; database and internal causes are logged and hidden.
+impl From<crate::model::DomainError> for ApiError {
+    fn from(e: crate::model::DomainError) -> Self {
+        use crate::model::DomainError as D;
+        match e {
+            D::Invalid(t) | D::NotFound(t) => Self::param(t),
+            D::Denied(t) => Self::denied(t),
+            D::InUse(t) => Self::new(code::RESOURCE_IN_USE, cs::SERVER_API, t),
+            D::Unavailable(t) => Self::new(code::INTERNAL_ERROR, cs::SERVER_API, t),
+            D::Db(e) => Self::internal(&e),
+            D::Internal(t) => Self::internal(&t),
+        }
+    }
+}
+
+/// Fleet errors at the API edge: what the operator can act on is said; driver and database
+/// causes stay in the log and `listEvents`.
+impl From<crate::fleet::FleetError> for ApiError {
+    fn from(e: crate::fleet::FleetError) -> Self {
+        use crate::fleet::FleetError as F;
+        match e {
+            F::NotFound(id) => Self::param(format!("Unable to find system VM by id {id}")),
+            F::Register(d) => d.into(),
+            F::Db(e) => Self::internal(&e),
+            F::Random => Self::internal(&"random generator failed"),
+            e @ (F::StartFailed { .. } | F::StopFailed { .. }) => {
+                // The driver's text (paths, commands) is logged here and recorded as an event.
+                tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "System VM operation failed");
+                Self::new(code::INTERNAL_ERROR, cs::SERVER_API, e.to_string())
+            }
+            e @ (F::NoDriver(_) | F::NoStore(_) | F::DriverGone(_) | F::WentToError(_) | F::NotUp { .. }) => {
+                Self::new(code::INTERNAL_ERROR, cs::SERVER_API, e.to_string())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +160,20 @@ mod tests {
         assert_eq!(b["errorcode"], 401);
         assert!(b.get("cserrorcode").is_none());
         assert_eq!(b["uuidList"], json!([]));
+    }
+
+    #[test]
+    fn domain_errors_map_to_cloudstack_codes() {
+        use crate::model::DomainError as D;
+        assert_eq!(ApiError::from(D::Invalid("x".into())).code, 431);
+        assert_eq!(ApiError::from(D::NotFound("x".into())).code, 431);
+        assert_eq!(ApiError::from(D::Denied("x".into())).code, 531);
+        assert_eq!(ApiError::from(D::InUse("x".into())).code, 536);
+        let hidden = ApiError::from(D::Internal("secret detail".into()));
+        assert_eq!(hidden.code, 530);
+        assert!(!hidden.text.contains("secret"));
+        let db = ApiError::from(D::Db(sqlx::Error::PoolTimedOut));
+        assert_eq!(db.text, "internal error executing the command");
     }
 
     #[test]

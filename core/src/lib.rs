@@ -20,7 +20,8 @@
 //!   end-to-end test, which is what keeps the SQL portable.
 //! * **Migrations** are embedded (`include_str!`) and applied by [`db`] itself, each in a
 //!   transaction with its `schema_migrations` row; no `sqlx` macros or `migrate` feature are needed.
-//! * **Sessions** (`command=login`) live in memory; a restart logs users out. API keys survive.
+//! * **Sessions** (`command=login`) live in the database (`model::sessions`): a restart or a
+//!   failover keeps users logged in.
 //!
 //! Architecture invariant: every response is CloudStack-shaped JSON with exactly one top-level key
 //! and HTTP status = `errorcode`; XML (`response=xml`) is not served — JSON is always answered.
@@ -50,9 +51,12 @@ pub mod ca;
 pub mod cli;
 pub mod command;
 pub mod db;
+pub mod dispatch;
 pub mod error;
 pub mod fleet;
-pub mod jobs;
+pub mod follow;
+pub mod hub;
+pub mod model;
 pub mod paging;
 pub mod params;
 pub mod server;
@@ -172,7 +176,12 @@ impl RunningCore {
 
     /// Whether this core holds the leader lease.
     pub fn is_leader(&self) -> bool {
-        self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
+        self.state.is_leader()
+    }
+
+    /// This core's instance id (the owner of the jobs it runs, the lease holder's name).
+    pub fn instance_id(&self) -> &str {
+        &self.state.instance_id
     }
 
     /// Stops core (as [`RunningCore::shutdown`]) and then the processes/domains of every system
@@ -184,16 +193,7 @@ impl RunningCore {
             let _ = t.await;
         }
         if let Some(fleet) = self.state.fleet.get() {
-            match fleet::managed_vms(&self.state, None).await {
-                Ok(vms) => {
-                    for vm in vms {
-                        if let Some(d) = fleet.driver_for(vm.driver.as_deref()) {
-                            let _ = d.stop(&vm.id, &vm.placement, false).await;
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "Could not list the system VMs to stop"),
-            }
+            fleet::lifecycle::stop_all_with_core(&self.state, fleet).await;
         }
         self.state.jobs.lock().await.shutdown().await;
         self.state.db.pool.close().await;
@@ -317,18 +317,41 @@ fn kind_name(kind: &DriverKind) -> &'static str {
     }
 }
 
-/// Opens the database, bootstraps on first start, and starts the listeners.
+/// The driver that runs the system VMs of `kind`, keeping per-VM files under `vm_root`.
+fn make_driver(kind: &DriverKind, vm_root: PathBuf) -> anyhow::Result<Arc<dyn fleet::Driver>> {
+    Ok(match kind {
+        DriverKind::Process => Arc::new(
+            fleet::process::ProcessDriver::beside_current_exe(vm_root)
+                .context("the process driver cannot run")?,
+        ),
+        DriverKind::Libvirt {
+            uri,
+            boot,
+            memory_mib,
+        } => Arc::new(fleet::libvirt::LibvirtDriver {
+            uri: uri.clone(),
+            vm_root,
+            boot: boot.clone(),
+            memory_mib: *memory_mib,
+        }),
+        DriverKind::Qemu { boot, memory_mib } => Arc::new(fleet::qemu::QemuDriver {
+            qemu: fleet::qemu::find_qemu().context("the qemu driver cannot run")?,
+            vm_root,
+            boot: boot.clone(),
+            memory_mib: *memory_mib,
+        }),
+    })
+}
+
+/// Opens the database, bootstraps on first start, binds the listeners, then takes part in the
+/// leader lease (a core that cannot bind leaves no lease behind) and starts its tasks.
 pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     prepare_data_dir(&config.data_dir, config.database_url.is_none())?;
     let db = db::Db::open(config.database_url.as_deref(), &config.data_dir)
         .await
         .context("failed to open the database")?;
-    let orphans = jobs::fail_orphans(&db.pool).await?;
-    if orphans > 0 {
-        tracing::warn!(orphans, "Failed async jobs left pending by a previous run");
-    }
-    let settings = api::configs::load(&db.pool).await?;
-    let console_keys = agent::load_console_keys(&db.pool)
+    let settings = model::settings::load(&db.pool).await?;
+    let console_keys = model::consoles::load_keys(&db.pool)
         .await
         .context("failed to load the console-token keys")?;
     let ca = ca::Ca::load_shared(&config.data_dir, &db.pool)
@@ -337,11 +360,12 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     let state: State = Arc::new(Shared {
         db,
         settings: RwLock::new(settings),
-        sessions: Mutex::new(HashMap::new()),
+        settings_changed: tokio::sync::Notify::new(),
+        jobs_wakeup: tokio::sync::Notify::new(),
         data_dir: config.data_dir.clone(),
         jobs: Mutex::new(tokio::task::JoinSet::new()),
         console_keys: std::sync::RwLock::new(console_keys),
-        agents: agent::Hub::default(),
+        agents: hub::Hub::default(),
         dispatch_wakeup: tokio::sync::Notify::new(),
         dispatched: std::sync::Mutex::new(HashMap::new()),
         instance_id: util::new_uuid()?,
@@ -349,34 +373,81 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         fleet: std::sync::OnceLock::new(),
         guest_drivers: config.guest_drivers.clone(),
     });
-    let leader = fleet::lease::try_acquire(&state.db.pool, &state.instance_id)
+    // This core is alive from now on; jobs of cores that are not are failed (never the jobs of
+    // the other core, which keeps its heartbeat fresh).
+    fleet::lease::heartbeat(&state.db, &state.instance_id)
+        .await
+        .context("failed to record this core in the database")?;
+    let orphans = api::job_runner::fail_orphans(&state.db).await?;
+    if orphans > 0 {
+        tracing::warn!(
+            orphans,
+            "Failed async jobs left pending by a management server that is gone"
+        );
+    }
+    let credentials_path = config.data_dir.join("credentials.json");
+    bootstrap(&state, &credentials_path).await?;
+
+    // Every listener is bound before this core takes part in the lease.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("failed to bind the API listener on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let port =
+        u16::try_from(model::settings::int(&state, &model::settings::INTEGRATION_PORT).await).unwrap_or(0);
+    let integration = if port > 0 {
+        Some(
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                .await
+                .with_context(|| format!("failed to bind the integration port 127.0.0.1:{port}"))?,
+        )
+    } else {
+        None
+    };
+    let agent_listener = match config.agent_listen {
+        Some(listen) => {
+            let mut sans = config.agent_sans.clone();
+            if matches!(config.driver, Some(DriverKind::Qemu { .. })) {
+                sans.push(fleet::qemu::HOST_FROM_GUEST.to_owned());
+            }
+            let tls = ca
+                .server_config(&sans)
+                .context("failed to issue the agent endpoint certificate")?;
+            let l = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("failed to bind the agent endpoint on {listen}"))?;
+            Some((l, tls))
+        }
+        None => None,
+    };
+    if config.driver.is_some() && agent_listener.is_none() {
+        anyhow::bail!("a driver needs the agent endpoint (agent_listen) for its system VMs to dial in");
+    }
+    let driver = match &config.driver {
+        Some(kind) => Some(make_driver(kind, config.data_dir.join("systemvms"))?),
+        None => None,
+    };
+    let leader = fleet::lease::try_acquire(&state.db, &state.instance_id)
         .await
         .context("failed to read the leader lease")?;
     state.leader.store(leader, std::sync::atomic::Ordering::SeqCst);
     if !leader {
         tracing::warn!("Another core holds the leader lease: this core serves the API and stands by");
     }
-    let credentials_path = config.data_dir.join("credentials.json");
-    bootstrap(&state, &credentials_path).await?;
-
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("failed to bind the API listener on {}", config.listen))?;
-    let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(fleet::lease::run(state.clone(), stop_rx.clone()))];
+    let mut tasks = vec![
+        tokio::spawn(fleet::lease::run(state.clone(), stop_rx.clone())),
+        tokio::spawn(api::job_runner::run(state.clone(), stop_rx.clone())),
+        tokio::spawn(follow::run(state.clone(), stop_rx.clone())),
+    ];
     tasks.push(tokio::spawn(server::serve(
         listener,
         state.clone(),
         server::Listener::Public,
         stop_rx.clone(),
     )));
-    let port: u16 = state.setting("integration.api.port").await.parse().unwrap_or(0);
     let mut integration_addr = None;
-    if port > 0 {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-            .await
-            .with_context(|| format!("failed to bind the integration port 127.0.0.1:{port}"))?;
+    if let Some(l) = integration {
         integration_addr = Some(l.local_addr()?);
         tracing::warn!(
             port,
@@ -390,49 +461,16 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         )));
     }
     let mut agent_addr = None;
-    if let Some(listen) = config.agent_listen {
-        let mut sans = config.agent_sans.clone();
-        if matches!(config.driver, Some(DriverKind::Qemu { .. })) {
-            sans.push(fleet::qemu::HOST_FROM_GUEST.to_owned());
-        }
-        let tls = ca
-            .server_config(&sans)
-            .context("failed to issue the agent endpoint certificate")?;
-        let l = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("failed to bind the agent endpoint on {listen}"))?;
+    if let Some((l, tls)) = agent_listener {
         let a = l.local_addr()?;
         agent_addr = Some(a);
         tasks.push(tokio::spawn(agent::serve(l, tls, state.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(agent::monitor(state.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(api::templates::dispatcher(
-            state.clone(),
-            stop_rx.clone(),
-        )));
+        tasks.push(tokio::spawn(dispatch::run(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
         if let Some(kind) = &config.driver {
-            let vm_root = config.data_dir.join("systemvms");
-            let driver: Arc<dyn fleet::Driver> = match kind {
-                DriverKind::Process => Arc::new(
-                    fleet::process::ProcessDriver::beside_current_exe(vm_root)
-                        .context("the process driver cannot run")?,
-                ),
-                DriverKind::Libvirt {
-                    uri,
-                    boot,
-                    memory_mib,
-                } => Arc::new(fleet::libvirt::LibvirtDriver {
-                    uri: uri.clone(),
-                    vm_root,
-                    boot: boot.clone(),
-                    memory_mib: *memory_mib,
-                }),
-                DriverKind::Qemu { boot, memory_mib } => Arc::new(fleet::qemu::QemuDriver {
-                    qemu: fleet::qemu::find_qemu().context("the qemu driver cannot run")?,
-                    vm_root,
-                    boot: boot.clone(),
-                    memory_mib: *memory_mib,
-                }),
+            let Some(driver) = driver.clone() else {
+                anyhow::bail!("no driver built for {}", kind_name(kind));
             };
             let urls = if config.agent_urls.is_empty() {
                 let host = if a.ip().is_unspecified() {
@@ -457,8 +495,6 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
             tasks.push(tokio::spawn(fleet::run(state.clone(), f, stop_rx.clone())));
             tracing::info!(driver = kind_name(kind), "Fleet manager running");
         }
-    } else if config.driver.is_some() {
-        anyhow::bail!("a driver needs the agent endpoint (agent_listen) for its system VMs to dial in");
     }
     tracing::info!(%addr, backend = ?state.db.backend, "Core API listening");
     Ok(RunningCore {

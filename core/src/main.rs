@@ -218,9 +218,10 @@ async fn main() -> anyhow::Result<()> {
             let db = systemvm_core::db::Db::open(database_url.as_deref(), &data_dir)
                 .await
                 .context("failed to open the database")?;
-            let r = systemvm_core::api::systemvms::register(&db.pool, role, zone.as_deref(), name.as_deref())
-                .await
-                .map_err(|e| anyhow::anyhow!("failed to register the system VM: {}", e.text))?;
+            let r =
+                systemvm_core::model::systemvms::register(&db.pool, role, zone.as_deref(), name.as_deref())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("failed to register the system VM: {e}"))?;
             db.pool.close().await;
             println!("id: {}", r.id);
             println!("name: {}", r.name);

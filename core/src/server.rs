@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
@@ -26,12 +26,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::api::accounts;
+use crate::api::job_runner as jobs;
 use crate::command;
 use crate::error::{ApiError, code};
-use crate::jobs;
+use crate::model::sessions::{self, SESSION_TIMEOUT};
 use crate::params::Params;
 use crate::signing;
-use crate::state::{Caller, Role, Session, State};
+use crate::state::{Caller, Role, State};
 use crate::util::random_token;
 
 /// Largest request body accepted.
@@ -42,8 +43,6 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most password checks (`login`) running at once; more wait their turn.
 pub const MAX_PASSWORD_CHECKS: usize = 4;
-/// Idle time after which a login session expires.
-pub const SESSION_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,19 +276,13 @@ async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Re
     let jsession = cookie(headers, "JSESSIONID").ok_or_else(ApiError::unauthorized)?;
     let cookie_key = cookie(headers, "sessionkey").ok_or_else(ApiError::unauthorized)?;
     let param_key = params.get("sessionkey").ok_or_else(ApiError::unauthorized)?;
-    let mut sessions = state.sessions.lock().await;
-    let session = sessions.get_mut(&jsession).ok_or_else(ApiError::unauthorized)?;
-    if session.last_used.elapsed() > SESSION_TIMEOUT {
-        sessions.remove(&jsession);
-        return Err(ApiError::unauthorized());
-    }
-    let ok = subtle::ConstantTimeEq::ct_eq(session.key.as_bytes(), cookie_key.as_bytes())
-        & subtle::ConstantTimeEq::ct_eq(session.key.as_bytes(), param_key.as_bytes());
-    if !bool::from(ok) {
-        return Err(ApiError::unauthorized());
-    }
-    session.last_used = Instant::now();
-    Ok(session.caller.clone())
+    let user_id = sessions::check(&state.db.pool, &jsession, &cookie_key, param_key)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    let user = accounts::user_by_id(state, &user_id)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    Ok(user.caller)
 }
 
 async fn login(state: &State, method: &Method, params: &Params) -> Response<Full<Bytes>> {
@@ -348,14 +341,9 @@ async fn login(state: &State, method: &Method, params: &Params) -> Response<Full
         (Err(e), _) | (_, Err(e)) => return error_response(key, &ApiError::internal(&e)),
     };
     let c = user.caller.clone();
-    state.sessions.lock().await.insert(
-        jsession.clone(),
-        Session {
-            key: session_key.clone(),
-            caller: user.caller,
-            last_used: Instant::now(),
-        },
-    );
+    if let Err(e) = sessions::create(&state.db.pool, &jsession, &session_key, &c.user_id).await {
+        return error_response(key, &ApiError::from(e));
+    }
     tracing::info!(user = %c.username, "User logged in");
     let body = json!({ key: {
         "username": c.username,
@@ -384,8 +372,10 @@ async fn login(state: &State, method: &Method, params: &Params) -> Response<Full
 }
 
 async fn logout(state: &State, headers: &HeaderMap) -> Response<Full<Bytes>> {
-    if let Some(j) = cookie(headers, "JSESSIONID") {
-        state.sessions.lock().await.remove(&j);
+    if let Some(j) = cookie(headers, "JSESSIONID")
+        && let Err(error) = sessions::end(&state.db.pool, &j).await
+    {
+        tracing::warn!(%error, "Could not end a login session");
     }
     json_response(200, &json!({ "logoutresponse": { "description": "success" } }))
 }

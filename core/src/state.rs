@@ -1,13 +1,14 @@
-//! Shared service state: the database, cached settings, login sessions, the caller model.
+//! Shared service state: the handles every part of core holds (database, settings cache, agent
+//! connections, console keys, leadership), and the caller model.
 //!
-//! Invariants: settings are read from the cache, which is loaded from the database at start and
-//! written through on every update (the database is the source of truth); sessions live in memory
-//! only (a restart logs everyone out); secrets are never logged.
+//! Invariants: settings are read from the cache, which is loaded from the database at start,
+//! written through on every update and re-read every second (the database is the source of
+//! truth; the other core may change it); login sessions live in the database
+//! (`model::sessions`); secrets are never logged.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{Mutex, RwLock};
 use tokio::task::JoinSet;
@@ -78,17 +79,6 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// A login session (`command=login`).
-#[derive(Debug, Clone)]
-pub struct Session {
-    /// The `sessionkey` cookie and parameter.
-    pub key: String,
-    /// Who logged in.
-    pub caller: Caller,
-    /// Last use, for the idle timeout.
-    pub last_used: Instant,
-}
-
 /// State shared by every request and job.
 #[derive(Debug)]
 pub struct Shared {
@@ -96,8 +86,10 @@ pub struct Shared {
     pub db: Db,
     /// Setting values by name (cache of the `configurations` table over the defaults).
     pub settings: RwLock<HashMap<String, String>>,
-    /// Login sessions by `JSESSIONID`.
-    pub sessions: Mutex<HashMap<String, Session>>,
+    /// Wakes the settings follower (a setting was updated on this core).
+    pub settings_changed: tokio::sync::Notify,
+    /// Wakes the leader's job runner (a job for the lease holder was queued on this core).
+    pub jobs_wakeup: tokio::sync::Notify,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Running async jobs (aborted at shutdown).
@@ -106,7 +98,7 @@ pub struct Shared {
     /// with [`Shared::console_keys`].
     pub console_keys: std::sync::RwLock<systemvm_proto::console::KeySet>,
     /// Current agent connections.
-    pub agents: crate::agent::Hub,
+    pub agents: crate::hub::Hub,
     /// Wakes the download dispatcher (a template was registered).
     pub dispatch_wakeup: tokio::sync::Notify,
     /// Downloads handed out: template id → (storage VM id, connection id).
@@ -126,9 +118,17 @@ pub struct Shared {
 pub type State = Arc<Shared>;
 
 impl Shared {
-    /// The value of setting `name` (its default when unset, empty when unknown).
-    pub async fn setting(&self, name: &str) -> String {
-        self.settings.read().await.get(name).cloned().unwrap_or_default()
+    /// Whether this core holds the leader lease now.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Replaces the cached console-token keys.
+    pub fn set_console_keys(&self, set: systemvm_proto::console::KeySet) {
+        *self
+            .console_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
     }
 
     fn dispatched(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
@@ -165,6 +165,12 @@ impl Shared {
 
     /// `default.page.size`: the default and maximum page size.
     pub async fn page_size(&self) -> i64 {
-        self.setting("default.page.size").await.parse().unwrap_or(500)
+        let s = &crate::model::settings::PAGE_SIZE;
+        self.settings
+            .read()
+            .await
+            .get(s.name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| s.default_int())
     }
 }

@@ -17,6 +17,24 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
     Ok(b)
 }
 
+/// Unix milliseconds now (this core's clock: for local timing; comparisons between cores use
+/// the database's clock, `Db::now_ms_sql`).
+pub fn now_ms() -> i64 {
+    let t = time::OffsetDateTime::now_utc();
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// SHA-256 of a secret, lowercase hex: how core stores secrets that are random tokens (system VM
+/// secrets, login session ids and keys). They are random, so a fast hash is enough (no dictionary
+/// to guess from).
+pub fn hash_secret(secret: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A random (version 4) UUID in its lowercase text form.
 pub fn new_uuid() -> Result<String, RandomError> {
     let mut b: [u8; 16] = random_bytes()?;

@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use systemvm_core::fleet::driver::VmState;
 use systemvm_core::fleet::libvirt::LibvirtDriver;
 use systemvm_core::fleet::qemu::Boot;
-use systemvm_core::fleet::{Driver as _, Placement, VmSpec, VmState};
+use systemvm_core::fleet::{Driver as _, Placement, VmSpec};
 use systemvm_proto::Secret;
 use systemvm_proto::agent::AgentRole;
 

@@ -210,6 +210,16 @@ pub async fn user_by_api_key(state: &State, api_key: &str) -> Result<Option<Auth
     row.as_ref().map(auth_user).transpose()
 }
 
+/// The enabled user with id `user_id` (a login session's or a queued job's caller).
+pub async fn user_by_id(state: &State, user_id: &str) -> Result<Option<AuthUser>, sqlx::Error> {
+    let sql = format!("{CALLER_SELECT} WHERE u.id = $1 AND u.state = 'enabled' AND a.state = 'enabled'");
+    let row = sqlx::query(&sql)
+        .bind(user_id.to_owned())
+        .fetch_optional(&state.db.pool)
+        .await?;
+    row.as_ref().map(auth_user).transpose()
+}
+
 /// The enabled user named `username`.
 pub async fn user_by_name(state: &State, username: &str) -> Result<Option<AuthUser>, sqlx::Error> {
     let sql =
@@ -401,11 +411,8 @@ pub async fn delete_account(state: State, caller: Caller, p: Params) -> Result<V
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    state
-        .sessions
-        .lock()
-        .await
-        .retain(|_, s| s.caller.account_id != id);
+    // Its users' login sessions end with them.
+    crate::model::sessions::sweep(&state.db.pool).await?;
     Ok(success())
 }
 

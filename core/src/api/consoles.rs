@@ -15,13 +15,13 @@
 use serde_json::{Value, json};
 use sqlx::Row as _;
 use systemvm_proto::Secret;
-use systemvm_proto::agent::{AgentRole, ConsoleKeys, CoreMessage, KeysUpdate, Load};
 use systemvm_proto::console::{ConsoleTarget, ConsoleTokenClaims, ViewerMode, VmRef, new_session_id};
 
-use crate::agent::UP;
 use crate::api::{Filter, list_response, success};
 use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
+use crate::model::consoles::{self, pick_proxy};
+use crate::model::{settings, systemvms};
 use crate::paging::Page;
 use crate::params::Params;
 use crate::state::{Caller, Role, State};
@@ -248,70 +248,6 @@ pub async fn delete_console_target(state: State, _caller: Caller, p: Params) -> 
     Ok(success())
 }
 
-/// A console proxy that can take a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    /// System VM id.
-    pub id: String,
-    /// Base URL browsers reach it at.
-    pub endpoint: String,
-    /// Open sessions.
-    pub active: u64,
-    /// Most sessions (0: unknown).
-    pub max: u64,
-}
-
-/// Picks a proxy: the one that served the VM's latest session when it still has room, else the
-/// least loaded by fill ratio (ties: fewer sessions, then the order given).
-pub fn pick_proxy<'a>(candidates: &'a [Candidate], affinity: &[String]) -> Option<&'a Candidate> {
-    let has_room = |c: &&Candidate| c.max == 0 || c.active < c.max;
-    for preferred in affinity {
-        if let Some(c) = candidates.iter().filter(has_room).find(|c| &c.id == preferred) {
-            return Some(c);
-        }
-    }
-    candidates.iter().filter(has_room).min_by(|a, b| {
-        let ratio = |c: &Candidate| {
-            if c.max == 0 {
-                0.0
-            } else {
-                c.active as f64 / c.max as f64
-            }
-        };
-        ratio(a).total_cmp(&ratio(b)).then(a.active.cmp(&b.active))
-    })
-}
-
-async fn candidates(state: &State, zone_id: &str) -> Result<Vec<Candidate>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT id, endpoint, last_load FROM system_vms WHERE role = $1 AND agent_state = $2 AND zone_id = $3 AND endpoint IS NOT NULL AND removed IS NULL AND state <> 'Stopping' ORDER BY name",
-    )
-    .bind(AgentRole::ConsoleProxy.as_str())
-    .bind(UP)
-    .bind(zone_id.to_owned())
-    .fetch_all(&state.db.pool)
-    .await?;
-    let mut out = Vec::new();
-    for row in rows {
-        let id: String = row.try_get("id")?;
-        if state.agents.connection(&id).is_none() {
-            continue;
-        }
-        let load = row
-            .try_get::<Option<String>, _>("last_load")?
-            .and_then(|l| serde_json::from_str::<Load>(&l).ok())
-            .and_then(|l| l.console)
-            .unwrap_or_default();
-        out.push(Candidate {
-            id,
-            endpoint: row.try_get("endpoint")?,
-            active: load.active_sessions,
-            max: load.max_sessions,
-        });
-    }
-    Ok(out)
-}
-
 /// `createConsoleEndpoint`: CloudStack answers `success: false` with `details` (not an error)
 /// when no link can be made; so does this.
 pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
@@ -335,13 +271,11 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     }
     let zone_id: String = row.try_get("zone_id")?;
     let failed = |details: String| json!({ "consoleendpoint": { "success": false, "details": details } });
-    let candidates = candidates(&state, &zone_id).await?;
-    let affinity: Vec<String> = sqlx::query_scalar(
-        "SELECT proxy_id FROM console_sessions WHERE vm_id = $1 ORDER BY claimed_ms DESC LIMIT 3",
-    )
-    .bind(vm_id.clone())
-    .fetch_all(&state.db.pool)
-    .await?;
+    let timeout_ms = i64::try_from(settings::uint(&state, &settings::HEARTBEAT_TIMEOUT).await)
+        .unwrap_or(i64::MAX / 2000)
+        .saturating_mul(1000);
+    let candidates = systemvms::proxy_candidates(&state.db, &zone_id, timeout_ms).await?;
+    let affinity = consoles::affinity(&state.db.pool, &vm_id).await?;
     let Some(proxy) = pick_proxy(&candidates, &affinity) else {
         let details = if candidates.is_empty() {
             format!("No console proxy is Up in zone {zone_id}")
@@ -363,11 +297,7 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     let secure = endpoint.scheme_str() == Some("https");
     let host = endpoint.host().unwrap_or_default().to_owned();
     let port = endpoint.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let validity: u64 = state
-        .setting("consoleproxy.url.validity")
-        .await
-        .parse()
-        .unwrap_or(300);
+    let validity = settings::zone_uint(&state, &zone_id, &settings::PROXY_URL_VALIDITY).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -412,8 +342,9 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
         viewer: ViewerMode::Interactive,
         keyboard_locale: None,
     };
-    let token = state
-        .console_keys()
+    // Sealed with the stored keys, not this core's cache: the other core may have rotated them.
+    let token = consoles::current_keys(&state)
+        .await?
         .seal(&claims)
         .map_err(|e| ApiError::internal(&e))?;
     let base = proxy.endpoint.trim_end_matches('/');
@@ -446,68 +377,20 @@ async fn guest_console(
 }
 
 /// `rotateConsoleKeys`: new primary key, the previous one kept, older ones retired; the set is
-/// stored, then pushed to every connected console proxy.
+/// stored, then pushed to every connected console proxy by the core holding the lease (either
+/// core may receive the command).
 pub async fn rotate_console_keys(state: State, _caller: Caller, _p: Params) -> Result<Value, ApiError> {
-    let mut set = state.console_keys();
-    let previous = set.ids();
-    let new_id = set.rotate().map_err(|e| ApiError::internal(&e))?;
-    let keep_from = previous.iter().copied().max().unwrap_or(new_id);
-    for id in previous {
-        if id < keep_from {
-            set.retire(id);
-        }
+    let r = consoles::rotate(&state).await?;
+    let mut v = json!({ "primary": r.primary, "keys": r.keys });
+    if let Some(n) = r.pushed {
+        v["proxiesupdated"] = json!(n);
     }
-    let json_text = set.to_json().map_err(|e| ApiError::internal(&e))?;
-    sqlx::query("UPDATE core_keys SET value = $1, created = $2 WHERE name = 'console'")
-        .bind(json_text)
-        .bind(now_cs())
-        .execute(&state.db.pool)
-        .await?;
-    let keys = ConsoleKeys::from_key_set(&set).map_err(|e| ApiError::internal(&e))?;
-    let ids = set.ids();
-    *state
-        .console_keys
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
-    let pushed = state.agents.broadcast(
-        AgentRole::ConsoleProxy,
-        &CoreMessage::KeysUpdate(KeysUpdate { console_keys: keys }),
-    );
-    tracing::info!(
-        primary = new_id,
-        ?ids,
-        proxies = pushed,
-        "Rotated the console-token keys"
-    );
-    Ok(json!({ "consolekeys": { "primary": new_id, "keys": ids, "proxiesupdated": pushed } }))
+    Ok(json!({ "consolekeys": v }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn c(id: &str, active: u64, max: u64) -> Candidate {
-        Candidate {
-            id: id.into(),
-            endpoint: format!("http://{id}"),
-            active,
-            max,
-        }
-    }
-
-    #[test]
-    fn picks_affinity_then_least_loaded() {
-        let cs = [c("a", 5, 10), c("b", 1, 10), c("c", 10, 10)];
-        assert_eq!(pick_proxy(&cs, &[]).unwrap().id, "b");
-        assert_eq!(pick_proxy(&cs, &["a".into()]).unwrap().id, "a");
-        // A full proxy loses its affinity.
-        assert_eq!(pick_proxy(&cs, &["c".into(), "a".into()]).unwrap().id, "a");
-        assert_eq!(pick_proxy(&cs, &["gone".into()]).unwrap().id, "b");
-        assert!(pick_proxy(&[c("x", 3, 3)], &[]).is_none());
-        assert!(pick_proxy(&[], &[]).is_none());
-        // Fill ratio, not raw count.
-        assert_eq!(pick_proxy(&[c("a", 4, 100), c("b", 2, 4)], &[]).unwrap().id, "a");
-    }
 
     #[test]
     fn hosts() {

@@ -5,10 +5,10 @@
 
 use serde_json::Value;
 
+use crate::api::job_runner::job_json;
 use crate::api::{Filter, list_response};
 use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
-use crate::jobs::job_json;
 use crate::paging::Page;
 use crate::params::Params;
 use crate::state::{Caller, Role, State};

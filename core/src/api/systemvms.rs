@@ -1,22 +1,24 @@
 //! System VMs: `registerSystemVm` (ours: registers an agent started outside core's drivers) and
 //! `listSystemVms` (CloudStack's shape).
 //!
-//! Invariants: a system VM's secret is shown once, by the registration, and stored only as its
-//! SHA-256 digest; `state` is the lifecycle state core manages (`Starting` for a hand-registered
-//! VM, until drivers manage it), `agentstate` is the agent channel (`Up` | `Disconnected`).
+//! Invariants: a system VM's secret is shown once, by the registration (the domain layer stores
+//! only its digest); `state` is the lifecycle state core manages (`Starting` for a hand-registered
+//! VM, until drivers manage it), `agentstate` is the agent channel (`Up` | `Disconnected`);
+//! lifecycle commands run on the core holding the leader lease.
 
 use serde_json::{Value, json};
 use sqlx::Row as _;
 use systemvm_proto::agent::{AgentRole, Load};
 
-use crate::agent::{DISCONNECTED, hash_secret};
 use crate::api::{Filter, list_response};
 use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
+use crate::fleet::{self, FleetError};
+use crate::model::events::{self, Level};
+use crate::model::systemvms;
 use crate::paging::Page;
 use crate::params::Params;
 use crate::state::{Caller, State};
-use crate::util::{new_uuid, now_cs, random_token};
 
 /// `registerSystemVm` parameters.
 pub const REGISTER_SYSTEM_VM: &[ParamSpec] = &[
@@ -40,79 +42,6 @@ pub const LIST_SYSTEM_VMS: &[ParamSpec] = &[
     opt("pagesize", Ty::Integer, "Page size"),
 ];
 
-/// A registered system VM, with its one-time secret.
-#[derive(Debug)]
-pub struct Registered {
-    /// Id (`--vm-id`).
-    pub id: String,
-    /// Name.
-    pub name: String,
-    /// Role.
-    pub role: AgentRole,
-    /// Zone id.
-    pub zone_id: String,
-    /// The secret (`--secret`); not stored.
-    pub secret: String,
-}
-
-/// Registers a system VM in `zone_id` (or the oldest zone); returns its id and secret.
-pub async fn register(
-    pool: &sqlx::AnyPool,
-    role: AgentRole,
-    zone_id: Option<&str>,
-    name: Option<&str>,
-) -> Result<Registered, ApiError> {
-    let zone_id: String = match zone_id {
-        Some(z) => sqlx::query_scalar("SELECT id FROM zones WHERE id = $1")
-            .bind(z.to_owned())
-            .fetch_optional(pool)
-            .await?
-            .ok_or_else(|| ApiError::param(format!("Unable to find zone by id {z}")))?,
-        None => sqlx::query_scalar("SELECT id FROM zones ORDER BY created, name LIMIT 1")
-            .fetch_optional(pool)
-            .await?
-            .ok_or_else(|| ApiError::param("No zone exists: create one first"))?,
-    };
-    let id = new_uuid().map_err(|e| ApiError::internal(&e))?;
-    let secret = random_token::<32>().map_err(|e| ApiError::internal(&e))?;
-    let name = match name {
-        Some(n) => n.to_owned(),
-        None => {
-            let prefix = match role {
-                AgentRole::ConsoleProxy => "v",
-                AgentRole::SecStorage => "s",
-            };
-            format!("{prefix}-{}-VM", &id[..8])
-        }
-    };
-    let r = sqlx::query(
-        "INSERT INTO system_vms (id, name, role, zone_id, state, agent_state, secret_hash, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(id.clone())
-    .bind(name.clone())
-    .bind(role.as_str())
-    .bind(zone_id.clone())
-    .bind("Starting")
-    .bind(DISCONNECTED)
-    .bind(hash_secret(&secret))
-    .bind(now_cs())
-    .execute(pool)
-    .await;
-    match r {
-        Ok(_) => Ok(Registered {
-            id,
-            name,
-            role,
-            zone_id,
-            secret,
-        }),
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(ApiError::param(format!(
-            "A system VM with name {name} already exists"
-        ))),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// `registerSystemVm`.
 pub async fn register_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let role_text = p.non_empty("role").unwrap_or_default();
@@ -121,7 +50,7 @@ pub async fn register_system_vm(state: State, _caller: Caller, p: Params) -> Res
             "Invalid role {role_text:?}: use consoleproxy or secondarystoragevm"
         ))
     })?;
-    let r = register(&state.db.pool, role, p.non_empty("zoneid"), p.non_empty("name")).await?;
+    let r = systemvms::register(&state.db.pool, role, p.non_empty("zoneid"), p.non_empty("name")).await?;
     tracing::info!(id = %r.id, name = %r.name, role = role.as_str(), "Registered a system VM");
     Ok(json!({ "systemvm": {
         "id": r.id,
@@ -235,82 +164,41 @@ pub const LIFECYCLE: &[ParamSpec] = &[
 /// How long `startSystemVm`/`rebootSystemVm` wait for the agent to come Up.
 pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
-async fn managed(
-    state: &State,
-    p: &Params,
-) -> Result<(std::sync::Arc<crate::fleet::Fleet>, crate::fleet::ManagedVm), ApiError> {
+/// Carries out a lifecycle command. Lifecycle commands are leader jobs (the command table marks
+/// them), so this runs on the core holding the lease, which alone runs the fleet: never two
+/// instances of one VM.
+async fn lifecycle(state: State, p: Params, action: &'static str) -> Result<Value, ApiError> {
     let id = p.non_empty("id").unwrap_or_default();
     let fleet = state.fleet.get().cloned().ok_or_else(|| {
         ApiError::param("This core runs no hypervisor driver: start and stop system VMs where they run")
     })?;
-    let vm = crate::fleet::managed_vms(state, None)
-        .await?
-        .into_iter()
-        .find(|v| v.id == id);
-    match vm {
-        Some(vm) => Ok((fleet, vm)),
-        None => {
-            let exists: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM system_vms WHERE id = $1 AND removed IS NULL")
-                    .bind(id.to_owned())
-                    .fetch_one(&state.db.pool)
-                    .await?;
-            Err(ApiError::param(if exists > 0 {
-                format!("System VM {id} was registered by hand; core does not start or stop it")
-            } else {
-                format!("Unable to find system VM by id {id}")
-            }))
-        }
-    }
-}
-
-fn failed(text: String) -> ApiError {
-    ApiError::new(
-        crate::error::code::INTERNAL_ERROR,
-        crate::error::cs::SERVER_API,
-        text,
-    )
-}
-
-async fn lifecycle(state: State, p: Params, action: &'static str) -> Result<Value, ApiError> {
-    let (fleet, vm) = managed(&state, &p).await?;
+    let vm = systemvms::managed_one(&state.db.pool, id).await?;
     let force = p
         .non_empty("forced")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let prefix = crate::fleet::event_prefix(vm.role);
-    let lock = fleet_lock(&fleet, &vm.id);
+    let lock = fleet.lock(&vm.id);
     let _guard = lock.lock().await;
-    match action {
-        "start" => {
-            crate::fleet::start_vm(&state, &fleet, &vm.id)
-                .await
-                .map_err(failed)?;
-            crate::fleet::wait_up(&state, &vm.id, START_WAIT)
-                .await
-                .map_err(failed)?;
+    let done: Result<(), FleetError> = async {
+        match action {
+            "start" => {
+                fleet::start_vm(&state, &fleet, &vm.id).await?;
+                fleet::wait_up(&state, &vm.id, START_WAIT).await
+            }
+            "stop" => fleet::stop_vm(&state, &fleet, &vm, force, false).await,
+            "reboot" => {
+                fleet::stop_vm(&state, &fleet, &vm, force, false).await?;
+                fleet::start_vm(&state, &fleet, &vm.id).await?;
+                fleet::wait_up(&state, &vm.id, START_WAIT).await
+            }
+            _ => fleet::stop_vm(&state, &fleet, &vm, force, true).await,
         }
-        "stop" => crate::fleet::stop_vm(&state, &fleet, &vm, force, false)
-            .await
-            .map_err(failed)?,
-        "reboot" => {
-            crate::fleet::stop_vm(&state, &fleet, &vm, force, false)
-                .await
-                .map_err(failed)?;
-            crate::fleet::start_vm(&state, &fleet, &vm.id)
-                .await
-                .map_err(failed)?;
-            crate::fleet::wait_up(&state, &vm.id, START_WAIT)
-                .await
-                .map_err(failed)?;
-        }
-        _ => crate::fleet::stop_vm(&state, &fleet, &vm, force, true)
-            .await
-            .map_err(failed)?,
     }
-    crate::fleet::event(
+    .await;
+    done?;
+    events::record(
         &state,
-        &format!("{prefix}.{}", action.to_ascii_uppercase()),
-        "INFO",
+        &format!("{}.{}", events::prefix(vm.role), action.to_ascii_uppercase()),
+        Level::Info,
         &format!("{} {} through the API", vm.name, past_tense(action)),
         Some(&vm.id),
         Some(&vm.zone_id),
@@ -328,26 +216,22 @@ fn past_tense(action: &str) -> &'static str {
     }
 }
 
-fn fleet_lock(fleet: &crate::fleet::Fleet, id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-    fleet.lock(id)
-}
-
-/// `startSystemVm` (async).
+/// `startSystemVm` (async; runs on the lease holder).
 pub async fn start_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     lifecycle(state, p, "start").await
 }
 
-/// `stopSystemVm` (async).
+/// `stopSystemVm` (async; runs on the lease holder).
 pub async fn stop_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     lifecycle(state, p, "stop").await
 }
 
-/// `rebootSystemVm` (async).
+/// `rebootSystemVm` (async; runs on the lease holder).
 pub async fn reboot_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     lifecycle(state, p, "reboot").await
 }
 
-/// `destroySystemVm` (async).
+/// `destroySystemVm` (async; runs on the lease holder).
 pub async fn destroy_system_vm(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     lifecycle(state, p, "destroy").await
 }

@@ -99,6 +99,8 @@ impl ProcessDriver {
             .arg("--ca")
             .arg(&spec.ca)
             .env("SYSTEMVM_AGENT_SECRET", spec.secret.expose())
+            // The agent ends when core does (it watches for being re-parented).
+            .env("SYSTEMVM_PARENT_PID", std::process::id().to_string())
             .stdin(Stdio::null())
             .kill_on_drop(false);
         c

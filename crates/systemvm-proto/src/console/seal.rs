@@ -164,6 +164,11 @@ impl KeySet {
         self.keys.push(key);
     }
 
+    /// The id of the key that seals, if any.
+    pub fn primary_id(&self) -> Option<u32> {
+        self.primary
+    }
+
     /// The ids of all live keys.
     pub fn ids(&self) -> Vec<u32> {
         self.keys.iter().map(|k| k.id).collect()
