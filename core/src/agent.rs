@@ -63,7 +63,9 @@ pub async fn serve(
             _ = stop.changed() => break,
         }
     }
-    conns.shutdown().await;
+    // Each connection sees the stop too and sends its agent a close frame.
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }
 
 /// The lease holder's sweeps, every second: agents silent past `agent.heartbeat.timeout` are

@@ -42,8 +42,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, RwLock, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Mutex, RwLock};
 
 pub mod agent;
 pub mod api;
@@ -93,6 +92,9 @@ pub struct CoreConfig {
     pub guest_drivers: Vec<Arc<dyn fleet::Driver>>,
 }
 
+/// How long a clean stop waits for in-flight API requests, agent closes and the other tasks.
+pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Which driver runs the system VMs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverKind {
@@ -135,7 +137,8 @@ impl CoreConfig {
     }
 }
 
-/// A core serving in the background. Dropping it does not stop it: call [`RunningCore::shutdown`].
+/// A core serving in the background: call [`RunningCore::shutdown`] to stop it (dropping it aborts
+/// its tasks without the clean stop).
 #[derive(Debug)]
 pub struct RunningCore {
     /// The public API's bound address (`http://ADDR/client/api`).
@@ -149,8 +152,7 @@ pub struct RunningCore {
     /// `DATA_DIR/ca.pem`: the CA agents verify core with (`--ca`).
     pub ca_path: PathBuf,
     state: State,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: systemvm_task::Tasks,
 }
 
 impl RunningCore {
@@ -188,10 +190,7 @@ impl RunningCore {
     /// VM it manages, without changing what core wants of them: started again, core starts them
     /// again (`up` on Ctrl-C; tests). The fleet manager stops first, so it can't restart them.
     pub async fn shutdown_with_system_vms(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.shutdown(SHUTDOWN_DEADLINE).await;
         if let Some(fleet) = self.state.fleet.get() {
             fleet::lifecycle::stop_all_with_core(&self.state, fleet).await;
         }
@@ -202,13 +201,8 @@ impl RunningCore {
     /// Stops as a crash would (tests of HA): tasks are aborted, sockets close, the lease is not
     /// released (the standby must wait for it to expire) and nothing is flushed.
     pub async fn abort(self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks.abort().await;
         self.state.agents.close_all();
-        for t in self.tasks {
-            let _ = t.await;
-        }
         self.state.jobs.lock().await.shutdown().await;
         self.state.db.pool.close().await;
     }
@@ -216,10 +210,7 @@ impl RunningCore {
     /// Stops the listeners, aborts running async jobs (the next start fails them) and closes the
     /// database pool.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.shutdown(SHUTDOWN_DEADLINE).await;
         self.state.jobs.lock().await.shutdown().await;
         self.state.db.pool.close().await;
     }
@@ -434,18 +425,17 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     if !leader {
         tracing::warn!("Another core holds the leader lease: this core serves the API and stands by");
     }
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = vec![
-        tokio::spawn(fleet::lease::run(state.clone(), stop_rx.clone())),
-        tokio::spawn(api::job_runner::run(state.clone(), stop_rx.clone())),
-        tokio::spawn(follow::run(state.clone(), stop_rx.clone())),
-    ];
-    tasks.push(tokio::spawn(server::serve(
-        listener,
-        state.clone(),
-        server::Listener::Public,
-        stop_rx.clone(),
-    )));
+    let mut tasks = systemvm_task::Tasks::new();
+    let st = state.clone();
+    tasks.spawn("lease", |s| fleet::lease::run(st, s.receiver()));
+    let st = state.clone();
+    tasks.spawn("job-runner", |s| api::job_runner::run(st, s.receiver()));
+    let st = state.clone();
+    tasks.spawn("follower", |s| follow::run(st, s.receiver()));
+    let st = state.clone();
+    tasks.spawn("api", |s| {
+        server::serve(listener, st, server::Listener::Public, s.receiver())
+    });
     let mut integration_addr = None;
     if let Some(l) = integration {
         integration_addr = Some(l.local_addr()?);
@@ -453,20 +443,21 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
             port,
             "Integration API port open on loopback: unauthenticated root-admin access"
         );
-        tasks.push(tokio::spawn(server::serve(
-            l,
-            state.clone(),
-            server::Listener::Integration,
-            stop_rx.clone(),
-        )));
+        let st = state.clone();
+        tasks.spawn("integration-api", |s| {
+            server::serve(l, st, server::Listener::Integration, s.receiver())
+        });
     }
     let mut agent_addr = None;
     if let Some((l, tls)) = agent_listener {
         let a = l.local_addr()?;
         agent_addr = Some(a);
-        tasks.push(tokio::spawn(agent::serve(l, tls, state.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(agent::monitor(state.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(dispatch::run(state.clone(), stop_rx.clone())));
+        let st = state.clone();
+        tasks.spawn("agent-endpoint", |s| agent::serve(l, tls, st, s.receiver()));
+        let st = state.clone();
+        tasks.spawn("agent-monitor", |s| agent::monitor(st, s.receiver()));
+        let st = state.clone();
+        tasks.spawn("dispatcher", |s| dispatch::run(st, s.receiver()));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
         if let Some(kind) = &config.driver {
             let Some(driver) = driver.clone() else {
@@ -492,7 +483,8 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
             };
             let f = Arc::new(f);
             let _ = state.fleet.set(f.clone());
-            tasks.push(tokio::spawn(fleet::run(state.clone(), f, stop_rx.clone())));
+            let st = state.clone();
+            tasks.spawn("fleet-manager", |s| fleet::run(st, f, s.receiver()));
             tracing::info!(driver = kind_name(kind), "Fleet manager running");
         }
     }
@@ -504,7 +496,6 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         agent_addr,
         ca_path: ca.cert_path,
         state,
-        stop,
         tasks,
     })
 }

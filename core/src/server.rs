@@ -53,7 +53,9 @@ pub enum Listener {
     Integration,
 }
 
-/// Accepts connections until `stop` flips, then aborts the open ones.
+/// Accepts connections until `stop` flips; then accepts no more, lets every open connection
+/// finish the request it is serving (HTTP/1 graceful shutdown: idle connections close at once)
+/// and returns when they are all done (the service's shutdown deadline bounds the wait).
 pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
@@ -68,18 +70,26 @@ pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop
                         continue;
                     };
                     let state = state.clone();
+                    let mut stop = stop.clone();
                     conns.spawn(async move {
                         let _permit = permit;
                         let svc = service_fn(move |req| {
                             let state = state.clone();
                             async move { Ok::<_, Infallible>(handle(state, kind, peer, req).await) }
                         });
-                        if let Err(error) = hyper::server::conn::http1::Builder::new()
+                        let conn = hyper::server::conn::http1::Builder::new()
                             .timer(TokioTimer::new())
                             .header_read_timeout(HEADER_TIMEOUT)
-                            .serve_connection(TokioIo::new(tcp), svc)
-                            .await
-                        {
+                            .serve_connection(TokioIo::new(tcp), svc);
+                        tokio::pin!(conn);
+                        let r = tokio::select! {
+                            r = conn.as_mut() => r,
+                            _ = stop.changed() => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        if let Err(error) = r {
                             tracing::debug!(%error, "API connection ended with an error");
                         }
                     });
@@ -91,7 +101,8 @@ pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop
             }
         }
     }
-    conns.shutdown().await;
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }
 
 /// Drops `null` members from objects, recursively: CloudStack (Gson) omits unset fields.

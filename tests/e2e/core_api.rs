@@ -425,6 +425,34 @@ impl Core {
         }
     }
 
+    /// Logs `user` in as the web UI does (POST `login`); returns the cookie header and the
+    /// session key.
+    pub(crate) async fn login(&self, user: &str, password: &str) -> (String, String) {
+        let body = format!(
+            "command=login&username={}&password={}&domain=%2F&response=json",
+            enc(user),
+            enc(password)
+        );
+        let r = self.raw("POST", "", body.as_bytes(), None).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        let key = r.json["loginresponse"]["sessionkey"].as_str().unwrap().to_owned();
+        let jsession = r
+            .header("set-cookie")
+            .iter()
+            .find_map(|c| c.strip_prefix("JSESSIONID="))
+            .and_then(|c| c.split(';').next())
+            .unwrap()
+            .to_owned();
+        (format!("JSESSIONID={jsession}; sessionkey={key}"), key)
+    }
+
+    /// Calls `command` with a login session (as the web UI does); returns (status, JSON).
+    pub(crate) async fn with_session(&self, cookie: &str, key: &str, command: &str) -> (u16, Value) {
+        let q = format!("command={command}&response=json&sessionkey={}", enc(key));
+        let r = self.raw("GET", &q, b"", Some(cookie)).await;
+        (r.status, r.json)
+    }
+
     /// Creates an account with `role` and registers keys for its user; returns (account id, user id, key, secret).
     pub(crate) async fn account(&self, name: &str, role: &str) -> (String, String, String, String) {
         let a = self
@@ -976,7 +1004,7 @@ async fn async_jobs(backend: Backend) {
 }
 
 async fn login_session(backend: Backend) {
-    let core = Core::start(backend).await;
+    let mut core = Core::start(backend).await;
     core.account("alice", "User").await;
     // GET is refused.
     let r = core
@@ -1029,6 +1057,10 @@ async fn login_session(backend: Backend) {
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(r.json["listaccountsresponse"]["count"], 1);
     assert_eq!(r.json["listaccountsresponse"]["account"][0]["name"], "alice");
+    // Sessions live in the database: a restart of core keeps the user logged in.
+    core.restart().await;
+    let r = core.raw("GET", &q, b"", Some(&cookie)).await;
+    assert_eq!(r.status, 200, "session lost by a restart: {}", r.json);
     // Session key missing as parameter, or wrong: 401.
     assert_eq!(
         core.raw("GET", "command=listZones&response=json", b"", Some(&cookie))

@@ -391,6 +391,7 @@ async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
         ("consoleproxy.launch.max", "2"),
         ("consoleproxy.scalein.idle", "2"),
         ("consoleproxy.scale.cooldown", "0"),
+        ("consoleproxy.capacityscan.interval", "1000"),
     ] {
         let c = core
             .ok(&[
@@ -583,4 +584,105 @@ async fn up_runs_the_suite_and_ctrl_c_stops_it() {
     let left = pids_with(&dir.display().to_string());
     assert!(left.is_empty(), "processes left running: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `secstorage.allowed.internal.sites` is dynamic: changed while the storage VM runs, it reaches
+/// the VM over the agent channel, and the next download from an internal address goes through,
+/// with no reboot of the storage VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_allowed_internal_site_applies_without_a_reboot() {
+    let (mut core, _guard) = start(&[]).await;
+    core.ok(&[
+        "addImageStore",
+        "provider=NFS",
+        "name=local",
+        &format!("url={}", local_store(&core)),
+    ])
+    .await;
+    let ssvm = wait_fleet(&core, "secondarystoragevm", 1, Duration::from_secs(30)).await;
+    let ssvm_id = ssvm[0]["id"].as_str().expect("id").to_owned();
+    let img =
+        systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "small.qcow2", 1, 7).expect("qcow2");
+    let data = std::fs::read(&img).expect("read");
+    let http = HttpFixture::start().expect("http");
+    http.route(
+        "/small.qcow2",
+        Route::File {
+            data: data.clone().into(),
+            pace: None,
+            faults: Faults::default(),
+            ranges: true,
+        },
+    );
+    let checksum = format!("checksum={{SHA-256}}{}", hex::encode(Sha256::digest(&data)));
+    let register = |name: &'static str| {
+        let url = format!("url={}", http.url("/small.qcow2"));
+        let checksum = checksum.clone();
+        let core = &core;
+        async move {
+            let t = core
+                .ok(&[
+                    "registerTemplate",
+                    &format!("name={name}"),
+                    "format=QCOW2",
+                    "hypervisor=KVM",
+                    &url,
+                    &checksum,
+                ])
+                .await;
+            t["template"][0]["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let wait_final = |id: String| {
+        let core = &core;
+        async move {
+            let start = Instant::now();
+            loop {
+                let t = core
+                    .ok(&["listTemplates", "templatefilter=all", &format!("id={id}")])
+                    .await;
+                let state = t["template"][0]["downloaddetails"][0]["downloadState"].clone();
+                if state == "DOWNLOADED" || state == "DOWNLOAD_ERROR" {
+                    return t["template"][0].clone();
+                }
+                assert!(start.elapsed() < Duration::from_secs(60), "no final state: {t}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Loopback is internal: refused, saying how to allow it.
+    let refused = wait_final(register("refused").await).await;
+    assert_eq!(refused["isready"], false, "{refused}");
+    let status = refused["status"].as_str().unwrap_or_default();
+    assert!(status.contains("internal"), "{refused}");
+    assert!(
+        status.contains("secstorage.allowed.internal.sites"),
+        "the refusal names the setting: {refused}"
+    );
+
+    // Allowed while the storage VM runs: the next download goes through, same VM, no reboot.
+    let set = core
+        .ok(&[
+            "updateConfiguration",
+            "name=secstorage.allowed.internal.sites",
+            "value=127.0.0.0/8",
+        ])
+        .await;
+    assert_eq!(set["configuration"]["isdynamic"], true, "{set}");
+    let start = Instant::now();
+    let allowed = loop {
+        let t = wait_final(register("allowed").await).await;
+        if t["isready"] == true {
+            break t;
+        }
+        // The update reaches the agent within a second; a download sent before it may still fail.
+        assert!(start.elapsed() < Duration::from_secs(10), "still refused: {t}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(allowed["status"], "Download Complete", "{allowed}");
+    let now = vms(&core, "secondarystoragevm").await;
+    assert_eq!(now[0]["id"], ssvm_id.as_str(), "the same storage VM");
+    assert!(events(&core, "SSVM.RESTART").await.is_empty(), "no restart");
+    assert!(events(&core, "SSVM.REBOOT").await.is_empty(), "no reboot");
+    core.shutdown_with_system_vms().await;
 }

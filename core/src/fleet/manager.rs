@@ -275,6 +275,14 @@ async fn policy(state: &State, fleet: &Fleet, zone: &str) -> Result<(), sqlx::Er
         idle_secs: settings::zone_uint(state, zone, &settings::PROXY_SCALEIN_IDLE).await,
         cooldown_secs: settings::zone_uint(state, zone, &settings::PROXY_SCALE_COOLDOWN).await,
     };
+    // A zone without a proxy gets one at once; otherwise the scale rule is looked at every
+    // `consoleproxy.capacityscan.interval` (CloudStack's capacity scan).
+    let scan_ms = i64::try_from(settings::zone_uint(state, zone, &settings::PROXY_CAPACITY_SCAN).await)
+        .unwrap_or(i64::MAX);
+    if !proxies.is_empty() && fleet.last_scan_ms(zone).is_some_and(|l| now - l < scan_ms) {
+        return Ok(());
+    }
+    fleet.scanned(zone, now);
     let since = fleet
         .last_scale_ms(zone)
         .map(|l| u64::try_from((now - l).max(0) / 1000).unwrap_or(0));

@@ -7,7 +7,8 @@
 //!   within [`START_TIMEOUT`]; after [`MAX_START_FAILURES`] failed starts in a row it is put in
 //!   `Error` and retried every [`ERROR_RETRY`];
 //! * **policy** — per zone: one storage VM once the zone has an image store, at least one console
-//!   proxy, one more when `proxies × consoleproxy.session.max − sessions ≤
+//!   proxy at once, and every `consoleproxy.capacityscan.interval` the scale rule: one more
+//!   proxy when `proxies × consoleproxy.session.max − sessions ≤
 //!   consoleproxy.capacity.standby` (CloudStack's rule, capped by `consoleproxy.launch.max`), and,
 //!   unlike CloudStack, one fewer when a proxy has been idle for `consoleproxy.scalein.idle` and
 //!   the others still leave more than the standby capacity ([`decide`]).
@@ -138,6 +139,7 @@ pub struct Fleet {
     zone_drivers: std::sync::Mutex<HashMap<String, Arc<dyn Driver>>>,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_scale_ms: std::sync::Mutex<HashMap<String, i64>>,
+    last_scan_ms: std::sync::Mutex<HashMap<String, i64>>,
     /// When this core last became the leader (ms, database clock): agents get time to move
     /// over before their silence counts against them.
     pub(crate) leader_since_ms: std::sync::atomic::AtomicI64,
@@ -155,6 +157,7 @@ impl Fleet {
             zone_drivers: std::sync::Mutex::default(),
             locks: std::sync::Mutex::default(),
             last_scale_ms: std::sync::Mutex::default(),
+            last_scan_ms: std::sync::Mutex::default(),
             leader_since_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
@@ -206,6 +209,23 @@ impl Fleet {
     /// Records a scale decision in the zone at `now` (ms).
     pub(crate) fn scaled(&self, zone: &str, now: i64) {
         self.last_scale_ms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(zone.to_owned(), now);
+    }
+
+    /// When the zone's proxies were last held against the scale rule (ms).
+    pub(crate) fn last_scan_ms(&self, zone: &str) -> Option<i64> {
+        self.last_scan_ms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(zone)
+            .copied()
+    }
+
+    /// Records a capacity scan of the zone at `now` (ms).
+    pub(crate) fn scanned(&self, zone: &str, now: i64) {
+        self.last_scan_ms
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(zone.to_owned(), now);

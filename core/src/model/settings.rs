@@ -82,6 +82,17 @@ pub const PROXY_STANDBY: Setting = Setting {
     agent: None,
     description: "The minimal number of console proxy viewer sessions that system is able to serve immediately(standby capacity)",
 };
+/// `consoleproxy.capacityscan.interval`.
+pub const PROXY_CAPACITY_SCAN: Setting = Setting {
+    name: "consoleproxy.capacityscan.interval",
+    category: "Console Proxy",
+    default: "30000",
+    kind: Kind::Integer(1000, 86_400_000),
+    dynamic: true,
+    zone: true,
+    agent: None,
+    description: "The time interval(in millisecond) to scan whether or not system needs more console proxy to ensure minimal standby capacity",
+};
 /// `consoleproxy.launch.max`.
 pub const PROXY_LAUNCH_MAX: Setting = Setting {
     name: "consoleproxy.launch.max",
@@ -208,6 +219,7 @@ pub const HEARTBEAT_TIMEOUT: Setting = Setting {
 pub const SETTINGS: &[&Setting] = &[
     &PROXY_SESSION_MAX,
     &PROXY_STANDBY,
+    &PROXY_CAPACITY_SCAN,
     &PROXY_LAUNCH_MAX,
     &PROXY_SESSION_TIMEOUT,
     &PROXY_SCALEIN_IDLE,
