@@ -1,5 +1,6 @@
-//! The command table: every API command, its parameters and whether it is async. The same table
-//! drives dispatch, parameter validation, permission checks and `listApis`.
+//! What a command is: its parameters, access rule, async and leader flags, and the checks they
+//! drive (the table of every command is `crate::api::COMMANDS`). The same table drives dispatch,
+//! parameter validation, permission checks and `listApis`.
 //!
 //! Invariants: a handler only runs after its required parameters are present and every declared
 //! parameter that is present has the declared type; a Read-Only caller only reaches commands whose
@@ -178,16 +179,6 @@ macro_rules! handler {
     };
 }
 
-/// Every command, in `listApis` order.
-pub fn table() -> &'static [Command] {
-    crate::api::COMMANDS
-}
-
-/// Looks a command up by its exact name.
-pub fn find(name: &str) -> Option<&'static Command> {
-    table().iter().find(|c| c.name == name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,59 +189,5 @@ mod tests {
         assert!(!Ty::Uuid.accepts("x"));
         assert!(Ty::Integer.accepts("-5") && !Ty::Integer.accepts("99999999999"));
         assert!(Ty::Boolean.accepts("TRUE") && !Ty::Boolean.accepts("yes"));
-    }
-
-    #[test]
-    fn table_is_consistent() {
-        let mut names: Vec<&str> = table().iter().map(|c| c.name).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(before, names.len(), "duplicate command names");
-        for c in table() {
-            for p in c.params {
-                assert_eq!(p.name, p.name.to_ascii_lowercase(), "{}: {}", c.name, p.name);
-            }
-        }
-    }
-
-    #[test]
-    fn leader_commands_are_async() {
-        for c in table().iter().filter(|c| c.leader) {
-            assert!(c.is_async, "{} runs on the leader, so it must be async", c.name);
-        }
-        for name in [
-            "startSystemVm",
-            "stopSystemVm",
-            "rebootSystemVm",
-            "destroySystemVm",
-            "deleteTemplate",
-            "deleteIso",
-        ] {
-            assert!(find(name).unwrap().leader, "{name}");
-        }
-    }
-
-    #[test]
-    fn read_only_is_limited_by_name() {
-        let list = find("listZones").unwrap();
-        let create = find("createZone").unwrap();
-        let keys = find("registerUserKeys").unwrap();
-        assert!(list.allowed(Role::ReadOnly));
-        assert!(!create.allowed(Role::ReadOnly) && !create.allowed(Role::User));
-        assert!(keys.allowed(Role::User) && !keys.allowed(Role::ReadOnly));
-    }
-
-    #[test]
-    fn missing_parameter_message() {
-        let e = find("createZone")
-            .unwrap()
-            .validate(&Params::default())
-            .unwrap_err();
-        assert_eq!(e.code, 431);
-        assert!(
-            e.text
-                .starts_with("Unable to execute API command createzone due to missing parameter ")
-        );
     }
 }

@@ -27,7 +27,6 @@ use tokio::task::JoinSet;
 
 use crate::api::accounts;
 use crate::api::job_runner as jobs;
-use crate::command;
 use crate::error::{ApiError, code};
 use crate::model::sessions::{self, SESSION_TIMEOUT};
 use crate::params::Params;
@@ -198,7 +197,7 @@ async fn handle(
         "logout" => return logout(&state, &parts.headers).await,
         _ => {}
     }
-    let Some(cmd) = command::find(&name) else {
+    let Some(cmd) = crate::api::find(&name) else {
         let e = ApiError::new(
             code::UNSUPPORTED_ACTION,
             crate::error::cs::SERVER_API,

@@ -162,15 +162,4 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
-
-    /// `default.page.size`: the default and maximum page size.
-    pub async fn page_size(&self) -> i64 {
-        let s = &crate::model::settings::PAGE_SIZE;
-        self.settings
-            .read()
-            .await
-            .get(s.name)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| s.default_int())
-    }
 }

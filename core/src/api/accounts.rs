@@ -356,7 +356,7 @@ pub async fn create_account(state: State, _caller: Caller, p: Params) -> Result<
 
 /// `listAccounts`.
 pub async fn list_accounts(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     if caller.role != Role::Admin {
         f.eq("id", &caller.account_id);
@@ -418,7 +418,7 @@ pub async fn delete_account(state: State, caller: Caller, p: Params) -> Result<V
 
 /// `listUsers`.
 pub async fn list_users(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     if caller.role != Role::Admin {
         f.eq("u.account_id", &caller.account_id);

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::api::list_response;
-use crate::command::{self, Command, ParamSpec, Ty, opt};
+use crate::command::{Command, ParamSpec, Ty, opt};
 use crate::error::ApiError;
 use crate::params::Params;
 use crate::state::{Caller, State};
@@ -42,7 +42,7 @@ fn api_json(c: &Command) -> Value {
 /// `listApis`.
 pub async fn list_apis(_state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let name = p.non_empty("name");
-    let items: Vec<Value> = command::table()
+    let items: Vec<Value> = crate::api::table()
         .iter()
         .filter(|c| c.allowed(caller.role))
         .filter(|c| name.is_none_or(|n| c.name == n))

@@ -34,7 +34,7 @@ pub const CAPACITY_TYPE_SECONDARY_STORAGE: i64 = 6;
 
 /// `listCapacity`: secondary storage (type 6) per zone, from the storage VMs' heartbeats.
 pub async fn list_capacity(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     if let Some(t) = p.non_empty("type")
         && t.parse::<i64>().ok() != Some(CAPACITY_TYPE_SECONDARY_STORAGE)
     {

@@ -63,7 +63,7 @@ fn setting_json(s: &Setting, value: &str, zone: Option<&str>) -> Value {
 
 /// `listConfigurations`.
 pub async fn list_configurations(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut values = state.settings.read().await.clone();
     let zone = p.non_empty("zoneid");
     if let Some(z) = zone {

@@ -199,7 +199,7 @@ pub async fn add_console_target(state: State, caller: Caller, p: Params) -> Resu
 
 /// `listConsoleTargets`.
 pub async fn list_console_targets(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     if caller.role != Role::Admin {
         f.eq("c.account_id", &caller.account_id);

@@ -24,7 +24,7 @@ pub const LIST_EVENTS: &[ParamSpec] = &[
 
 /// `listEvents` (root admins: events are about the fleet).
 pub async fn list_events(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     for (param, col) in [
         ("id", "id"),

@@ -106,7 +106,7 @@ pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result
 
 /// `listImageStores`.
 pub async fn list_image_stores(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     if let Some(v) = p.non_empty("id") {
         f.eq("s.id", v);

@@ -198,10 +198,7 @@ async fn run_leader_jobs(state: &State) -> Result<(), sqlx::Error> {
             )
             .body()
         };
-        let Some(cmd) = crate::command::table()
-            .iter()
-            .find(|c| cmd_class(c.name) == class)
-        else {
+        let Some(cmd) = crate::api::table().iter().find(|c| cmd_class(c.name) == class) else {
             finish(
                 &state.db.pool,
                 &id,

@@ -46,7 +46,7 @@ pub async fn query_async_job_result(state: State, caller: Caller, p: Params) -> 
 
 /// `listAsyncJobs`.
 pub async fn list_async_jobs(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     scope(&caller, &mut f);
     if let Some(k) = p.non_empty("keyword") {

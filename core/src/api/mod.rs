@@ -342,6 +342,16 @@ pub static COMMANDS: &[Command] = &[
     },
 ];
 
+/// Every command, in `listApis` order.
+pub fn table() -> &'static [Command] {
+    COMMANDS
+}
+
+/// Looks a command up by its exact name.
+pub fn find(name: &str) -> Option<&'static Command> {
+    table().iter().find(|c| c.name == name)
+}
+
 /// A list answer as CloudStack serializes it: `count` only when non-zero, the array only when
 /// non-empty — so `{}` for no match and `{"count": N}` for a page past the end.
 pub fn list_response(key: &str, total: i64, items: Vec<Value>) -> Value {
@@ -363,6 +373,8 @@ pub fn success() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::Params;
+    use crate::state::Role;
 
     #[test]
     fn empty_list_is_an_empty_object() {
@@ -371,6 +383,60 @@ mod tests {
         assert_eq!(
             list_response("zone", 3, vec![json!({"id":"a"})]),
             json!({"count":3,"zone":[{"id":"a"}]})
+        );
+    }
+
+    #[test]
+    fn table_is_consistent() {
+        let mut names: Vec<&str> = table().iter().map(|c| c.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate command names");
+        for c in table() {
+            for p in c.params {
+                assert_eq!(p.name, p.name.to_ascii_lowercase(), "{}: {}", c.name, p.name);
+            }
+        }
+    }
+
+    #[test]
+    fn leader_commands_are_async() {
+        for c in table().iter().filter(|c| c.leader) {
+            assert!(c.is_async, "{} runs on the leader, so it must be async", c.name);
+        }
+        for name in [
+            "startSystemVm",
+            "stopSystemVm",
+            "rebootSystemVm",
+            "destroySystemVm",
+            "deleteTemplate",
+            "deleteIso",
+        ] {
+            assert!(find(name).unwrap().leader, "{name}");
+        }
+    }
+
+    #[test]
+    fn read_only_is_limited_by_name() {
+        let list = find("listZones").unwrap();
+        let create = find("createZone").unwrap();
+        let keys = find("registerUserKeys").unwrap();
+        assert!(list.allowed(Role::ReadOnly));
+        assert!(!create.allowed(Role::ReadOnly) && !create.allowed(Role::User));
+        assert!(keys.allowed(Role::User) && !keys.allowed(Role::ReadOnly));
+    }
+
+    #[test]
+    fn missing_parameter_message() {
+        let e = find("createZone")
+            .unwrap()
+            .validate(&Params::default())
+            .unwrap_err();
+        assert_eq!(e.code, 431);
+        assert!(
+            e.text
+                .starts_with("Unable to execute API command createzone due to missing parameter ")
         );
     }
 }

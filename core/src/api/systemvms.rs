@@ -106,7 +106,7 @@ fn vm_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
 
 /// `listSystemVms`.
 pub async fn list_system_vms(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     f.is_null("s.removed");
     if let Some(id) = p.non_empty("id") {

@@ -281,7 +281,7 @@ fn visibility(f: &mut Filter, filter: &str, caller: &Caller) -> Result<(), ApiEr
 }
 
 async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     f.flag("t.is_iso", iso);
     let filter = if iso {

@@ -230,7 +230,7 @@ pub async fn create_zone(state: State, _caller: Caller, p: Params) -> Result<Val
 
 /// `listZones`.
 pub async fn list_zones(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, state.page_size().await)?;
+    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     if let Some(id) = p.non_empty("id") {
         f.eq("id", id);

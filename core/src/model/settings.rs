@@ -294,6 +294,11 @@ pub async fn uint(state: &State, s: &Setting) -> u64 {
     u64::try_from(int(state, s).await).unwrap_or(0)
 }
 
+/// `default.page.size`: the default and maximum page size of list commands.
+pub async fn page_size(state: &State) -> i64 {
+    int(state, &PAGE_SIZE).await
+}
+
 /// The value of `s` in `zone`: the zone's own value, else the global one.
 pub async fn zone_text(state: &State, zone: &str, s: &Setting) -> String {
     if s.zone {
