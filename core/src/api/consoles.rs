@@ -313,9 +313,11 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
                     "VM {guest} has no VNC console on the hypervisor hosts core knows (not running?)"
                 )));
             }
-            Err(e) => {
+            Err(error) => {
+                // The driver's text (commands, host names) stays in the log.
+                tracing::warn!(%error, %guest, "Could not read a guest VM's console from its hypervisor");
                 return Ok(failed(format!(
-                    "Could not ask the hypervisor about VM {guest}: {e}"
+                    "Could not ask the hypervisor about VM {guest}; the management server log says why"
                 )));
             }
         },
