@@ -35,6 +35,10 @@ pub struct ProxyConfig {
     pub keepalive: Duration,
     /// Ask the VNC server to keep other viewers connected (RFB shared flag).
     pub shared: bool,
+    /// A session without keyboard, mouse or clipboard input from the browser for this long is
+    /// closed (close code 4008); zero: never. With core, `consoleproxy.session.timeout` replaces it
+    /// while core sends that setting.
+    pub idle_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -51,6 +55,7 @@ impl ProxyConfig {
             handshake_timeout: Duration::from_secs(20),
             keepalive: Duration::from_secs(30),
             shared: true,
+            idle_timeout: Duration::ZERO,
         }
     }
 
@@ -128,6 +133,7 @@ pub mod dto {
     /// listen = "0.0.0.0:8443"
     /// keys = "/etc/console-proxy/keys.json"
     /// allowed_origins = ["https://cloud.example.com"]
+    /// idle_timeout_secs = 900
     /// [tls]
     /// cert = "/etc/console-proxy/cert.pem"
     /// key = "/etc/console-proxy/key.pem"
@@ -154,6 +160,9 @@ pub mod dto {
         pub keepalive_secs: Option<u64>,
         /// RFB shared flag toward the VNC server: keep other viewers connected (default true).
         pub shared: Option<bool>,
+        /// Seconds without keyboard, mouse or clipboard input after which a session is closed
+        /// (default 0: never). noVNC's screen update requests do not count as input.
+        pub idle_timeout_secs: Option<u64>,
         /// Serve https:// and wss:// with this certificate.
         pub tls: Option<TlsFiles>,
     }
@@ -230,6 +239,10 @@ pub fn from_file_and_flags_with(
     );
     config.keepalive = secs(flags.keepalive_secs, file.keepalive_secs, &config.keepalive);
     config.shared = flags.shared.or(file.shared).unwrap_or(config.shared);
+    config.idle_timeout = flags
+        .idle_timeout_secs
+        .or(file.idle_timeout_secs)
+        .map_or(config.idle_timeout, Duration::from_secs);
     Ok(config)
 }
 
@@ -240,11 +253,12 @@ mod tests {
     #[test]
     fn file_parses_and_refuses_unknown_fields() {
         let file: dto::ConfigFile = toml::from_str(
-            "listen = \"0.0.0.0:8443\"\nkeys = \"/k.json\"\nmax_sessions = 5\n[tls]\ncert = \"c\"\nkey = \"k\"\n",
+            "listen = \"0.0.0.0:8443\"\nkeys = \"/k.json\"\nmax_sessions = 5\nidle_timeout_secs = 300\n[tls]\ncert = \"c\"\nkey = \"k\"\n",
         )
         .unwrap();
         assert_eq!(file.listen, Some("0.0.0.0:8443".parse().unwrap()));
         assert_eq!(file.max_sessions, Some(5));
+        assert_eq!(file.idle_timeout_secs, Some(300));
         assert!(file.tls.is_some());
         let err = toml::from_str::<dto::ConfigFile>("lisen = \"x\"")
             .unwrap_err()
@@ -262,6 +276,7 @@ mod tests {
             keys: Some(keys.clone()),
             max_sessions: Some(7),
             keepalive_secs: Some(99),
+            idle_timeout_secs: Some(600),
             web: Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web"))),
             ..Default::default()
         };
@@ -273,6 +288,21 @@ mod tests {
         assert_eq!(config.max_sessions, 7);
         assert_eq!(config.keepalive, Duration::from_secs(5));
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.idle_timeout, Duration::from_secs(600));
+        let off = dto::ConfigFile {
+            idle_timeout_secs: Some(0),
+            ..Default::default()
+        };
+        let file = dto::ConfigFile {
+            keys: Some(keys.clone()),
+            idle_timeout_secs: Some(600),
+            web: Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web"))),
+            ..Default::default()
+        };
+        assert_eq!(
+            from_file_and_flags(file, off).unwrap().idle_timeout,
+            Duration::ZERO
+        );
         let none = from_file_and_flags(dto::ConfigFile::default(), dto::ConfigFile::default());
         assert!(none.unwrap_err().to_string().contains("no key file"));
     }

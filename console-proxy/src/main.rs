@@ -64,6 +64,10 @@ enum Command {
         /// Seconds between WebSocket pings [default: 30]; a browser silent for three intervals is dropped.
         #[arg(long)]
         keepalive: Option<u64>,
+        /// Seconds without keyboard, mouse or clipboard input after which a session is closed
+        /// [default: 0 = never]. With --core, core's consoleproxy.session.timeout replaces it.
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
         /// With --core: the base URL browsers reach this proxy at (core builds console links from
         /// it); default http(s)://LISTEN-ADDRESS.
         #[arg(long)]
@@ -169,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             allowed_origins,
             max_sessions,
             keepalive,
+            idle_timeout,
             public_url,
             core,
         } => {
@@ -185,6 +190,7 @@ fn main() -> anyhow::Result<()> {
                 allowed_origins,
                 max_sessions,
                 keepalive_secs: keepalive,
+                idle_timeout_secs: idle_timeout,
                 tls: tls_cert
                     .zip(tls_key)
                     .map(|(cert, key)| dto::TlsFiles { cert, key }),

@@ -22,7 +22,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::ProxyConfig;
 use crate::replay::ReplayStore;
-use crate::session::{self, ClientInfo, Refusal};
+use crate::session::{self, ClientInfo, IdleTimeout, Refusal};
 use crate::transport::{WsReader, WsWriter};
 use crate::web;
 
@@ -37,6 +37,8 @@ struct Shared {
     /// Claims session ids from core when linked to one.
     claimer: RwLock<Option<systemvm_agent_client::Claimer>>,
     replay: ReplayStore,
+    /// The idle timeout every session reads (starts as `config.idle_timeout`).
+    idle: IdleTimeout,
     sessions: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
@@ -61,6 +63,22 @@ impl RunningProxy {
     /// Replaces the token keys (rotation); sessions already open are not affected.
     pub fn set_keys(&self, keys: KeySet) {
         *self.shared.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+    }
+
+    /// Sets the idle timeout (zero: off) of new sessions and, within
+    /// [`session::IDLE_RECHECK`], of running ones (measured from their last input).
+    pub fn set_idle_timeout(&self, limit: Duration) {
+        self.shared.idle.set(limit);
+    }
+
+    /// The idle timeout now; `None` when off.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.shared.idle.get()
+    }
+
+    /// The idle timeout the proxy was configured with (`--idle-timeout`, the config file).
+    pub fn configured_idle_timeout(&self) -> Duration {
+        self.shared.config.idle_timeout
     }
 
     /// Makes every new session claim its id from core first (`serve --core`).
@@ -90,6 +108,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let shared = Arc::new(Shared {
         keys: RwLock::new(config.keys.clone()),
         replay: ReplayStore::default(),
+        idle: IdleTimeout::new(config.idle_timeout),
         claimer: RwLock::new(None),
         sessions: Arc::new(Semaphore::new(config.max_sessions)),
         connections: Arc::new(Semaphore::new(
@@ -382,7 +401,15 @@ fn websocket<S: BrowserStream>(
                 Ok((claims, _permit)) => {
                     info!("Console session opening");
                     let shutdown = task_shared.shutdown.clone();
-                    session::run(&task_shared.config, claims, reader, writer, shutdown).await;
+                    session::run(
+                        &task_shared.config,
+                        &task_shared.idle,
+                        claims,
+                        reader,
+                        writer,
+                        shutdown,
+                    )
+                    .await;
                 }
                 Err(refusal) => {
                     warn!(code = refusal.code, reason = %refusal.reason, "Console session refused");

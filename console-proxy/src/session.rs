@@ -1,6 +1,16 @@
 //! One console session: token checks, the VNC connection, both RFB handshakes, and the relay.
+//!
+//! Invariants:
+//! * every session ends with a close code and a reason the console page shows;
+//! * the idle timeout ([`IdleTimeout`]) counts browser *input* only — KeyEvent, PointerEvent,
+//!   ClientCutText (also on view-only sessions, where that input is dropped): noVNC sends
+//!   FramebufferUpdateRequests all the time, and pings/pongs only show the browser is alive. A
+//!   session without input for the timeout is closed with [`close_code::IDLE`]; the timeout is read
+//!   at least every [`IDLE_RECHECK`], so a change applies to running sessions too, measured from
+//!   their last input (or the start of the relay).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,6 +30,53 @@ use crate::transport::{TransportError, WsIn, WsReader, WsWriter};
 pub const RELAY_BUF_START: usize = 64 * 1024;
 /// Largest relay buffer: a read that fills the buffer doubles it up to this size.
 pub const RELAY_BUF_MAX: usize = 1024 * 1024;
+/// Longest time between two readings of the idle timeout by a session.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// The idle timeout of console sessions, shared by every session of a proxy and changeable while
+/// they run (`--idle-timeout`, core's `consoleproxy.session.timeout`). Zero turns it off.
+#[derive(Clone, Debug, Default)]
+pub struct IdleTimeout(Arc<AtomicU64>);
+
+impl IdleTimeout {
+    /// A timeout of `limit` (zero: off).
+    pub fn new(limit: Duration) -> Self {
+        let timeout = IdleTimeout::default();
+        timeout.set(limit);
+        timeout
+    }
+
+    /// The current timeout; `None` when off.
+    pub fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Sets the timeout (zero: off); sessions read it within [`IDLE_RECHECK`].
+    pub fn set(&self, limit: Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self.0.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// A duration in the words of a close reason: "15 min", "90 s", "1500 ms".
+fn spoken(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 60_000 && ms.is_multiple_of(60_000) {
+        format!("{} min", ms / 60_000)
+    } else if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
+/// The close reason of an idle session.
+pub fn idle_reason(limit: Duration) -> String {
+    format!("no keyboard or mouse input for {}", spoken(limit))
+}
 
 /// A session the proxy will not run, with the close code and the words the console page shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +243,8 @@ pub enum SessionEnd {
     BrowserClosed,
     /// The browser stopped answering pings.
     BrowserSilent,
+    /// No input from the browser for the idle timeout.
+    Idle,
     /// The proxy is shutting down.
     Shutdown,
     /// A failure before or during the relay (already reported to the browser).
@@ -196,6 +255,7 @@ pub enum SessionEnd {
 /// browser as a close reason and logged.
 pub async fn run<R, W>(
     config: &ProxyConfig,
+    idle: &IdleTimeout,
     claims: ConsoleTokenClaims,
     mut reader: WsReader<R>,
     mut writer: WsWriter<W>,
@@ -233,15 +293,16 @@ where
         setup_ms = started.elapsed().as_millis() as u64,
         "Console session connected"
     );
-    let filter = (claims.viewer == ViewerMode::ViewOnly).then(InputFilter::default);
+    let view_only = claims.viewer == ViewerMode::ViewOnly;
     let end = relay(
         config,
+        idle,
         reader,
         writer,
         vnc,
         server.rest,
         client_rest,
-        filter,
+        view_only,
         shutdown,
     )
     .await;
@@ -370,17 +431,45 @@ enum Control {
     Close(u16, String),
 }
 
+/// When the browser was last heard from and last sent input, in ms since the relay started.
+struct Clocks {
+    epoch: Instant,
+    heard: AtomicU64,
+    input: AtomicU64,
+}
+
+impl Clocks {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn heard(&self) {
+        self.heard.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn input(&self) {
+        self.input.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Time since the last input (or the start).
+    fn quiet(&self) -> Duration {
+        Duration::from_millis(self.now().saturating_sub(self.input.load(Ordering::Relaxed)))
+    }
+}
+
 /// Relays both ways until one side ends. VNC → browser runs in `downstream`, which owns the browser's
-/// write half and also sends pongs, pings and the close frame; browser → VNC runs in `upstream`.
+/// write half and also sends pongs, pings and the close frame, and closes idle sessions; browser →
+/// VNC runs in `upstream`, which follows the browser's messages (dropping input when view-only).
 #[expect(clippy::too_many_arguments, reason = "one call site; the parts of a session")]
 async fn relay<R, W>(
     config: &ProxyConfig,
+    idle: &IdleTimeout,
     reader: WsReader<R>,
     writer: WsWriter<W>,
     vnc: TcpStream,
     server_rest: Vec<u8>,
     client_rest: Vec<u8>,
-    filter: Option<InputFilter>,
+    view_only: bool,
     shutdown: watch::Receiver<bool>,
 ) -> SessionEnd
 where
@@ -389,17 +478,20 @@ where
 {
     let (vnc_r, vnc_w) = vnc.into_split();
     let (ctl_tx, ctl_rx) = mpsc::channel(8);
-    let epoch = Instant::now();
-    let last_heard = AtomicU64::new(0);
-    let up = upstream(reader, vnc_w, client_rest, filter, ctl_tx, &last_heard, epoch);
+    let clocks = Clocks {
+        epoch: Instant::now(),
+        heard: AtomicU64::new(0),
+        input: AtomicU64::new(0),
+    };
+    let up = upstream(reader, vnc_w, client_rest, view_only, ctl_tx, &clocks);
     let down = downstream(
         vnc_r,
         writer,
         server_rest,
         ctl_rx,
         config.keepalive,
-        &last_heard,
-        epoch,
+        idle,
+        &clocks,
         shutdown,
     );
     tokio::pin!(up, down);
@@ -417,14 +509,17 @@ async fn upstream<R: AsyncRead + Unpin>(
     mut reader: WsReader<R>,
     mut vnc: tokio::net::tcp::OwnedWriteHalf,
     client_rest: Vec<u8>,
-    mut filter: Option<InputFilter>,
+    view_only: bool,
     ctl: mpsc::Sender<Control>,
-    last_heard: &AtomicU64,
-    epoch: Instant,
+    clocks: &Clocks,
 ) -> SessionEnd {
-    let mut filtered = Vec::new();
+    let mut messages = Messages {
+        split: InputFilter::default(),
+        view_only,
+        scratch: Vec::new(),
+    };
     // Bytes that came along with ClientInit go first.
-    let mut result = forward(&client_rest, &mut vnc, filter.as_mut(), &mut filtered).await;
+    let mut result = messages.forward(&client_rest, &mut vnc, clocks).await;
     loop {
         if let Err(refusal) = result {
             warn!(code = refusal.code, reason = %refusal.reason, "Console session failed");
@@ -433,16 +528,16 @@ async fn upstream<R: AsyncRead + Unpin>(
         }
         result = match reader.next().await {
             Ok(Some(WsIn::Data(data))) => {
-                last_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                forward(data, &mut vnc, filter.as_mut(), &mut filtered).await
+                clocks.heard();
+                messages.forward(data, &mut vnc, clocks).await
             }
             Ok(Some(WsIn::Ping(payload))) => {
-                last_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                clocks.heard();
                 let _ = ctl.send(Control::Pong(payload)).await;
                 Ok(())
             }
             Ok(Some(WsIn::Pong)) => {
-                last_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                clocks.heard();
                 Ok(())
             }
             Ok(Some(WsIn::Close(_))) => {
@@ -461,27 +556,42 @@ async fn upstream<R: AsyncRead + Unpin>(
     }
 }
 
-async fn forward(
-    data: &[u8],
-    vnc: &mut tokio::net::tcp::OwnedWriteHalf,
-    filter: Option<&mut InputFilter>,
-    scratch: &mut Vec<u8>,
-) -> Result<(), Refusal> {
-    let bytes = match filter {
-        Some(f) => {
-            scratch.clear();
-            f.filter(data, scratch)
-                .map_err(|e| Refusal::new(close_code::RFB_PROTOCOL, e.to_string()))?;
-            &scratch[..]
+/// The browser's RFB messages on their way to the VNC server.
+struct Messages {
+    /// Follows message boundaries; tells input apart.
+    split: InputFilter,
+    /// Drop input instead of passing it.
+    view_only: bool,
+    /// What is left of a chunk after dropping input.
+    scratch: Vec<u8>,
+}
+
+impl Messages {
+    /// Sends `data` on (without input when view-only) and marks the input time when it held input.
+    async fn forward(
+        &mut self,
+        data: &[u8],
+        vnc: &mut tokio::net::tcp::OwnedWriteHalf,
+        clocks: &Clocks,
+    ) -> Result<(), Refusal> {
+        let broken = |e: RfbError| Refusal::new(close_code::RFB_PROTOCOL, e.to_string());
+        let (inputs, bytes) = if self.view_only {
+            self.scratch.clear();
+            let inputs = self.split.filter(data, &mut self.scratch).map_err(broken)?;
+            (inputs, &self.scratch[..])
+        } else {
+            (self.split.observe(data).map_err(broken)?, data)
+        };
+        if inputs > 0 {
+            clocks.input();
         }
-        None => data,
-    };
-    vnc.write_all(bytes).await.map_err(|e| {
-        Refusal::new(
-            close_code::TARGET_UNREACHABLE,
-            format!("lost the VM's console: {e}"),
-        )
-    })
+        vnc.write_all(bytes).await.map_err(|e| {
+            Refusal::new(
+                close_code::TARGET_UNREACHABLE,
+                format!("lost the VM's console: {e}"),
+            )
+        })
+    }
 }
 
 #[expect(clippy::too_many_arguments, reason = "one call site; the parts of a session")]
@@ -491,8 +601,8 @@ async fn downstream<W: AsyncWrite + Unpin>(
     server_rest: Vec<u8>,
     mut ctl: mpsc::Receiver<Control>,
     keepalive: Duration,
-    last_heard: &AtomicU64,
-    epoch: Instant,
+    idle: &IdleTimeout,
+    clocks: &Clocks,
     mut shutdown: watch::Receiver<bool>,
 ) -> SessionEnd {
     if !server_rest.is_empty() && writer.send_binary(&server_rest).await.is_err() {
@@ -500,6 +610,8 @@ async fn downstream<W: AsyncWrite + Unpin>(
     }
     let mut buf = vec![0u8; RELAY_BUF_START];
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+    let idle_check = tokio::time::sleep(next_idle_check(idle, clocks));
+    tokio::pin!(idle_check);
     loop {
         tokio::select! {
             biased;
@@ -519,8 +631,17 @@ async fn downstream<W: AsyncWrite + Unpin>(
                 }
                 None => return SessionEnd::BrowserClosed,
             },
+            () = &mut idle_check => {
+                if let Some(limit) = idle.get()
+                    && clocks.quiet() >= limit
+                {
+                    let _ = writer.close(close_code::IDLE, &idle_reason(limit)).await;
+                    return SessionEnd::Idle;
+                }
+                idle_check.as_mut().reset(tokio::time::Instant::now() + next_idle_check(idle, clocks));
+            }
             _ = ticker.tick() => {
-                let silent_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(last_heard.load(Ordering::Relaxed));
+                let silent_ms = clocks.now().saturating_sub(clocks.heard.load(Ordering::Relaxed));
                 if silent_ms > 3 * keepalive.as_millis() as u64 {
                     let _ = writer.close(close_code::GOING_AWAY, "browser stopped answering").await;
                     return SessionEnd::BrowserSilent;
@@ -549,5 +670,57 @@ async fn downstream<W: AsyncWrite + Unpin>(
                 }
             },
         }
+    }
+}
+
+/// How long until a session next looks at its idle time: when it would reach the timeout, but at
+/// most [`IDLE_RECHECK`] away (the timeout may change).
+fn next_idle_check(idle: &IdleTimeout, clocks: &Clocks) -> Duration {
+    match idle.get() {
+        Some(limit) => limit.saturating_sub(clocks.quiet()).min(IDLE_RECHECK),
+        None => IDLE_RECHECK,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_timeout_is_shared_and_zero_is_off() {
+        let idle = IdleTimeout::new(Duration::ZERO);
+        assert_eq!(idle.get(), None);
+        let seen_by_a_session = idle.clone();
+        idle.set(Duration::from_millis(2500));
+        assert_eq!(seen_by_a_session.get(), Some(Duration::from_millis(2500)));
+        idle.set(Duration::MAX);
+        assert_eq!(seen_by_a_session.get(), Some(Duration::from_millis(u64::MAX)));
+    }
+
+    #[test]
+    fn idle_reasons_read_as_words() {
+        assert_eq!(
+            idle_reason(Duration::from_secs(900)),
+            "no keyboard or mouse input for 15 min"
+        );
+        assert_eq!(spoken(Duration::from_secs(2)), "2 s");
+        assert_eq!(spoken(Duration::from_secs(90)), "90 s");
+        assert_eq!(spoken(Duration::from_millis(1500)), "1500 ms");
+        assert!(idle_reason(Duration::from_millis(u64::MAX)).len() <= 123);
+    }
+
+    #[test]
+    fn idle_checks_come_at_the_deadline_or_within_the_recheck() {
+        let clocks = Clocks {
+            epoch: Instant::now(),
+            heard: AtomicU64::new(0),
+            input: AtomicU64::new(0),
+        };
+        let idle = IdleTimeout::new(Duration::from_millis(300));
+        assert!(next_idle_check(&idle, &clocks) <= Duration::from_millis(300));
+        idle.set(Duration::from_secs(3600));
+        assert_eq!(next_idle_check(&idle, &clocks), IDLE_RECHECK);
+        idle.set(Duration::ZERO);
+        assert_eq!(next_idle_check(&idle, &clocks), IDLE_RECHECK);
     }
 }

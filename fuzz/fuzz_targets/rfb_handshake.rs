@@ -35,11 +35,24 @@ fuzz_target!(|input: (u8, bool, &[u8])| {
         }
     }
 
+    // The input filter drops input (view-only) and observes it (idle timeout) with one parser:
+    // both fail alike, and count the same input events when neither fails.
     let mut filter = InputFilter::default();
+    let mut observer = InputFilter::default();
     let mut out = Vec::new();
+    let (mut dropped, mut seen) = (0, 0);
     for piece in data.chunks(split) {
-        if filter.filter(piece, &mut out).is_err() {
-            break;
+        match (filter.filter(piece, &mut out), observer.observe(piece)) {
+            (Ok(a), Ok(b)) => {
+                dropped += a;
+                seen += b;
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a, b);
+                return;
+            }
+            (a, b) => panic!("filter and observe disagree: {a:?} vs {b:?}"),
         }
     }
+    assert_eq!(dropped, seen);
 });

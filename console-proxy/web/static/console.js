@@ -29,6 +29,7 @@ const XK_TAB = 0xff09;
 const CLOSE_CODES = new Map([
   [4001, 'Console links work only once and for a short time. Open the console again from the management UI to get a new link.'],
   [4003, 'The console proxy does not accept connections from this page or from your network address.'],
+  [4008, 'The console proxy closed this session because nobody used the keyboard or mouse for a while.'],
   [4010, "The console proxy could not reach the VM's VNC server. The VM may be stopped or its host unreachable."],
   [4011, "The VM's VNC server refused the console proxy's authentication."],
   [4012, "The console proxy and the VM's VNC server did not understand each other (RFB protocol error)."],

@@ -3,8 +3,9 @@
 //! The console proxy is an RFB *security proxy*: it completes the handshake with the hypervisor's VNC
 //! server itself ([`ClientHandshake`], which knows the VNC password), then offers the browser RFB 3.8
 //! with security type None only ([`ServerHandshake`]), so stock noVNC connects and never learns a
-//! hypervisor credential. After both handshakes it relays bytes unchanged (except for
-//! [`InputFilter`] on view-only sessions).
+//! hypervisor credential. After both handshakes it relays bytes unchanged; [`InputFilter`] follows
+//! the browser's messages to drop input on view-only sessions and to tell input from the rest
+//! (noVNC's steady FramebufferUpdateRequests) for the idle timeout.
 //!
 //! Each machine is fed whatever bytes arrived (`advance`) and answers with bytes to send and, at the
 //! end, the result. Untrusted input yields [`RfbError`], never a panic; every length read from the
@@ -565,8 +566,14 @@ impl ServerHandshake {
     }
 }
 
-/// Splits the client-to-server byte stream into RFB messages and drops input events (keys, pointer,
-/// clipboard), for view-only sessions. Messages may span calls.
+/// Splits the client-to-server byte stream (the messages after ClientInit) into RFB messages and
+/// tells input events (KeyEvent, PointerEvent, ClientCutText, QEMU extended KeyEvent) apart from
+/// the rest: [`InputFilter::filter`] drops them (view-only sessions), [`InputFilter::observe`] only
+/// counts them (the idle timeout). Messages may span calls; one filter follows one stream.
+///
+/// Invariants: both methods split the same way (one parser, [`client_message_len`]), so for any
+/// bytes they count the same input events and fail at the same point; an unknown message type or
+/// an oversized clipboard is an [`RfbError`], never a panic or an unbounded buffer.
 #[derive(Debug, Default)]
 pub struct InputFilter {
     /// What to do with the next bytes of the current message.
@@ -590,14 +597,25 @@ enum Remaining {
 const MAX_HEAD: usize = 9;
 
 impl InputFilter {
-    /// Appends to `out` the bytes of `data` that belong to messages other than input events.
-    pub fn filter(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), RfbError> {
+    /// Appends to `out` the bytes of `data` that belong to messages other than input events;
+    /// returns how many input events begin in `data`.
+    pub fn filter(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, RfbError> {
+        self.split(data, Some(out))
+    }
+
+    /// Follows `data` without copying anything; returns how many input events begin in it.
+    pub fn observe(&mut self, data: &[u8]) -> Result<usize, RfbError> {
+        self.split(data, None)
+    }
+
+    fn split(&mut self, mut data: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<usize, RfbError> {
+        let mut inputs = 0;
         while !data.is_empty() {
             match self.remaining {
                 Remaining::Pass(n) | Remaining::Drop(n) => {
                     let k = n.min(data.len());
                     let pass = matches!(self.remaining, Remaining::Pass(_));
-                    if pass {
+                    if pass && let Some(out) = out.as_deref_mut() {
                         out.extend_from_slice(&data[..k]);
                     }
                     self.remaining = match (n - k, pass) {
@@ -614,17 +632,19 @@ impl InputFilter {
                     match client_message_len(&self.held)? {
                         None if self.held.len() < MAX_HEAD => {
                             // Need more bytes to know the length; keep what we have.
-                            return Ok(());
+                            return Ok(inputs);
                         }
                         None => return Err(RfbError::Protocol("client message header unreadable")),
-                        Some((len, drop)) => {
+                        Some((len, input)) => {
                             // The message is the held bytes plus bytes from `data` onwards.
-                            if !drop {
+                            if input {
+                                inputs += 1;
+                            } else if let Some(out) = out.as_deref_mut() {
                                 out.extend_from_slice(&self.held[..held]);
                             }
                             self.held.clear();
                             let left = len.saturating_sub(held);
-                            self.remaining = if drop {
+                            self.remaining = if input {
                                 Remaining::Drop(left)
                             } else {
                                 Remaining::Pass(left)
@@ -634,7 +654,7 @@ impl InputFilter {
                 }
             }
         }
-        Ok(())
+        Ok(inputs)
     }
 }
 
@@ -661,7 +681,13 @@ fn client_message_len(head: &[u8]) -> Result<Option<(usize, bool)>, RfbError> {
         },
         3 => (10, false), // FramebufferUpdateRequest
         4 => (8, true),   // KeyEvent
-        5 => (6, true),   // PointerEvent
+        5 => match head.get(1) {
+            // PointerEvent; with the marker bit, ExtendedMouseButtons' 7-byte form (noVNC sends it
+            // once the server announced the pseudo-encoding, and masks the bit off otherwise).
+            Some(mask) if mask & 0x80 != 0 => (7, true),
+            Some(_) => (6, true),
+            None => return Ok(None),
+        },
         6 => match i32_at(4) {
             // ClientCutText (extended: negative)
             Some(n) => {
@@ -942,6 +968,7 @@ mod tests {
         push(&[3, 0, 0, 0, 0, 0, 2, 208, 1, 144], true);
         push(&[4, 1, 0, 0, 0, 0, 0, 0x61], false);
         push(&[5, 0, 0, 10, 0, 20], false);
+        push(&[5, 0x81, 0, 10, 0, 20, 1], false);
         push(&[6, 0, 0, 0, 0, 0, 0, 3, b'a', b'b', b'c'], false);
         push(&[255, 0, 0, 1, 0, 0, 0, 0x61, 0, 0, 0, 30], false);
         push(&[248, 0, 0, 0, 0, 0, 0, 1, 2, 9, 9], true);
@@ -955,16 +982,55 @@ mod tests {
         for chunk in 1..all.len() {
             let mut f = InputFilter::default();
             let mut out = Vec::new();
+            let mut inputs = 0;
             for piece in all.chunks(chunk) {
-                f.filter(piece, &mut out).unwrap();
+                inputs += f.filter(piece, &mut out).unwrap();
             }
             assert_eq!(out, keep, "chunk size {chunk}");
+            assert_eq!(inputs, INPUTS_IN_STREAM, "chunk size {chunk}");
         }
         let mut f = InputFilter::default();
         assert_eq!(
             f.filter(&[77], &mut Vec::new()),
             Err(RfbError::UnknownClientMessage(77))
         );
+    }
+
+    /// Input events in [`msg_stream`]: key, pointer, extended pointer, clipboard, QEMU key.
+    const INPUTS_IN_STREAM: usize = 5;
+
+    #[test]
+    fn observe_counts_input_and_passes_everything() {
+        let (all, _) = msg_stream();
+        for chunk in 1..all.len() {
+            let mut f = InputFilter::default();
+            let counts: Vec<usize> = all.chunks(chunk).map(|p| f.observe(p).unwrap()).collect();
+            assert_eq!(
+                counts.iter().sum::<usize>(),
+                INPUTS_IN_STREAM,
+                "chunk size {chunk}"
+            );
+        }
+        // noVNC's idle traffic: FramebufferUpdateRequests (and a Fence) are not input.
+        let mut f = InputFilter::default();
+        let fbur = [3u8, 1, 0, 0, 0, 0, 2, 208, 1, 144];
+        for _ in 0..100 {
+            assert_eq!(f.observe(&fbur), Ok(0));
+        }
+        assert_eq!(f.observe(&[248, 0, 0, 0, 0, 0, 0, 1, 0]), Ok(0));
+        // One message at a time, each input kind counts once.
+        for msg in [
+            &[4u8, 1, 0, 0, 0, 0, 0, 0x61][..],
+            &[5, 1, 0, 10, 0, 20],
+            &[5, 0x80, 0, 10, 0, 20, 0],
+            &[6, 0, 0, 0, 0, 0, 0, 1, b'x'],
+            &[6, 0, 0, 0, 0xff, 0xff, 0xff, 0xfc, 0, 0, 0, 1],
+            &[255, 0, 0, 1, 0, 0, 0, 0x61, 0, 0, 0, 30],
+        ] {
+            assert_eq!(f.observe(msg), Ok(1), "{msg:?}");
+        }
+        assert_eq!(f.observe(&fbur), Ok(0), "the stream stayed in step");
+        assert_eq!(f.observe(&[77]), Err(RfbError::UnknownClientMessage(77)));
     }
 
     proptest! {
@@ -991,6 +1057,34 @@ mod tests {
                 if f.filter(piece, &mut out).is_err() { break; }
             }
             prop_assert!(out.len() <= data.len());
+        }
+
+        #[test]
+        fn observe_never_panics_and_agrees_with_filter(data in proptest::collection::vec(any::<u8>(), 0..400),
+                                                       chunk in 1usize..40, other in 1usize..40) {
+            // The same failure, however the bytes are split and whichever method reads them; without
+            // one, the same input events (an error drops the count of the call it ends).
+            let run = |chunk: usize, observe: bool| {
+                let mut f = InputFilter::default();
+                let mut out = Vec::new();
+                let mut inputs = 0;
+                for piece in data.chunks(chunk) {
+                    let r = if observe { f.observe(piece) } else { f.filter(piece, &mut out) };
+                    match r {
+                        Ok(n) => inputs += n,
+                        Err(e) => return (inputs, Some(e)),
+                    }
+                }
+                (inputs, None)
+            };
+            let (seen, error) = run(chunk, true);
+            prop_assert!(seen <= data.len());
+            for (n, e) in [run(other, true), run(chunk, false)] {
+                prop_assert_eq!(&e, &error);
+                if error.is_none() {
+                    prop_assert_eq!(n, seen);
+                }
+            }
         }
     }
 }

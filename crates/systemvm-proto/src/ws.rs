@@ -67,6 +67,8 @@ pub mod close_code {
     pub const TOKEN_REFUSED: u16 = 4001;
     /// The token is valid but not for this client (origin or address).
     pub const FORBIDDEN: u16 = 4003;
+    /// The session had no keyboard, mouse or clipboard input from the browser for the idle timeout.
+    pub const IDLE: u16 = 4008;
     /// The VNC server could not be reached.
     pub const TARGET_UNREACHABLE: u16 = 4010;
     /// The VNC server refused the proxy or its credentials.
