@@ -190,23 +190,27 @@ async fn every_command_answers_right_on_either_core() {
         .expect("id")
         .to_owned();
 
-    // A job running on A survives B's start: B fails only jobs whose core is gone.
+    // A job submitted to A survives B's start: B fails only jobs whose core is gone.
     let reboot = format!("id={proxy_id}");
-    let reboot_args = ["rebootSystemVm", reboot.as_str()];
-    let (rebooted, mut b) = tokio::join!(a.cs_raw(&reboot_args), async {
-        wait_proxy(&a, |p| p["state"] != "Running", Duration::from_secs(20)).await;
-        Core::start_with(Backend::Sqlite, configure(b_addr)).await
-    });
+    let (submitted, job) = a.cs_raw(&["--async", "rebootSystemVm", &reboot]).await;
+    assert!(submitted, "{job}");
+    let job_id = job["jobid"].as_str().expect("jobid").to_owned();
+    let mut b = Core::start_with(Backend::Sqlite, configure(b_addr)).await;
     b.key = a.key.clone();
     b.secret = a.secret.clone();
     let _guard_b = crate::deploy::KillOnDrop(b.dir().display().to_string());
     assert!(!b.running().is_leader(), "the second core stands by");
-    assert!(
-        rebooted.0,
-        "the reboot running on A failed when B started: {}",
-        rebooted.1
-    );
-    assert_eq!(rebooted.1["systemvm"]["state"], "Running", "{}", rebooted.1);
+    let start = Instant::now();
+    let rebooted = loop {
+        let r = b.ok(&["queryAsyncJobResult", &format!("jobid={job_id}")]).await;
+        if r["jobstatus"] != 0 {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the reboot did not end: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(rebooted["jobstatus"], 1, "the reboot on A failed when B started: {rebooted}");
+    assert_eq!(rebooted["jobresult"]["systemvm"]["state"], "Running", "{rebooted}");
 
     // Lifecycle commands sent to the standby are carried out by the active core: one instance.
     let stopped = b.ok(&["stopSystemVm", &reboot]).await;
