@@ -21,7 +21,7 @@ listen=${LISTEN:-127.0.0.1:8080}
 
 scripts/deps.sh run
 cargo build --release --locked -p console-proxy
-bin=target/release/console-proxy
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/console-proxy"
 state=target/run
 mkdir -p "$state"
 
@@ -50,21 +50,54 @@ if [ -z "$vnc" ]; then
   echo "run: demo VM (SeaBIOS screen) on VNC $vnc with a random password"
 fi
 
+host=${listen%:*}; [ "$host" = 0.0.0.0 ] && host=127.0.0.1
+port=${listen##*:}
+
+# Whether process $1 holds a socket listening on TCP port $2 (its inode in /proc/net/tcp{,6}
+# among the process's open files): the proxy itself is serving, not some other program.
+owns_port() { # pid port
+  local hex inode
+  hex=$(printf ':%04X' "$2")
+  for inode in $(awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { print $10 }' \
+      /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
+    ls -l "/proc/$1/fd" 2>/dev/null | grep -q "socket:\[$inode\]" && return 0
+  done
+  return 1
+}
+
+if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
+  echo "run: $host:$port is already in use by another program; stop it or pick another address with LISTEN=HOST:PORT" >&2
+  exit 1
+fi
 [ -f "$state/keys.json" ] || "$bin" keygen --out "$state/keys.json"
 "$bin" serve --listen "$listen" --keys "$state/keys.json" &
-pids+=($!)
-wait_port "${listen%:*}" "${listen##*:}" "console-proxy"
+proxy=$!
+pids+=("$proxy")
+# Ready once the proxy process itself listens on the port; it failing to start (address in use,
+# a bad flag, a missing web root) ends the script with its error above, and no link is printed.
+for _ in $(seq 1 200); do
+  if ! kill -0 "$proxy" 2>/dev/null; then
+    wait "$proxy" && rc=0 || rc=$?
+    echo "run: console-proxy failed to start on $listen (exit status $rc); see its error above" >&2
+    exit 1
+  fi
+  owns_port "$proxy" "$port" && break
+  sleep 0.05
+done
+if ! owns_port "$proxy" "$port" || ! kill -0 "$proxy" 2>/dev/null; then
+  echo "run: console-proxy did not start listening on $listen within 10 s" >&2
+  exit 1
+fi
 
-host=${listen%:*}; [ "$host" = 0.0.0.0 ] && host=127.0.0.1
 url=$(CONSOLE_PROXY_VNC_PASSWORD="$password" "$bin" token --keys "$state/keys.json" --vnc "$vnc" \
-  --vm-name "${name:-$vnc}" --ttl 600 --url "http://$host:${listen##*:}")
+  --vm-name "${name:-$vnc}" --ttl 600 --url "http://$host:$port")
 cat <<TXT
 
 Console proxy is serving on $listen. Open this link in a browser (it works once, for 10 minutes):
 
   $url
 
-Another link: CONSOLE_PROXY_VNC_PASSWORD=… $bin token --keys $state/keys.json --vnc $vnc --url http://$host:${listen##*:}
+Another link: CONSOLE_PROXY_VNC_PASSWORD=… $bin token --keys $PWD/$state/keys.json --vnc $vnc --url http://$host:$port
 Press Ctrl-C to stop.
 TXT
 wait "${pids[@]}"

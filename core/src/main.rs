@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use systemvm_core::cli::data_dir_or_default;
 use systemvm_core::{CoreConfig, start};
 
 #[derive(Parser)]
@@ -22,9 +23,11 @@ struct Cli {
 enum Cmd {
     /// Serves the CloudStack-compatible API and the agent endpoint.
     Serve {
-        /// Data directory (SQLite database, credentials.json, the agent CA).
-        #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
-        data_dir: PathBuf,
+        /// Data directory (SQLite database, credentials.json, the agent CA) [default:
+        /// $SYSTEMVM_CORE_DATA_DIR, else $XDG_DATA_HOME/systemvm-core, else
+        /// ~/.local/share/systemvm-core].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// API listen address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -69,8 +72,9 @@ enum Cmd {
     /// Runs the whole suite on this machine: core (SQLite), a console proxy and a storage VM as
     /// local processes, a local image store, and a demo VM under QEMU when QEMU is installed.
     Up {
-        /// Data directory [default: ~/.local/share/systemvm-core].
-        #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
+        /// Data directory [default: $SYSTEMVM_CORE_DATA_DIR, else $XDG_DATA_HOME/systemvm-core,
+        /// else ~/.local/share/systemvm-core].
+        #[arg(long)]
         data_dir: Option<PathBuf>,
         /// API listen address.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -84,9 +88,9 @@ enum Cmd {
     },
     /// Registers a system VM whose agent is started by hand; prints its id and secret (shown once).
     RegisterSystemvm {
-        /// Data directory of the core (its database and CA).
-        #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
-        data_dir: PathBuf,
+        /// Data directory of the core (its database and CA) [default: as `serve`'s].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// PostgreSQL URL; SQLite in the data dir when absent.
         #[arg(long, env = "SYSTEMVM_CORE_DATABASE_URL")]
         database_url: Option<String>,
@@ -125,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
             agent_urls,
             guest_libvirt,
         } => {
+            let data_dir = data_dir_or_default(data_dir.as_deref())?;
             let mut config = CoreConfig::new(data_dir);
             config.listen = listen;
             config.database_url = database_url;
@@ -178,12 +183,7 @@ async fn main() -> anyhow::Result<()> {
             store,
             no_demo,
         } => {
-            let data_dir = match data_dir {
-                Some(d) => d,
-                None => std::env::var_os("HOME")
-                    .map(|h| PathBuf::from(h).join(".local/share/systemvm-core"))
-                    .context("no --data-dir and no HOME")?,
-            };
+            let data_dir = data_dir_or_default(data_dir.as_deref())?;
             let opts = systemvm_core::up::UpOptions {
                 data_dir: data_dir.clone(),
                 listen,
@@ -207,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
             zone,
             name,
         } => {
+            let data_dir = data_dir_or_default(data_dir.as_deref())?;
             let role = systemvm_proto::agent::AgentRole::parse(&role)
                 .with_context(|| format!("invalid role {role:?}: use consoleproxy or secondarystoragevm"))?;
             let ca = data_dir.join("ca.pem");

@@ -3,9 +3,18 @@
 //! starting its console proxy and storage VM, and a demo VM under QEMU (when QEMU is installed)
 //! whose console can be opened at once.
 //!
+//! It also serves a small demo image on loopback ([`demo_image`]) and allows the storage VM to
+//! download from there (`secstorage.allowed.internal.sites` gets `127.0.0.1/32`, set before the
+//! image store is added, so the storage VM starts with it), so the printed template step works
+//! offline.
+//!
 //! Invariants: `up` returns (prints the next steps) only once both system VMs are Up, or fails
 //! saying which one did not come and why (the fleet events); Ctrl-C stops every process it
-//! started (system VMs, the demo VM) before core stops.
+//! started (system VMs, the demo VM) before core stops; the printed steps name this program by
+//! its absolute path and need no environment a new shell of the same user lacks; a restart on the
+//! same data dir keeps one demo console target (`demo-vm`).
+
+pub mod demo_image;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,11 +23,19 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
+use self::demo_image::DemoImage;
 use crate::cli::client::{ApiClient, read_credentials};
 use crate::{CoreConfig, DriverKind, RunningCore};
 
 /// How long `up` waits for the system VMs.
 pub const WAIT: Duration = Duration::from_secs(120);
+
+/// The setting that lets the storage VM download from internal addresses.
+pub const ALLOWED_SITES: &str = "secstorage.allowed.internal.sites";
+/// What [`ALLOWED_SITES`] must list for the demo image server.
+pub const DEMO_SITE: &str = "127.0.0.1/32";
+/// Name of the demo VM's console target.
+pub const DEMO_TARGET: &str = "demo-vm";
 
 /// `up`'s options.
 #[derive(Debug, Clone)]
@@ -41,6 +58,8 @@ pub struct Up {
     pub demo: Option<(tokio::process::Child, String)>,
     /// A client of the API as the root admin.
     pub client: ApiClient,
+    /// The demo image's server.
+    pub image: DemoImage,
 }
 
 impl std::fmt::Debug for Up {
@@ -48,6 +67,7 @@ impl std::fmt::Debug for Up {
         f.debug_struct("Up")
             .field("core", &self.core)
             .field("demo", &self.demo.as_ref().map(|(_, id)| id))
+            .field("image", &self.image)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +90,9 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
     config.listen = opts.listen;
     config.agent_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.driver = Some(DriverKind::Process);
+    let image = DemoImage::serve()
+        .await
+        .context("failed to start the demo image server")?;
     let core = crate::start(config).await?;
     let creds = read_credentials(&opts.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let client = ApiClient::new(&core.api_url(), creds, None).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -82,8 +105,11 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
                 .map_err(|e| anyhow::anyhow!("{cmd}: {e}"))
         }
     };
+    // Before the image store: the storage VM is started with the setting's value.
+    let site_added = allow_demo_site(&client).await?;
     let stores = call("listImageStores", vec![]).await?;
-    if list(&stores, "imagestore").is_empty() {
+    let store_existed = !list(&stores, "imagestore").is_empty();
+    if !store_existed {
         let url = match &opts.store {
             Some(u) => u.clone(),
             None => {
@@ -106,57 +132,42 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
         eprintln!("up: image store {url}");
     }
     eprintln!("up: waiting for the console proxy and the storage VM…");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let vms = list(&call("listSystemVms", vec![]).await?, "systemvm");
-        let up = |kind: &str| {
-            vms.iter()
-                .any(|v| v["systemvmtype"] == kind && v["state"] == "Running" && v["agentstate"] == "Up")
-        };
-        if up("consoleproxy") && up("secondarystoragevm") {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let events = call(
-                "listEvents",
-                vec![("pagesize".into(), "10".into()), ("page".into(), "1".into())],
+    if let Err(e) = wait_system_vms(&client, &opts.data_dir).await {
+        core.shutdown_with_system_vms().await;
+        return Err(e);
+    }
+    if site_added && store_existed {
+        // A storage VM started before the setting changed does not know it yet: restart it.
+        let vms = list(
+            &call(
+                "listSystemVms",
+                vec![("systemvmtype".into(), "secondarystoragevm".into())],
             )
-            .await?;
-            let lines: Vec<String> = list(&events, "event")
-                .iter()
-                .map(|e| {
-                    format!(
-                        "  {} {}: {}",
-                        e["created"],
-                        e["type"],
-                        e["description"].as_str().unwrap_or_default()
-                    )
-                })
-                .collect();
-            core.shutdown_with_system_vms().await;
-            anyhow::bail!(
-                "the system VMs did not come Up within {}s; latest events:\n{}\n(logs: {}/systemvms/*/agent.log)",
-                WAIT.as_secs(),
-                lines.join("\n"),
-                opts.data_dir.display()
-            );
+            .await?,
+            "systemvm",
+        );
+        for vm in vms {
+            let id = vm["id"].as_str().unwrap_or_default();
+            eprintln!("up: restarting storage VM {id} with {ALLOWED_SITES}={DEMO_SITE}");
+            client
+                .call_async("rebootSystemVm", &[("id", id)])
+                .await
+                .map_err(|e| anyhow::anyhow!("rebootSystemVm: {e}"))?;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Err(e) = wait_system_vms(&client, &opts.data_dir).await {
+            core.shutdown_with_system_vms().await;
+            return Err(e);
+        }
     }
     let demo = if opts.demo {
-        match start_demo_vm(&opts.data_dir).await {
-            Ok(Some((child, vnc, password))) => {
-                let t = call(
-                    "addConsoleTarget",
-                    vec![
-                        ("name".into(), "demo-vm".into()),
-                        ("host".into(), vnc.ip().to_string()),
-                        ("port".into(), vnc.port().to_string()),
-                        ("password".into(), password),
-                    ],
-                )
-                .await?;
-                let id = t["consoletarget"]["id"].as_str().unwrap_or_default().to_owned();
+        let previous = demo_targets(&client).await?;
+        let port = previous
+            .first()
+            .and_then(|t| t["port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok());
+        match start_demo_vm(&opts.data_dir, port).await {
+            Ok(Some((child, vnc, password, same))) => {
+                let id = demo_target(&client, previous, vnc, &password, same).await?;
                 Some((child, id))
             }
             Ok(None) => None,
@@ -168,38 +179,196 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
     } else {
         None
     };
-    Ok(Up { core, demo, client })
+    Ok(Up {
+        core,
+        demo,
+        client,
+        image,
+    })
 }
 
+/// Adds [`DEMO_SITE`] to [`ALLOWED_SITES`] unless it is listed already (on a new data dir the
+/// value becomes exactly `127.0.0.1/32`); whether it changed anything.
+async fn allow_demo_site(client: &ApiClient) -> anyhow::Result<bool> {
+    let configs = client
+        .call("listConfigurations", &[("name", ALLOWED_SITES)])
+        .await
+        .map_err(|e| anyhow::anyhow!("listConfigurations: {e}"))?;
+    let current = list(&configs, "configuration")
+        .into_iter()
+        .find(|c| c["name"] == ALLOWED_SITES)
+        .and_then(|c| c["value"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut sites: Vec<&str> = current
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if sites.contains(&DEMO_SITE) {
+        return Ok(false);
+    }
+    sites.push(DEMO_SITE);
+    let value = sites.join(",");
+    client
+        .call(
+            "updateConfiguration",
+            &[("name", ALLOWED_SITES), ("value", &value)],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("updateConfiguration {ALLOWED_SITES}: {e}"))?;
+    eprintln!("up: {ALLOWED_SITES} = {value} (the storage VM may download the demo image)");
+    Ok(true)
+}
+
+/// Waits until a console proxy and a storage VM are Running with their agents Up; on timeout,
+/// the error names the latest fleet events.
+async fn wait_system_vms(client: &ApiClient, data_dir: &Path) -> anyhow::Result<()> {
+    let call = |cmd: &'static str, params: &'static [(&'static str, &'static str)]| async move {
+        client
+            .call(cmd, params)
+            .await
+            .map_err(|e| anyhow::anyhow!("{cmd}: {e}"))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let vms = list(&call("listSystemVms", &[]).await?, "systemvm");
+        let up = |kind: &str| {
+            vms.iter()
+                .any(|v| v["systemvmtype"] == kind && v["state"] == "Running" && v["agentstate"] == "Up")
+        };
+        if up("consoleproxy") && up("secondarystoragevm") {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let events = call("listEvents", &[("pagesize", "10"), ("page", "1")]).await?;
+            let lines: Vec<String> = list(&events, "event")
+                .iter()
+                .map(|e| {
+                    format!(
+                        "  {} {}: {}",
+                        e["created"],
+                        e["type"],
+                        e["description"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            anyhow::bail!(
+                "the system VMs did not come Up within {}s; latest events:\n{}\n(logs: {}/systemvms/*/agent.log)",
+                WAIT.as_secs(),
+                lines.join("\n"),
+                data_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The console targets named [`DEMO_TARGET`].
+async fn demo_targets(client: &ApiClient) -> anyhow::Result<Vec<Value>> {
+    let answer = client
+        .call("listConsoleTargets", &[("name", DEMO_TARGET)])
+        .await
+        .map_err(|e| anyhow::anyhow!("listConsoleTargets: {e}"))?;
+    Ok(list(&answer, "consoletarget")
+        .into_iter()
+        .filter(|t| t["name"] == DEMO_TARGET)
+        .collect())
+}
+
+/// The demo VM's console target: one of `previous` (the targets named [`DEMO_TARGET`] of an
+/// earlier `up`) when the VM came back at its address with its password (`same`), else a new
+/// one; the others are deleted, so a restart never leaves two.
+async fn demo_target(
+    client: &ApiClient,
+    previous: Vec<Value>,
+    vnc: SocketAddr,
+    password: &str,
+    same: bool,
+) -> anyhow::Result<String> {
+    let matches = |t: &Value| {
+        same && t["host"] == vnc.ip().to_string().as_str()
+            && t["port"].as_u64() == Some(u64::from(vnc.port()))
+            && t["haspassword"] == true
+    };
+    let mut kept = None;
+    for t in &previous {
+        let id = t["id"].as_str().unwrap_or_default();
+        if kept.is_none() && matches(t) {
+            kept = Some(id.to_owned());
+            continue;
+        }
+        client
+            .call("deleteConsoleTarget", &[("id", id)])
+            .await
+            .map_err(|e| anyhow::anyhow!("deleteConsoleTarget {id}: {e}"))?;
+    }
+    if let Some(id) = kept {
+        return Ok(id);
+    }
+    let t = client
+        .call(
+            "addConsoleTarget",
+            &[
+                ("name", DEMO_TARGET),
+                ("host", &vnc.ip().to_string()),
+                ("port", &vnc.port().to_string()),
+                ("password", password),
+            ],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("addConsoleTarget: {e}"))?;
+    Ok(t["consoletarget"]["id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The demo VM as started: QEMU, its VNC address and password, and whether both are those of
+/// the previous start (its console target can be kept).
+type DemoVm = (tokio::process::Child, SocketAddr, String, bool);
+
 /// Starts a small VM under QEMU (TCG) with a password-protected VNC server on loopback; `None`
-/// when QEMU is not installed.
-async fn start_demo_vm(
-    data_dir: &Path,
-) -> anyhow::Result<Option<(tokio::process::Child, SocketAddr, String)>> {
+/// when QEMU is not installed. The password is kept in `DATA_DIR/demo-vm/vnc.secret` and reused,
+/// and so is `port` (the previous VNC port) when it is free.
+async fn start_demo_vm(data_dir: &Path, port: Option<u16>) -> anyhow::Result<Option<DemoVm>> {
     let Some(qemu) = find_on_path("qemu-system-x86_64") else {
         return Ok(None);
     };
     let dir = data_dir.join("demo-vm");
     std::fs::create_dir_all(&dir)?;
-    let password = crate::util::random_token::<6>()?
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect::<String>();
     let secret = dir.join("vnc.secret");
-    {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&secret)?;
-        f.write_all(password.as_bytes())?;
-    }
-    let display = (60..99)
-        .find(|d| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok())
+    let kept = std::fs::read_to_string(&secret)
+        .ok()
+        .filter(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()));
+    let same_password = kept.is_some();
+    let password = match kept {
+        Some(p) => p,
+        None => {
+            // VNC passwords are at most 8 characters; letters and digits only.
+            let mut password = String::new();
+            while password.len() < 8 {
+                password.extend(
+                    crate::util::random_token::<6>()?
+                        .chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .take(8 - password.len()),
+                );
+            }
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&secret)?;
+            f.write_all(password.as_bytes())?;
+            password
+        }
+    };
+    let free = |d: u16| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok();
+    let previous = port
+        .and_then(|p| p.checked_sub(5900))
+        .filter(|d| (60..99).contains(d) && free(*d));
+    let display = previous
+        .or_else(|| (60..99).find(|d| free(*d)))
         .context("no free VNC display between :60 and :99")?;
     let vnc = SocketAddr::from(([127, 0, 0, 1], 5900 + display));
     let child = tokio::process::Command::new(qemu)
@@ -217,50 +386,103 @@ async fn start_demo_vm(
         .context("failed to start QEMU")?;
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(vnc).await.is_ok() {
-            return Ok(Some((child, vnc, password)));
+            let same = same_password && previous.is_some();
+            return Ok(Some((child, vnc, password, same)));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     anyhow::bail!("QEMU's VNC server did not start on {vnc}")
 }
 
-/// How to call this program: `systemvm-core` when that is what `PATH` finds, else its full path.
+/// This program's absolute path (what a new shell, whatever its `PATH`, can run).
 fn program() -> String {
-    let me = std::env::current_exe().ok();
-    let found = find_on_path("systemvm-core");
-    match (me, found) {
-        (Some(me), Some(found)) if found.canonicalize().ok() == me.canonicalize().ok() => {
-            "systemvm-core".into()
-        }
-        (Some(me), _) => me.display().to_string(),
-        (None, _) => "systemvm-core".into(),
+    std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "systemvm-core".into())
+}
+
+/// `word` quoted for a POSIX shell when it holds anything but plain characters.
+pub fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-+=@%:,./".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 
-/// The next steps `up` prints.
+/// The `--data-dir`/`--api-url` arguments the printed commands need: none for the data dir a new
+/// shell finds by default (`$XDG_DATA_HOME/systemvm-core` or `~/.local/share/systemvm-core`;
+/// `SYSTEMVM_CORE_DATA_DIR` is not counted on, a new shell may not have it) and for the default
+/// API URL.
+fn connect_args(data_dir: &Path, api_url: &str) -> String {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    let fresh_default = crate::cli::default_data_dir_in(|name| {
+        (name != crate::cli::DATA_DIR_ENV)
+            .then(|| std::env::var_os(name))
+            .flatten()
+    });
+    let mut args = String::new();
+    if fresh_default.as_deref().map(canonical) != Some(canonical(data_dir)) {
+        args.push_str(" --data-dir ");
+        args.push_str(&shell_word(&canonical(data_dir).display().to_string()));
+    }
+    if api_url != crate::cli::DEFAULT_API_URL {
+        args.push_str(" --api-url ");
+        args.push_str(&shell_word(api_url));
+    }
+    args
+}
+
+/// The next steps `up` prints: each command on its own line, indented by seven spaces, runnable
+/// as it is in a new shell.
 pub fn next_steps(up: &Up, data_dir: &Path) -> String {
-    let prog = program();
-    let api = up.core.api_url();
-    let d = if api == "http://127.0.0.1:8080/client/api" {
-        data_dir.display().to_string()
-    } else {
-        format!("{} --api-url {api}", data_dir.display())
+    let (prog, conn) = (shell_word(&program()), connect_args(data_dir, &up.core.api_url()));
+    let cmd = |sub: &str, rest: &str| {
+        let rest = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(" {rest}")
+        };
+        format!("{prog} {sub}{conn}{rest}")
     };
+    let creds = up
+        .core
+        .credentials_path
+        .canonicalize()
+        .unwrap_or_else(|_| up.core.credentials_path.clone());
     let mut s = format!(
-        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n\nNext steps:\n  1. Register a template (a progress bar follows the download):\n       {prog} register-template --data-dir {d} --name tiny --format QCOW2 --url https://example.org/tiny.qcow2\n",
+        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n\nNext steps:\n  1. Register a template (a demo image `up` serves on {}; a progress bar follows the download):\n       {}\n",
         up.core.api_url(),
-        up.core.credentials_path.display(),
+        creds.display(),
+        up.image.addr,
+        cmd(
+            "register-template",
+            &format!(
+                "--name tiny --format QCOW2 --url {} --checksum {}",
+                shell_word(&up.image.url()),
+                shell_word(&up.image.checksum)
+            )
+        ),
     );
     match &up.demo {
         Some((_, id)) => s.push_str(&format!(
-            "  2. Open the console of the demo VM (QEMU) in a browser:\n       {prog} console --data-dir {d} {id}\n"
+            "  2. Open the console of the demo VM (QEMU) in a browser:\n       {}\n",
+            cmd("console", id)
         )),
         None => s.push_str(&format!(
-            "  2. Add a VM console (any VNC server) and open it:\n       {prog} api --data-dir {d} addConsoleTarget name=my-vm host=127.0.0.1 port=5901 password=…\n       {prog} console --data-dir {d} ID\n"
+            "  2. Add a VM console (any VNC server; replace HOST, PORT, PASSWORD and ID) and open it:\n       {}\n       {}\n",
+            cmd(
+                "api",
+                "addConsoleTarget name=my-vm host=HOST port=PORT password=PASSWORD"
+            ),
+            cmd("console", "ID"),
         )),
     }
     s.push_str(&format!(
-        "  3. List the system VMs core runs:\n       {prog} system-vms --data-dir {d}\n\nPress Ctrl-C to stop everything.\n"
+        "  3. List the templates and the system VMs core runs:\n       {}\n       {}\n\nPress Ctrl-C to stop everything.\n",
+        cmd("templates", ""),
+        cmd("system-vms", ""),
     ));
     s
 }
@@ -271,4 +493,30 @@ pub async fn down(up: Up) {
         let _ = child.kill().await;
     }
     up.core.shutdown_with_system_vms().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_bash() {
+        assert_eq!(shell_word("/usr/bin/systemvm-core"), "/usr/bin/systemvm-core");
+        assert_eq!(
+            shell_word("http://127.0.0.1:4000/tiny.qcow2"),
+            "http://127.0.0.1:4000/tiny.qcow2"
+        );
+        assert_eq!(shell_word("{SHA-256}ab12"), "'{SHA-256}ab12'");
+        assert_eq!(shell_word("/home/a b/x"), "'/home/a b/x'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+        for word in ["{SHA-256}ab12", "/home/a b/x", "it's", "$HOME", "*", "a\"b"] {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", shell_word(word)))
+                .output()
+                .expect("sh");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), word);
+        }
+    }
 }

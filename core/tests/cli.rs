@@ -127,7 +127,8 @@ fn start_core() -> Core {
     Core { child, dir, url }
 }
 
-/// The binary with no client settings inherited from the environment.
+/// The binary with no client settings inherited from the environment, and a HOME without a
+/// default data dir (none of the user's own credentials are found).
 fn bare_client() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_systemvm-core"));
     for var in [
@@ -135,9 +136,11 @@ fn bare_client() -> Command {
         "SYSTEMVM_CORE_DATA_DIR",
         "SYSTEMVM_CORE_API_KEY",
         "SYSTEMVM_CORE_SECRET_KEY",
+        "XDG_DATA_HOME",
     ] {
         cmd.env_remove(var);
     }
+    cmd.env("HOME", "/nonexistent/systemvm-core-test-home");
     cmd
 }
 
@@ -306,17 +309,98 @@ fn client_credentials_from_data_dir_flags_and_env() {
     assert!(r.err.contains("error 401"), "{}", r.err);
     assert!(!r.err.contains(key), "the error shows the API key: {}", r.err);
 
-    // Nothing to sign with, or a data dir without credentials.json.
+    // Nothing to sign with (no credentials.json in the default data dir), or a data dir without
+    // credentials.json.
     let mut none = bare_client();
     none.args(["zones", "--api-url", &core.url]);
     let r = finish(none);
     assert!(!r.ok && r.err.contains("no API credentials"), "{}", r.err);
+    assert!(
+        r.err
+            .contains("/nonexistent/systemvm-core-test-home/.local/share/systemvm-core/credentials.json"),
+        "{}",
+        r.err
+    );
+    assert!(r.err.contains("systemvm-core up"), "{}", r.err);
+    let mut homeless = bare_client();
+    homeless
+        .args(["zones", "--api-url", &core.url])
+        .env_remove("HOME");
+    let r = finish(homeless);
+    assert!(!r.ok && r.err.contains("--data-dir"), "{}", r.err);
     let empty = tempfile::tempdir().unwrap();
     let mut cmd = bare_client();
     cmd.args(["zones", "--api-url", &core.url, "--data-dir"])
         .arg(empty.path());
     let r = finish(cmd);
     assert!(!r.ok && r.err.contains("credentials.json"), "{}", r.err);
+}
+
+/// `serve` and the client without `--data-dir`: both use `$XDG_DATA_HOME/systemvm-core`, else
+/// `$HOME/.local/share/systemvm-core`, and `SYSTEMVM_CORE_DATA_DIR` over both.
+#[test]
+fn serve_and_client_share_the_default_data_dir() {
+    let home = tempfile::tempdir().unwrap();
+    let xdg = home.path().join("xdg-data");
+    let fixed = home.path().join("fixed");
+    for (vars, dir) in [
+        (vec![], home.path().join(".local/share/systemvm-core")),
+        (vec![("XDG_DATA_HOME", xdg.as_path())], xdg.join("systemvm-core")),
+        (
+            vec![
+                ("XDG_DATA_HOME", xdg.as_path()),
+                ("SYSTEMVM_CORE_DATA_DIR", fixed.as_path()),
+            ],
+            fixed.clone(),
+        ),
+    ] {
+        let with_env = |mut cmd: Command| {
+            for var in ["SYSTEMVM_CORE_DATA_DIR", "XDG_DATA_HOME"] {
+                cmd.env_remove(var);
+            }
+            cmd.env("HOME", home.path());
+            for (k, v) in &vars {
+                cmd.env(k, v);
+            }
+            cmd
+        };
+        let mut serve = with_env(Command::new(env!("CARGO_BIN_EXE_systemvm-core")));
+        serve
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--agent-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = serve.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let api = lines.next().unwrap().unwrap();
+        let creds = lines.next().unwrap().unwrap();
+        assert_eq!(
+            creds,
+            format!("Credentials: {}", dir.join("credentials.json").display()),
+            "{vars:?}"
+        );
+        let url = api.strip_prefix("API: ").unwrap().to_owned();
+        let mut zones = with_env(bare_client());
+        zones.args(["zones", "--api-url", &url]);
+        let r = finish(zones);
+        assert!(r.ok && r.out.contains("default-zone"), "{vars:?}: {}", r.err);
+        let mut register = with_env(bare_client());
+        register.args(["register-systemvm", "--role", "consoleproxy"]);
+        let r = finish(register);
+        assert!(r.ok, "{vars:?}: {}", r.err);
+        assert!(
+            r.out.contains(&format!("ca: {}", dir.join("ca.pem").display())),
+            "{}",
+            r.out
+        );
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
 }
 
 #[test]
@@ -458,15 +542,17 @@ fn register_template_follows_the_download_until_ready() {
     ]);
     let r = register_against(&url);
     assert!(r.ok, "{}", r.err);
-    // Not a terminal: one plain line per change on stderr; the result on stdout.
-    assert_eq!(
-        r.err.lines().collect::<Vec<_>>(),
-        [
-            "  0% Waiting for a storage VM",
-            " 40% 40% Downloaded",
-            "100% Download Complete"
-        ]
+    // Not a terminal: one plain line per change on stderr (the rate and time left, known from
+    // the second poll, depend on timing); the result on stdout.
+    let lines: Vec<&str> = r.err.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.err);
+    assert_eq!(lines[0], "  0% Waiting for a storage VM");
+    assert!(
+        lines[1] == " 40%" || (lines[1].starts_with(" 40% ") && lines[1].contains("%/s, ETA ")),
+        "{}",
+        r.err
     );
+    assert_eq!(lines[2], "100% Download Complete");
     assert!(r.out.starts_with("ID "), "{}", r.out);
     assert_eq!(r.out.lines().last(), Some("Ready"), "{}", r.out);
 }

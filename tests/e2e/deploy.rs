@@ -486,43 +486,95 @@ fn workspace_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_runs_the_suite_and_ctrl_c_stops_it() {
-    let dir = std::env::temp_dir().join(format!("systemvm-e2e-up-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let _guard = KillOnDrop(dir.display().to_string());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A free loopback port (free now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
-        .port();
-    let mut child = tokio::process::Command::new(workspace_bin("systemvm-core"))
-        .arg("up")
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
+        .port()
+}
+
+/// `systemvm-core up` with `args`, its stdout piped and its stderr in `stderr_file`, killed on
+/// drop; the environment `adjust` leaves it.
+fn spawn_up(
+    args: &[&str],
+    stderr_file: &Path,
+    adjust: impl FnOnce(&mut tokio::process::Command),
+) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(workspace_bin("systemvm-core"));
+    cmd.arg("up")
+        .args(args)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("systemvm-core up");
+        .stderr(std::fs::File::create(stderr_file).expect("stderr file"))
+        .kill_on_drop(true);
+    adjust(&mut cmd);
+    cmd.spawn().expect("systemvm-core up")
+}
+
+/// Reads `up`'s stdout until it printed its next steps; fails with its stderr when it exits
+/// first (a component did not start) or takes longer than 120 s.
+async fn read_next_steps(child: &mut tokio::process::Child, stderr_file: &Path) -> String {
     let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut text = String::new();
     let started = Instant::now();
     while !text.contains("Press Ctrl-C") {
         let mut line = String::new();
-        let n = tokio::time::timeout(
+        let read = tokio::time::timeout(
             Duration::from_secs(120),
             tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line),
         )
-        .await
-        .expect("up did not finish starting within 120 s")
-        .expect("read");
-        assert!(n > 0, "up exited early: {text}");
+        .await;
+        let stderr = || std::fs::read_to_string(stderr_file).unwrap_or_default();
+        let n = match read {
+            Ok(r) => r.expect("read"),
+            Err(_) => panic!("up did not finish starting within 120 s: {text}\n{}", stderr()),
+        };
+        assert!(n > 0, "up exited early: {text}\nstderr:\n{}", stderr());
         text.push_str(&line);
     }
     eprintln!("up ready in {:?}", started.elapsed());
+    // Keep reading (and dropping) stdout, so `up` never blocks on a full pipe.
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut out, &mut tokio::io::sink()).await;
+    });
+    text
+}
+
+/// Ctrl-C (SIGINT) to `up`: it exits 0 within 30 s.
+async fn ctrl_c(mut child: tokio::process::Child) {
+    let st = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().expect("pid").to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("up did not stop within 30 s")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_the_suite_and_ctrl_c_stops_it() {
+    let dir = std::env::temp_dir().join(format!("systemvm-e2e-up-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let _guard = KillOnDrop(dir.display().to_string());
+    let port = free_port();
+    let stderr_file = std::env::temp_dir().join(format!("systemvm-e2e-up-{}.stderr", std::process::id()));
+    let mut child = spawn_up(
+        &[
+            "--data-dir",
+            &dir.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &stderr_file,
+        |_| {},
+    );
+    let text = read_next_steps(&mut child, &stderr_file).await;
     assert!(
         text.contains(&format!("http://127.0.0.1:{port}/client/api")),
         "{text}"
@@ -570,20 +622,181 @@ async fn up_runs_the_suite_and_ctrl_c_stops_it() {
     );
     // Ctrl-C stops every process it started.
     assert!(!pids_with(&dir.display().to_string()).is_empty());
-    let st = std::process::Command::new("kill")
-        .arg("-INT")
-        .arg(child.id().expect("pid").to_string())
-        .status()
-        .expect("kill");
-    assert!(st.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("up did not stop within 30 s")
-        .expect("wait");
-    assert!(status.success(), "{status}");
+    ctrl_c(child).await;
     let left = pids_with(&dir.display().to_string());
     assert!(left.is_empty(), "processes left running: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&stderr_file);
+}
+
+/// The commands `up` printed (the lines under "Next steps:" indented by seven spaces).
+fn printed_commands(text: &str) -> Vec<String> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("Next steps:"))
+        .filter(|l| l.starts_with("       ") && !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+/// Runs `command` through `bash -c` as a new login shell of the user would: an empty environment
+/// but `HOME` and a plain `PATH` (no target/ directory on it), from `/`.
+async fn in_new_shell(home: &Path, command: &str) -> std::process::Output {
+    let run = tokio::process::Command::new("/bin/bash")
+        .arg("-c")
+        .arg(command)
+        .env_clear()
+        .env("HOME", home)
+        .env("PATH", "/usr/bin:/bin")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap_or_else(|_| panic!("{command}: still running after 120 s"))
+        .expect("bash")
+}
+
+/// `up` as a newcomer meets it: the default data dir (a fresh HOME), and every printed next step
+/// pasted as it is into a new shell: the template registered from `up`'s own demo image ends
+/// Ready (its checksum verified), the demo VM's console link is made, the lists show the
+/// template and both system VMs. Ctrl-C stops it; a restart on the same data dir keeps one demo
+/// console target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_next_steps_work_pasted_into_a_new_shell() {
+    let home = std::env::temp_dir().join(format!("systemvm-e2e-up-home-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).expect("home");
+    let data = home.join(".local/share/systemvm-core");
+    let _guard = KillOnDrop(home.display().to_string());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let stderr_file = home.join("up.stderr");
+    let fresh_home = |cmd: &mut tokio::process::Command| {
+        for var in [
+            "SYSTEMVM_CORE_DATA_DIR",
+            "XDG_DATA_HOME",
+            "SYSTEMVM_CORE_API_URL",
+            "SYSTEMVM_CORE_API_KEY",
+            "SYSTEMVM_CORE_SECRET_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("HOME", &home);
+    };
+    let mut child = spawn_up(&["--listen", &listen], &stderr_file, fresh_home);
+    let text = read_next_steps(&mut child, &stderr_file).await;
+    assert!(
+        text.contains(&format!(
+            "Credentials: {}",
+            data.join("credentials.json").display()
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("--data-dir"),
+        "the default data dir needs no flag: {text}"
+    );
+    assert!(
+        text.contains("Open the console of the demo VM"),
+        "no demo VM (QEMU did not start?): {text}\n{}",
+        std::fs::read_to_string(&stderr_file).unwrap_or_default()
+    );
+    let commands = printed_commands(&text);
+    assert_eq!(commands.len(), 4, "{text}");
+    let find = |sub: &str| {
+        commands
+            .iter()
+            .find(|c| c.contains(&format!("systemvm-core {sub}")))
+            .unwrap_or_else(|| panic!("no {sub} step: {text}"))
+            .clone()
+    };
+    let register = find("register-template");
+    assert!(
+        register.contains("--url http://127.0.0.1:") && register.contains("--checksum '{SHA-256}"),
+        "{register}"
+    );
+    for command in &commands {
+        assert!(
+            command.starts_with('/'),
+            "not an absolute program path: {command}"
+        );
+        let out = in_new_shell(&home, command).await;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success(),
+            "{command}: {}\nstdout: {stdout}\nstderr: {stderr}",
+            out.status
+        );
+        eprintln!("$ {command}\n{stdout}");
+        if command.contains("register-template") {
+            assert_eq!(stdout.lines().last(), Some("Ready"), "{stdout}");
+        } else if command.contains(" console ") {
+            assert!(stdout.trim().contains("/console?token="), "{stdout}");
+        } else if command.contains(" templates") {
+            assert!(
+                stdout.contains("tiny") && stdout.contains("Download Complete"),
+                "{stdout}"
+            );
+        } else {
+            assert_eq!(stdout.matches("Running").count(), 2, "{stdout}");
+        }
+    }
+    // The template step ended Ready, the image verified: the printed `templates` command says so.
+    let listed = in_new_shell(&home, &format!("{} --json", find("templates"))).await;
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("templates --json");
+    let tiny = listed["template"]
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["name"] == "tiny"))
+        .unwrap_or_else(|| panic!("no template tiny: {listed}"));
+    assert_eq!(tiny["isready"], true, "{tiny}");
+    assert_eq!(tiny["status"], "Download Complete", "{tiny}");
+    // The CLI found up's credentials without --data-dir; and the setting is exactly loopback.
+    let program = register.split_whitespace().next().expect("program").to_owned();
+    let api = format!("--api-url http://{listen}/client/api");
+    let configs = in_new_shell(
+        &home,
+        &format!("{program} configs {api} --name secstorage.allowed.internal.sites --json"),
+    )
+    .await;
+    let configs: Value = serde_json::from_slice(&configs.stdout).expect("configs --json");
+    assert_eq!(configs["configuration"][0]["value"], "127.0.0.1/32", "{configs}");
+
+    assert!(!pids_with(&home.display().to_string()).is_empty());
+    ctrl_c(child).await;
+    let left = pids_with(&home.display().to_string());
+    assert!(left.is_empty(), "processes left running: {left:?}");
+
+    // Again on the same data dir: still one demo console target, the one the console step names.
+    let mut child = spawn_up(&["--listen", &listen], &stderr_file, fresh_home);
+    let text = read_next_steps(&mut child, &stderr_file).await;
+    let targets = in_new_shell(
+        &home,
+        &format!("{program} api {api} listConsoleTargets name=demo-vm"),
+    )
+    .await;
+    let targets: Value = serde_json::from_slice(&targets.stdout).expect("listConsoleTargets");
+    assert_eq!(targets["count"], 1, "{targets}");
+    let id = targets["consoletarget"][0]["id"].as_str().expect("id");
+    let console = printed_commands(&text)
+        .into_iter()
+        .find(|c| c.contains("systemvm-core console"))
+        .expect("console step");
+    assert!(console.ends_with(&format!(" {id}")), "{console} vs {targets}");
+    let out = in_new_shell(&home, &console).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ctrl_c(child).await;
+    let left = pids_with(&home.display().to_string());
+    assert!(left.is_empty(), "processes left running: {left:?}");
+    let _ = std::fs::remove_dir_all(&home);
 }
 
 /// `secstorage.allowed.internal.sites` is dynamic: changed while the storage VM runs, it reaches

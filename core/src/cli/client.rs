@@ -270,7 +270,7 @@ impl ApiClient {
 
 /// rustls with the ring provider, trusting only the certificates of `ca_bundle` (none when
 /// absent: plain http needs none).
-fn tls_config(ca_bundle: Option<&Path>) -> Result<rustls::ClientConfig, ClientError> {
+pub(crate) fn tls_config(ca_bundle: Option<&Path>) -> Result<rustls::ClientConfig, ClientError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();

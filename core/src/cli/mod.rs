@@ -3,17 +3,21 @@
 //! tables ([`table`]) or, with `--json`, as the raw inner `<command>response` object.
 //!
 //! Credentials come from `--api-key` + `--secret-key` or, failing those, from
-//! `DATA_DIR/credentials.json` (`--data-dir`, the file `serve` writes for the root admin).
+//! `DATA_DIR/credentials.json` (the file `serve` and `up` write for the root admin), where
+//! `DATA_DIR` is `--data-dir` or, without it, [`default_data_dir`] (the directory `serve`, `up`
+//! and `register-systemvm` use then too).
 //!
 //! Invariants: results go to stdout, progress and errors to stderr; every API error is printed as
 //! `error N: text` and makes the process exit non-zero (see `main.rs`); a download wait ends only
 //! on a ready template, a failed or abandoned download, or an error.
 
 pub mod client;
+pub mod progress;
 pub mod table;
 
+use std::ffi::OsString;
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -26,6 +30,39 @@ use crate::Credentials;
 /// The API URL when neither `--api-url` nor `SYSTEMVM_CORE_API_URL` is given.
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8080/client/api";
 
+/// Environment variable naming the data directory (overrides the XDG/HOME default).
+pub const DATA_DIR_ENV: &str = "SYSTEMVM_CORE_DATA_DIR";
+
+/// The data directory used when `--data-dir` is absent, by every subcommand (`serve`, `up`,
+/// `register-systemvm` and the client subcommands): `$SYSTEMVM_CORE_DATA_DIR`, else
+/// `$XDG_DATA_HOME/systemvm-core`, else `$HOME/.local/share/systemvm-core`. Empty values and a
+/// relative `XDG_DATA_HOME` (the XDG spec says to ignore it) are skipped.
+pub fn default_data_dir() -> Option<PathBuf> {
+    default_data_dir_in(|name| std::env::var_os(name))
+}
+
+/// [`default_data_dir`] with the environment read through `var`.
+pub fn default_data_dir_in(var: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let set = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = set(DATA_DIR_ENV) {
+        return Some(dir);
+    }
+    if let Some(xdg) = set("XDG_DATA_HOME").filter(|p| p.is_absolute()) {
+        return Some(xdg.join("systemvm-core"));
+    }
+    set("HOME").map(|home| home.join(".local/share/systemvm-core"))
+}
+
+/// `explicit` (a `--data-dir`), else [`default_data_dir`].
+pub fn data_dir_or_default(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match explicit {
+        Some(dir) => Ok(dir.to_owned()),
+        None => default_data_dir().with_context(|| {
+            format!("no --data-dir, and none of {DATA_DIR_ENV}, XDG_DATA_HOME or HOME is set")
+        }),
+    }
+}
+
 /// Interval between two polls of a template's download.
 pub const DOWNLOAD_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -35,8 +72,10 @@ pub struct ConnectArgs {
     /// API endpoint.
     #[arg(long, env = "SYSTEMVM_CORE_API_URL", default_value = DEFAULT_API_URL)]
     pub api_url: String,
-    /// Core's data directory: the API keys are read from DIR/credentials.json.
-    #[arg(long, env = "SYSTEMVM_CORE_DATA_DIR")]
+    /// Core's data directory: the API keys are read from DIR/credentials.json [default:
+    /// $SYSTEMVM_CORE_DATA_DIR, else $XDG_DATA_HOME/systemvm-core, else
+    /// ~/.local/share/systemvm-core].
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// API key (with --secret-key; takes precedence over --data-dir).
     #[arg(long, env = "SYSTEMVM_CORE_API_KEY")]
@@ -53,7 +92,8 @@ pub struct ConnectArgs {
 }
 
 impl ConnectArgs {
-    /// The API key pair: `--api-key`/`--secret-key`, else `--data-dir`'s `credentials.json`.
+    /// The API key pair: `--api-key`/`--secret-key`, else `credentials.json` in `--data-dir` or
+    /// in the [`default_data_dir`].
     pub fn credentials(&self) -> Result<Credentials, ClientError> {
         match (&self.api_key, &self.secret_key) {
             (Some(apikey), Some(secretkey)) => Ok(Credentials {
@@ -63,12 +103,16 @@ impl ConnectArgs {
             (Some(_), None) | (None, Some(_)) => Err(ClientError::Credentials(
                 "--api-key and --secret-key must be given together".to_owned(),
             )),
-            (None, None) => match &self.data_dir {
-                Some(dir) => read_credentials(dir),
-                None => Err(ClientError::Credentials(
-                    "no API credentials: pass --data-dir DIR (reads DIR/credentials.json) or --api-key and --secret-key"
-                        .to_owned(),
-                )),
+            (None, None) => match (&self.data_dir, default_data_dir()) {
+                (Some(dir), _) => read_credentials(dir),
+                (None, Some(dir)) => read_credentials(&dir).map_err(|e| {
+                    ClientError::Credentials(format!(
+                        "no API credentials: {e}; start `systemvm-core up` (or `serve`) first, or pass --data-dir DIR or --api-key and --secret-key"
+                    ))
+                }),
+                (None, None) => Err(ClientError::Credentials(format!(
+                    "no API credentials: pass --data-dir DIR (reads DIR/credentials.json) or --api-key and --secret-key (none of {DATA_DIR_ENV}, XDG_DATA_HOME or HOME is set)"
+                ))),
             },
         }
     }
@@ -202,6 +246,12 @@ pub enum ClientCommand {
     },
 }
 
+/// Most characters of a template's status (a failure reason can be long) in the table; `--json`
+/// has the whole text.
+pub const STATUS_WIDTH: usize = 48;
+/// Most characters of a setting's description in the `configs` table.
+pub const DESCRIPTION_WIDTH: usize = 72;
+
 const ZONES: &[Column] = &[
     text("ID", "id"),
     text("NAME", "name"),
@@ -230,7 +280,7 @@ const TEMPLATES: &[Column] = &[
     text("ID", "id"),
     text("NAME", "name"),
     text("FORMAT", "format"),
-    text("STATUS", "status"),
+    text("STATUS", "status").cut(STATUS_WIDTH),
     text("READY", "isready"),
     bytes("SIZE", "size"),
     text("ZONE", "zonename"),
@@ -246,7 +296,7 @@ const CAPACITY: &[Column] = &[
 const CONFIGS: &[Column] = &[
     text("NAME", "name"),
     text("VALUE", "value"),
-    text("DESCRIPTION", "description"),
+    text("DESCRIPTION", "description").cut(DESCRIPTION_WIDTH),
 ];
 
 /// Template vs. ISO: the commands, filter and object names of each.
@@ -369,7 +419,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let mut params = vec![
                 ("name".to_owned(), name.clone()),
                 ("displaytext".to_owned(), name),
-                ("url".to_owned(), url),
+                ("url".to_owned(), url.clone()),
             ];
             if !iso {
                 push_opt(&mut params, "format", format.as_deref());
@@ -394,7 +444,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             if no_wait {
                 return Ok(());
             }
-            let done = wait_download(&client, k, &id).await?;
+            let done = wait_download(&client, k, &id, &url).await?;
             if conn.json {
                 print_json(&done)
             } else {
@@ -531,13 +581,15 @@ impl Download {
 }
 
 /// Polls the template until it is ready (returns it) or its download failed (an error with its
-/// status). A progress bar on a terminal's stderr, else a line per change.
-async fn wait_download(client: &ApiClient, k: TemplateKind, id: &str) -> anyhow::Result<Value> {
+/// status). A progress bar on a terminal's stderr (bytes done of the total, rate, time left; see
+/// [`progress`]), else a line per change of percentage or status. `url` is the image's URL, whose
+/// size is asked for once.
+async fn wait_download(client: &ApiClient, k: TemplateKind, id: &str, url: &str) -> anyhow::Result<Value> {
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         let bar = indicatif::ProgressBar::new(100);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos:>3}% {msg}")
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos:>3}% {msg}")
                 .context("invalid progress bar template")?
                 .progress_chars("=> "),
         );
@@ -545,22 +597,33 @@ async fn wait_download(client: &ApiClient, k: TemplateKind, id: &str) -> anyhow:
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // The size is asked for beside the polls, so an unreachable URL delays nothing.
+    let mut size = Some(tokio::spawn(progress::probe_size(url.to_owned())));
+    let mut total = None;
+    let mut meter = progress::Meter::new();
     let mut last: Option<Download> = None;
     loop {
+        if let Some(probe) = size.take_if(|p| p.is_finished()) {
+            total = probe.await.ok().flatten();
+            // From percent to bytes: the earlier samples are in the other unit.
+            meter = progress::Meter::new();
+        }
         let list = client.call(k.list, &[(k.filter, "all"), ("id", id)]).await?;
         let Some(t) = items(&list, k.object).first().cloned() else {
             bar.abandon();
             anyhow::bail!("{} {id} is gone", k.object);
         };
         let d = Download::of(&t);
+        meter.record(std::time::Instant::now(), progress::done_units(d.percent, total));
+        let text = progress::progress_text(d.percent, total, meter.rate(), &d.status, STATUS_WIDTH);
         bar.set_position(d.percent);
-        bar.set_message(d.status.clone());
+        bar.set_message(text.clone());
         if !tty
             && last
                 .as_ref()
                 .is_none_or(|l| l.percent != d.percent || l.status != d.status)
         {
-            eprintln!("{:>3}% {}", d.percent, d.status);
+            eprintln!("{}", format!("{:>3}% {text}", d.percent).trim_end());
         }
         if d.ready {
             bar.finish_and_clear();
@@ -606,6 +669,39 @@ mod tests {
         }
         let d = Download::of(&json!({}));
         assert_eq!((d.percent, d.ready, d.failed()), (0, false, false));
+    }
+
+    #[test]
+    fn default_data_dir_env_then_xdg_then_home() {
+        let dir = |vars: &[(&str, &str)]| {
+            default_data_dir_in(|name| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| OsString::from(v))
+            })
+        };
+        let all = [
+            ("SYSTEMVM_CORE_DATA_DIR", "/srv/core"),
+            ("XDG_DATA_HOME", "/x/data"),
+            ("HOME", "/home/u"),
+        ];
+        assert_eq!(dir(&all), Some(PathBuf::from("/srv/core")));
+        assert_eq!(dir(&all[1..]), Some(PathBuf::from("/x/data/systemvm-core")));
+        assert_eq!(
+            dir(&all[2..]),
+            Some(PathBuf::from("/home/u/.local/share/systemvm-core"))
+        );
+        // Empty values are unset; a relative XDG_DATA_HOME is ignored (XDG base directory spec).
+        assert_eq!(
+            dir(&[
+                ("SYSTEMVM_CORE_DATA_DIR", ""),
+                ("XDG_DATA_HOME", "rel"),
+                ("HOME", "/h")
+            ]),
+            Some(PathBuf::from("/h/.local/share/systemvm-core"))
+        );
+        assert_eq!(dir(&[("HOME", "")]), None);
+        assert_eq!(dir(&[]), None);
     }
 
     #[test]

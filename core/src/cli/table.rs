@@ -1,7 +1,9 @@
 //! Plain-text output for the CLI: aligned columns under a header row, and human-readable bytes.
 //!
 //! Invariants: every row has as many cells as the header (missing cells render as `-`); no line
-//! ends in padding; a cell never breaks a line (newlines and tabs become spaces).
+//! ends in padding; a cell never breaks a line (newlines and tabs become spaces); a column with a
+//! width limit ([`Column::cut`]) never shows more characters than that, a cut cell ending in `…`
+//! (`--json` keeps the full text).
 
 use serde_json::Value;
 
@@ -25,6 +27,15 @@ pub struct Column {
     pub key: &'static str,
     /// How the value is shown.
     pub kind: Kind,
+    /// Most characters shown (longer cells are cut, ending in `…`); `0`: no limit.
+    pub max_width: usize,
+}
+
+impl Column {
+    /// This column, its cells cut to `max_width` characters.
+    pub const fn cut(self, max_width: usize) -> Column {
+        Column { max_width, ..self }
+    }
 }
 
 /// A [`Kind::Text`] column.
@@ -33,6 +44,7 @@ pub const fn text(header: &'static str, key: &'static str) -> Column {
         header,
         key,
         kind: Kind::Text,
+        max_width: 0,
     }
 }
 
@@ -42,6 +54,7 @@ pub const fn bytes(header: &'static str, key: &'static str) -> Column {
         header,
         key,
         kind: Kind::Bytes,
+        max_width: 0,
     }
 }
 
@@ -51,6 +64,7 @@ pub const fn percent(header: &'static str, key: &'static str) -> Column {
         header,
         key,
         kind: Kind::Percent,
+        max_width: 0,
     }
 }
 
@@ -86,6 +100,18 @@ pub fn cell(v: Option<&Value>, kind: Kind) -> String {
     shown.replace(['\n', '\r', '\t'], " ")
 }
 
+/// `s` cut to at most `max` characters, the last of them `…` when anything was cut; `max == 0`
+/// leaves it whole.
+pub fn cut(s: &str, max: usize) -> String {
+    if max == 0 || s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.truncate(out.trim_end().len());
+    out.push('…');
+    out
+}
+
 /// The items of a CloudStack list answer (`{"count": N, "<object>": […]}`; `{}` when empty).
 pub fn items<'a>(list: &'a Value, object: &str) -> &'a [Value] {
     list.get(object)
@@ -97,7 +123,11 @@ pub fn items<'a>(list: &'a Value, object: &str) -> &'a [Value] {
 pub fn list_table(items: &[Value], columns: &[Column]) -> Table {
     let mut t = Table::new(columns.iter().map(|c| c.header));
     for item in items {
-        t.push(columns.iter().map(|c| cell(item.get(c.key), c.kind)));
+        t.push(
+            columns
+                .iter()
+                .map(|c| cut(&cell(item.get(c.key), c.kind), c.max_width)),
+        );
     }
     t
 }
@@ -225,5 +255,41 @@ mod tests {
         let empty = list_table(items(&json!({}), "template"), &cols);
         assert!(empty.is_empty());
         assert_eq!(empty.render(), "ID  SIZE\n");
+    }
+
+    #[test]
+    fn cut_cells_end_in_an_ellipsis() {
+        assert_eq!(cut("short", 10), "short");
+        assert_eq!(cut("exactly10!", 10), "exactly10!");
+        assert_eq!(cut("eleven chars", 10), "eleven ch…");
+        // No space left before the ellipsis; characters, not bytes, are counted.
+        assert_eq!(cut("abcd efgh", 6), "abcd…");
+        assert_eq!(cut("ééééééé", 4), "ééé…");
+        assert_eq!(cut("x", 1), "x");
+        assert_eq!(cut("xy", 1), "…");
+        assert_eq!(cut("no limit at all", 0), "no limit at all");
+    }
+
+    #[test]
+    fn long_status_is_cut_to_the_column_width() {
+        let reason = "Failed: refusing to download from internal address 10.1.2.3 (private); allow it with secstorage.allowed.internal.sites";
+        let cols = [
+            text("ID", "id"),
+            text("STATUS", "status").cut(24),
+            text("READY", "isready"),
+        ];
+        let list = json!({"template": [{"id": "t1", "status": reason, "isready": false},
+            {"id": "t2", "status": "Download Complete", "isready": true}]});
+        let out = list_table(items(&list, "template"), &cols).render();
+        assert_eq!(
+            out,
+            "ID  STATUS                    READY\n\
+             t1  Failed: refusing to dow…  false\n\
+             t2  Download Complete         true\n"
+        );
+        assert!(
+            out.lines().all(|l| l.chars().count() <= 2 + 2 + 24 + 2 + 5),
+            "{out}"
+        );
     }
 }
