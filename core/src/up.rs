@@ -105,8 +105,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
                 .map_err(|e| anyhow::anyhow!("{cmd}: {e}"))
         }
     };
-    // Before the image store: the storage VM is started with the setting's value.
-    let site_added = allow_demo_site(&client).await?;
+    // The setting is dynamic: a storage VM already running gets it over the agent channel.
+    allow_demo_site(&client).await?;
     let stores = call("listImageStores", vec![]).await?;
     let store_existed = !list(&stores, "imagestore").is_empty();
     if !store_existed {
@@ -135,29 +135,6 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
     if let Err(e) = wait_system_vms(&client, &opts.data_dir).await {
         core.shutdown_with_system_vms().await;
         return Err(e);
-    }
-    if site_added && store_existed {
-        // A storage VM started before the setting changed does not know it yet: restart it.
-        let vms = list(
-            &call(
-                "listSystemVms",
-                vec![("systemvmtype".into(), "secondarystoragevm".into())],
-            )
-            .await?,
-            "systemvm",
-        );
-        for vm in vms {
-            let id = vm["id"].as_str().unwrap_or_default();
-            eprintln!("up: restarting storage VM {id} with {ALLOWED_SITES}={DEMO_SITE}");
-            client
-                .call_async("rebootSystemVm", &[("id", id)])
-                .await
-                .map_err(|e| anyhow::anyhow!("rebootSystemVm: {e}"))?;
-        }
-        if let Err(e) = wait_system_vms(&client, &opts.data_dir).await {
-            core.shutdown_with_system_vms().await;
-            return Err(e);
-        }
     }
     let demo = if opts.demo {
         let previous = demo_targets(&client).await?;
