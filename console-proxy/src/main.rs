@@ -211,6 +211,8 @@ async fn serve(
     link: Option<console_proxy::core_link::CoreLink>,
     public_url: Option<String>,
 ) -> anyhow::Result<()> {
+    // Started by core's process driver: end with that core.
+    let _parent = systemvm_agent_client::parent::exit_with_parent();
     let max_sessions = config.max_sessions;
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let proxy = std::sync::Arc::new(console_proxy::start(config).await?);

@@ -187,3 +187,73 @@ fn serve_answers_the_page_and_refuses_bad_tokens() {
     assert_eq!(u16::from_be_bytes([body[2], body[3]]), 4001);
     assert_eq!(&body[4..], b"console token is not valid");
 }
+
+#[test]
+fn serve_exits_cleanly_when_its_parent_is_not_the_one_named() {
+    let dir = temp_dir("parent-named");
+    let keys = dir.join("keys.json");
+    assert!(run(&["keygen", "--out", keys.to_str().unwrap()]).status.success());
+    // This test process is the parent, not pid 1: as if core had died before the proxy started.
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--keys",
+            keys.to_str().unwrap(),
+        ])
+        .env("SYSTEMVM_PARENT_PID", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("serve kept running without its parent");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("re-parented"), "{stderr}");
+}
+
+#[test]
+fn serve_ends_with_the_parent_that_started_it() {
+    let dir = temp_dir("parent-dies");
+    let keys = dir.join("keys.json");
+    assert!(run(&["keygen", "--out", keys.to_str().unwrap()]).status.success());
+    let log = dir.join("serve.log");
+    let mut agent = systemvm_tests::orphan::UnderShell::start(
+        Path::new(BIN),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--keys",
+            keys.to_str().unwrap(),
+        ],
+        &log,
+    )
+    .unwrap();
+    // Its parent lives: it keeps serving (well past a check interval).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        agent.agent_running(),
+        "serve ended with its parent alive: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    agent.end_parent().unwrap();
+    assert!(
+        agent.wait_agent_gone(Duration::from_secs(5)),
+        "serve outlived its parent"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("re-parented"), "{log}");
+}

@@ -266,6 +266,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             core,
         } => {
             let link = core.link()?;
+            // Started by core's process driver: end with that core.
+            let _parent = systemvm_agent_client::parent::exit_with_parent();
             let journal = Journal::open(&state_dir(&store))?;
             let store = open_store(&store).await?;
             let allow = AllowList::default();

@@ -15,7 +15,11 @@
 //! * a core that stops answering (pings go with every heartbeat) for [`SILENT_CORE_INTERVALS`]
 //!   intervals plus [`HANDSHAKE_TIMEOUT`] is treated as gone: the agent reconnects, trying the next URL;
 //! * the secret never reaches a log.
+//!
+//! [`parent`]: agents started by core's process driver exit when that core dies.
 #![forbid(unsafe_code)]
+
+pub mod parent;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
