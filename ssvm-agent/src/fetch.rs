@@ -69,7 +69,9 @@ impl AllowList {
 
 /// Why an address may not be fetched from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refusing to download from internal address {addr} ({range}); allow it with the setting secstorage.allowed.internal.sites (or ssvm-agent --allow-internal when run by hand)")]
+#[error(
+    "refusing to download from internal address {addr} ({range}); allow it with the setting secstorage.allowed.internal.sites (or ssvm-agent --allow-internal when run by hand)"
+)]
 pub struct InternalAddress {
     /// The refused address.
     pub addr: IpAddr,

@@ -625,6 +625,51 @@ async fn up_runs_the_suite_and_ctrl_c_stops_it() {
     ctrl_c(child).await;
     let left = pids_with(&dir.display().to_string());
     assert!(left.is_empty(), "processes left running: {left:?}");
+
+    // Started again, `up` starts its system VMs as starts, not as crash restarts.
+    let mut child = spawn_up(
+        &[
+            "--data-dir",
+            &dir.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--no-demo",
+        ],
+        &stderr_file,
+        |_| {},
+    );
+    read_next_steps(&mut child, &stderr_file).await;
+    for kind in ["PROXY.RESTART", "SSVM.RESTART"] {
+        let restarts = cli(&["api", "listEvents", &format!("type={kind}")]);
+        assert!(
+            !restarts.contains("restarting"),
+            "the second up logged a crash: {restarts}"
+        );
+    }
+    // kill -9 of `up`: its agents notice they lost their parent and end.
+    let agents = pids_with(&dir.display().to_string());
+    assert!(agents.len() >= 2, "the system VMs run: {agents:?}");
+    let up_pid = child.id().expect("pid");
+    let st = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(up_pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let _ = child.wait().await;
+    let killed = Instant::now();
+    loop {
+        let left = pids_with(&dir.display().to_string());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "agents outlived a kill -9 of up: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("agents ended {:?} after kill -9 of up", killed.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&stderr_file);
 }

@@ -206,11 +206,20 @@ async fn every_command_answers_right_on_either_core() {
         if r["jobstatus"] != 0 {
             break r;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "the reboot did not end: {r}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the reboot did not end: {r}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(rebooted["jobstatus"], 1, "the reboot on A failed when B started: {rebooted}");
-    assert_eq!(rebooted["jobresult"]["systemvm"]["state"], "Running", "{rebooted}");
+    assert_eq!(
+        rebooted["jobstatus"], 1,
+        "the reboot on A failed when B started: {rebooted}"
+    );
+    assert_eq!(
+        rebooted["jobresult"]["systemvm"]["state"], "Running",
+        "{rebooted}"
+    );
 
     // Lifecycle commands sent to the standby are carried out by the active core: one instance.
     let stopped = b.ok(&["stopSystemVm", &reboot]).await;
