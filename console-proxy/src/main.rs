@@ -226,16 +226,23 @@ async fn serve(
         )?),
         None => None,
     };
-    let stop = tokio::signal::ctrl_c().await.context("failed to wait for Ctrl-C");
-    tracing::info!("Shutting down");
-    if let Some(client) = client {
-        client.shutdown().await;
-    }
-    if let Ok(proxy) = std::sync::Arc::try_unwrap(proxy) {
-        proxy.shutdown().await;
-    }
-    stop
+    let why = systemvm_task::stop_requested().await;
+    tracing::info!(signal = why, "Shutting down");
+    // One ordered stop with a deadline: the core link says goodbye, sessions get their close.
+    systemvm_task::stop_within("console proxy", SHUTDOWN_DEADLINE, async {
+        if let Some(client) = client {
+            client.shutdown().await;
+        }
+        if let Ok(proxy) = std::sync::Arc::try_unwrap(proxy) {
+            proxy.shutdown().await;
+        }
+    })
+    .await;
+    Ok(())
 }
+
+/// How long the stop may take before the process exits anyway.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn keygen(out: &Path, rotate: bool) -> anyhow::Result<()> {
     let keys = if rotate && out.exists() {

@@ -174,7 +174,8 @@ async fn main() -> anyhow::Result<()> {
             if let Some(url) = core.agent_url() {
                 println!("Agent endpoint: {url} (CA {})", core.ca_path.display());
             }
-            tokio::signal::ctrl_c().await?;
+            let why = systemvm_task::stop_requested().await;
+            tracing::info!(signal = why, "Stopping");
             core.shutdown().await;
         }
         Cmd::Up {
@@ -192,11 +193,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let up = systemvm_core::up::up(&opts).await?;
             println!("{}", systemvm_core::up::next_steps(&up, &data_dir));
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r?,
-                _ = term.recv() => {}
-            }
+            systemvm_task::stop_requested().await;
             eprintln!("up: stopping");
             systemvm_core::up::down(up).await;
         }

@@ -20,6 +20,54 @@ use tokio::task::JoinHandle;
 /// How often shutdown logs the tasks it still waits for.
 pub const WARN_EVERY: Duration = Duration::from_secs(2);
 
+/// Resolves when the process is asked to stop: Ctrl-C (SIGINT) or SIGTERM (what a driver or an
+/// init system sends); returns which.
+pub async fn stop_requested() -> &'static str {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot watch for SIGTERM; only Ctrl-C stops this process");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if let Err(error) = r {
+                tracing::warn!(%error, "Cannot watch for Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+            "SIGINT"
+        }
+        () = term => "SIGTERM",
+    }
+}
+
+/// Runs a service's ordered stop (`what`: for the log) for at most `deadline`, logging every
+/// [`WARN_EVERY`] while it waits; true when it finished in time.
+pub async fn stop_within(what: &str, deadline: Duration, stop: impl Future<Output = ()>) -> bool {
+    let until = tokio::time::Instant::now() + deadline;
+    tokio::pin!(stop);
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            tracing::warn!(
+                what,
+                deadline_secs = deadline.as_secs(),
+                "Stop deadline reached; exiting anyway"
+            );
+            return false;
+        }
+        match tokio::time::timeout(WARN_EVERY.min(until - now), &mut stop).await {
+            Ok(()) => return true,
+            Err(_) => tracing::warn!(what, "Still stopping"),
+        }
+    }
+}
+
 /// Told to every task: whether the service is stopping.
 #[derive(Debug, Clone)]
 pub struct ShutdownSignal(watch::Receiver<bool>);
@@ -175,6 +223,14 @@ mod tests {
             started.elapsed() < Duration::from_secs(2),
             "waited past the deadline"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stop_that_hangs_is_cut_at_the_deadline() {
+        assert!(stop_within("quick", Duration::from_secs(1), async {}).await);
+        let started = tokio::time::Instant::now();
+        assert!(!stop_within("stuck", Duration::from_millis(200), std::future::pending()).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[tokio::test]
