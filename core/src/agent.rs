@@ -30,9 +30,19 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::limits::{ConnLimiter, ConnSlot};
 use crate::model::{consoles, sessions, settings, systemvms, templates};
 use crate::state::State;
 use crate::util::hash_secret;
+
+/// Most agent connections at once (one per system VM, plus handshakes).
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Most agent connections from one address (system VMs behind one NAT share an address).
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 512;
+/// Most connections still in their TLS/WebSocket/Hello handshake at once.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Most handshakes in flight from one address.
+pub const MAX_HANDSHAKES_PER_CLIENT: usize = 16;
 
 /// Time allowed for the TLS handshake, the WebSocket upgrade and the `Hello`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,12 +57,29 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let connections = ConnLimiter::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+    let handshakes = ConnLimiter::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_CLIENT);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
-                    conns.spawn(connection(tcp, peer, acceptor.clone(), state.clone(), stop.clone()));
+                    // Refused at once (the socket closes): a flood holds no descriptor for long.
+                    let slots = connections
+                        .try_acquire(peer.ip())
+                        .and_then(|c| handshakes.try_acquire(peer.ip()).map(|h| (c, h)));
+                    let (conn_slot, handshake_slot) = match slots {
+                        Ok(s) => s,
+                        Err(why) => {
+                            tracing::debug!(%peer, ?why, "Agent endpoint full, refusing a connection");
+                            continue;
+                        }
+                    };
+                    let (acceptor, state, stop) = (acceptor.clone(), state.clone(), stop.clone());
+                    conns.spawn(async move {
+                        let _conn_slot = conn_slot;
+                        connection(tcp, peer, acceptor, state, stop, handshake_slot).await;
+                    });
                 }
                 Err(error) => {
                     tracing::warn!(%error, "Agent endpoint accept failed");
@@ -232,8 +259,12 @@ async fn connection(
     acceptor: tokio_rustls::TlsAcceptor,
     state: State,
     stop: watch::Receiver<bool>,
+    handshake_slot: ConnSlot,
 ) {
-    let (ws, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(tcp, acceptor)).await {
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(tcp, acceptor)).await;
+    // The handshake is over (done or failed): its slot goes back.
+    drop(handshake_slot);
+    let (ws, hello) = match accepted {
         Ok(Ok(v)) => v,
         Ok(Err(error)) => {
             tracing::info!(%peer, error = %error, "Agent connection refused before Hello");
@@ -273,6 +304,11 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
     };
     let config = settings::agent_config(&state, &zone, hello.role).await;
     let (conn_id, mut replaced, mut outgoing) = state.agents.register(&vm_id, hello.role, hello.version);
+    let from = From {
+        vm_id: vm_id.clone(),
+        conn: conn_id,
+        role: hello.role,
+    };
     if let Err(error) = systemvms::mark_up(&state.db, &vm_id, Some(&hello.software_version), None).await {
         tracing::error!(%error, "Failed to record the agent as Up");
     }
@@ -298,7 +334,7 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
                     Ok(None | Some(Ok(Message::Close(_)))) => break "connection closed by the agent",
                     Ok(Some(Err(_))) => break "connection lost",
                     Ok(Some(Ok(Message::Text(t)))) => {
-                        if let Some(reply) = on_message(&state, &vm_id, t.as_str()).await
+                        if let Some(reply) = on_message(&state, &from, t.as_str()).await
                             && send(&mut ws, &reply).await.is_err()
                         {
                             break "connection lost";
@@ -329,8 +365,20 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
     }
 }
 
-/// Handles one agent message; returns the reply to send at once, if any.
-async fn on_message(state: &State, vm_id: &str, text: &str) -> Option<CoreMessage> {
+/// Who sent a message: the VM, its connection, its registered role.
+#[derive(Debug, Clone)]
+struct From {
+    vm_id: String,
+    conn: u64,
+    role: AgentRole,
+}
+
+/// Handles one agent message; returns the reply to send at once, if any. Each message is
+/// accepted only from a sender entitled to it: answers from the connection the command went to,
+/// download progress from the storage VM connection the job was dispatched to, session claims
+/// from console proxies.
+async fn on_message(state: &State, from: &From, text: &str) -> Option<CoreMessage> {
+    let vm_id = from.vm_id.as_str();
     match serde_json::from_str::<AgentMessage>(text) {
         Ok(AgentMessage::Heartbeat(hb)) => {
             if let Err(error) = systemvms::mark_up(&state.db, vm_id, None, Some(&hb.load)).await {
@@ -339,17 +387,32 @@ async fn on_message(state: &State, vm_id: &str, text: &str) -> Option<CoreMessag
             None
         }
         Ok(AgentMessage::Answer(a)) => {
-            state.agents.answered(a);
+            state.agents.answered(vm_id, from.conn, a);
             None
         }
         Ok(AgentMessage::JobProgress(p)) => {
+            if from.role != AgentRole::SecStorage || !state.dispatched_to(&p.id, vm_id, from.conn) {
+                tracing::warn!(job = %p.id, role = from.role.as_str(), "Progress for a job not dispatched to this connection, skipped");
+                return None;
+            }
             if let Err(error) = templates::apply_progress(state, vm_id, &p).await {
                 tracing::error!(%error, template = %p.id, "Failed to record download progress");
             }
             None
         }
-        Ok(AgentMessage::ClaimSession(c)) => {
+        Ok(AgentMessage::ClaimSession(c)) if from.role == AgentRole::ConsoleProxy => {
             Some(CoreMessage::ClaimAnswer(consoles::claim(state, vm_id, &c).await))
+        }
+        Ok(AgentMessage::ClaimSession(c)) => {
+            tracing::warn!(
+                role = from.role.as_str(),
+                "Session claim from an agent that is not a console proxy, refused"
+            );
+            Some(CoreMessage::ClaimAnswer(systemvm_proto::agent::ClaimAnswer {
+                id: c.id,
+                granted: false,
+                reason: Some("only console proxies claim sessions".into()),
+            }))
         }
         Ok(AgentMessage::Unknown) => {
             tracing::debug!("Skipped an agent message of an unknown type");

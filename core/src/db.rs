@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0007_zone_driver.sql"),
     ),
     (8, "ha", include_str!("../migrations/0008_ha.sql")),
+    (9, "fencing", include_str!("../migrations/0009_fencing.sql")),
 ];
 
 /// Opening or migrating the database failed.

@@ -2,7 +2,8 @@
 //! ISO downloads to connected storage VMs.
 //!
 //! Invariants: a download is dispatched only to a storage VM that is connected and reports
-//! serving the template's image store; dispatching is idempotent (the template id is the agent's
+//! serving the template's image store, with a fresh fencing epoch, and only that connection may
+//! report its progress; dispatching is idempotent (the template id is the agent's
 //! job id), so a download is sent again whenever the connection it went to is gone: after an
 //! agent restart or a core restart the job is re-attached, never started twice.
 
@@ -58,14 +59,17 @@ async fn dispatch_pending(state: &State) -> Result<(), sqlx::Error> {
         let Some(conn) = state.agents.connection(&agent) else {
             continue;
         };
-        let command = AgentCommand::Download(pending.command);
+        let mut download = pending.command;
+        download.epoch = templates::next_epoch(state, &id).await?;
+        // Recorded before sending: progress that comes before the answer is this connection's.
+        state.dispatched_set(&id, &agent, conn);
+        let command = AgentCommand::Download(download);
         match state
             .agents
             .call(&agent, &command, templates::COMMAND_TIMEOUT)
             .await
         {
             Ok(answer) if answer.ok => {
-                state.dispatched_set(&id, &agent, conn);
                 tracing::info!(template = %id, agent = %agent, "Download dispatched to a storage VM");
                 match serde_json::from_value::<JobProgress>(answer.body) {
                     Ok(p) => templates::apply_progress(state, &agent, &p).await?,
@@ -73,6 +77,7 @@ async fn dispatch_pending(state: &State) -> Result<(), sqlx::Error> {
                 }
             }
             Ok(answer) => {
+                state.dispatched_forget(&id);
                 let reason = answer.error.unwrap_or_else(|| "refused by the storage VM".into());
                 tracing::warn!(template = %id, agent = %agent, %reason, "Storage VM refused a download");
                 let failed = JobProgress {
@@ -84,6 +89,7 @@ async fn dispatch_pending(state: &State) -> Result<(), sqlx::Error> {
                 templates::apply_progress(state, &agent, &failed).await?;
             }
             Err(error) => {
+                state.dispatched_forget(&id);
                 tracing::warn!(template = %id, agent = %agent, %error, "Download not dispatched; will retry")
             }
         }

@@ -12,6 +12,8 @@ pub mod code {
     pub const UNAUTHORIZED: u16 = 401;
     /// Wrong HTTP method (login over GET).
     pub const METHOD_NOT_ALLOWED: u16 = 405;
+    /// The request body did not arrive in time.
+    pub const REQUEST_TIMEOUT: u16 = 408;
     /// Undecodable parameter encoding.
     pub const MALFORMED_PARAMETER: u16 = 430;
     /// Missing or invalid parameter.

@@ -3,8 +3,9 @@
 //! (`crate::agent`) fills it; the domain layer and the background parts send through it.
 //!
 //! Invariants: one current connection per system VM (a newer one replaces, and closes, the
-//! older); an answer reaches only the command that waits for its id; sends never block (a full
-//! queue is a failed send).
+//! older); command ids are random (unguessable), and an answer completes a command only when it
+//! comes from the very connection the command was sent on (another VM, or a later connection of
+//! the same VM, cannot answer it); sends never block (a full queue is a failed send).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,11 +43,19 @@ pub enum CallError {
     },
 }
 
+/// A command waiting for its answer: where it was sent.
+#[derive(Debug)]
+struct Pending {
+    vm_id: String,
+    conn: u64,
+    tx: oneshot::Sender<Answer>,
+}
+
 /// The current connection of each system VM, and the commands waiting for answers.
 #[derive(Debug, Default)]
 pub struct Hub {
     conns: std::sync::Mutex<HashMap<String, Conn>>,
-    pending: std::sync::Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    pending: std::sync::Mutex<HashMap<String, Pending>>,
     next: AtomicU64,
 }
 
@@ -55,7 +64,7 @@ impl Hub {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Answer>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -119,17 +128,37 @@ impl Hub {
             .count()
     }
 
-    /// Sends a command to `vm_id` and waits up to `timeout` for its answer.
+    /// Sends a command to `vm_id`'s current connection and waits up to `timeout` for its answer
+    /// on that connection.
     pub async fn call(
         &self,
         vm_id: &str,
         body: &AgentCommand,
         timeout: Duration,
     ) -> Result<Answer, CallError> {
-        let id = format!("cmd-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let Ok(token) = crate::util::random_token::<16>() else {
+            return Err(CallError::NotConnected(vm_id.to_owned()));
+        };
+        let id = format!("cmd-{token}");
         let (tx, rx) = oneshot::channel();
-        self.pending().insert(id.clone(), tx);
-        let sent = self.push(vm_id, CoreMessage::Command(Command::new(id.clone(), body)));
+        let sent = {
+            let conns = self.conns();
+            match conns.get(vm_id) {
+                Some(c) => {
+                    self.pending().insert(
+                        id.clone(),
+                        Pending {
+                            vm_id: vm_id.to_owned(),
+                            conn: c.id,
+                            tx,
+                        },
+                    );
+                    c.tx.try_send(CoreMessage::Command(Command::new(id.clone(), body)))
+                        .is_ok()
+                }
+                None => false,
+            }
+        };
         let r = if !sent {
             Err(CallError::NotConnected(vm_id.to_owned()))
         } else {
@@ -158,12 +187,57 @@ impl Hub {
         }
     }
 
-    pub(crate) fn answered(&self, answer: Answer) {
-        match self.pending().remove(&answer.id) {
-            Some(w) => {
-                let _ = w.send(answer);
+    /// An answer came on connection `conn` of `vm_id`: it completes the command only when that
+    /// command was sent on this connection.
+    pub(crate) fn answered(&self, vm_id: &str, conn: u64, answer: Answer) {
+        let mut pending = self.pending();
+        match pending.get(&answer.id) {
+            Some(p) if p.vm_id == vm_id && p.conn == conn => {
+                if let Some(p) = pending.remove(&answer.id) {
+                    let _ = p.tx.send(answer);
+                }
+            }
+            Some(_) => {
+                tracing::warn!(id = %answer.id, "Answer from a connection the command was not sent on, skipped");
             }
             None => tracing::debug!(id = %answer.id, "Answer to no waiting command (late) skipped"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_only_count_from_the_connection_a_command_went_to() {
+        let hub = std::sync::Arc::new(Hub::default());
+        let (conn_a, _closed_a, mut rx_a) = hub.register("vm-a", AgentRole::SecStorage, 2);
+        let (conn_b, _closed_b, _rx_b) = hub.register("vm-b", AgentRole::ConsoleProxy, 2);
+        let h = hub.clone();
+        let call = tokio::spawn(async move {
+            h.call(
+                "vm-a",
+                &AgentCommand::CancelJob { job_id: "j".into() },
+                Duration::from_secs(5),
+            )
+            .await
+        });
+        let Some(CoreMessage::Command(c)) = rx_a.recv().await else {
+            panic!("no command sent");
+        };
+        assert!(c.id.len() > 20, "command ids are random tokens: {}", c.id);
+        let answer = |ok| Answer {
+            id: c.id.clone(),
+            ok,
+            body: serde_json::Value::Null,
+            error: None,
+        };
+        // Another VM, and a stale connection of the same VM, cannot answer it.
+        hub.answered("vm-b", conn_b, answer(false));
+        hub.answered("vm-a", conn_a + 100, answer(false));
+        hub.answered("vm-a", conn_a, answer(true));
+        let got = call.await.expect("join").expect("answered");
+        assert!(got.ok, "the answer of the connection it went to wins");
     }
 }

@@ -55,6 +55,7 @@ pub mod error;
 pub mod fleet;
 pub mod follow;
 pub mod hub;
+pub mod limits;
 pub mod model;
 pub mod paging;
 pub mod params;

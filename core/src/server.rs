@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +38,11 @@ use crate::util::random_token;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most API connections served at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most API connections from one client address; more are closed at accept, so one client
+/// cannot take the slots of the others.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
+/// Time a client gets to send a request's body, once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a client gets to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most password checks (`login`) running at once; more wait their turn.
@@ -56,7 +61,7 @@ pub enum Listener {
 /// finish the request it is serving (HTTP/1 graceful shutdown: idle connections close at once)
 /// and returns when they are all done (the service's shutdown deadline bounds the wait).
 pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limiter = crate::limits::ConnLimiter::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -64,9 +69,12 @@ pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "Too many API connections, refusing one");
-                        continue;
+                    let permit = match limiter.try_acquire(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            tracing::debug!(%peer, ?why, "Too many API connections, refusing one");
+                            continue;
+                        }
                     };
                     let state = state.clone();
                     let mut stop = stop.clone();
@@ -163,7 +171,19 @@ async fn handle(
         return error_response("errorresponse", &e);
     }
     if parts.method == Method::POST {
-        let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
+        let Ok(read) = read else {
+            let e = ApiError::new(
+                code::REQUEST_TIMEOUT,
+                crate::error::cs::SERVER_API,
+                format!("request body not received within {}s", BODY_TIMEOUT.as_secs()),
+            );
+            let mut r = error_response("errorresponse", &e);
+            r.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        };
+        let bytes = match read {
             Ok(b) => b.to_bytes(),
             Err(_) => {
                 let e = ApiError::param(format!("request body larger than {MAX_BODY} bytes"));
@@ -193,7 +213,7 @@ async fn handle(
     let name = params.get("command").unwrap_or_default().to_owned();
     let key = format!("{}response", name.to_ascii_lowercase());
     match name.as_str() {
-        "login" => return login(&state, &parts.method, &params).await,
+        "login" => return login(&state, &parts.method, &params, forwarded_https(&parts.headers)).await,
         "logout" => return logout(&state, &parts.headers).await,
         _ => {}
     }
@@ -295,7 +315,23 @@ async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Re
     Ok(user.caller)
 }
 
-async fn login(state: &State, method: &Method, params: &Params) -> Response<Full<Bytes>> {
+/// Whether a TLS front end says the client came over HTTPS (`X-Forwarded-Proto: https` or
+/// `Forwarded: proto=https`): core's own listener is plain HTTP.
+fn forwarded_https(headers: &HeaderMap) -> bool {
+    let has = |name: &str, want: &dyn Fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| want(&v.to_ascii_lowercase()))
+    };
+    has("x-forwarded-proto", &|v| v.trim() == "https")
+        || has("forwarded", &|v| {
+            v.split([';', ',']).any(|p| p.trim() == "proto=https")
+        })
+}
+
+async fn login(state: &State, method: &Method, params: &Params, https: bool) -> Response<Full<Bytes>> {
     let key = "loginresponse";
     if method != Method::POST {
         let e = ApiError::new(
@@ -370,9 +406,11 @@ async fn login(state: &State, method: &Method, params: &Params) -> Response<Full
         "is2faverified": "false",
     }});
     let mut r = json_response(200, &body);
+    // `Secure` when the UI reached core over HTTPS (through a TLS front end that says so).
+    let secure = if https { "; Secure" } else { "" };
     for c in [
-        format!("JSESSIONID={jsession}; Path=/client; HttpOnly"),
-        format!("sessionkey={session_key}; Path=/client; HttpOnly"),
+        format!("JSESSIONID={jsession}; Path=/client; HttpOnly; SameSite=Lax{secure}"),
+        format!("sessionkey={session_key}; Path=/client; HttpOnly; SameSite=Lax{secure}"),
     ] {
         if let Ok(v) = HeaderValue::from_str(&c) {
             r.headers_mut().append(SET_COOKIE, v);

@@ -145,6 +145,14 @@ impl Shared {
         self.agents.connection(&vm) == Some(conn)
     }
 
+    /// Whether template `id`'s download was dispatched to connection `conn` of `vm_id` (only that
+    /// connection may report its progress).
+    pub fn dispatched_to(&self, id: &str, vm_id: &str, conn: u64) -> bool {
+        self.dispatched()
+            .get(id)
+            .is_some_and(|(v, c)| v == vm_id && *c == conn)
+    }
+
     /// Records that template `id`'s download went to connection `conn` of `vm_id`.
     pub fn dispatched_set(&self, id: &str, vm_id: &str, conn: u64) {
         self.dispatched().insert(id.to_owned(), (vm_id.to_owned(), conn));

@@ -139,6 +139,7 @@ pub fn progress_of(r: &JobRecord) -> JobProgress {
             virtual_size: i.virtual_size,
             sha256: i.installed_sha256.clone(),
         }),
+        epoch: None,
     }
 }
 
@@ -198,7 +199,7 @@ impl Runner {
                 let cancelled = self.agent.cancel(&job_id);
                 Ok(serde_json::json!({ "cancelled": cancelled }))
             }
-            AgentCommand::DeleteInstall { store_url, path } => match self.check_store(&store_url) {
+            AgentCommand::DeleteInstall { store_url, path, .. } => match self.check_store(&store_url) {
                 Ok(()) => self
                     .agent
                     .delete_install(&path)

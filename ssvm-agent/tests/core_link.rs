@@ -58,6 +58,7 @@ async fn download(ws: &mut AgentConn, store: &std::path::Path, job_id: &str, url
             format: "RAW".into(),
             checksum: None,
             description: String::new(),
+            epoch: 1,
         }),
     );
     ws.send(&CoreMessage::Command(command)).await.unwrap();

@@ -4,6 +4,9 @@
 //! Invariants:
 //! * a template row is written before its download is dispatched; its id is the agent's job id,
 //!   so a download sent twice is the same job;
+//! * installs are fenced: each dispatch to a connection and each delete raises the template's
+//!   epoch, progress of an older epoch is dropped, and agents stop writing an install whose epoch
+//!   passed theirs (so a re-sent download or a delete cannot be undone by a stale run);
 //! * progress only moves a template that is not removed and not finished; `isready` is true only
 //!   after the agent reported the install complete (the file verified and `template.properties`
 //!   written);
@@ -196,6 +199,16 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
 
 /// Applies a storage VM's progress report to its template.
 pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Result<(), sqlx::Error> {
+    if let Some(epoch) = p.epoch {
+        let current: Option<i64> = sqlx::query_scalar("SELECT dispatch_epoch FROM templates WHERE id = $1")
+            .bind(p.id.clone())
+            .fetch_optional(&state.db.pool)
+            .await?;
+        if current.is_some_and(|c| i64::try_from(epoch).unwrap_or(i64::MAX) < c) {
+            tracing::warn!(template = %p.id, epoch, "Progress of a fenced (older) run of a download, skipped");
+            return Ok(());
+        }
+    }
     let phase = p.state.unwrap_or(JobPhase::Running);
     let (dl_state, status, percent) = match phase {
         JobPhase::Completed => (download_state::DOWNLOADED, "Download Complete".to_owned(), 100),
@@ -282,6 +295,7 @@ pub async fn pending_downloads(state: &State) -> Result<Vec<PendingDownload>, sq
                     format: row.try_get("format")?,
                     checksum: row.try_get("checksum")?,
                     description: row.try_get("display_text")?,
+                    epoch: 0,
                 },
                 zone_id: row.try_get("zone_id")?,
                 store_name: row.try_get("store_name")?,
@@ -289,6 +303,21 @@ pub async fn pending_downloads(state: &State) -> Result<Vec<PendingDownload>, sq
             })
         })
         .collect()
+}
+
+/// Raises the install's fencing epoch and returns the new value: every dispatch to a connection
+/// and every delete gets a higher epoch than anything sent before, so a storage VM still running
+/// an older one is fenced off.
+pub async fn next_epoch(state: &State, id: &str) -> Result<u64, sqlx::Error> {
+    sqlx::query("UPDATE templates SET dispatch_epoch = dispatch_epoch + 1 WHERE id = $1")
+        .bind(id.to_owned())
+        .execute(&state.db.pool)
+        .await?;
+    let e: i64 = sqlx::query_scalar("SELECT dispatch_epoch FROM templates WHERE id = $1")
+        .bind(id.to_owned())
+        .fetch_one(&state.db.pool)
+        .await?;
+    Ok(u64::try_from(e).unwrap_or(0))
 }
 
 /// Sets the status text of a template still waiting for its download.
@@ -387,6 +416,8 @@ pub async fn delete(
             )
             .await;
     }
+    // A higher epoch fences off any run of the download still going somewhere.
+    let epoch = next_epoch(state, id).await?;
     let answer = state
         .agents
         .call(
@@ -394,6 +425,7 @@ pub async fn delete(
             &AgentCommand::DeleteInstall {
                 store_url: store_url.clone(),
                 path: path.clone(),
+                epoch,
             },
             COMMAND_TIMEOUT,
         )

@@ -343,6 +343,10 @@ pub enum AgentCommand {
         store_url: String,
         /// Install directory (`template/tmpl/ACCOUNT/ID`).
         path: String,
+        /// The install's fencing epoch, higher than any download of it was sent with: a download
+        /// still running somewhere must stop and never write the install again (version 2).
+        #[serde(default)]
+        epoch: u64,
     },
 }
 
@@ -365,6 +369,12 @@ pub struct DownloadCommand {
     /// Description for `template.properties`.
     #[serde(default)]
     pub description: String,
+    /// Fencing epoch of the install (version 2): core raises it each time it sends the download
+    /// to a connection, and when it deletes the install. An agent that learns of a higher epoch
+    /// for the install (a newer `Download`, a `DeleteInstall`, or the epoch recorded beside the
+    /// install) stops writing and reporting it; 0 from cores that do not fence.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The result of a command.
@@ -408,6 +418,10 @@ pub struct JobProgress {
     /// What a completed download installed (version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed: Option<InstalledImage>,
+    /// The fencing epoch the job runs under (its `DownloadCommand::epoch`); core drops reports
+    /// of an older epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// A job's phase.
@@ -576,6 +590,7 @@ mod tests {
                 virtual_size: 20,
                 sha256: "ab".into(),
             }),
+            epoch: Some(3),
         }));
         round_trip_agent(AgentMessage::ClaimSession(ClaimSession {
             id: "1".into(),
@@ -616,11 +631,13 @@ mod tests {
                 format: "QCOW2".into(),
                 checksum: None,
                 description: "d".into(),
+                epoch: 2,
             }),
             AgentCommand::CancelJob { job_id: "t1".into() },
             AgentCommand::DeleteInstall {
                 store_url: "nfs://h/e".into(),
                 path: "template/tmpl/a/t1".into(),
+                epoch: 3,
             },
         ];
         for c in cmds {
