@@ -91,6 +91,8 @@ pub struct CoreConfig {
     /// Drivers of hypervisor hosts whose guest VMs' consoles core resolves by name
     /// (`addConsoleTarget hypervisorvm=NAME`).
     pub guest_drivers: Vec<Arc<dyn fleet::Driver>>,
+    /// Connection and time limits of the API listeners.
+    pub api_limits: server::ApiLimits,
 }
 
 /// How long a clean stop waits for in-flight API requests, agent closes and the other tasks.
@@ -134,6 +136,7 @@ impl CoreConfig {
             driver: None,
             agent_urls: Vec::new(),
             guest_drivers: Vec::new(),
+            api_limits: server::ApiLimits::default(),
         }
     }
 }
@@ -434,8 +437,9 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     let st = state.clone();
     tasks.spawn("follower", |s| follow::run(st, s.receiver()));
     let st = state.clone();
+    let api_limits = config.api_limits;
     tasks.spawn("api", |s| {
-        server::serve(listener, st, server::Listener::Public, s.receiver())
+        server::serve(listener, st, server::Listener::Public, api_limits, s.receiver())
     });
     let mut integration_addr = None;
     if let Some(l) = integration {
@@ -446,7 +450,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         );
         let st = state.clone();
         tasks.spawn("integration-api", |s| {
-            server::serve(l, st, server::Listener::Integration, s.receiver())
+            server::serve(l, st, server::Listener::Integration, api_limits, s.receiver())
         });
     }
     let mut agent_addr = None;

@@ -36,13 +36,27 @@ use crate::util::random_token;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Most API connections served at once; more are closed at accept.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Most API connections from one client address; more are closed at accept, so one client
-/// cannot take the slots of the others.
-pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
-/// Time a client gets to send a request's body, once its headers are in.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limits of the API listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Most API connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Most API connections from one client address; more are closed at accept, so one client
+    /// cannot take the slots of the others.
+    pub max_connections_per_client: usize,
+    /// Time a client gets to send a request's body, once its headers are in.
+    pub body_timeout: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+}
 /// Time a client gets to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most password checks (`login`) running at once; more wait their turn.
@@ -60,8 +74,14 @@ pub enum Listener {
 /// Accepts connections until `stop` flips; then accepts no more, lets every open connection
 /// finish the request it is serving (HTTP/1 graceful shutdown: idle connections close at once)
 /// and returns when they are all done (the service's shutdown deadline bounds the wait).
-pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop: watch::Receiver<bool>) {
-    let limiter = crate::limits::ConnLimiter::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    kind: Listener,
+    limits: ApiLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let limiter = crate::limits::ConnLimiter::new(limits.max_connections, limits.max_connections_per_client);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -82,7 +102,7 @@ pub async fn serve(listener: TcpListener, state: State, kind: Listener, mut stop
                         let _permit = permit;
                         let svc = service_fn(move |req| {
                             let state = state.clone();
-                            async move { Ok::<_, Infallible>(handle(state, kind, peer, req).await) }
+                            async move { Ok::<_, Infallible>(handle(state, kind, peer, limits.body_timeout, req).await) }
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
                             .timer(TokioTimer::new())
@@ -155,6 +175,7 @@ async fn handle(
     state: State,
     kind: Listener,
     peer: SocketAddr,
+    body_timeout: Duration,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != "/client/api" && req.uri().path() != "/client/api/" {
@@ -171,12 +192,12 @@ async fn handle(
         return error_response("errorresponse", &e);
     }
     if parts.method == Method::POST {
-        let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
+        let read = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
         let Ok(read) = read else {
             let e = ApiError::new(
                 code::REQUEST_TIMEOUT,
                 crate::error::cs::SERVER_API,
-                format!("request body not received within {}s", BODY_TIMEOUT.as_secs()),
+                format!("request body not received within {}s", body_timeout.as_secs()),
             );
             let mut r = error_response("errorresponse", &e);
             r.headers_mut()

@@ -425,6 +425,13 @@ impl Core {
         }
     }
 
+    /// A GET signed with the root admin's keys, sent raw; returns (status, JSON).
+    pub(crate) async fn signed_get(&self, params: &[(&str, &str)]) -> (u16, Value) {
+        let q = Self::signed(params, &self.key, &self.secret, Encoding::Java);
+        let r = self.raw("GET", &q, b"", None).await;
+        (r.status, r.json)
+    }
+
     /// Logs `user` in as the web UI does (POST `login`); returns the cookie header and the
     /// session key.
     pub(crate) async fn login(&self, user: &str, password: &str) -> (String, String) {

@@ -6,6 +6,7 @@ mod console;
 mod core_api;
 mod deploy;
 mod fleet;
+mod floods;
 mod ha;
 mod layout;
 mod libvirt;
