@@ -10,9 +10,12 @@
 //!   connections come from unprivileged source ports.
 //! - READ and WRITE requests carry at most 1 MiB (and no more than the server's `rtmax`/`wtmax`):
 //!   the client rejects fragmented replies, and 1 MiB measured fastest.
-//! - Writes are UNSTABLE; [`NfsStore::flush`] sends one COMMIT and compares the server's write
-//!   verifier with the one the writes got: a change means the server restarted and unstable data
-//!   may be lost, so the flush fails with [`StoreError::ServerRestarted`].
+//! - Writes are UNSTABLE; [`NfsStore::flush`] sends one COMMIT, which covers only the writes
+//!   answered before it was sent (a write answered later may have been processed after it, so it
+//!   waits for the next COMMIT). A covered write whose verifier differs from the COMMIT's means the
+//!   server restarted and may have dropped it: the flush fails with [`StoreError::ServerRestarted`]
+//!   and the caller rewrites from its last good flush. Writes keep their verifier until a COMMIT
+//!   covers them, so a restart between two flushes is always detected.
 //! - Idle connections are checked before reuse: one the server closed is dropped, not used.
 
 use std::future::Future;
@@ -111,15 +114,50 @@ impl Conn {
     }
 }
 
-/// The unstable-write state of one open file, to detect a server restart before COMMIT.
-#[derive(Default)]
+/// The unstable-write bookkeeping of one open file: which answered unstable writes a COMMIT
+/// covers, and whether the server kept them.
+///
+/// A COMMIT covers the unstable writes the server processed before it. The client knows that only
+/// of the writes whose replies it had seen before it sent the COMMIT: a write answered after that
+/// (even before the COMMIT's reply) may have been processed after the COMMIT, so it stays
+/// outstanding for the next one. A covered write whose verifier differs from the COMMIT's means
+/// the server restarted between the two and may have dropped the data. Outstanding writes carry
+/// their verifier until a COMMIT covers them, so a restart is detected whichever COMMIT comes next.
+#[derive(Debug, Default)]
 struct Verifier {
-    /// The verifier of the latest unstable write (or commit).
-    last: Option<writeverf3>,
-    /// Unstable writes were sent since the last commit.
-    dirty: bool,
-    /// The verifier changed while unstable writes were outstanding.
-    changed: bool,
+    /// COMMITs sent so far on this file; the round a write was answered in is this count then.
+    commits_sent: u64,
+    /// The distinct (round, verifier) pairs of unstable writes not yet covered by a COMMIT.
+    outstanding: Vec<(u64, writeverf3)>,
+}
+
+impl Verifier {
+    /// An unstable write was answered with `verf`.
+    fn note_unstable_write(&mut self, verf: writeverf3) {
+        let entry = (self.commits_sent, verf);
+        if !self.outstanding.contains(&entry) {
+            self.outstanding.push(entry);
+        }
+    }
+
+    /// A COMMIT is about to be sent: it covers the writes answered so far. Returns its token.
+    fn begin_commit(&mut self) -> u64 {
+        self.commits_sent += 1;
+        self.commits_sent
+    }
+
+    /// The COMMIT of `token` was answered with `verf`: whether a write it covers may be lost.
+    /// Covered writes are settled either way (lost ones must be rewritten by the caller); the
+    /// writes answered after it was sent stay outstanding.
+    fn committed(&mut self, token: u64, verf: writeverf3) -> bool {
+        let mut lost = false;
+        self.outstanding.retain(|(round, v)| {
+            let covered = *round < token;
+            lost |= covered && *v != verf;
+            !covered
+        });
+        lost
+    }
 }
 
 /// An open NFS file: its handle and unstable-write state.
@@ -137,25 +175,8 @@ impl NfsFile {
         }
     }
 
-    fn note_unstable_write(&self, verf: writeverf3) {
-        let mut v = self.verifier.lock().unwrap_or_else(PoisonError::into_inner);
-        if v.dirty && v.last.is_some_and(|last| last != verf) {
-            v.changed = true;
-        }
-        v.last = Some(verf);
-        v.dirty = true;
-    }
-
-    /// After a COMMIT: whether unstable data may have been lost. Resets the state either way.
-    fn committed(&self, verf: writeverf3) -> bool {
-        let mut v = self.verifier.lock().unwrap_or_else(PoisonError::into_inner);
-        let lost = v.changed || (v.dirty && v.last.is_some_and(|last| last != verf));
-        *v = Verifier {
-            last: Some(verf),
-            dirty: false,
-            changed: false,
-        };
-        lost
+    fn verifier(&self) -> std::sync::MutexGuard<'_, Verifier> {
+        self.verifier.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -630,7 +651,7 @@ impl NfsStore {
                 return Err(self.bad_reply("write", path, "the server wrote 0 bytes"));
             }
             if ok.committed == stable_how::UNSTABLE {
-                file.note_unstable_write(ok.verf);
+                file.verifier().note_unstable_write(ok.verf);
             }
             let written = ok.count.min(count) as usize;
             data = data.slice(written..);
@@ -658,6 +679,9 @@ impl NfsStore {
             offset: 0,
             count: 0,
         };
+        // INVARIANT: the token is taken before the COMMIT is sent, so it covers only the writes
+        // answered before that.
+        let token = file.verifier().begin_commit();
         let reply = self
             .call("commit", path, move |mut c| async move {
                 let r = c.commit(&args).await;
@@ -665,7 +689,7 @@ impl NfsStore {
             })
             .await?;
         let ok = self.check("commit", path, reply)?;
-        if file.committed(ok.verf) {
+        if file.verifier().committed(token, ok.verf) {
             let e = StoreError::ServerRestarted {
                 store: self.name.clone(),
                 path: path.to_owned(),
@@ -917,23 +941,94 @@ mod tests {
 
     #[test]
     fn verifier_change_means_lost_writes() {
-        let f = NfsFile::new(nfs_fh3::default());
         let (a, b) = (writeverf3([1; 8]), writeverf3([2; 8]));
+        let mut v = Verifier::default();
         // Same verifier throughout: fine.
-        f.note_unstable_write(a);
-        f.note_unstable_write(a);
-        assert!(!f.committed(a));
+        v.note_unstable_write(a);
+        v.note_unstable_write(a);
+        let t = v.begin_commit();
+        assert!(!v.committed(t, a));
         // Restart between the writes and the commit.
-        f.note_unstable_write(a);
-        assert!(f.committed(b));
+        v.note_unstable_write(a);
+        let t = v.begin_commit();
+        assert!(v.committed(t, b));
         // Restart between two writes, commit verifier equals the newest.
-        f.note_unstable_write(b);
-        f.note_unstable_write(a);
-        assert!(f.committed(a));
+        v.note_unstable_write(b);
+        v.note_unstable_write(a);
+        let t = v.begin_commit();
+        assert!(v.committed(t, a));
         // A commit with nothing outstanding never fails, whatever the verifier.
-        assert!(!f.committed(b));
+        let t = v.begin_commit();
+        assert!(!v.committed(t, b));
         // Restart right after a commit, before any write: nothing was lost.
-        f.note_unstable_write(a);
-        assert!(!f.committed(a));
+        v.note_unstable_write(a);
+        let t = v.begin_commit();
+        assert!(!v.committed(t, a));
+    }
+
+    #[test]
+    fn a_write_answered_after_the_commit_was_sent_is_not_covered_by_it() {
+        let (a, b) = (writeverf3([1; 8]), writeverf3([2; 8]));
+        let mut v = Verifier::default();
+        v.note_unstable_write(a);
+        let first = v.begin_commit();
+        // Answered before the COMMIT's reply, but the server may have processed it after the COMMIT.
+        v.note_unstable_write(a);
+        assert!(!v.committed(first, a), "the write before the COMMIT was kept");
+        // The server restarts; the next writes get a new verifier and so does the next COMMIT.
+        v.note_unstable_write(b);
+        let second = v.begin_commit();
+        assert!(
+            v.committed(second, b),
+            "the write answered with the old verifier after the first COMMIT was sent may be lost"
+        );
+        // Settled: the next round starts clean.
+        v.note_unstable_write(b);
+        let third = v.begin_commit();
+        assert!(!v.committed(third, b));
+    }
+
+    #[test]
+    fn a_restart_between_checkpoints_is_always_detected() {
+        // Every interleaving of writes (answered with the old verifier `a` or, after the restart,
+        // `b`), a COMMIT sent at each position, answered with `a` or `b`: a write answered with a
+        // verifier other than that of the COMMIT that covers it is reported, by that COMMIT or the next.
+        let (a, b) = (writeverf3([1; 8]), writeverf3([2; 8]));
+        for before in 0..4 {
+            for after in 0..4 {
+                for reply in [a, b] {
+                    let mut v = Verifier::default();
+                    for _ in 0..before {
+                        v.note_unstable_write(a);
+                    }
+                    let first = v.begin_commit();
+                    for _ in 0..after {
+                        v.note_unstable_write(a);
+                    }
+                    let lost_first = v.committed(first, reply);
+                    assert_eq!(lost_first, before > 0 && reply == b, "{before} {after} {reply:?}");
+                    // Then the server is on `b`: a later COMMIT reports the writes with `a` that the
+                    // first did not cover.
+                    v.note_unstable_write(b);
+                    let second = v.begin_commit();
+                    assert_eq!(v.committed(second, b), after > 0, "{before} {after} {reply:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_commits_cover_what_each_saw() {
+        let (a, b) = (writeverf3([1; 8]), writeverf3([2; 8]));
+        let mut v = Verifier::default();
+        v.note_unstable_write(a);
+        let one = v.begin_commit();
+        v.note_unstable_write(a);
+        let two = v.begin_commit();
+        // The second COMMIT's reply comes first and covers both writes.
+        assert!(!v.committed(two, a));
+        // The first one's reply then has nothing left to settle.
+        assert!(!v.committed(one, b));
+        assert!(v.outstanding.is_empty());
     }
 }
