@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (8, "ha", include_str!("../migrations/0008_ha.sql")),
     (9, "fencing", include_str!("../migrations/0009_fencing.sql")),
+    (
+        10,
+        "store_per_ssvm",
+        include_str!("../migrations/0010_store_per_ssvm.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

@@ -34,9 +34,11 @@ pub async fn start_vm(state: &State, fleet: &Fleet, id: &str) -> Result<(), Flee
     let driver_spec = fleet.spec_of(info.zone_driver.as_deref());
     let store_url = match info.role {
         AgentRole::SecStorage => Some(
-            stores::first_url_of_zone(pool, &info.zone_id)
-                .await?
-                .ok_or_else(|| FleetError::NoStore(info.zone_id.clone()))?,
+            match &info.store_id {
+                Some(store) => stores::url_of(pool, store).await?,
+                None => stores::first_url_of_zone(pool, &info.zone_id).await?,
+            }
+            .ok_or_else(|| FleetError::NoStore(info.zone_id.clone()))?,
         ),
         AgentRole::ConsoleProxy => None,
     };
@@ -118,16 +120,20 @@ pub async fn stop_vm(
     Ok(())
 }
 
-/// Creates a managed VM of `role` in `zone` and starts it.
+/// Creates a managed VM of `role` in `zone` (a storage VM: serving `store`) and starts it.
 pub async fn create_vm(
     state: &State,
     fleet: &Fleet,
     zone: &str,
     role: AgentRole,
+    store: Option<&str>,
     why: &str,
 ) -> Result<String, FleetError> {
     let r = systemvms::register(&state.db.pool, role, Some(zone), None).await?;
     systemvms::make_managed(&state.db.pool, &r.id, fleet.driver.name()).await?;
+    if let Some(store) = store {
+        systemvms::set_store(&state.db.pool, &r.id, store).await?;
+    }
     events::record(
         state,
         &format!("{}.CREATE", events::prefix(role)),

@@ -203,7 +203,7 @@ async fn drain_step(state: &State, fleet: &Fleet, vm: &ManagedVm, now: i64) -> R
         systemvms::cancel_drain(&state.db.pool, &vm.id).await?;
         events::record(
             state,
-            "PROXY.SCALEIN",
+            &format!("{}.SCALEIN", events::prefix(vm.role)),
             Level::Info,
             &format!("{}: a session arrived while draining; kept", vm.name),
             Some(&vm.id),
@@ -217,9 +217,9 @@ async fn drain_step(state: &State, fleet: &Fleet, vm: &ManagedVm, now: i64) -> R
             Ok(()) => {
                 events::record(
                     state,
-                    "PROXY.DESTROY",
+                    &format!("{}.DESTROY", events::prefix(vm.role)),
                     Level::Info,
-                    &format!("{} drained and destroyed (scale-in)", vm.name),
+                    &format!("{} drained and destroyed", vm.name),
                     Some(&vm.id),
                     Some(&vm.zone_id),
                 )
@@ -231,28 +231,60 @@ async fn drain_step(state: &State, fleet: &Fleet, vm: &ManagedVm, now: i64) -> R
     Ok(())
 }
 
-async fn policy(state: &State, fleet: &Fleet, zone: &str) -> Result<(), sqlx::Error> {
-    let vms = systemvms::managed(&state.db.pool, Some(zone)).await?;
-    let has_store = crate::model::stores::first_url_of_zone(&state.db.pool, zone)
-        .await?
-        .is_some();
-    let storage = vms
+/// Every image store of the zone has a storage VM serving it; a storage VM whose store was
+/// deleted is drained and destroyed.
+async fn storage_policy(
+    state: &State,
+    fleet: &Fleet,
+    zone: &str,
+    vms: &[ManagedVm],
+) -> Result<(), sqlx::Error> {
+    let stores = crate::model::stores::of_zone(&state.db.pool, zone).await?;
+    let serving: Vec<&ManagedVm> = vms
         .iter()
         .filter(|v| v.role == AgentRole::SecStorage && v.desired == VmState::Running)
-        .count();
-    if has_store
-        && storage == 0
-        && let Err(error) = create_vm(
-            state,
-            fleet,
-            zone,
-            AgentRole::SecStorage,
-            "the zone has an image store and no storage VM",
-        )
-        .await
-    {
-        tracing::warn!(zone, %error, "Could not start a storage VM");
+        .collect();
+    for (i, (store, url)) in stores.iter().enumerate() {
+        // A storage VM without a store serves the zone's first one.
+        let served = serving
+            .iter()
+            .any(|v| v.store_id.as_deref() == Some(store.as_str()) || (v.store_id.is_none() && i == 0));
+        if !served
+            && let Err(error) = create_vm(
+                state,
+                fleet,
+                zone,
+                AgentRole::SecStorage,
+                Some(store),
+                &format!("image store {url} has no storage VM"),
+            )
+            .await
+        {
+            tracing::warn!(zone, %error, "Could not start a storage VM");
+        }
     }
+    for v in &serving {
+        if let Some(store) = &v.store_id
+            && !stores.iter().any(|(s, _)| s == store)
+        {
+            systemvms::begin_drain(&state.db.pool, &v.id, now_ms()).await?;
+            events::record(
+                state,
+                "SSVM.DESTROY",
+                Level::Info,
+                &format!("{}: its image store was deleted; draining", v.name),
+                Some(&v.id),
+                Some(zone),
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+async fn policy(state: &State, fleet: &Fleet, zone: &str) -> Result<(), sqlx::Error> {
+    let vms = systemvms::managed(&state.db.pool, Some(zone)).await?;
+    storage_policy(state, fleet, zone, &vms).await?;
     let now = now_ms();
     let proxies: Vec<ProxyView> = vms
         .iter()
@@ -320,7 +352,7 @@ async fn policy(state: &State, fleet: &Fleet, zone: &str) -> Result<(), sqlx::Er
                 Some(zone),
             )
             .await;
-            if let Err(error) = create_vm(state, fleet, zone, AgentRole::ConsoleProxy, &why).await {
+            if let Err(error) = create_vm(state, fleet, zone, AgentRole::ConsoleProxy, None, &why).await {
                 tracing::warn!(zone, %error, "Could not start a console proxy");
             }
         }

@@ -164,6 +164,22 @@ pub async fn first_url_of_zone(pool: &sqlx::AnyPool, zone_id: &str) -> Result<Op
         .await
 }
 
+/// The image stores of a zone (id, URL), oldest first.
+pub async fn of_zone(pool: &sqlx::AnyPool, zone_id: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT id, url FROM image_stores WHERE zone_id = $1 ORDER BY created, name")
+        .bind(zone_id.to_owned())
+        .fetch_all(pool)
+        .await
+}
+
+/// The URL of store `id`.
+pub async fn url_of(pool: &sqlx::AnyPool, id: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT url FROM image_stores WHERE id = $1")
+        .bind(id.to_owned())
+        .fetch_optional(pool)
+        .await
+}
+
 /// Storage VMs that are Up now (either core's view: from the database).
 pub async fn storage_agents(state: &State) -> Result<Vec<StorageAgent>, sqlx::Error> {
     let timeout_ms = i64::try_from(settings::uint(state, &settings::HEARTBEAT_TIMEOUT).await)

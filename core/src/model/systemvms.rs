@@ -178,6 +178,8 @@ pub struct ManagedVm {
     pub load: Option<Load>,
     /// The driver spec it was started with.
     pub driver: Option<String>,
+    /// Storage VMs: the image store it serves (`None`: the zone's first).
+    pub store_id: Option<String>,
 }
 
 impl ManagedVm {
@@ -190,7 +192,7 @@ impl ManagedVm {
     }
 }
 
-const VM_SELECT: &str = "SELECT id, name, role, zone_id, state, agent_state, desired, pid, started_ms, start_failures, idle_since_ms, last_heartbeat_ms, last_load, driver FROM system_vms WHERE managed = 1 AND removed IS NULL";
+const VM_SELECT: &str = "SELECT id, name, role, zone_id, state, agent_state, desired, pid, started_ms, start_failures, idle_since_ms, last_heartbeat_ms, last_load, driver, store_id FROM system_vms WHERE managed = 1 AND removed IS NULL";
 
 fn managed_vm(row: &sqlx::any::AnyRow) -> Result<ManagedVm, sqlx::Error> {
     let role: String = row.try_get("role")?;
@@ -215,6 +217,7 @@ fn managed_vm(row: &sqlx::any::AnyRow) -> Result<ManagedVm, sqlx::Error> {
             .try_get::<Option<String>, _>("last_load")?
             .and_then(|l| serde_json::from_str(&l).ok()),
         driver: row.try_get("driver")?,
+        store_id: row.try_get("store_id")?,
     })
 }
 
@@ -273,12 +276,14 @@ pub struct StartInfo {
     pub driver: Option<String>,
     /// The zone's driver spec (`zones.systemvm_driver`).
     pub zone_driver: Option<String>,
+    /// Storage VMs: the image store it serves (`None`: the zone's first).
+    pub store_id: Option<String>,
 }
 
 /// Reads what [`StartInfo`] holds; `None` for an unknown or removed VM.
 pub async fn start_info(pool: &sqlx::AnyPool, id: &str) -> Result<Option<StartInfo>, sqlx::Error> {
     let Some(row) = sqlx::query(
-        "SELECT s.name, s.role, s.zone_id, s.pid, s.driver, z.systemvm_driver FROM system_vms s JOIN zones z ON z.id = s.zone_id WHERE s.id = $1 AND s.removed IS NULL",
+        "SELECT s.name, s.role, s.zone_id, s.pid, s.driver, s.store_id, z.systemvm_driver FROM system_vms s JOIN zones z ON z.id = s.zone_id WHERE s.id = $1 AND s.removed IS NULL",
     )
     .bind(id.to_owned())
     .fetch_optional(pool)
@@ -296,6 +301,7 @@ pub async fn start_info(pool: &sqlx::AnyPool, id: &str) -> Result<Option<StartIn
             .and_then(|p| u32::try_from(p).ok()),
         driver: row.try_get("driver")?,
         zone_driver: row.try_get("systemvm_driver")?,
+        store_id: row.try_get("store_id")?,
     }))
 }
 
@@ -453,6 +459,18 @@ pub async fn make_managed(pool: &sqlx::AnyPool, id: &str, driver: &str) -> Resul
         sqlx::query("UPDATE system_vms SET managed = 1, desired = $1, driver = $2 WHERE id = $3")
             .bind(VmState::Running.as_str())
             .bind(driver.to_owned())
+            .bind(id.to_owned()),
+        pool,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The image store a storage VM serves.
+pub async fn set_store(pool: &sqlx::AnyPool, id: &str, store_id: &str) -> Result<(), sqlx::Error> {
+    exec(
+        sqlx::query("UPDATE system_vms SET store_id = $1 WHERE id = $2")
+            .bind(store_id.to_owned())
             .bind(id.to_owned()),
         pool,
     )
