@@ -9,7 +9,10 @@
 //! * a download command is idempotent by job id (it is the local API's submit): sent again after
 //!   a reconnect it reports the existing job and re-attaches its progress, never a second download;
 //! * a command naming a store this agent does not serve is refused, never run on another store;
-//! * one progress watcher per job, ending with the job's final state;
+//! * one progress watcher per job, ending with the job's final state; every report carries the
+//!   job's fencing epoch (core drops those of an older run);
+//! * a download re-sent with a higher epoch raises the running job's epoch; a delete with an
+//!   epoch fences the downloads into that install first ([`Agent::delete_install`]);
 //! * core's settings (`Welcome.config`, then every `ConfigUpdate`) go to
 //!   [`Agent::apply_core_config`] as a whole map, in the order they arrive.
 
@@ -139,7 +142,8 @@ pub fn progress_of(r: &JobRecord) -> JobProgress {
             virtual_size: i.virtual_size,
             sha256: i.installed_sha256.clone(),
         }),
-        epoch: None,
+        // Core drops the reports of a run older than the install's current epoch.
+        epoch: (r.epoch > 0).then_some(r.epoch),
     }
 }
 
@@ -179,30 +183,39 @@ impl Runner {
             return unsupported(&c);
         };
         let r = match typed {
-            AgentCommand::Download(d) => self.check_store(&d.store_url).and_then(|()| {
-                let submit = Submit {
-                    id: Some(d.job_id.clone()),
-                    url: d.url,
-                    path: d.path,
-                    format: d.format,
-                    checksum: d.checksum,
-                    description: d.description,
-                };
-                let (_, record) = self
-                    .agent
-                    .submit(submit)
-                    .map_err(|(status, msg)| anyhow::anyhow!("{msg} ({status})"))?;
-                self.watch(&record);
-                Ok(serde_json::to_value(progress_of(&record))?)
-            }),
+            AgentCommand::Download(d) => match self.check_store(&d.store_url) {
+                Ok(()) => {
+                    let submit = Submit {
+                        id: Some(d.job_id.clone()),
+                        url: d.url,
+                        path: d.path,
+                        format: d.format,
+                        checksum: d.checksum,
+                        description: d.description,
+                        epoch: d.epoch,
+                    };
+                    match self.agent.submit(submit).await {
+                        Ok((_, record)) => {
+                            self.watch(&record);
+                            serde_json::to_value(progress_of(&record)).map_err(Into::into)
+                        }
+                        Err((status, msg)) => Err(anyhow::anyhow!("{msg} ({status})")),
+                    }
+                }
+                Err(e) => Err(e),
+            },
             AgentCommand::CancelJob { job_id } => {
                 let cancelled = self.agent.cancel(&job_id);
                 Ok(serde_json::json!({ "cancelled": cancelled }))
             }
-            AgentCommand::DeleteInstall { store_url, path, .. } => match self.check_store(&store_url) {
+            AgentCommand::DeleteInstall {
+                store_url,
+                path,
+                epoch,
+            } => match self.check_store(&store_url) {
                 Ok(()) => self
                     .agent
-                    .delete_install(&path)
+                    .delete_install(&path, epoch)
                     .await
                     .map(|removed| serde_json::json!({ "removed": removed })),
                 Err(e) => Err(e),
@@ -230,7 +243,7 @@ impl Runner {
             let mut last: Option<JobProgress> = None;
             loop {
                 tokio::time::sleep(PROGRESS_INTERVAL).await;
-                let record = match runner.agent.status(&id) {
+                let record = match runner.agent.status(&id).await {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(error) => {

@@ -14,7 +14,7 @@
 //!   by the server's ETag or Last-Modified. Compressed downloads restart from zero instead.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -86,11 +86,19 @@ pub enum DownloadError {
     /// The job was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A newer run of the download, or a delete of the install, took over (see [`crate::fence`]).
+    #[error("{}", crate::fence::FENCED)]
+    Fenced,
 }
 
 impl From<StoreError> for DownloadError {
     fn from(e: StoreError) -> Self {
-        DownloadError::Transient(format!("secondary storage: {e}"))
+        if e.is_no_space() {
+            // Retrying fills the store again; the job fails and its partial file goes.
+            DownloadError::Permanent(format!("secondary storage is out of space (no space left): {e}"))
+        } else {
+            DownloadError::Transient(format!("secondary storage: {e}"))
+        }
     }
 }
 
@@ -153,6 +161,11 @@ pub struct LiveProgress {
     pub total: AtomicU64,
     /// Download rate over the last second, bytes per second.
     pub rate: AtomicU64,
+    /// The fencing epoch the job runs under (raised when core re-sends the download with a
+    /// higher one); 0 = not fenced.
+    pub epoch: AtomicU64,
+    /// Set (before the job is cancelled) when a delete of the install fenced the job off.
+    pub fenced: AtomicBool,
 }
 
 impl Downloader {
@@ -165,7 +178,9 @@ impl Downloader {
     ) -> JobState {
         record.state = JobState::Running;
         record.error = None;
-        self.save(record);
+        live.epoch.fetch_max(record.epoch, Ordering::Relaxed);
+        sync_epoch(record, live);
+        self.save(record).await;
         let mut attempt = 0u32;
         let mut backoff = self.settings.backoff;
         let outcome = loop {
@@ -177,12 +192,16 @@ impl Downloader {
                     attempt += 1;
                     warn!(job.id = %record.id, attempt, error = %msg, "Download attempt failed, retrying");
                     record.error = Some(format!("retrying after: {msg}"));
-                    self.save(record);
+                    sync_epoch(record, live);
+                    self.save(record).await;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = cancel.cancelled() => break Err(DownloadError::Cancelled),
                     }
                     backoff = (backoff * 2).min(self.settings.backoff_max);
+                }
+                Err(DownloadError::Cancelled) if live.fenced.load(Ordering::Relaxed) => {
+                    break Err(DownloadError::Fenced);
                 }
                 Err(e) => break Err(e),
             }
@@ -211,12 +230,13 @@ impl Downloader {
                 self.discard_part(record).await;
             }
         }
-        self.save(record);
+        sync_epoch(record, live);
+        self.save(record).await;
         record.state
     }
 
-    fn save(&self, record: &JobRecord) {
-        if let Err(e) = self.journal.save(record) {
+    async fn save(&self, record: &JobRecord) {
+        if let Err(e) = self.journal.save(record).await {
             warn!(job.id = %record.id, error = %format!("{e:#}"), "Failed to write the job journal");
         }
     }
@@ -250,11 +270,24 @@ impl Downloader {
         let dir = record.spec.path.trim_matches('/').to_owned();
         if record.file_name.is_empty() {
             record.file_name = format!("{}.{}", random_uuid(), format.extension());
-            self.save(record);
+            self.save(record).await;
         }
         let part = format!("{dir}/{}.part", record.file_name);
         let algo = expected.as_ref().map_or(ChecksumAlgo::Sha256, |c| c.algo);
-        self.store.create_dir_all(&dir).await?;
+        // INVARIANT: the epoch is recorded beside the install before any data is written; once it
+        // is, the directory is never created again (a delete stays a delete).
+        sync_epoch(record, live);
+        if record.epoch > 0 && record.epoch_recorded {
+            self.check_fence(record, live, &dir).await?;
+        } else {
+            self.store.create_dir_all(&dir).await?;
+            if record.epoch > 0 {
+                crate::fence::record(&self.store, &dir, record.epoch).await?;
+                record.epoch_recorded = true;
+                self.save(record).await;
+                self.check_fence(record, live, &dir).await?;
+            }
+        }
 
         // Resume point: only flushed bytes of an uncompressed download with a validator.
         let mut state = InstallState::new(format, algo);
@@ -370,7 +403,7 @@ impl Downloader {
         if record.compressed {
             state.separate_installed_hash();
         }
-        self.save(record);
+        self.save(record).await;
         let mut body: Box<dyn AsyncRead + Unpin + Send> = match compression {
             Compression::None => Box::new(reader),
             Compression::Gzip => {
@@ -412,7 +445,7 @@ impl Downloader {
                             }
                             if self.store.flush(&file).await.is_ok() {
                                 record.durable_offset = state.written;
-                                self.save(record);
+                                self.save(record).await;
                             }
                         }
                         return Err(error);
@@ -455,13 +488,18 @@ impl Downloader {
             {
                 finish_checkpoint(flush).await?;
                 record.durable_offset = at;
-                self.save(record);
+                self.save(record).await;
             }
             if checkpoint.is_none()
                 && !record.compressed
                 && (state.written - last_checkpoint.0 >= self.settings.checkpoint_every
                     || last_checkpoint.1.elapsed() >= self.settings.checkpoint_interval)
             {
+                if let Err(e) = self.check_fence(record, live, &dir).await {
+                    fetch_handle.abort();
+                    drain(&mut writes).await?;
+                    return Err(e);
+                }
                 drain(&mut writes).await?;
                 let (store, id) = (self.store.clone(), file.clone());
                 checkpoint = Some((state.written, tokio::spawn(async move { store.flush(&id).await })));
@@ -483,7 +521,7 @@ impl Downloader {
         }
         live.bytes.store(downloaded, Ordering::Relaxed);
         record.progress = progress(downloaded, total, 0);
-        self.save(record);
+        self.save(record).await;
         if let Some(total) = total
             && downloaded != total
         {
@@ -505,8 +543,10 @@ impl Downloader {
             )));
         }
 
-        // Install: rename into place, then template.properties last.
+        // Install: rename into place, then template.properties last; each only while this run
+        // still holds the install.
         let final_path = format!("{dir}/{}", record.file_name);
+        self.check_fence(record, live, &dir).await?;
         self.store.rename(&part, &final_path).await?;
         let (account, template_id) = install_ids(&dir).map_err(|e| permanent(format!("{e:#}")))?;
         let properties = TemplateProperties {
@@ -529,6 +569,13 @@ impl Downloader {
             public: true,
         };
         let text = properties.to_java_properties(&httpdate_comment());
+        if let Err(e) = self.check_fence(record, live, &dir).await {
+            // Ours, and not installed: remove it.
+            if let Err(error) = self.store.remove_file(&final_path).await {
+                warn!(job.id = %record.id, %error, "Failed to remove the image of a fenced run");
+            }
+            return Err(e);
+        }
         self.store
             .write_file_atomic(&format!("{dir}/template.properties"), text.as_bytes())
             .await?;
@@ -542,12 +589,37 @@ impl Downloader {
         })
     }
 
+    /// Whether this run still holds the install (see [`crate::fence`]): [`DownloadError::Fenced`]
+    /// when a newer run or a delete took over.
+    async fn check_fence(
+        &self,
+        record: &mut JobRecord,
+        live: &LiveProgress,
+        dir: &str,
+    ) -> Result<(), DownloadError> {
+        sync_epoch(record, live);
+        if live.fenced.load(Ordering::Relaxed) {
+            return Err(DownloadError::Fenced);
+        }
+        if crate::fence::check(&self.store, dir, record.epoch, record.epoch_recorded).await? {
+            Ok(())
+        } else {
+            warn!(job.id = %record.id, epoch = record.epoch, "A newer run or a delete took over the install; stopping");
+            Err(DownloadError::Fenced)
+        }
+    }
+
     /// Drops the partial file so the next attempt starts from zero; returns why.
     async fn restart(&self, record: &mut JobRecord) -> String {
         self.discard_part(record).await;
-        self.save(record);
+        self.save(record).await;
         "server did not resume the download; restarting from the start".into()
     }
+}
+
+/// Takes a higher epoch the job adopted (a re-sent download) into its record.
+fn sync_epoch(record: &mut JobRecord, live: &LiveProgress) {
+    record.epoch = record.epoch.max(live.epoch.load(Ordering::Relaxed));
 }
 
 /// Hashes and inspector of the installed (decompressed) stream.

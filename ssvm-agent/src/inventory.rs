@@ -3,6 +3,8 @@
 //!
 //! Invariant: an incomplete install (no properties, or properties without `uniquename`, `virtualsize`
 //! or a valid format entry) is reported as incomplete with the reason; it is never deleted here.
+//! Fence markers (`.ssvm-epoch.N`, see [`crate::fence`]) are ignored: they never make an install
+//! look complete, and journals on the store (`.ssvm-journal/`) are outside the template tree.
 
 use std::collections::BTreeMap;
 
@@ -67,7 +69,14 @@ async fn inspect_dir(store: &Store, dir: &str) -> Result<Entry, StoreError> {
     {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(StoreError::NotFound { .. }) => {
-            let files: Vec<String> = store.list_dir(dir).await?.into_iter().map(|e| e.name).collect();
+            // Fence markers (crate::fence) are bookkeeping, not part of an install.
+            let files: Vec<String> = store
+                .list_dir(dir)
+                .await?
+                .into_iter()
+                .map(|e| e.name)
+                .filter(|n| !crate::fence::is_fence_file(n))
+                .collect();
             return Ok(incomplete(
                 format!("no template.properties (files: {})", files.join(", ")),
                 BTreeMap::new(),

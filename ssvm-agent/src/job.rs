@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checksum::Checksum;
 use crate::inspect::ImageFormat;
+use crate::store::{Store, StoreError};
 
 /// Version of the journal record format.
 pub const JOURNAL_VERSION: u32 = 1;
@@ -176,6 +177,14 @@ pub struct JobRecord {
     /// Unix seconds of the last update.
     #[serde(default)]
     pub updated: u64,
+    /// The fencing epoch the job runs under (core's `DownloadCommand::epoch`; a re-sent download
+    /// with a higher one raises it); 0 = not fenced.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Whether the job recorded its epoch beside the install (then a missing record means the
+    /// install was deleted, and the job is fenced).
+    #[serde(default)]
+    pub epoch_recorded: bool,
 }
 
 impl JobRecord {
@@ -196,6 +205,8 @@ impl JobRecord {
             installed: None,
             error: None,
             updated: now(),
+            epoch: 0,
+            epoch_recorded: false,
         }
     }
 }
@@ -224,75 +235,229 @@ pub fn derived_job_id(store: &str, spec: &DownloadSpec) -> String {
     format!("dl-{}", &hex::encode(digest)[..16])
 }
 
-/// The job journal: one JSON file per job in `<state-dir>/jobs/`.
+/// Directory of the journals kept on the image store: `<store>/.ssvm-journal/<agent id>/`.
+pub const STORE_JOURNAL_DIR: &str = ".ssvm-journal";
+
+/// The job journal: one JSON file per job in `<state-dir>/jobs/`, in a local directory
+/// ([`Journal::open`]) or on the image store itself ([`Journal::on_store`]).
 #[derive(Clone, Debug)]
 pub struct Journal {
-    dir: PathBuf,
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    /// `<state-dir>/jobs` on the local file system.
+    Local(PathBuf),
+    /// `.ssvm-journal/<agent id>/jobs` in the store.
+    Store { store: Store, dir: String },
+}
+
+/// A name usable as the agent's journal directory: `[A-Za-z0-9._-]`, other bytes become `_`.
+pub fn journal_name(agent_id: &str) -> String {
+    let name: String = agent_id
+        .chars()
+        .take(128)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match name.trim_start_matches('.') {
+        "" => "agent".to_owned(),
+        n => n.to_owned(),
+    }
 }
 
 impl Journal {
-    /// Opens (creating) the journal under a state directory.
+    /// Opens (creating) the journal under a local state directory.
     pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
         let dir = state_dir.join("jobs");
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
-        Ok(Journal { dir })
+        Ok(Journal {
+            backend: Backend::Local(dir),
+        })
     }
 
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
+    /// Opens (creating) the journal of agent `agent_id` on the image store:
+    /// `<store>/.ssvm-journal/<agent id>/jobs/`. It lives as long as the store, so a system VM
+    /// that is restarted or rebuilt with the same id finds its jobs again.
+    pub async fn on_store(store: &Store, agent_id: &str) -> anyhow::Result<Self> {
+        let dir = format!("{STORE_JOURNAL_DIR}/{}/jobs", journal_name(agent_id));
+        store
+            .create_dir_all(&dir)
+            .await
+            .with_context(|| format!("failed to create the journal {dir} on {}", store.url()))?;
+        Ok(Journal {
+            backend: Backend::Store {
+                store: store.clone(),
+                dir,
+            },
+        })
     }
 
-    /// Reads one job's record.
-    pub fn load(&self, id: &str) -> anyhow::Result<Option<JobRecord>> {
-        let path = self.path(id);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let record: JobRecord = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("journal record {} is unreadable", path.display()))?;
-                anyhow::ensure!(
-                    record.version <= JOURNAL_VERSION,
-                    "journal record {} has a newer format ({})",
-                    path.display(),
-                    record.version
-                );
-                Ok(Some(record))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+    /// Where the journal is, for logs.
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Local(dir) => dir.display().to_string(),
+            Backend::Store { store, dir } => format!("{}/{dir}", store.url()),
         }
     }
 
+    /// The store the journal lives on, if it is on one.
+    pub fn store(&self) -> Option<&Store> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Store { store, .. } => Some(store),
+        }
+    }
+
+    fn parse(bytes: &[u8], shown: &str) -> anyhow::Result<JobRecord> {
+        let record: JobRecord =
+            serde_json::from_slice(bytes).with_context(|| format!("journal record {shown} is unreadable"))?;
+        anyhow::ensure!(
+            record.version <= JOURNAL_VERSION,
+            "journal record {shown} has a newer format ({})",
+            record.version
+        );
+        Ok(record)
+    }
+
+    /// Reads one job's record.
+    pub async fn load(&self, id: &str) -> anyhow::Result<Option<JobRecord>> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                let path = dir.join(format!("{id}.json"));
+                match std::fs::read(&path) {
+                    Ok(bytes) => Self::parse(&bytes, &path.display().to_string()).map(Some),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+                }
+            }
+            Backend::Store { store, dir } => {
+                let path = format!("{dir}/{id}.json");
+                match store.read_file(&path, MAX_RECORD).await {
+                    Ok(bytes) => Self::parse(&bytes, &path).map(Some),
+                    Err(StoreError::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(anyhow::Error::new(e).context(format!("failed to read {path}"))),
+                }
+            }
+        }
+    }
+
+    /// The ids of every record.
+    async fn ids(&self) -> anyhow::Result<Vec<String>> {
+        let names: Vec<String> = match &self.backend {
+            Backend::Local(dir) => {
+                let mut names = Vec::new();
+                for entry in
+                    std::fs::read_dir(dir).with_context(|| format!("failed to list {}", dir.display()))?
+                {
+                    if let Some(name) = entry?.file_name().to_str() {
+                        names.push(name.to_owned());
+                    }
+                }
+                names
+            }
+            Backend::Store { store, dir } => store
+                .list_dir(dir)
+                .await
+                .with_context(|| format!("failed to list {dir}"))?
+                .into_iter()
+                .filter(|e| !e.is_dir)
+                .map(|e| e.name)
+                .collect(),
+        };
+        Ok(names
+            .iter()
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| n.strip_suffix(".json"))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Reads every record (unreadable ones are reported, not dropped silently).
-    pub fn load_all(&self) -> anyhow::Result<BTreeMap<String, JobRecord>> {
+    pub async fn load_all(&self) -> anyhow::Result<BTreeMap<String, JobRecord>> {
         let mut out = BTreeMap::new();
-        for entry in
-            std::fs::read_dir(&self.dir).with_context(|| format!("failed to list {}", self.dir.display()))?
-        {
-            let name = entry?.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if let Some(record) = self.load(id)? {
-                out.insert(id.to_owned(), record);
+        for id in self.ids().await? {
+            if let Some(record) = self.load(&id).await? {
+                out.insert(id, record);
             }
         }
         Ok(out)
     }
 
-    /// Writes a record atomically (temporary file, fsync, rename).
-    pub fn save(&self, record: &JobRecord) -> anyhow::Result<()> {
-        let path = self.path(&record.id);
-        let tmp = self.dir.join(format!(".{}.tmp", record.id));
+    /// Writes a record atomically (temporary file, fsync or COMMIT, rename).
+    pub async fn save(&self, record: &JobRecord) -> anyhow::Result<()> {
         let mut record = record.clone();
         record.updated = now();
         let bytes = serde_json::to_vec_pretty(&record)?;
-        let mut file =
-            std::fs::File::create(&tmp).with_context(|| format!("failed to write {}", tmp.display()))?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("failed to write {}", path.display()))?;
+        match &self.backend {
+            Backend::Local(dir) => {
+                let path = dir.join(format!("{}.json", record.id));
+                let tmp = dir.join(format!(".{}.tmp", record.id));
+                let mut file = std::fs::File::create(&tmp)
+                    .with_context(|| format!("failed to write {}", tmp.display()))?;
+                file.write_all(&bytes)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("failed to write {}", path.display()))?;
+            }
+            Backend::Store { store, dir } => {
+                let path = format!("{dir}/{}.json", record.id);
+                store
+                    .write_file_atomic(&path, &bytes)
+                    .await
+                    .with_context(|| format!("failed to write {path}"))?;
+            }
+        }
         Ok(())
     }
+}
+
+/// Largest journal record read back.
+const MAX_RECORD: usize = 1 << 20;
+
+/// Every record of every agent's journal on the store (`.ssvm-journal/*/jobs/`); records that
+/// cannot be read are skipped with a warning (they belong to other agents).
+pub async fn records_on_store(store: &Store) -> anyhow::Result<Vec<JobRecord>> {
+    let agents = match store.list_dir(STORE_JOURNAL_DIR).await {
+        Ok(entries) => entries,
+        Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("failed to list {STORE_JOURNAL_DIR}"))),
+    };
+    let mut out = Vec::new();
+    for agent in agents.into_iter().filter(|e| e.is_dir) {
+        let journal = Journal {
+            backend: Backend::Store {
+                store: store.clone(),
+                dir: format!("{STORE_JOURNAL_DIR}/{}/jobs", agent.name),
+            },
+        };
+        let ids = match journal.ids().await {
+            Ok(ids) => ids,
+            Err(e)
+                if e.downcast_ref::<StoreError>()
+                    .is_some_and(StoreError::is_not_found) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for id in ids {
+            match journal.load(&id).await {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(agent = %agent.name, job.id = %id, error = %format!("{e:#}"), "Journal record on the store unreadable")
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -337,22 +502,70 @@ mod tests {
         );
     }
 
-    #[test]
-    fn journal_roundtrip_and_ids() {
+    #[tokio::test]
+    async fn journal_roundtrip_and_ids() {
         let dir = std::env::temp_dir().join(format!("ssvm-journal-{}", std::process::id()));
         let journal = Journal::open(&dir).unwrap();
         let mut record = JobRecord::new("job-1", spec(), "file:///srv");
         record.state = JobState::Running;
         record.durable_offset = 42;
-        journal.save(&record).unwrap();
-        let back = journal.load("job-1").unwrap().unwrap();
-        assert_eq!((back.state, back.durable_offset), (JobState::Running, 42));
-        assert_eq!(journal.load_all().unwrap().len(), 1);
-        assert!(journal.load("nope").unwrap().is_none());
+        record.epoch = 7;
+        journal.save(&record).await.unwrap();
+        let back = journal.load("job-1").await.unwrap().unwrap();
+        assert_eq!(
+            (back.state, back.durable_offset, back.epoch),
+            (JobState::Running, 42, 7)
+        );
+        assert_eq!(journal.load_all().await.unwrap().len(), 1);
+        assert!(journal.load("nope").await.unwrap().is_none());
         assert!(valid_job_id("dl-0123abcd") && !valid_job_id("../x") && !valid_job_id(""));
         let id = derived_job_id("file:///srv", &spec());
         assert_eq!(id, derived_job_id("file:///srv", &spec()));
         assert!(valid_job_id(&id));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn journal_on_the_store_survives_the_agent_and_is_found_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: crate::store::StoreUrl = format!("file://{}/store", dir.path().display()).parse().unwrap();
+        let store = Store::open(&url, crate::store::StoreOptions::default())
+            .await
+            .unwrap();
+        let journal = Journal::on_store(&store, "s-1-VM/../x").await.unwrap();
+        assert!(
+            journal.location().ends_with(".ssvm-journal/s-1-VM_.._x/jobs"),
+            "{}",
+            journal.location()
+        );
+        let mut record = JobRecord::new("job-1", spec(), "file:///srv");
+        record.durable_offset = 9;
+        journal.save(&record).await.unwrap();
+        // A new agent process (the same id) reads it back.
+        let again = Journal::on_store(&store, "s-1-VM/../x").await.unwrap();
+        let back = again.load("job-1").await.unwrap().unwrap();
+        assert_eq!(back.durable_offset, 9);
+        assert_eq!(again.load_all().await.unwrap().len(), 1);
+        // Other agents' journals are listed for the sweep of orphaned partial downloads.
+        let other = Journal::on_store(&store, "s-2-VM").await.unwrap();
+        other
+            .save(&JobRecord::new("job-2", spec(), "file:///srv"))
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = records_on_store(&store)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["job-1", "job-2"]);
+        assert!(
+            dir.path()
+                .join("store/.ssvm-journal/s-2-VM/jobs/job-2.json")
+                .is_file()
+        );
+        assert_eq!(journal_name(".."), "agent");
+        assert_eq!(journal_name("a b"), "a_b");
     }
 }

@@ -7,6 +7,7 @@
 //! - [`store`]: one interface over a local directory and an NFSv3 export (userspace client, no mount).
 //! - [`fetch`]: the HTTP(S) client with its SSRF guard.
 //! - [`job`]: download jobs, their states and the journal that outlives the process.
+//! - [`fence`]: install fencing by epoch (a stale run or a delete never undone).
 //! - [`download`]: the download → decompress → inspect → hash → store pipeline and the install step.
 //! - [`inventory`]: what an existing store holds, read back from `template.properties`.
 //! - [`service`]: `ssvm-agent serve`: background jobs and the local JSON job API.
@@ -17,6 +18,7 @@
 pub mod checksum;
 pub mod core_link;
 pub mod download;
+pub mod fence;
 pub mod fetch;
 pub mod inspect;
 pub mod inventory;

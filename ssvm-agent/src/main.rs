@@ -86,9 +86,14 @@ struct StoreArgs {
     /// Secondary storage: nfs://HOST[:PORT]/EXPORT[?mountport=N] or file:///PATH.
     #[arg(long)]
     store: String,
-    /// Directory for the job journal.
+    /// Local directory for the job journal. Default: on the store itself,
+    /// STORE/.ssvm-journal/AGENT-ID/, so the journal outlives the system VM.
     #[arg(long, env = "SSVM_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Names this agent's journal on the store (default: --vm-id when linked to core, else
+    /// host-HOSTNAME).
+    #[arg(long, env = "SSVM_AGENT_ID")]
+    agent_id: Option<String>,
     /// Seconds an NFS call may take before the store is marked unhealthy.
     #[arg(long, default_value_t = 30)]
     nfs_timeout: u64,
@@ -155,11 +160,52 @@ async fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
         .with_context(|| format!("failed to open store {url}"))
 }
 
-fn state_dir(args: &StoreArgs) -> PathBuf {
-    args.state_dir.clone().unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-        home.join(".local/state/ssvm-agent")
-    })
+/// The job journal: in `--state-dir` when given, else on the store under the agent's id
+/// (`--agent-id`, else core's VM id, else the host name).
+async fn open_journal(args: &StoreArgs, store: &Store, vm_id: Option<&str>) -> anyhow::Result<Journal> {
+    let journal = match &args.state_dir {
+        Some(dir) => {
+            let journal = Journal::open(dir)?;
+            if let Some(fs) = volatile_fs(dir) {
+                tracing::warn!(
+                    state_dir = %dir.display(),
+                    fs,
+                    "The job journal is on a file system that does not survive a restart: jobs will start over (leave --state-dir out to keep the journal on the store)"
+                );
+            }
+            journal
+        }
+        None => {
+            let id = match (&args.agent_id, vm_id) {
+                (Some(id), _) => id.clone(),
+                (None, Some(vm)) => vm.to_owned(),
+                (None, None) => format!("host-{}", host_name()),
+            };
+            Journal::on_store(store, &id).await?
+        }
+    };
+    tracing::debug!(journal = %journal.location(), "Job journal");
+    Ok(journal)
+}
+
+/// The kind of a memory-backed file system `dir` is on (lost at a restart), if it is on one.
+fn volatile_fs(dir: &std::path::Path) -> Option<&'static str> {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    let st = rustix::fs::statfs(dir).ok()?;
+    match u64::try_from(st.f_type).unwrap_or(0) {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The downloader for the command line's settings; its client reads `allow` (which starts as
@@ -192,6 +238,12 @@ fn downloader(
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    // A file size limit (RLIMIT_FSIZE) must fail the write that passes it (EFBIG: the job fails
+    // with "no space"), not kill the agent with SIGXFSZ. The handler stays for the process's life.
+    let _file_size_limit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        rustix::process::Signal::XFSZ.as_raw(),
+    ))
+    .context("failed to handle SIGXFSZ")?;
     match command {
         Command::Download {
             store,
@@ -211,11 +263,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 description,
             };
             spec.validate()?;
-            let journal = Journal::open(&state_dir(&store))?;
-            let store = open_store(&store).await?;
+            let store_args = store;
+            let store = open_store(&store_args).await?;
+            let journal = open_journal(&store_args, &store, None).await?;
             let id = job_id.unwrap_or_else(|| derived_job_id(&store.url().to_string(), &spec));
             anyhow::ensure!(valid_job_id(&id), "invalid job id {id:?}");
-            let mut record = match journal.load(&id)? {
+            let mut record = match journal.load(&id).await? {
                 Some(r) if r.spec != spec => anyhow::bail!("job {id} exists with another specification"),
                 Some(r) if r.state == JobState::Completed => {
                     println!("{}", serde_json::to_string(&r)?);
@@ -268,14 +321,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let link = core.link()?;
             // Started by core's process driver: end with that core.
             let _parent = systemvm_agent_client::parent::exit_with_parent();
-            let journal = Journal::open(&state_dir(&store))?;
-            let store = open_store(&store).await?;
+            let store_args = store;
+            let store = open_store(&store_args).await?;
+            let journal = open_journal(&store_args, &store, link.as_ref().map(|l| l.vm_id.as_str())).await?;
             let allow = AllowList::default();
             let downloader = downloader(store, journal, &net, &allow)?;
             let agent = ssvm_agent::service::Agent::with_allow_list(downloader, allow, concurrent_jobs);
             let listener = ssvm_agent::service::bind(listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "Storage agent API listening");
-            let resumed = agent.resume_all()?;
+            let resumed = agent.resume_all().await?;
             if resumed > 0 {
                 tracing::info!(resumed, "Resumed jobs from the journal");
             }

@@ -2,7 +2,7 @@
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `POST /jobs` | submit a download (`{"id"?, "url", "path", "format", "checksum"?, "description"?}`); 201 new, 200 same job again, 409 same id with another spec |
+//! | `POST /jobs` | submit a download (`{"id"?, "url", "path", "format", "checksum"?, "description"?, "epoch"?}`); 201 new, 200 same job again (a higher `epoch` is adopted), 409 same id with another spec |
 //! | `GET /jobs` | every job, newest state |
 //! | `GET /jobs/{id}` | one job: state, progress (bytes, total, percent, rate), result or error |
 //! | `DELETE /jobs/{id}` | cancel a queued or running job |
@@ -112,12 +112,12 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<Bytes
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid job: {e}")),
             };
-            match agent.submit(submit) {
+            match agent.submit(submit).await {
                 Ok((status, record)) => json(status, &record),
                 Err((status, msg)) => error(status, &msg),
             }
         }
-        (Method::GET, "/jobs") => match agent.list() {
+        (Method::GET, "/jobs") => match agent.list().await {
             Ok(list) => json(StatusCode::OK, &list),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
         },
@@ -129,7 +129,7 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<Bytes
                 return error(StatusCode::BAD_REQUEST, "invalid job id");
             }
             match method {
-                Method::GET => match agent.status(id) {
+                Method::GET => match agent.status(id).await {
                     Ok(Some(r)) => json(StatusCode::OK, &r),
                     Ok(None) => error(StatusCode::NOT_FOUND, "no such job"),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
@@ -141,7 +141,7 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<Bytes
                             &serde_json::json!({ "id": id, "cancelling": true }),
                         )
                     } else {
-                        match agent.status(id) {
+                        match agent.status(id).await {
                             Ok(Some(r)) => error(StatusCode::CONFLICT, &format!("job {id} is {:?}", r.state)),
                             Ok(None) => error(StatusCode::NOT_FOUND, "no such job"),
                             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),

@@ -81,6 +81,14 @@ impl LocalStore {
             ErrorKind::AlreadyExists => StoreError::AlreadyExists { store, path },
             ErrorKind::NotADirectory => StoreError::NotADirectory { store, path },
             ErrorKind::IsADirectory => StoreError::IsADirectory { store, path },
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+                StoreError::NoSpace {
+                    store,
+                    op,
+                    path,
+                    reason: e.to_string(),
+                }
+            }
             _ => StoreError::Io {
                 store,
                 op,

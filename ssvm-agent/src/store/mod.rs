@@ -148,6 +148,18 @@ pub enum StoreError {
         /// The path in the store.
         path: String,
     },
+    /// The store is out of space (or over a quota or file size limit): the write did not happen.
+    #[error("{store}: no space left on the store: {op} {path:?} failed: {reason}")]
+    NoSpace {
+        /// The store URL.
+        store: String,
+        /// The operation.
+        op: &'static str,
+        /// The path in the store.
+        path: String,
+        /// What the store said (ENOSPC, EDQUOT, EFBIG or the NFS status).
+        reason: String,
+    },
     /// A local file system call failed.
     #[error("{store}: {op} {path:?} failed: {source}")]
     Io {
@@ -175,6 +187,11 @@ impl StoreError {
     /// Whether this is [`StoreError::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// Whether this is [`StoreError::NoSpace`].
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace { .. })
     }
 
     /// Whether this is [`StoreError::Timeout`].
