@@ -944,3 +944,72 @@ async fn a_changed_allowed_internal_site_applies_without_a_reboot() {
     assert!(events(&core, "SSVM.REBOOT").await.is_empty(), "no reboot");
     core.shutdown_with_system_vms().await;
 }
+
+/// Every image store of a zone is served: a second store gets its own storage VM, a template
+/// registered into it installs there, and deleting the store drains and destroys its VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_image_store_of_a_zone_gets_a_storage_vm() {
+    let (mut core, _guard) = start(&[("secstorage.allowed.internal.sites", "127.0.0.0/8")]).await;
+    let dir_a = core.dir().join("store-a");
+    let dir_b = core.dir().join("store-b");
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).expect("store dir");
+    }
+    core.ok(&["addImageStore", "provider=NFS", "name=a", &format!("url=file://{}", dir_a.display())])
+        .await;
+    wait_fleet(&core, "secondarystoragevm", 1, Duration::from_secs(30)).await;
+    let b = core
+        .ok(&["addImageStore", "provider=NFS", "name=b", &format!("url=file://{}", dir_b.display())])
+        .await;
+    let store_b = b["imagestore"]["id"].as_str().expect("id").to_owned();
+    let ssvms = wait_fleet(&core, "secondarystoragevm", 2, Duration::from_secs(30)).await;
+    assert_eq!(ssvms.len(), 2, "{ssvms:?}");
+
+    let img = systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "b.qcow2", 1, 5).expect("qcow2");
+    let data = std::fs::read(&img).expect("read");
+    let http = HttpFixture::start().expect("http");
+    http.route(
+        "/b.qcow2",
+        Route::File {
+            data: data.clone().into(),
+            pace: None,
+            faults: Faults::default(),
+            ranges: true,
+        },
+    );
+    let t = core
+        .ok(&[
+            "registerTemplate",
+            "name=on-b",
+            "format=QCOW2",
+            "hypervisor=KVM",
+            &format!("url={}", http.url("/b.qcow2")),
+            &format!("imagestoreuuid={store_b}"),
+            &format!("checksum={{SHA-256}}{}", hex::encode(Sha256::digest(&data))),
+        ])
+        .await;
+    let tid = t["template"][0]["id"].as_str().expect("id").to_owned();
+    let start = Instant::now();
+    loop {
+        let t = core
+            .ok(&["listTemplates", "templatefilter=all", &format!("id={tid}")])
+            .await;
+        if t["template"][0]["isready"] == true {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "not installed on store b: {t}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let installed = std::fs::read_dir(dir_b.join("template/tmpl"))
+        .expect("store b has the template")
+        .count();
+    assert_eq!(installed, 1);
+    assert!(!dir_a.join("template/tmpl").exists(), "store a got store b's template");
+
+    // Store b emptied and deleted: its storage VM is drained and destroyed; a's stays.
+    core.ok(&["deleteTemplate", &format!("id={tid}")]).await;
+    core.ok(&["deleteImageStore", &format!("id={store_b}")]).await;
+    wait_fleet(&core, "secondarystoragevm", 1, Duration::from_secs(30)).await;
+    assert!(!events(&core, "SSVM.DESTROY").await.is_empty());
+    core.shutdown_with_system_vms().await;
+}

@@ -3,7 +3,8 @@
 //! Invariants:
 //! * a store URL is stored normalized, in the form agents report it (no trailing `/`, no default
 //!   NFS port), so a store and a storage VM's report compare as equal strings;
-//! * a store is deleted only while no template (removed or not) references it;
+//! * a store is deleted only while no live template references it; the records of removed
+//!   templates on it go with it;
 //! * capacity figures come from the storage VMs' heartbeats, never from a call that could block
 //!   on a hung store.
 
@@ -134,13 +135,20 @@ pub async fn delete(state: &State, id: &str) -> DomainResult<()> {
             "Cannot delete image store {id}: it holds {used} template(s) or ISO(s); delete them first"
         )));
     }
+    // Removed templates only remain as records; they go with their store.
+    let mut tx = state.db.pool.begin().await?;
+    sqlx::query("DELETE FROM templates WHERE store_id = $1 AND removed IS NOT NULL")
+        .bind(id.to_owned())
+        .execute(&mut *tx)
+        .await?;
     let done = sqlx::query(
         "DELETE FROM image_stores WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM templates WHERE store_id = $1)",
     )
     .bind(id.to_owned())
-    .execute(&state.db.pool)
+    .execute(&mut *tx)
     .await?;
     if done.rows_affected() == 0 {
+        tx.rollback().await?;
         let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM image_stores WHERE id = $1")
             .bind(id.to_owned())
             .fetch_one(&state.db.pool)
@@ -149,10 +157,11 @@ pub async fn delete(state: &State, id: &str) -> DomainResult<()> {
             DomainError::NotFound(format!("Unable to find image store by id {id}"))
         } else {
             DomainError::InUse(format!(
-                "Cannot delete image store {id}: removed templates still reference it"
+                "Cannot delete image store {id}: a template or ISO was added to it meanwhile"
             ))
         });
     }
+    tx.commit().await?;
     Ok(())
 }
 
