@@ -148,6 +148,14 @@ pub enum StoreError {
         /// The path in the store.
         path: String,
     },
+    /// The file was removed or replaced (by a rename over it) since it was opened: NFS3ERR_STALE.
+    #[error("{store}: {path:?} was removed or replaced while in use (stale file handle)")]
+    Stale {
+        /// The store URL.
+        store: String,
+        /// The path in the store.
+        path: String,
+    },
     /// The store is out of space (or over a quota or file size limit): the write did not happen.
     #[error("{store}: no space left on the store: {op} {path:?} failed: {reason}")]
     NoSpace {
@@ -627,7 +635,10 @@ impl Store {
         check_path(path, false)?;
         let (parent, name) = split_parent(path);
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp_name = format!(".{name}.tmp-{}-{n}", std::process::id());
+        // Agents on other hosts write into the same store: a random part keeps the names apart.
+        let mut salt = [0u8; 4];
+        let _ = getrandom::fill(&mut salt);
+        let temp_name = format!(".{name}.tmp-{}-{n}-{}", std::process::id(), hex::encode(salt));
         let temp = if parent.is_empty() {
             temp_name
         } else {
@@ -655,7 +666,19 @@ impl Store {
     }
 
     /// Reads a whole (small) file; [`StoreError::TooLarge`] if it has more than `max_len` bytes.
+    /// A file replaced while it is read (a [`Store::write_file_atomic`] elsewhere: on NFS the old
+    /// handle goes stale) is read again, up to three times.
     pub async fn read_file(&self, path: &str, max_len: usize) -> Result<Vec<u8>, StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.read_file_once(path, max_len).await {
+                Err(StoreError::Stale { .. }) if tries < 3 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_file_once(&self, path: &str, max_len: usize) -> Result<Vec<u8>, StoreError> {
         let (file, size) = self.open_file(path).await?;
         let too_large = |size| StoreError::TooLarge {
             store: self.inner.name.clone(),

@@ -436,6 +436,7 @@ impl NfsStore {
             nfsstat3::NFS3ERR_EXIST => StoreError::AlreadyExists { store, path },
             nfsstat3::NFS3ERR_NOTDIR => StoreError::NotADirectory { store, path },
             nfsstat3::NFS3ERR_ISDIR => StoreError::IsADirectory { store, path },
+            nfsstat3::NFS3ERR_STALE => StoreError::Stale { store, path },
             nfsstat3::NFS3ERR_NOSPC | nfsstat3::NFS3ERR_DQUOT | nfsstat3::NFS3ERR_FBIG => {
                 StoreError::NoSpace {
                     store,
