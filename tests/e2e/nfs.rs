@@ -534,3 +534,196 @@ async fn nfs_store_hung_server_times_out_then_recovers() {
     ticker.abort();
     store.remove_file("hung/f.bin").await.unwrap();
 }
+
+/// A private nfs-ganesha (its own export, ports and process) that a test may stop and start
+/// again on the same export: a real server restart, so unstable writes get a new write verifier.
+/// Stopped (and its directory removed) when dropped; its guard shell also ends it with the test
+/// process, however that ends.
+pub(crate) struct RestartableGanesha {
+    /// The store URL of its export.
+    pub(crate) url: String,
+    /// The exported directory on disk.
+    pub(crate) dir: PathBuf,
+    base: PathBuf,
+    bin: PathBuf,
+    conf: PathBuf,
+    log: PathBuf,
+    ports: (u16, u16),
+    running: std::sync::Mutex<Option<(u32, Child)>>,
+}
+
+impl RestartableGanesha {
+    /// Starts one, named `name` (the directory is per test process).
+    pub(crate) fn start(name: &str) -> RestartableGanesha {
+        // The shared server brings up the portmapper stub this one registers with too.
+        let _ = ganesha();
+        let bin = which("ganesha.nfsd").expect("ganesha.nfsd not found: run scripts/deps.sh test");
+        let base = std::env::temp_dir().join(format!("systemvm-e2e-ganesha-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("export");
+        std::fs::create_dir_all(&dir).expect("create the export directory");
+        let (nfs_port, mount_port) = free_ports();
+        let conf = base.join("ganesha.conf");
+        let config = format!(
+            "NFS_CORE_PARAM {{ Protocols = 3; NFS_Port = {nfs_port}; MNT_Port = {mount_port}; Bind_Addr = 127.0.0.1; \
+             Enable_NLM = false; Enable_RQUOTA = false; mount_path_pseudo = true; }}\n\
+             NFS_KRB5 {{ Active_krb5 = false; }}\n\
+             EXPORT {{ Export_Id = 1; Path = {dir}; Pseudo = /export; Access_Type = RW; Squash = No_Root_Squash; \
+             SecType = sys; Protocols = 3; Transports = TCP; FSAL {{ Name = VFS; }} }}\n",
+            dir = dir.display(),
+        );
+        std::fs::write(&conf, config).expect("write ganesha.conf");
+        let g = RestartableGanesha {
+            url: format!("nfs://127.0.0.1:{nfs_port}/export?mountport={mount_port}"),
+            dir,
+            log: base.join("ganesha.log"),
+            base,
+            bin,
+            conf,
+            ports: (nfs_port, mount_port),
+            running: std::sync::Mutex::new(None),
+        };
+        g.launch();
+        g
+    }
+
+    fn launch(&self) {
+        let script = format!(
+            "{bin} -F -L {log} -f {conf} -p {pid} -N NIV_EVENT >>{log} 2>&1 & g=$!\n\
+             echo $g\n\
+             read _ignored; kill $g 2>/dev/null; kill -CONT $g 2>/dev/null; wait $g\n",
+            bin = self.bin.display(),
+            log = self.log.display(),
+            conf = self.conf.display(),
+            pid = self.base.join("ganesha.pid").display(),
+        );
+        let mut guard = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("failed to start sh for ganesha");
+        let mut line = String::new();
+        BufReader::new(guard.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read ganesha's pid");
+        let pid: u32 = line.trim().parse().expect("ganesha's pid");
+        let start = Instant::now();
+        for port in [self.ports.1, self.ports.0] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                assert!(
+                    !is_dead(pid),
+                    "ganesha.nfsd exited at startup; its log:\n{}",
+                    log_tail(&self.log)
+                );
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "ganesha did not listen on {addr} within 30 s; its log:\n{}",
+                    log_tail(&self.log)
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        *self.running.lock().expect("lock") = Some((pid, guard));
+    }
+
+    /// Stops the server process (SIGTERM, SIGKILL after 20 s) and waits until it is gone.
+    fn stop(&self) {
+        let Some((pid, guard)) = self.running.lock().expect("lock").take() else {
+            return;
+        };
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        let start = Instant::now();
+        while !is_dead(pid) {
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Its guard shell reaps it and ends (stdin closes).
+        drop(guard);
+    }
+
+    /// Stops the server and starts it again on the same export and ports.
+    pub(crate) fn restart(&self) {
+        self.stop();
+        // ganesha's write verifier is its start time in seconds: a restart within the same second
+        // would keep it (no real server comes back that fast).
+        std::thread::sleep(Duration::from_millis(1100));
+        self.launch();
+    }
+
+    /// Opens a store on the export.
+    pub(crate) async fn open(&self, opts: StoreOptions) -> Store {
+        let url: StoreUrl = self.url.parse().expect("store url");
+        match Store::open(&url, opts).await {
+            Ok(store) => store,
+            Err(e) => panic!(
+                "cannot open {}: {e}\nganesha log:\n{}",
+                self.url,
+                log_tail(&self.log)
+            ),
+        }
+    }
+}
+
+impl Drop for RestartableGanesha {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfs_server_restart_before_commit_is_reported_and_rewritten() {
+    let _serial = NFS_LOCK.lock().await;
+    let g = RestartableGanesha::start("restart-store");
+    let opts = StoreOptions {
+        op_timeout: Duration::from_secs(10),
+        ..StoreOptions::default()
+    };
+    let store = g.open(opts).await;
+    store.create_dir_all("r").await.unwrap();
+    let file = store.create("r/f.bin").await.unwrap();
+    let data = Bytes::from(pattern(4 * MIB, 21));
+    store.write_at(&file, 0, data.slice(..2 * MIB)).await.unwrap();
+    store.flush(&file).await.unwrap();
+    // Unstable writes, then the server restarts before they are committed.
+    store
+        .write_at(&file, 2 * MIB as u64, data.slice(2 * MIB..))
+        .await
+        .unwrap();
+    g.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match store.flush(&file).await {
+            // A connection error first (the old connection was closed) is fine; the COMMIT on a
+            // new connection must then say what happened.
+            Err(StoreError::Rpc { .. } | StoreError::Connect { .. } | StoreError::Timeout { .. })
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
+    match err {
+        Err(e @ StoreError::ServerRestarted { .. }) => {
+            assert!(e.to_string().contains("rewritten"), "{e}");
+        }
+        other => panic!("expected ServerRestarted after the restart, got {other:?}"),
+    }
+    // Rewritten from the last good flush, then committed: the file is whole.
+    store
+        .write_at(&file, 2 * MIB as u64, data.slice(2 * MIB..))
+        .await
+        .unwrap();
+    store.flush(&file).await.unwrap();
+    assert!(store.read_at(&file, 0, 4 * MIB).await.unwrap() == data);
+    assert!(std::fs::read(g.dir.join("r/f.bin")).unwrap() == data);
+    // And a flush with nothing outstanding is fine.
+    store.flush(&file).await.unwrap();
+}
