@@ -4,7 +4,8 @@
 //! server itself ([`ClientHandshake`], which knows the VNC password), then offers the browser RFB 3.8
 //! with security type None only ([`ServerHandshake`]), so stock noVNC connects and never learns a
 //! hypervisor credential. After both handshakes it relays bytes unchanged; [`InputFilter`] follows
-//! the browser's messages to drop input on view-only sessions and to tell input from the rest
+//! the browser's messages to drop input and VM control (XVP, SetDesktopSize) on view-only sessions
+//! and to tell input from the rest
 //! (noVNC's steady FramebufferUpdateRequests) for the idle timeout.
 //!
 //! Each machine is fed whatever bytes arrived (`advance`) and answers with bytes to send and, at the
@@ -567,13 +568,16 @@ impl ServerHandshake {
 }
 
 /// Splits the client-to-server byte stream (the messages after ClientInit) into RFB messages and
-/// tells input events (KeyEvent, PointerEvent, ClientCutText, QEMU extended KeyEvent) apart from
-/// the rest: [`InputFilter::filter`] drops them (view-only sessions), [`InputFilter::observe`] only
-/// counts them (the idle timeout). Messages may span calls; one filter follows one stream.
+/// tells apart input events (KeyEvent, PointerEvent, ClientCutText, QEMU extended KeyEvent) and
+/// VM control (XVP shutdown/reboot/reset, SetDesktopSize) from the rest: [`InputFilter::filter`]
+/// drops both kinds (view-only sessions), [`InputFilter::observe`] counts input events (the idle
+/// timeout; VM control is not keyboard or mouse input). Messages may span calls; one filter
+/// follows one stream.
 ///
 /// Invariants: both methods split the same way (one parser, [`client_message_len`]), so for any
-/// bytes they count the same input events and fail at the same point; an unknown message type or
-/// an oversized clipboard is an [`RfbError`], never a panic or an unbounded buffer.
+/// bytes they count the same input events and fail at the same point; what `filter` passes holds
+/// no input event and no VM control; an unknown message type or an oversized clipboard is an
+/// [`RfbError`], never a panic or an unbounded buffer.
 #[derive(Debug, Default)]
 pub struct InputFilter {
     /// What to do with the next bytes of the current message.
@@ -597,8 +601,8 @@ enum Remaining {
 const MAX_HEAD: usize = 9;
 
 impl InputFilter {
-    /// Appends to `out` the bytes of `data` that belong to messages other than input events;
-    /// returns how many input events begin in `data`.
+    /// Appends to `out` the bytes of `data` that belong to messages other than input events and
+    /// VM control; returns how many input events begin in `data`.
     pub fn filter(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, RfbError> {
         self.split(data, Some(out))
     }
@@ -635,19 +639,21 @@ impl InputFilter {
                             return Ok(inputs);
                         }
                         None => return Err(RfbError::Protocol("client message header unreadable")),
-                        Some((len, input)) => {
+                        Some((len, kind)) => {
                             // The message is the held bytes plus bytes from `data` onwards.
-                            if input {
+                            if kind == MessageKind::Input {
                                 inputs += 1;
-                            } else if let Some(out) = out.as_deref_mut() {
+                            }
+                            let pass = kind == MessageKind::Other;
+                            if pass && let Some(out) = out.as_deref_mut() {
                                 out.extend_from_slice(&self.held[..held]);
                             }
                             self.held.clear();
                             let left = len.saturating_sub(held);
-                            self.remaining = if input {
-                                Remaining::Drop(left)
-                            } else {
+                            self.remaining = if pass {
                                 Remaining::Pass(left)
+                            } else {
+                                Remaining::Drop(left)
                             };
                         }
                     }
@@ -658,9 +664,21 @@ impl InputFilter {
     }
 }
 
-/// The total length of the client message starting at `head`, and whether it is an input event;
-/// `None` when more header bytes are needed.
-fn client_message_len(head: &[u8]) -> Result<Option<(usize, bool)>, RfbError> {
+/// What a client message is to a view-only session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MessageKind {
+    /// Keyboard, mouse or clipboard input: dropped, and counted (the idle timeout).
+    Input,
+    /// Changes the VM itself (XVP power actions, SetDesktopSize): dropped, not counted.
+    VmControl,
+    /// Everything else (pixel format, encodings, update requests, fences, audio): passed.
+    Other,
+}
+
+/// The total length of the client message starting at `head`, and its kind; `None` when more
+/// header bytes are needed.
+fn client_message_len(head: &[u8]) -> Result<Option<(usize, MessageKind)>, RfbError> {
+    use MessageKind::{Input, Other, VmControl};
     let Some(&kind) = head.first() else {
         return Ok(None);
     };
@@ -673,19 +691,19 @@ fn client_message_len(head: &[u8]) -> Result<Option<(usize, bool)>, RfbError> {
             .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
     Ok(Some(match kind {
-        0 => (20, false), // SetPixelFormat
+        0 => (20, Other), // SetPixelFormat
         2 => match u16_at(2) {
             // SetEncodings
-            Some(n) => (4 + 4 * n, false),
+            Some(n) => (4 + 4 * n, Other),
             None => return Ok(None),
         },
-        3 => (10, false), // FramebufferUpdateRequest
-        4 => (8, true),   // KeyEvent
+        3 => (10, Other), // FramebufferUpdateRequest
+        4 => (8, Input),  // KeyEvent
         5 => match head.get(1) {
             // PointerEvent; with the marker bit, ExtendedMouseButtons' 7-byte form (noVNC sends it
             // once the server announced the pseudo-encoding, and masks the bit off otherwise).
-            Some(mask) if mask & 0x80 != 0 => (7, true),
-            Some(_) => (6, true),
+            Some(mask) if mask & 0x80 != 0 => (7, Input),
+            Some(_) => (6, Input),
             None => return Ok(None),
         },
         6 => match i32_at(4) {
@@ -698,29 +716,29 @@ fn client_message_len(head: &[u8]) -> Result<Option<(usize, bool)>, RfbError> {
                         len: u32::try_from(n).unwrap_or(u32::MAX),
                     });
                 }
-                (8 + n, true)
+                (8 + n, Input)
             }
             None => return Ok(None),
         },
-        150 => (10, false), // EnableContinuousUpdates
+        150 => (10, Other), // EnableContinuousUpdates
         248 => match head.get(8) {
             // Fence
-            Some(&n) => (9 + usize::from(n), false),
+            Some(&n) => (9 + usize::from(n), Other),
             None => return Ok(None),
         },
-        250 => (4, false), // xvp
+        250 => (4, VmControl), // xvp: shutdown, reboot, reset
         251 => match head.get(6) {
             // SetDesktopSize
-            Some(&n) => (8 + 16 * usize::from(n), false),
+            Some(&n) => (8 + 16 * usize::from(n), VmControl),
             None => return Ok(None),
         },
         255 => match head.get(1) {
             // QEMU
-            Some(0) => (12, true), // extended key event
+            Some(0) => (12, Input), // extended key event
             Some(1) => match u16_at(2) {
                 // audio
-                Some(0 | 1) => (4, false),
-                Some(2) => (10, false),
+                Some(0 | 1) => (4, Other),
+                Some(2) => (10, Other),
                 Some(_) => return Err(RfbError::UnknownClientMessage(255)),
                 None => return Ok(None),
             },
@@ -972,6 +990,11 @@ mod tests {
         push(&[6, 0, 0, 0, 0, 0, 0, 3, b'a', b'b', b'c'], false);
         push(&[255, 0, 0, 1, 0, 0, 0, 0x61, 0, 0, 0, 30], false);
         push(&[248, 0, 0, 0, 0, 0, 0, 1, 2, 9, 9], true);
+        // XVP reboot and SetDesktopSize (one screen): they change the VM, so view-only drops them.
+        push(&[250, 0, 1, 3], false);
+        let mut resize = vec![251, 0, 4, 0, 3, 0, 1, 0];
+        resize.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0, 0]);
+        push(&resize, false);
         push(&[150, 1, 0, 0, 0, 0, 2, 208, 1, 144], true);
         (all, keep)
     }
@@ -994,6 +1017,122 @@ mod tests {
             f.filter(&[77], &mut Vec::new()),
             Err(RfbError::UnknownClientMessage(77))
         );
+    }
+
+    #[test]
+    fn view_only_drops_vm_control_without_counting_it_as_input() {
+        // XVP shutdown, reboot, reset; SetDesktopSize with no and with two screens.
+        let mut control = vec![
+            vec![250, 0, 1, 2],
+            vec![250, 0, 1, 3],
+            vec![250, 0, 1, 4],
+            vec![251, 0, 2, 128, 1, 224, 0, 0],
+        ];
+        let mut two = vec![251, 0, 7, 128, 2, 56, 2, 0];
+        two.extend_from_slice(&[0u8; 32]);
+        control.push(two);
+        let fbur = [3u8, 1, 0, 0, 0, 0, 2, 208, 1, 144];
+        for msg in &control {
+            let mut stream = msg.clone();
+            stream.extend_from_slice(&fbur);
+            for chunk in 1..=stream.len() {
+                let mut f = InputFilter::default();
+                let mut out = Vec::new();
+                let mut inputs = 0;
+                for piece in stream.chunks(chunk) {
+                    inputs += f.filter(piece, &mut out).unwrap();
+                }
+                assert_eq!(
+                    (out.as_slice(), inputs),
+                    (&fbur[..], 0),
+                    "{msg:?} in chunks of {chunk}"
+                );
+                let mut o = InputFilter::default();
+                assert_eq!(
+                    o.observe(&stream),
+                    Ok(0),
+                    "{msg:?} is not keyboard or mouse input"
+                );
+            }
+        }
+    }
+
+    /// The first two bytes (type, QEMU subtype) of each client message in `stream`; stops at an
+    /// incomplete last message. Panics on a stream that does not parse.
+    fn message_heads(mut stream: &[u8]) -> Vec<[u8; 2]> {
+        let mut heads = Vec::new();
+        while !stream.is_empty() {
+            let head = &stream[..stream.len().min(MAX_HEAD)];
+            let Some(parsed) = client_message_len(head).expect("the stream parses") else {
+                break;
+            };
+            heads.push([stream[0], stream.get(1).copied().unwrap_or(0)]);
+            stream = &stream[parsed.0.min(stream.len())..];
+        }
+        heads
+    }
+
+    /// Messages a view-only session never passes on: KeyEvent, PointerEvent, ClientCutText, QEMU
+    /// extended KeyEvent (input), XVP and SetDesktopSize (VM control).
+    fn view_only_forbids(head: [u8; 2]) -> bool {
+        matches!(head[0], 4 | 5 | 6 | 250 | 251) || head == [255, 0]
+    }
+
+    /// What a view-only filter must do with a generated message.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Want {
+        Pass,
+        DropInput,
+        DropControl,
+    }
+
+    fn bytes(n: impl Into<proptest::collection::SizeRange>) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), n)
+    }
+
+    fn with_head(head: &[u8], body: Vec<u8>, want: Want) -> (Vec<u8>, Want) {
+        let mut m = head.to_vec();
+        m.extend(body);
+        (m, want)
+    }
+
+    /// Any well-formed client message of the kinds noVNC and QEMU know.
+    fn client_message() -> impl Strategy<Value = (Vec<u8>, Want)> {
+        prop_oneof![
+            bytes(19).prop_map(|b| with_head(&[0], b, Want::Pass)),
+            (0u16..8).prop_flat_map(|n| bytes(4 * usize::from(n)).prop_map(move |b| {
+                let [n0, n1] = n.to_be_bytes();
+                with_head(&[2, 0, n0, n1], b, Want::Pass)
+            })),
+            bytes(9).prop_map(|b| with_head(&[3], b, Want::Pass)),
+            bytes(7).prop_map(|b| with_head(&[4], b, Want::DropInput)),
+            (any::<u8>(), bytes(5)).prop_map(|(mask, mut b)| {
+                b.truncate(if mask & 0x80 != 0 { 5 } else { 4 });
+                with_head(&[5, mask], b, Want::DropInput)
+            }),
+            (any::<bool>(), bytes(0..24)).prop_map(|(extended, text)| {
+                let n = i32::try_from(text.len()).unwrap();
+                let [a, b, c, d] = (if extended { -n } else { n }).to_be_bytes();
+                with_head(&[6, 0, 0, 0, a, b, c, d], text, Want::DropInput)
+            }),
+            bytes(9).prop_map(|b| with_head(&[150], b, Want::Pass)),
+            (bytes(7), 0u8..=64).prop_flat_map(|(flags, n)| bytes(usize::from(n)).prop_map(move |b| {
+                let mut head = vec![248];
+                head.extend_from_slice(&flags);
+                head.push(n);
+                with_head(&head, b, Want::Pass)
+            })),
+            bytes(3).prop_map(|b| with_head(&[250], b, Want::DropControl)),
+            (bytes(5), 0u8..4).prop_flat_map(|(size, n)| bytes(16 * usize::from(n)).prop_map(move |b| {
+                let mut head = vec![251];
+                head.extend_from_slice(&size);
+                head.extend_from_slice(&[n, 0]);
+                with_head(&head, b, Want::DropControl)
+            })),
+            bytes(10).prop_map(|b| with_head(&[255, 0], b, Want::DropInput)),
+            (0u8..2).prop_map(|op| (vec![255, 1, 0, op], Want::Pass)),
+            bytes(6).prop_map(|b| with_head(&[255, 1, 0, 2], b, Want::Pass)),
+        ]
     }
 
     /// Input events in [`msg_stream`]: key, pointer, extended pointer, clipboard, QEMU key.
@@ -1057,6 +1196,30 @@ mod tests {
                 if f.filter(piece, &mut out).is_err() { break; }
             }
             prop_assert!(out.len() <= data.len());
+            // Whatever came in, what goes on holds no input or VM control (a last message may be cut).
+            prop_assert!(message_heads(&out).into_iter().all(|h| !view_only_forbids(h)), "{:?}", out);
+        }
+
+        #[test]
+        fn view_only_streams_carry_no_input_or_vm_control(
+            messages in proptest::collection::vec(client_message(), 0..40),
+            chunk in 1usize..64,
+        ) {
+            let all: Vec<u8> = messages.iter().flat_map(|(m, _)| m.clone()).collect();
+            let keep: Vec<u8> = messages.iter().filter(|(_, w)| *w == Want::Pass).flat_map(|(m, _)| m.clone()).collect();
+            let inputs = messages.iter().filter(|(_, w)| *w == Want::DropInput).count();
+            let mut f = InputFilter::default();
+            let mut out = Vec::new();
+            let (mut dropped, mut seen) = (0, 0);
+            let mut o = InputFilter::default();
+            for piece in all.chunks(chunk) {
+                dropped += f.filter(piece, &mut out).expect("well-formed messages");
+                seen += o.observe(piece).expect("well-formed messages");
+            }
+            prop_assert_eq!(&out, &keep);
+            prop_assert_eq!((dropped, seen), (inputs, inputs));
+            prop_assert!(message_heads(&out).into_iter().all(|h| !view_only_forbids(h)));
+            prop_assert_eq!(message_heads(&all).len(), messages.len());
         }
 
         #[test]
