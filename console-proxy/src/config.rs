@@ -33,6 +33,9 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     /// Interval of WebSocket pings to the browser; a browser silent for three intervals is dropped.
     pub keepalive: Duration,
+    /// Longest wait for one write toward the browser: a browser that stops reading (its socket
+    /// buffer full) is dropped after it, with a close frame (1001) when one still fits.
+    pub write_timeout: Duration,
     /// Ask the VNC server to keep other viewers connected (RFB shared flag).
     pub shared: bool,
     /// A session without keyboard, mouse or clipboard input from the browser for this long is
@@ -54,6 +57,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(20),
             keepalive: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             shared: true,
             idle_timeout: Duration::ZERO,
         }
@@ -65,6 +69,10 @@ impl ProxyConfig {
         anyhow::ensure!(
             (1..=1_000_000).contains(&self.max_sessions),
             "max sessions must be between 1 and 1000000"
+        );
+        anyhow::ensure!(
+            !self.write_timeout.is_zero(),
+            "the write timeout must not be zero"
         );
         for origin in &self.allowed_origins {
             anyhow::ensure!(
@@ -134,6 +142,7 @@ pub mod dto {
     /// keys = "/etc/console-proxy/keys.json"
     /// allowed_origins = ["https://cloud.example.com"]
     /// idle_timeout_secs = 900
+    /// write_timeout_secs = 30
     /// [tls]
     /// cert = "/etc/console-proxy/cert.pem"
     /// key = "/etc/console-proxy/key.pem"
@@ -158,6 +167,9 @@ pub mod dto {
         pub handshake_timeout_secs: Option<u64>,
         /// Seconds between pings to the browser (default 30); silent for three intervals = dropped.
         pub keepalive_secs: Option<u64>,
+        /// Seconds one write toward the browser may wait (default 30): a browser that stops
+        /// reading is dropped after it.
+        pub write_timeout_secs: Option<u64>,
         /// RFB shared flag toward the VNC server: keep other viewers connected (default true).
         pub shared: Option<bool>,
         /// Seconds without keyboard, mouse or clipboard input after which a session is closed
@@ -238,6 +250,11 @@ pub fn from_file_and_flags_with(
         &config.handshake_timeout,
     );
     config.keepalive = secs(flags.keepalive_secs, file.keepalive_secs, &config.keepalive);
+    config.write_timeout = secs(
+        flags.write_timeout_secs,
+        file.write_timeout_secs,
+        &config.write_timeout,
+    );
     config.shared = flags.shared.or(file.shared).unwrap_or(config.shared);
     config.idle_timeout = flags
         .idle_timeout_secs
@@ -253,12 +270,13 @@ mod tests {
     #[test]
     fn file_parses_and_refuses_unknown_fields() {
         let file: dto::ConfigFile = toml::from_str(
-            "listen = \"0.0.0.0:8443\"\nkeys = \"/k.json\"\nmax_sessions = 5\nidle_timeout_secs = 300\n[tls]\ncert = \"c\"\nkey = \"k\"\n",
+            "listen = \"0.0.0.0:8443\"\nkeys = \"/k.json\"\nmax_sessions = 5\nidle_timeout_secs = 300\nwrite_timeout_secs = 7\n[tls]\ncert = \"c\"\nkey = \"k\"\n",
         )
         .unwrap();
         assert_eq!(file.listen, Some("0.0.0.0:8443".parse().unwrap()));
         assert_eq!(file.max_sessions, Some(5));
         assert_eq!(file.idle_timeout_secs, Some(300));
+        assert_eq!(file.write_timeout_secs, Some(7));
         assert!(file.tls.is_some());
         let err = toml::from_str::<dto::ConfigFile>("lisen = \"x\"")
             .unwrap_err()
@@ -282,11 +300,13 @@ mod tests {
         };
         let flags = dto::ConfigFile {
             keepalive_secs: Some(5),
+            write_timeout_secs: Some(12),
             ..Default::default()
         };
         let config = from_file_and_flags(file, flags).unwrap();
         assert_eq!(config.max_sessions, 7);
         assert_eq!(config.keepalive, Duration::from_secs(5));
+        assert_eq!(config.write_timeout, Duration::from_secs(12));
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.idle_timeout, Duration::from_secs(600));
         let off = dto::ConfigFile {

@@ -6,7 +6,7 @@
 //! - [`session`]: one console session: token checks, VNC connect, the two RFB handshakes, relay.
 //! - [`transport`]: WebSocket framing over the raw upgraded socket (server frames written in front of
 //!   the relay buffer, client frames unmasked in place).
-//! - [`replay`]: the one-time store of spent session ids.
+//! - [`replay`]: the one-time store of spent session ids and pending attempts.
 //! - [`web`]: the console page, its assets and noVNC, from the web root.
 //!
 //! Architecture invariants:
@@ -14,7 +14,9 @@
 //!   offers the browser RFB security type None only.
 //! - Bad input from either side ends that session with a close reason; it never panics the process.
 //! - The relay copies each byte once in user space (socket → relay buffer → socket) and waits for the
-//!   slower side (backpressure); it never polls.
+//!   slower side (backpressure); it never polls. Each write toward the browser has a deadline.
+//! - A console link is spent only when its session is accepted ([`session`]), never by a refusal
+//!   for the session limit or an abandoned upgrade.
 #![forbid(unsafe_code)]
 
 pub mod config;

@@ -64,6 +64,10 @@ enum Command {
         /// Seconds between WebSocket pings [default: 30]; a browser silent for three intervals is dropped.
         #[arg(long)]
         keepalive: Option<u64>,
+        /// Seconds one write toward the browser may wait [default: 30]; a browser that stops reading
+        /// is dropped after it.
+        #[arg(long, value_name = "SECS")]
+        write_timeout: Option<u64>,
         /// Seconds without keyboard, mouse or clipboard input after which a session is closed
         /// [default: 0 = never]. With --core, core's consoleproxy.session.timeout replaces it.
         #[arg(long, value_name = "SECS")]
@@ -173,6 +177,7 @@ fn main() -> anyhow::Result<()> {
             allowed_origins,
             max_sessions,
             keepalive,
+            write_timeout,
             idle_timeout,
             public_url,
             core,
@@ -190,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                 allowed_origins,
                 max_sessions,
                 keepalive_secs: keepalive,
+                write_timeout_secs: write_timeout,
                 idle_timeout_secs: idle_timeout,
                 tls: tls_cert
                     .zip(tls_key)
@@ -261,19 +267,41 @@ fn keygen(out: &Path, rotate: bool) -> anyhow::Result<()> {
     write_private(out, keys.to_json()?.as_bytes())
 }
 
-/// Writes a file readable by its owner only, through a temporary file and a rename.
+/// Writes a file readable by its owner only, through a temporary file (`PATH.tmp`) and a rename.
+/// The temporary file is created new with mode 0600: an existing one, or a symlink planted there,
+/// is refused, never followed or reused with its mode.
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
+    let mut name = path
+        .file_name()
+        .context("the key file needs a file name")?
+        .to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let mut file = match std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("failed to create {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} already exists (left by an interrupted keygen, or planted there); \
+             check it and remove it, then run keygen again",
+            tmp.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("failed to create {}", tmp.display())),
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("failed to write {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

@@ -1,8 +1,18 @@
 //! The public listener: TLS, HTTP routing, the WebSocket upgrade, and session tasks.
+//!
+//! Invariants:
+//! * a connection gets [`REQUEST_TIMEOUT`] for its TLS handshake and for each request's headers
+//!   (also while idle between requests);
+//! * at most `max_sessions × 2 + 64` connections are in their HTTP phase at once; at that limit a
+//!   new connection closes the oldest one that has not sent a complete request yet (else the oldest
+//!   of all) to make room, so a flood of slow or silent connections cannot lock browsers out;
+//! * a session slot is taken only by an authorized upgrade, and the link is spent only once the
+//!   session is accepted ([`session::run`]).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,17 +27,17 @@ use systemvm_proto::console::KeySet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::ProxyConfig;
 use crate::replay::ReplayStore;
-use crate::session::{self, ClientInfo, IdleTimeout, Refusal};
+use crate::session::{self, ClientInfo, IdleTimeout, Pending, Refusal};
 use crate::transport::{WsReader, WsWriter};
 use crate::web;
 
 /// Time allowed for a TLS handshake and for an HTTP request's headers.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time sessions get to close cleanly at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -41,7 +51,46 @@ struct Shared {
     idle: IdleTimeout,
     sessions: Arc<Semaphore>,
     connections: Arc<Semaphore>,
+    /// Connections in their HTTP phase, to close one when the limit is reached.
+    http: Mutex<HttpConns>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// Connections in their HTTP phase (not yet upgraded, or serving pages), by age, each with its
+/// place under the connection limit.
+#[derive(Default)]
+struct HttpConns {
+    next: u64,
+    /// No complete request yet (TLS handshake, headers on their way): closed first.
+    fresh: BTreeMap<u64, HttpConn>,
+    /// Sent a request.
+    serving: BTreeMap<u64, HttpConn>,
+}
+
+struct HttpConn {
+    task: AbortHandle,
+    place: OwnedSemaphorePermit,
+}
+
+impl Shared {
+    fn http(&self) -> std::sync::MutexGuard<'_, HttpConns> {
+        self.http.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connection `id` sent a complete request.
+    fn requested(&self, id: u64) {
+        let mut http = self.http();
+        if let Some(conn) = http.fresh.remove(&id) {
+            http.serving.insert(id, conn);
+        }
+    }
+
+    /// Connection `id` left its HTTP phase (closed or upgraded): its place is free.
+    fn left_http(&self, id: u64) {
+        let mut http = self.http();
+        http.fresh.remove(&id);
+        http.serving.remove(&id);
+    }
 }
 
 /// A proxy serving in the background (tests and embedding); dropping it does not stop it, call
@@ -55,7 +104,7 @@ pub struct RunningProxy {
 }
 
 impl RunningProxy {
-    /// Console sessions open now.
+    /// Session slots in use: console sessions open or being set up.
     pub fn active_sessions(&self) -> usize {
         self.shared.config.max_sessions - self.shared.sessions.available_permits()
     }
@@ -114,6 +163,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         connections: Arc::new(Semaphore::new(
             config.max_sessions.saturating_mul(2).saturating_add(64),
         )),
+        http: Mutex::default(),
         shutdown,
         config,
     });
@@ -136,15 +186,26 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-                        debug!(%peer, "Connection limit reached, dropping connection");
-                        continue;
+                    let permit = match shared.connections.clone().try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => match make_room(&shared) {
+                            Some(permit) => permit,
+                            None => {
+                                debug!(%peer, "Connection limit reached, dropping connection");
+                                continue;
+                            }
+                        },
                     };
-                    let shared = shared.clone();
-                    conns.spawn(
-                        async move { handle_connection(shared, tcp, peer, permit).await }
+                    // Registered before the task can run, so that it finds itself to leave.
+                    let mut http = shared.http();
+                    let id = http.next;
+                    http.next += 1;
+                    let task_shared = shared.clone();
+                    let task = conns.spawn(
+                        async move { handle_connection(task_shared, tcp, peer, id).await }
                             .instrument(info_span!("conn", %peer)),
                     );
+                    http.fresh.insert(id, HttpConn { task, place: permit });
                 }
                 Err(error) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -178,23 +239,49 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     info!("Console proxy stopped");
 }
 
-async fn handle_connection(
+/// At the connection limit: closes the oldest connection without a complete request (else the
+/// oldest in its HTTP phase) and hands its place on. (Its socket closes when its task next runs.)
+fn make_room(shared: &Shared) -> Option<OwnedSemaphorePermit> {
+    let victim = {
+        let mut http = shared.http();
+        match http.fresh.pop_first() {
+            Some((_, conn)) => conn,
+            None => http.serving.pop_first()?.1,
+        }
+    };
+    victim.task.abort();
+    debug!("Connection limit reached, closed the oldest waiting connection");
+    Some(victim.place)
+}
+
+/// Takes a connection out of [`HttpConns`] when its task ends (however it ends).
+struct HttpPhase {
     shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
-) {
+    id: u64,
+}
+
+impl Drop for HttpPhase {
+    fn drop(&mut self) {
+        self.shared.left_http(self.id);
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, id: u64) {
+    let _phase = HttpPhase {
+        shared: shared.clone(),
+        id,
+    };
     let _ = tcp.set_nodelay(true);
     match shared.config.tls.clone() {
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => serve_http(shared, stream, peer, true).await,
+                Ok(Ok(stream)) => serve_http(shared, stream, peer, true, id).await,
                 Ok(Err(error)) => debug!(%error, "TLS handshake failed"),
                 Err(_) => debug!("TLS handshake timed out"),
             }
         }
-        None => serve_http(shared, tcp, peer, false).await,
+        None => serve_http(shared, tcp, peer, false, id).await,
     }
 }
 
@@ -226,9 +313,10 @@ impl BrowserStream for TlsStream {
     }
 }
 
-async fn serve_http<S: BrowserStream>(shared: Arc<Shared>, io: S, peer: SocketAddr, tls: bool) {
+async fn serve_http<S: BrowserStream>(shared: Arc<Shared>, io: S, peer: SocketAddr, tls: bool, id: u64) {
     let service = service_fn(move |req| {
         let shared = shared.clone();
+        shared.requested(id);
         async move { Ok::<_, Infallible>(route::<S>(shared, req, peer, tls).await) }
     });
     let conn = http1::Builder::new()
@@ -351,12 +439,24 @@ fn websocket<S: BrowserStream>(
         let keys = shared.keys.read().unwrap_or_else(PoisonError::into_inner);
         session::authorize(&shared.config, &keys, &shared.replay, &client, crate::unix_now())
     };
-    let permit = shared.sessions.clone().try_acquire_owned().ok();
     let span = match &verdict {
         Ok(claims) => info_span!("console", session.id = %claims.session_id, vm.id = %claims.vm.id,
                                  target = claims.target.kind(), %peer),
         Err(_) => info_span!("console", %peer),
     };
+    // A slot for an authorized session only; its link is not spent until the session is accepted,
+    // and this attempt replaces an earlier one with the same link that was not accepted yet.
+    let admitted = verdict.and_then(|claims| {
+        let permit = shared.sessions.clone().try_acquire_owned().map_err(|_| Refusal {
+            code: systemvm_proto::ws::close_code::BUSY,
+            reason: "console proxy is at its session limit, try again later".into(),
+        })?;
+        let attempt = shared
+            .replay
+            .begin(&claims.session_id)
+            .map_err(session::claim_refusal)?;
+        Ok((claims, attempt, permit))
+    });
     let upgrade = hyper::upgrade::on(&mut req);
     let task_shared = shared.clone();
     tokio::spawn(
@@ -377,34 +477,25 @@ fn websocket<S: BrowserStream>(
             };
             let (read, write) = parts.io.into_inner().split_halves();
             let reader = WsReader::new(read, &parts.read_buf);
-            let mut writer = WsWriter::new(write);
-            let verdict = match (verdict, permit) {
-                (Ok(claims), Some(permit)) => Ok((claims, permit)),
-                (Ok(_), None) => Err(Refusal {
-                    code: systemvm_proto::ws::close_code::BUSY,
-                    reason: "console proxy is at its session limit, try again later".into(),
-                }),
-                (Err(refusal), _) => Err(refusal),
-            };
-            let claimer = task_shared
-                .claimer
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            let verdict = match (verdict, claimer) {
-                (Ok((claims, permit)), Some(claimer)) => session::claim_fleet_wide(&claimer, &claims)
-                    .await
-                    .map(|()| (claims, permit)),
-                (v, _) => v,
-            };
-            match verdict {
-                Ok((claims, _permit)) => {
+            let mut writer = WsWriter::new(write, task_shared.config.write_timeout);
+            match admitted {
+                Ok((claims, attempt, _permit)) => {
                     info!("Console session opening");
+                    let claimer = task_shared
+                        .claimer
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    let pending = Pending {
+                        claims,
+                        attempt,
+                        claimer,
+                    };
                     let shutdown = task_shared.shutdown.clone();
                     session::run(
                         &task_shared.config,
                         &task_shared.idle,
-                        claims,
+                        pending,
                         reader,
                         writer,
                         shutdown,

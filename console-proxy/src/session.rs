@@ -1,7 +1,16 @@
 //! One console session: token checks, the VNC connection, both RFB handshakes, and the relay.
 //!
 //! Invariants:
-//! * every session ends with a close code and a reason the console page shows;
+//! * every session ends with a close code and a reason the console page shows (unless the browser
+//!   stopped reading: then the close frame is tried briefly, and the socket is closed anyway);
+//! * a link is spent when its session is accepted, and not before: [`authorize`] checks the token
+//!   and refuses a spent one; [`run`] spends it once the browser finished its side of the RFB
+//!   handshake (ClientInit) on a session that holds a slot, first here ([`crate::replay`]), then
+//!   with core when linked to one, and only then connects to the VM. A refusal for the session
+//!   limit, a failed upgrade or a browser that leaves before ClientInit leaves the link usable; an
+//!   error asking core un-spends it;
+//! * every write toward the browser has a deadline ([`ProxyConfig::write_timeout`]): a browser that
+//!   stops reading ends its session ([`SessionEnd::BrowserStalled`]) instead of holding it open;
 //! * the idle timeout ([`IdleTimeout`]) counts browser *input* only — KeyEvent, PointerEvent,
 //!   ClientCutText (also on view-only sessions, where that input is dropped): noVNC sends
 //!   FramebufferUpdateRequests all the time, and pings/pongs only show the browser is alive. A
@@ -23,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::ProxyConfig;
-use crate::replay::{ClaimError, ReplayStore};
+use crate::replay::{Attempt, ClaimError, ReplayStore};
 use crate::transport::{TransportError, WsIn, WsReader, WsWriter};
 
 /// Relay buffer (VNC → browser) size at the start of a session.
@@ -111,7 +120,8 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// Opens and checks a token for this client and spends its session id.
+/// Opens and checks a token for this client; refuses it when its session id was spent. Nothing is
+/// spent here: [`run`] spends the id once the session is accepted.
 pub fn authorize(
     config: &ProxyConfig,
     keys: &systemvm_proto::console::KeySet,
@@ -160,16 +170,58 @@ pub fn authorize(
             "console is not allowed from this web origin",
         ));
     }
-    replay
-        .claim(&claims.session_id, claims.expires, now)
-        .map_err(|e| match e {
-            ClaimError::AlreadyUsed => Refusal::new(
-                close_code::TOKEN_REFUSED,
-                "console token already used: each link opens one session",
-            ),
-            ClaimError::Full => Refusal::new(close_code::BUSY, e.to_string()),
-        })?;
+    if replay.is_spent(&claims.session_id) {
+        return Err(claim_refusal(ClaimError::AlreadyUsed));
+    }
     Ok(claims)
+}
+
+/// The refusal for a session id that cannot be spent.
+pub fn claim_refusal(e: ClaimError) -> Refusal {
+    match e {
+        ClaimError::AlreadyUsed => Refusal::new(
+            close_code::TOKEN_REFUSED,
+            "console token already used: each link opens one session",
+        ),
+        ClaimError::Superseded => Refusal::new(
+            close_code::TOKEN_REFUSED,
+            "console link opened again (in another window or tab)",
+        ),
+        ClaimError::Full => Refusal::new(close_code::BUSY, e.to_string()),
+    }
+}
+
+/// An authorized session that holds a slot and waits to be accepted: its claims, its attempt at
+/// the link, and core's claimer when the proxy is linked to one.
+pub struct Pending {
+    /// The token's claims.
+    pub claims: ConsoleTokenClaims,
+    /// The link's use, spent when the session is accepted.
+    pub attempt: Attempt,
+    /// Claims the session id from core too.
+    pub claimer: Option<systemvm_agent_client::Claimer>,
+}
+
+/// Spends the link: here, then with core. When core cannot be asked (not connected, no answer),
+/// the link is un-spent so that opening the console again works.
+async fn spend(
+    attempt: Attempt,
+    claimer: Option<&systemvm_agent_client::Claimer>,
+    claims: &ConsoleTokenClaims,
+) -> Result<(), Refusal> {
+    let spent = attempt
+        .spend(claims.expires, crate::unix_now())
+        .map_err(claim_refusal)?;
+    if let Some(claimer) = claimer
+        && let Err(refusal) = claim_fleet_wide(claimer, claims).await
+    {
+        if refusal.code != close_code::TOKEN_REFUSED {
+            spent.undo();
+        }
+        return Err(refusal);
+    }
+    debug!("Console link spent");
+    Ok(())
 }
 
 /// Claims the token's session id from core (a link opens one session across every proxy).
@@ -243,6 +295,8 @@ pub enum SessionEnd {
     BrowserClosed,
     /// The browser stopped answering pings.
     BrowserSilent,
+    /// The browser stopped reading: a write toward it timed out.
+    BrowserStalled,
     /// No input from the browser for the idle timeout.
     Idle,
     /// The proxy is shutting down.
@@ -251,12 +305,13 @@ pub enum SessionEnd {
     Failed,
 }
 
-/// Runs an authorized session to its end: connect, handshakes, relay. Every failure is sent to the
-/// browser as a close reason and logged.
+/// Runs an authorized session to its end: the browser's handshake up to ClientInit, the link spent
+/// (the session is accepted), the VNC connection and handshake, the browser's ServerInit, the
+/// relay. Every failure is sent to the browser as a close reason and logged.
 pub async fn run<R, W>(
     config: &ProxyConfig,
     idle: &IdleTimeout,
-    claims: ConsoleTokenClaims,
+    pending: Pending,
     mut reader: WsReader<R>,
     mut writer: WsWriter<W>,
     shutdown: watch::Receiver<bool>,
@@ -266,10 +321,24 @@ where
     W: AsyncWrite + Unpin,
 {
     let started = Instant::now();
+    let Pending {
+        claims,
+        mut attempt,
+        claimer,
+    } = pending;
     let setup = async {
+        // The browser first: one that leaves before ClientInit has not used the link.
+        let client_rest = tokio::select! {
+            rest = browser_handshake(&mut reader, &mut writer) => rest?,
+            () = attempt.superseded() => return Err(claim_refusal(ClaimError::Superseded)),
+        };
+        spend(attempt, claimer.as_ref(), &claims).await?;
         let (vnc, server) = connect_vnc(config, &claims).await?;
         let name = Some(claims.vm.display_name.as_str()).filter(|n| !n.is_empty());
-        let client_rest = browser_handshake(&mut reader, &mut writer, &server, name).await?;
+        writer
+            .send_binary(&server.server_init.encode(name))
+            .await
+            .map_err(browser_gone)?;
         Ok::<_, Refusal>((vnc, server, client_rest))
     };
     let (vnc, server, client_rest) = match tokio::time::timeout(config.handshake_timeout, setup).await {
@@ -377,21 +446,25 @@ fn rfb_refusal(e: RfbError) -> Refusal {
     Refusal::new(code, e.to_string())
 }
 
-/// Offers the browser RFB 3.8 with security None, then sends the server's ServerInit (renamed to
-/// the VM's display name). Returns the client bytes that followed ClientInit.
+fn browser_gone(e: std::io::Error) -> Refusal {
+    Refusal::new(close_code::GOING_AWAY, format!("browser connection lost: {e}"))
+}
+
+/// Offers the browser RFB 3.8 with security None, up to its ClientInit (the ServerInit, renamed to
+/// the VM's display name, follows once the VNC server sent its own). Returns the client bytes that
+/// followed ClientInit.
 async fn browser_handshake<R, W>(
     reader: &mut WsReader<R>,
     writer: &mut WsWriter<W>,
-    server: &ClientDone,
-    name: Option<&str>,
 ) -> Result<Vec<u8>, Refusal>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let gone =
-        |e: std::io::Error| Refusal::new(close_code::GOING_AWAY, format!("browser connection lost: {e}"));
-    writer.send_binary(rfb::SERVER_VERSION).await.map_err(gone)?;
+    writer
+        .send_binary(rfb::SERVER_VERSION)
+        .await
+        .map_err(browser_gone)?;
     let mut hs = ServerHandshake::new();
     loop {
         let input = reader
@@ -404,17 +477,13 @@ where
                     .advance(data)
                     .map_err(|e| Refusal::new(close_code::RFB_PROTOCOL, e.to_string()))?;
                 if !progress.send.is_empty() {
-                    writer.send_binary(&progress.send).await.map_err(gone)?;
+                    writer.send_binary(&progress.send).await.map_err(browser_gone)?;
                 }
                 if let Some(done) = progress.done {
-                    writer
-                        .send_binary(&server.server_init.encode(name))
-                        .await
-                        .map_err(gone)?;
                     return Ok(done.rest);
                 }
             }
-            Some(WsIn::Ping(payload)) => writer.send(Opcode::Pong, &payload).await.map_err(gone)?,
+            Some(WsIn::Ping(payload)) => writer.send(Opcode::Pong, &payload).await.map_err(browser_gone)?,
             Some(WsIn::Pong) => {}
             Some(WsIn::Close(_)) | None => {
                 return Err(Refusal::new(
@@ -606,7 +675,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> SessionEnd {
     if !server_rest.is_empty() && writer.send_binary(&server_rest).await.is_err() {
-        return SessionEnd::BrowserClosed;
+        return write_failed(&mut writer).await;
     }
     let mut buf = vec![0u8; RELAY_BUF_START];
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
@@ -622,7 +691,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
             msg = ctl.recv() => match msg {
                 Some(Control::Pong(payload)) => {
                     if writer.send(Opcode::Pong, &payload).await.is_err() {
-                        return SessionEnd::BrowserClosed;
+                        return write_failed(&mut writer).await;
                     }
                 }
                 Some(Control::Close(code, reason)) => {
@@ -647,7 +716,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
                     return SessionEnd::BrowserSilent;
                 }
                 if writer.send(Opcode::Ping, b"").await.is_err() {
-                    return SessionEnd::BrowserClosed;
+                    return write_failed(&mut writer).await;
                 }
             }
             read = vnc.read(&mut buf) => match read {
@@ -657,7 +726,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
                 }
                 Ok(n) => {
                     if writer.send_binary(&buf[..n]).await.is_err() {
-                        return SessionEnd::BrowserClosed;
+                        return write_failed(&mut writer).await;
                     }
                     if n == buf.len() && buf.len() < RELAY_BUF_MAX {
                         buf.resize(buf.len() * 2, 0);
@@ -670,6 +739,20 @@ async fn downstream<W: AsyncWrite + Unpin>(
                 }
             },
         }
+    }
+}
+
+/// How a session ends after a write toward the browser failed: a timed-out write (the browser
+/// stopped reading) gets a brief close attempt.
+async fn write_failed<W: AsyncWrite + Unpin>(writer: &mut WsWriter<W>) -> SessionEnd {
+    if writer.stalled() {
+        warn!("Browser stopped reading, closing its session");
+        let _ = writer
+            .close(close_code::GOING_AWAY, "the browser stopped reading")
+            .await;
+        SessionEnd::BrowserStalled
+    } else {
+        SessionEnd::BrowserClosed
     }
 }
 

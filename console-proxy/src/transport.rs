@@ -3,9 +3,11 @@
 //! The relay treats the WebSocket as a byte stream: frame boundaries carry no meaning for RFB.
 //! [`WsReader`] yields client payload bytes as they arrive (unmasked in place in its read buffer, so a
 //! large frame never has to be held whole); [`WsWriter`] writes one binary frame per relay chunk as a
-//! small header plus the caller's buffer in one vectored write, without copying the payload.
+//! small header plus the caller's buffer in one vectored write, without copying the payload, each
+//! write within a deadline (a browser that stops reading is not waited for forever).
 
 use std::io::{self, IoSlice};
+use std::time::Duration;
 
 use systemvm_proto::ws::{self, FrameHeader, MAX_HEADER_LEN, Opcode, WsError, close_code};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -179,15 +181,38 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 }
 
+/// Time a close frame gets after a write toward the browser timed out (it rarely fits then).
+pub const STALLED_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
 /// Writes server frames to the browser socket.
+///
+/// Invariant: every write has a deadline. A frame that the socket does not take within it fails
+/// with [`io::ErrorKind::TimedOut`] (the browser stopped reading); a frame cut off that way is never
+/// followed by another one, and [`WsWriter::close`] after it only shuts the socket down.
 pub struct WsWriter<W> {
     io: W,
+    /// Longest wait for one frame (and for the shutdown).
+    deadline: Duration,
+    /// A write timed out: the browser is not reading.
+    stalled: bool,
+    /// Part of a frame was written and the rest never was: no frame may follow.
+    torn: bool,
 }
 
 impl<W: AsyncWrite + Unpin> WsWriter<W> {
-    /// A writer over `io`.
-    pub fn new(io: W) -> Self {
-        WsWriter { io }
+    /// A writer over `io` whose writes each get `deadline`.
+    pub fn new(io: W, deadline: Duration) -> Self {
+        WsWriter {
+            io,
+            deadline,
+            stalled: false,
+            torn: false,
+        }
+    }
+
+    /// Whether a write timed out (the browser stopped reading).
+    pub fn stalled(&self) -> bool {
+        self.stalled
     }
 
     /// Sends `payload` as one binary frame: header and payload in vectored writes, no copy.
@@ -195,8 +220,32 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
         self.send(Opcode::Binary, payload).await
     }
 
-    /// Sends a control or data frame.
+    /// Sends a control or data frame within the write deadline.
     pub async fn send(&mut self, opcode: Opcode, payload: &[u8]) -> io::Result<()> {
+        let deadline = self.deadline;
+        self.send_within(opcode, payload, deadline).await
+    }
+
+    async fn send_within(&mut self, opcode: Opcode, payload: &[u8], deadline: Duration) -> io::Result<()> {
+        if self.torn {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier frame to the browser was cut off",
+            ));
+        }
+        match tokio::time::timeout(deadline, self.write_frame(opcode, payload)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stalled = true;
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the browser took no data for {} ms", deadline.as_millis()),
+                ))
+            }
+        }
+    }
+
+    async fn write_frame(&mut self, opcode: Opcode, payload: &[u8]) -> io::Result<()> {
         let mut head = [0u8; MAX_HEADER_LEN];
         let head_len = FrameHeader {
             fin: true,
@@ -217,17 +266,32 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
+            self.torn = true;
             let from_head = n.min(head.len());
             head = &head[from_head..];
             payload = &payload[n - from_head..];
         }
+        self.torn = false;
         self.io.flush().await
     }
 
-    /// Sends a close frame with a code and a reason (cut to fit) and shuts the write side down.
+    /// Sends a close frame with a code and a reason (cut to fit) and shuts the write side down,
+    /// each within the deadline. After a timed-out write the close frame gets
+    /// [`STALLED_CLOSE_GRACE`] and is skipped when a frame was cut off.
     pub async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
-        self.send(Opcode::Close, &ws::close_payload(code, reason)).await?;
-        self.io.shutdown().await
+        let grace = if self.stalled {
+            STALLED_CLOSE_GRACE.min(self.deadline)
+        } else {
+            self.deadline
+        };
+        let sent = self
+            .send_within(Opcode::Close, &ws::close_payload(code, reason), grace)
+            .await;
+        let shut = match tokio::time::timeout(grace, self.io.shutdown()).await {
+            Ok(result) => result,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        };
+        sent.and(shut)
     }
 }
 
@@ -332,7 +396,7 @@ mod tests {
     #[tokio::test]
     async fn writes_frames_clients_can_read() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let mut w = WsWriter::new(a);
+        let mut w = WsWriter::new(a, Duration::from_secs(5));
         let payload = vec![42u8; 300];
         w.send_binary(&payload).await.unwrap();
         w.close(4001, "console token already used").await.unwrap();
@@ -348,5 +412,49 @@ mod tests {
             ws::parse_close(&rest[n..]),
             Some((4001, "console token already used".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_the_browser_does_not_take_times_out() {
+        let deadline = Duration::from_millis(200);
+        // A 4 KiB pipe nobody reads: the frame cannot all go in.
+        let (a, b) = tokio::io::duplex(4096);
+        let mut w = WsWriter::new(a, deadline);
+        let started = std::time::Instant::now();
+        let err = w.send_binary(&[7u8; 64 * 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= deadline && started.elapsed() < deadline * 5);
+        assert!(w.stalled());
+        // The frame was cut off: nothing may follow it, and closing does not wait again for long.
+        assert_eq!(
+            w.send_binary(b"x").await.unwrap_err().kind(),
+            io::ErrorKind::BrokenPipe
+        );
+        let closing = std::time::Instant::now();
+        let _ = w.close(1001, "browser stopped reading").await;
+        assert!(
+            closing.elapsed() < deadline * 3,
+            "close took {:?}",
+            closing.elapsed()
+        );
+        drop(b);
+
+        // Stalled before a byte of the frame went out: the close frame is still tried (briefly) and
+        // goes out once there is room.
+        let (a, mut b) = tokio::io::duplex(16);
+        let mut w = WsWriter::new(a, deadline);
+        w.send_binary(&[1u8; 14]).await.unwrap();
+        assert_eq!(
+            w.send_binary(&[2u8; 64]).await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        let mut first = [0u8; 16];
+        b.read_exact(&mut first).await.unwrap();
+        w.close(1001, "gone").await.unwrap();
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        let (h, n) = FrameHeader::parse(&rest).unwrap().unwrap();
+        assert_eq!(h.opcode, Opcode::Close);
+        assert_eq!(ws::parse_close(&rest[n..]), Some((1001, "gone".into())));
     }
 }

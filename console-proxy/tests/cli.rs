@@ -51,6 +51,53 @@ fn keygen_writes_a_private_key_file_and_rotates() {
 }
 
 #[test]
+fn keygen_refuses_a_leftover_or_planted_temp_file() {
+    let dir = temp_dir("keygen-tmp");
+    let keys = dir.join("keys.json");
+    let k = keys.to_str().unwrap();
+    let tmp = dir.join("keys.json.tmp");
+    let refused = |what: &str| {
+        let out = run(&["keygen", "--out", k]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "keygen wrote through {what}");
+        assert!(
+            stderr.contains(tmp.to_str().unwrap()) && stderr.contains("already exists"),
+            "{what}: {stderr}"
+        );
+        assert!(!keys.exists(), "{what}: a key file was written");
+    };
+
+    // A symlink planted where the temporary file goes is not followed.
+    let target = dir.join("elsewhere");
+    std::fs::write(&target, "precious").unwrap();
+    std::os::unix::fs::symlink(&target, &tmp).unwrap();
+    refused("a symlink");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    std::fs::remove_file(&tmp).unwrap();
+    std::os::unix::fs::symlink(dir.join("nowhere"), &tmp).unwrap();
+    refused("a dangling symlink");
+    assert!(!dir.join("nowhere").exists());
+    std::fs::remove_file(&tmp).unwrap();
+
+    // A leftover with a loose mode (say from an interrupted run) is neither reused nor its mode kept.
+    std::fs::write(&tmp, "old").unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused("a leftover file");
+    assert_eq!(std::fs::read_to_string(&tmp).unwrap(), "old");
+    std::fs::remove_file(&tmp).unwrap();
+
+    // With the way clear: a 0600 key file and no temporary file left behind; rotation alike.
+    assert!(run(&["keygen", "--out", k]).status.success());
+    assert!(run(&["keygen", "--out", k, "--rotate"]).status.success());
+    assert_eq!(
+        std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(load(&keys).ids(), vec![1, 2]);
+    assert!(!tmp.exists());
+}
+
+#[test]
 fn token_prints_a_sealed_token_with_the_claims() {
     let dir = temp_dir("token");
     let keys = dir.join("keys.json");

@@ -33,7 +33,7 @@ const CLOSE_CODES = new Map([
   [4010, "The console proxy could not reach the VM's VNC server. The VM may be stopped or its host unreachable."],
   [4011, "The VM's VNC server refused the console proxy's authentication."],
   [4012, "The console proxy and the VM's VNC server did not understand each other (RFB protocol error)."],
-  [4029, 'The console proxy is too busy to take another session right now; try again in a few minutes.'],
+  [4029, 'The console proxy is too busy to take another session right now. This link was not used: reload this page in a few minutes to try again.'],
   [1001, 'The console proxy is shutting down.'],
   [1000, "The VM's VNC server closed the session."],
 ]);
@@ -118,8 +118,9 @@ function finish(code, reason) {
   setState(state);
 
   const title = state === 'ended' ? 'Session ended' : 'Console unavailable';
-  // The token-refused sentence already says how to get a new link.
-  const hint = state === 'ended' ? HINT_ENDED : code === 4001 ? '' : HINT_FAILED;
+  // The token-refused sentence already says how to get a new link; a busy proxy left the link
+  // unused, so reloading does help then.
+  const hint = state === 'ended' ? HINT_ENDED : code === 4001 || code === 4029 ? '' : HINT_FAILED;
   // Skip the proxy's reason when the sentence for its code already says the same.
   const redundant = why && sentence.toLowerCase().includes(why.toLowerCase().replace(/\.$/, ''));
   if (why && !redundant) {
