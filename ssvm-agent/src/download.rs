@@ -12,6 +12,11 @@
 //! - Every retry and every restart resumes the same way: from the part file's flushed length, whose
 //!   bytes are read back to rebuild the hashes and the inspector, with an HTTP Range request validated
 //!   by the server's ETag or Last-Modified. Compressed downloads restart from zero instead.
+//! - A job with an epoch records it beside the install before the first byte, and checks it before
+//!   each checkpoint, the rename and `template.properties` ([`crate::fence`]); fenced, it stops and
+//!   removes only its own files.
+//! - A store out of space fails the job at once (no retry); a COMMIT that reports a server restart
+//!   is retried from the last good checkpoint, so what the server lost is written again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

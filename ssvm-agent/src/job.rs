@@ -7,6 +7,11 @@
 //!   record or the new one, never a torn one. Records carry a format version.
 //! - `durable_offset` only counts bytes already flushed to the store, so a resumed job never trusts
 //!   bytes that may not have reached the disk.
+//! - The journal lives on the image store (`.ssvm-journal/<agent id>/jobs/`, [`Journal::on_store`])
+//!   unless a local state directory is given ([`Journal::open`]): a system VM rebuilt with the same
+//!   id finds its jobs again.
+//! - A record carries the job's fencing epoch (see [`crate::fence`]); records from before fencing
+//!   read as epoch 0.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
