@@ -727,3 +727,39 @@ async fn nfs_server_restart_before_commit_is_reported_and_rewritten() {
     // And a flush with nothing outstanding is fine.
     store.flush(&file).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfs_store_reads_a_small_file_that_is_replaced_meanwhile() {
+    let g = ganesha();
+    let _serial = NFS_LOCK.lock().await;
+    let store = g.open(StoreOptions::default()).await;
+    store.create_dir_all("replaced").await.unwrap();
+    let path = "replaced/record.json";
+    let body = |i: usize| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(3000 + i % 7));
+    store.write_file_atomic(path, body(0).as_bytes()).await.unwrap();
+    // Another agent replaces the record (atomic rename) while this one reads it: on NFS the
+    // handle the reader looked up goes stale; the read is retried, never failed or torn.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 1..=150 {
+                store.write_file_atomic(path, body(i).as_bytes()).await.unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() {
+        let data = store
+            .read_file(path, 1 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("read {reads}: {e}"));
+        let text = String::from_utf8(data).unwrap();
+        let n: usize = text["{\"n\":".len()..text.find(',').unwrap()].parse().unwrap();
+        assert_eq!(text, body(n), "a torn read");
+        reads += 1;
+    }
+    writer.await.unwrap();
+    assert!(reads > 10, "only {reads} reads");
+    store.remove_file(path).await.unwrap();
+    store.remove_dir("replaced").await.unwrap();
+}
