@@ -219,6 +219,7 @@ impl Downloader {
                 record.installed = Some(installed);
             }
             Err(e) => {
+                let fenced = matches!(e, DownloadError::Fenced);
                 record.state = if matches!(e, DownloadError::Cancelled) {
                     JobState::Cancelled
                 } else {
@@ -233,6 +234,12 @@ impl Downloader {
                 warn!(job.id = %record.id, error = %msg, "Download failed");
                 record.error = Some(msg);
                 self.discard_part(record).await;
+                if !fenced && record.epoch > 0 && record.epoch_recorded {
+                    let dir = record.spec.path.trim_matches('/');
+                    if let Err(error) = crate::fence::forget(&self.store, dir, record.epoch).await {
+                        warn!(job.id = %record.id, %error, "Failed to remove the fencing marker");
+                    }
+                }
             }
         }
         sync_epoch(record, live);

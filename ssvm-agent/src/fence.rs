@@ -80,6 +80,15 @@ pub async fn record(store: &Store, dir: &str, epoch: u64) -> Result<(), StoreErr
     Ok(())
 }
 
+/// Removes the marker of `epoch` (a run that failed or was cancelled leaves nothing behind).
+/// A marker of a higher epoch stays; a lower run that recorded one then finds none and stops.
+pub async fn forget(store: &Store, dir: &str, epoch: u64) -> Result<(), StoreError> {
+    match store.remove_file(&format!("{dir}/{FENCE_PREFIX}{epoch}")).await {
+        Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether a run under `own` may go on writing the install: the recorded epoch is not higher
 /// than its own, and (once the run recorded one) the record is still there. Raises the record
 /// to `own` when the run adopted a higher epoch.

@@ -895,6 +895,20 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fenced_download_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let agent = agent_on(tmp.path(), "s-1", false).await;
+        let http = http(&image());
+        let mut bad = submit(http.url("/fast.img"), 1);
+        bad.checksum = Some(format!("{{SHA-256}}{}", "0".repeat(64)));
+        agent.submit(bad).await.unwrap();
+        let r = wait_final(&agent, "t301").await;
+        assert_eq!(r.state, JobState::Failed, "{r:?}");
+        assert!(r.error.as_deref().unwrap().contains("checksum"), "{r:?}");
+        assert!(names(&tmp.path().join("store").join(DIR)).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orphaned_partial_files_are_removed_at_start() {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
