@@ -955,17 +955,28 @@ async fn every_image_store_of_a_zone_gets_a_storage_vm() {
     for d in [&dir_a, &dir_b] {
         std::fs::create_dir_all(d).expect("store dir");
     }
-    core.ok(&["addImageStore", "provider=NFS", "name=a", &format!("url=file://{}", dir_a.display())])
-        .await;
+    core.ok(&[
+        "addImageStore",
+        "provider=NFS",
+        "name=a",
+        &format!("url=file://{}", dir_a.display()),
+    ])
+    .await;
     wait_fleet(&core, "secondarystoragevm", 1, Duration::from_secs(30)).await;
     let b = core
-        .ok(&["addImageStore", "provider=NFS", "name=b", &format!("url=file://{}", dir_b.display())])
+        .ok(&[
+            "addImageStore",
+            "provider=NFS",
+            "name=b",
+            &format!("url=file://{}", dir_b.display()),
+        ])
         .await;
     let store_b = b["imagestore"]["id"].as_str().expect("id").to_owned();
     let ssvms = wait_fleet(&core, "secondarystoragevm", 2, Duration::from_secs(30)).await;
     assert_eq!(ssvms.len(), 2, "{ssvms:?}");
 
-    let img = systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "b.qcow2", 1, 5).expect("qcow2");
+    let img =
+        systemvm_tests::images::qcow2_of_noise(&core.dir().join("img"), "b.qcow2", 1, 5).expect("qcow2");
     let data = std::fs::read(&img).expect("read");
     let http = HttpFixture::start().expect("http");
     http.route(
@@ -997,14 +1008,20 @@ async fn every_image_store_of_a_zone_gets_a_storage_vm() {
         if t["template"][0]["isready"] == true {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "not installed on store b: {t}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not installed on store b: {t}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let installed = std::fs::read_dir(dir_b.join("template/tmpl"))
         .expect("store b has the template")
         .count();
     assert_eq!(installed, 1);
-    assert!(!dir_a.join("template/tmpl").exists(), "store a got store b's template");
+    assert!(
+        !dir_a.join("template/tmpl").exists(),
+        "store a got store b's template"
+    );
 
     // Store b emptied and deleted: its storage VM is drained and destroyed; a's stays.
     core.ok(&["deleteTemplate", &format!("id={tid}")]).await;
