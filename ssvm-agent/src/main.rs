@@ -338,17 +338,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let served = ssvm_agent::service::serve(agent, listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+                let why = systemvm_task::stop_requested().await;
+                tracing::info!(signal = why, "Shutting down");
             })
             .await;
             if let Some(l) = running_link {
-                l.shutdown().await;
+                systemvm_task::stop_within("core link", SHUTDOWN_DEADLINE, l.shutdown()).await;
             }
             served?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
+
+/// How long the stop of the core link may take before the process exits anyway.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A progress bar on a terminal; nothing otherwise.
 fn progress_bar(live: Arc<LiveProgress>) -> Option<tokio::task::JoinHandle<()>> {
