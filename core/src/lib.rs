@@ -3,13 +3,12 @@
 //!
 //! # Architecture notes
 //!
-//! * **Code map.** [`server`] is the HTTP side (limits, auth, dispatch); [`command`] is the command
-//!   table that drives dispatch, validation, permissions and `listApis`; [`api`] has one file per
-//!   resource (accounts, zones, configurations, jobs, apis, system VMs); [`jobs`] runs async commands;
-//!   [`agent`] is the agent endpoint system VMs dial in to, with [`ca`] core's own CA for it;
-//!   [`signing`] is CloudStack's HMAC-SHA1 request signature; [`params`] and [`paging`] decode and
-//!   window requests; [`db`] opens the database and applies the embedded migrations; [`error`] maps
-//!   everything to CloudStack's error shape.
+//! * **Code map** (layers: HTTP handlers → domain layer ← background parts; ARCHITECTURE.md).
+//!   Handlers: [`server`] (limits, auth, dispatch), [`command`] (what a command is), [`api`] (one
+//!   file per resource, the command table, the async job runner), [`params`], [`paging`],
+//!   [`error`] (CloudStack's error shape, the edge mapping of domain and fleet errors). Domain:
+//!   [`model`]. Background parts: [`agent`] (the agent endpoint), [`dispatch`], [`follow`],
+//!   [`fleet`]. Shared: [`state`], [`hub`], [`limits`], [`db`], [`ca`], [`signing`], [`util`].
 //! * **One schema, two backends, through `sqlx::AnyPool`.** SQLite (`DATA_DIR/core.db`) by default,
 //!   PostgreSQL with `--database-url postgres://…`. `AnyPool` was chosen over an enum of
 //!   `SqlitePool`/`PgPool` because it keeps a single copy of every query: the schema is written in

@@ -22,7 +22,7 @@ pub const MIN_SPAN: Duration = Duration::from_millis(500);
 /// Time allowed for the `HEAD` request that learns an image's size.
 pub const SIZE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Progress samples (when, how far in [`Meter::unit`]s) over the last [`WINDOW`].
+/// Progress samples (when, how far in the meter's unit) over the last [`WINDOW`].
 #[derive(Debug, Clone, Default)]
 pub struct Meter {
     samples: VecDeque<(Instant, f64)>,

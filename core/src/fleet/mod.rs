@@ -11,7 +11,7 @@
 //!   proxy when `proxies × consoleproxy.session.max − sessions ≤
 //!   consoleproxy.capacity.standby` (CloudStack's rule, capped by `consoleproxy.launch.max`), and,
 //!   unlike CloudStack, one fewer when a proxy has been idle for `consoleproxy.scalein.idle` and
-//!   the others still leave more than the standby capacity ([`decide`]).
+//!   the others still leave more than the standby capacity ([`scale::decide`]).
 //!
 //! Invariants:
 //! * no live session is cut by scale-in: a proxy is drained first (state `Stopping`: no new links

@@ -574,7 +574,7 @@ impl ServerHandshake {
 /// timeout; VM control is not keyboard or mouse input). Messages may span calls; one filter
 /// follows one stream.
 ///
-/// Invariants: both methods split the same way (one parser, [`client_message_len`]), so for any
+/// Invariants: both methods split the same way (one parser, `client_message_len`), so for any
 /// bytes they count the same input events and fail at the same point; what `filter` passes holds
 /// no input event and no VM control; an unknown message type or an oversized clipboard is an
 /// [`RfbError`], never a panic or an unbounded buffer.
