@@ -415,7 +415,7 @@ fn client_image_stores_templates_capacity_and_delete() {
     assert!(added.lines().nth(1).unwrap().contains("cli-store"), "{added}");
     let stores = json_of(&client_ok(&core, &["image-stores", "--json"]));
     assert_eq!(stores["imagestore"][0]["url"], store_url.as_str());
-    assert_eq!(stores["imagestore"][0]["providername"], "NFS");
+    assert_eq!(stores["imagestore"][0]["providername"], "Local");
     let table = client_ok(&core, &["image-stores"]);
     assert!(table.lines().nth(1).unwrap().contains(&store_url), "{table}");
 
