@@ -511,6 +511,8 @@ both_backends!(
     roles,
     configurations,
     integration_port_and_restart,
+    zone_fields_by_role,
+    delete_zone_in_use,
 );
 
 // === Scenarios ===
@@ -1317,3 +1319,169 @@ async fn integration_port_and_restart(backend: Backend) {
     core.restart().await;
     assert!(core.running().integration_addr.is_none());
 }
+
+async fn zone_fields_by_role(backend: Backend) {
+    let core = Core::start(backend).await;
+    let z = core
+        .ok(&[
+            "createZone",
+            "name=private-bits",
+            "networktype=Advanced",
+            "dns1=192.0.2.1",
+            "dns2=192.0.2.2",
+            "internaldns1=10.9.0.1",
+            "internaldns2=10.9.0.2",
+            "systemvmdriver=none",
+        ])
+        .await;
+    assert_eq!(z["zone"]["internaldns1"], "10.9.0.1", "{z}");
+    let id = z["zone"]["id"].as_str().unwrap().to_owned();
+    // The root admin sees everything.
+    let admin = core.ok(&["listZones", &format!("id={id}")]).await;
+    let zone = &admin["zone"][0];
+    assert_eq!(zone["internaldns1"], "10.9.0.1", "{admin}");
+    assert_eq!(zone["internaldns2"], "10.9.0.2", "{admin}");
+    assert_eq!(zone["systemvmdriver"], "none", "{admin}");
+    // Users and read-only users get the zone without its internal DNS servers and driver.
+    let (_, _, user_key, user_secret) = core.account("zone-user", "User").await;
+    let (_, _, ro_key, ro_secret) = core.account("zone-viewer", "ReadOnly").await;
+    for (who, key, secret) in [
+        ("user", &user_key, &user_secret),
+        ("read-only", &ro_key, &ro_secret),
+    ] {
+        let (ok, all) = core.cs_with(key, secret, &["listZones"]).await;
+        assert!(ok, "{who}: {all}");
+        assert_eq!(all["count"], 2, "{who}: {all}");
+        for zone in all["zone"].as_array().unwrap() {
+            for hidden in ["internaldns1", "internaldns2", "systemvmdriver"] {
+                assert!(zone.get(hidden).is_none(), "{who} sees {hidden}: {zone}");
+            }
+            assert!(zone.get("dns1").is_some() && zone.get("name").is_some(), "{zone}");
+        }
+        let text = all.to_string();
+        assert!(!text.contains("10.9.0."), "{who}: {text}");
+        let (_, one) = core
+            .cs_with(key, secret, &["listZones", &format!("id={id}")])
+            .await;
+        assert_eq!(one["zone"][0]["dns1"], "192.0.2.1", "{who}: {one}");
+        assert!(one["zone"][0].get("internaldns1").is_none(), "{who}: {one}");
+    }
+}
+
+async fn delete_zone_in_use(backend: Backend) {
+    let core = Core::start(backend).await;
+    let zone = |name: &'static str| {
+        let core = &core;
+        async move {
+            core.ok(&[
+                "createZone",
+                &format!("name={name}"),
+                "networktype=Advanced",
+                "dns1=192.0.2.1",
+                "internaldns1=192.0.2.2",
+                "systemvmdriver=none",
+            ])
+            .await["zone"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let refusal = |id: String| {
+        let core = &core;
+        async move {
+            let o = core.cs(&["deleteZone", &format!("id={id}")]).await;
+            assert!(!o.ok, "deleteZone of a zone in use succeeded: {}", o.json);
+            let e = &o.json["deletezoneresponse"];
+            assert_eq!(e["errorcode"], 536, "{}", o.json);
+            e["errortext"].as_str().unwrap().to_owned()
+        }
+    };
+    let busy = zone("busy").await;
+    core.ok(&["registerSystemVm", "role=consoleproxy", &format!("zoneid={busy}")])
+        .await;
+    let store_dir = core.dir().join("busy-store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    core.ok(&[
+        "addImageStore",
+        "provider=NFS",
+        "name=busy-store",
+        &format!("url=file://{}", store_dir.display()),
+        &format!("zoneid={busy}"),
+    ])
+    .await;
+    core.ok(&[
+        "registerTemplate",
+        "name=busy-template",
+        "url=http://192.0.2.80/busy.qcow2",
+        "format=QCOW2",
+        "hypervisor=KVM",
+        &format!("zoneid={busy}"),
+    ])
+    .await;
+    let target = core
+        .ok(&[
+            "addConsoleTarget",
+            "name=busy-vm",
+            "host=127.0.0.1",
+            "port=5900",
+            &format!("zoneid={busy}"),
+        ])
+        .await["consoletarget"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // CloudStack's kind of refusal, saying what is left; never a 530 from a foreign key.
+    let text = refusal(busy.clone()).await;
+    for left in [
+        "busy",
+        "1 system VM(s)",
+        "1 image store(s)",
+        "1 template(s) or ISO(s)",
+        "1 console target(s)",
+    ] {
+        assert!(text.contains(left), "{left:?} missing: {text}");
+    }
+    assert_eq!(core.ok(&["listZones", &format!("id={busy}")]).await["count"], 1);
+    // What is gone is no longer named.
+    core.ok(&["deleteConsoleTarget", &format!("id={target}")]).await;
+    let text = refusal(busy.clone()).await;
+    assert!(
+        !text.contains("console target") && text.contains("system VM"),
+        "{text}"
+    );
+
+    // A zone whose last resource is gone is deleted.
+    let brief = zone("brief").await;
+    let target = core
+        .ok(&[
+            "addConsoleTarget",
+            "name=brief-vm",
+            "host=127.0.0.1",
+            "port=5900",
+            &format!("zoneid={brief}"),
+        ])
+        .await["consoletarget"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let text = refusal(brief.clone()).await;
+    assert!(text.contains("1 console target(s)"), "{text}");
+    core.ok(&["deleteConsoleTarget", &format!("id={target}")]).await;
+    assert_eq!(
+        core.ok(&["deleteZone", &format!("id={brief}")]).await["success"],
+        true
+    );
+    assert!(
+        core.ok(&["listZones", &format!("id={brief}")])
+            .await
+            .get("zone")
+            .is_none()
+    );
+    // An unknown zone stays a 431.
+    let o = core
+        .cs(&["deleteZone", "id=00000000-0000-4000-8000-000000000000"])
+        .await;
+    assert_eq!(o.json["deletezoneresponse"]["errorcode"], 431, "{}", o.json);
+}
+

@@ -1,7 +1,9 @@
 //! Zones: `createZone`, `listZones`, `deleteZone`, and the default zone made on first start.
 //!
 //! Invariants: zone names are unique; `networktype` is stored as `Basic` or `Advanced`;
-//! `allocationstate` is `Enabled` or `Disabled`.
+//! `allocationstate` is `Enabled` or `Disabled`; only a root admin sees a zone's internal DNS
+//! servers and its `systemvmdriver` (a hypervisor URI), as in CloudStack; a zone is deleted only
+//! when nothing is left in it ([`crate::model::zones::delete`]).
 
 use serde_json::{Value, json};
 use sqlx::Row as _;
@@ -11,7 +13,7 @@ use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::paging::Page;
 use crate::params::Params;
-use crate::state::{Caller, State};
+use crate::state::{Caller, Role, State};
 use crate::util::{new_uuid, now_cs};
 
 /// Name of the zone created on first start.
@@ -83,7 +85,25 @@ pub fn check_systemvm_driver(spec: &str, state: &State) -> Result<(), ApiError> 
     Ok(())
 }
 
-fn zone_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
+/// What a caller sees of a zone: everything (root admin), or the zone without its internal DNS
+/// servers and its system VM driver (users and read-only users).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    Admin,
+    Public,
+}
+
+impl View {
+    fn of(caller: &Caller) -> Self {
+        if caller.role == Role::Admin {
+            Self::Admin
+        } else {
+            Self::Public
+        }
+    }
+}
+
+fn zone_json(row: &sqlx::any::AnyRow, view: View) -> Result<Value, sqlx::Error> {
     let nt: String = row.try_get("network_type")?;
     let driver: Option<String> = row.try_get("systemvm_driver")?;
     let mut v = json!({
@@ -93,8 +113,6 @@ fn zone_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "allocationstate": row.try_get::<String, _>("allocation_state")?,
         "dns1": row.try_get::<Option<String>, _>("dns1")?,
         "dns2": row.try_get::<Option<String>, _>("dns2")?,
-        "internaldns1": row.try_get::<Option<String>, _>("internal_dns1")?,
-        "internaldns2": row.try_get::<Option<String>, _>("internal_dns2")?,
         "domain": row.try_get::<Option<String>, _>("domain")?,
         "securitygroupsenabled": nt == "Basic",
         "localstorageenabled": false,
@@ -104,8 +122,12 @@ fn zone_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "hasannotations": false,
         "created": row.try_get::<String, _>("created")?,
     });
-    if let Some(d) = driver {
-        v["systemvmdriver"] = json!(d);
+    if view == View::Admin {
+        v["internaldns1"] = json!(row.try_get::<Option<String>, _>("internal_dns1")?);
+        v["internaldns2"] = json!(row.try_get::<Option<String>, _>("internal_dns2")?);
+        if let Some(d) = driver {
+            v["systemvmdriver"] = json!(d);
+        }
     }
     Ok(v)
 }
@@ -178,7 +200,7 @@ pub async fn ensure_default_zone(state: &State) -> Result<(), ApiError> {
 }
 
 /// `createZone`.
-pub async fn create_zone(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+pub async fn create_zone(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let allocation_state = match p
         .non_empty("allocationstate")
         .map(str::to_ascii_lowercase)
@@ -225,11 +247,11 @@ pub async fn create_zone(state: State, _caller: Caller, p: Params) -> Result<Val
     let row = rows
         .first()
         .ok_or_else(|| ApiError::internal(&"zone vanished after insert"))?;
-    Ok(json!({ "zone": zone_json(row)? }))
+    Ok(json!({ "zone": zone_json(row, View::of(&caller))? }))
 }
 
 /// `listZones`.
-pub async fn list_zones(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
+pub async fn list_zones(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
     if let Some(id) = p.non_empty("id") {
@@ -252,19 +274,17 @@ pub async fn list_zones(state: State, _caller: Caller, p: Params) -> Result<Valu
             &format!(" ORDER BY created, name{}", page.sql()),
         )
         .await?;
-    let items = rows.iter().map(zone_json).collect::<Result<Vec<_>, _>>()?;
+    let view = View::of(&caller);
+    let items = rows
+        .iter()
+        .map(|r| zone_json(r, view))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(list_response("zone", total, items))
 }
 
-/// `deleteZone`.
+/// `deleteZone`: refused (536) while anything is left in the zone.
 pub async fn delete_zone(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let id = p.non_empty("id").unwrap_or_default();
-    let done = sqlx::query("DELETE FROM zones WHERE id = $1")
-        .bind(id.to_owned())
-        .execute(&state.db.pool)
-        .await?;
-    if done.rows_affected() == 0 {
-        return Err(ApiError::param(format!("Unable to find zone by id {id}")));
-    }
+    crate::model::zones::delete(&state.db.pool, id).await?;
     Ok(success())
 }

@@ -1,6 +1,6 @@
 //! The domain layer: what core knows and decides about system VMs, settings, image stores,
-//! templates and ISOs, consoles, events and login sessions, and the only code that writes their
-//! tables.
+//! templates and ISOs, consoles, events, login sessions and zone deletion, and the only code
+//! that writes their tables.
 //!
 //! ```text
 //!   HTTP handlers (api/, server, jobs)      background parts (agent endpoint, fleet, dispatch)
@@ -24,6 +24,7 @@ pub mod settings;
 pub mod stores;
 pub mod systemvms;
 pub mod templates;
+pub mod zones;
 
 /// Why a domain operation did not happen.
 #[derive(Debug, thiserror::Error)]

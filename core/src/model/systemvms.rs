@@ -697,6 +697,16 @@ pub async fn proxy_candidates(
     Ok(out)
 }
 
+/// Removes the records of zone `zone_id`'s destroyed system VMs (the zone is being deleted);
+/// returns how many.
+pub async fn purge_destroyed(conn: &mut sqlx::AnyConnection, zone_id: &str) -> Result<u64, sqlx::Error> {
+    sqlx::query("DELETE FROM system_vms WHERE zone_id = $1 AND removed IS NOT NULL")
+        .bind(zone_id.to_owned())
+        .execute(conn)
+        .await
+        .map(|r| r.rows_affected())
+}
+
 /// Zones and their system VM driver spec.
 pub async fn zone_drivers(pool: &sqlx::AnyPool) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
     sqlx::query_as("SELECT id, systemvm_driver FROM zones ORDER BY created")
