@@ -188,8 +188,36 @@ fn attr(tag: &str, name: &str) -> Option<String> {
     None
 }
 
-/// The VNC endpoint in a domain's XML (`virsh dumpxml --security-info`), if it has a live one.
-pub fn vnc_from_domain_xml(xml: &str) -> Option<VncEndpoint> {
+/// The host part of a libvirt URI (`qemu+ssh://user@kvm1:22/system` → `kvm1`, `[fd00::1]` →
+/// `fd00::1`); `None` for a URI of this host (`qemu:///system`, or a loopback host).
+pub fn uri_host(uri: &str) -> Option<String> {
+    let (_, rest) = uri.split_once("://")?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host_port,
+        }
+    };
+    (!host.is_empty() && !is_loopback(host)).then(|| host.to_owned())
+}
+
+/// `localhost`, 127.0.0.0/8 or `::1`.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The first `<graphics type='vnc'>` element of a domain's XML with a live port: its listen
+/// address (the `listen` attribute, else its `<listen address=…>` child), port and password.
+fn vnc_graphics(xml: &str) -> Option<(Option<String>, u16, Option<Secret>)> {
     let mut rest = xml;
     while let Some(i) = rest.find("<graphics") {
         let tail = &rest[i..];
@@ -201,14 +229,51 @@ pub fn vnc_from_domain_xml(xml: &str) -> Option<VncEndpoint> {
         }
         let port: i64 = attr(tag, "port")?.parse().ok()?;
         let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
-        let host = match attr(tag, "listen").as_deref() {
-            None | Some("" | "0.0.0.0" | "::" | "[::]") => "127.0.0.1".to_owned(),
-            Some(h) => h.to_owned(),
-        };
         let password = attr(tag, "passwd").filter(|p| !p.is_empty()).map(Secret);
-        return Some(VncEndpoint { host, port, password });
+        let mut listen = attr(tag, "listen").filter(|l| !l.is_empty());
+        if listen.is_none() && !tag.ends_with('/') {
+            let body = &rest[1..rest.find("</graphics>").unwrap_or(rest.len())];
+            let mut children = body;
+            while let Some(j) = children.find("<listen") {
+                let child = &children[j..];
+                let close = child.find('>').unwrap_or(child.len());
+                if let Some(a) = attr(&child[..close], "address").filter(|a| !a.is_empty()) {
+                    listen = Some(a);
+                    break;
+                }
+                children = &child[close..];
+            }
+        }
+        return Some((listen, port, password));
     }
     None
+}
+
+/// Where the console proxy reaches the VNC console of domain `domain` on the host of `uri`,
+/// from its XML (`virsh dumpxml --security-info`); `Ok(None)` when it has no live VNC console.
+///
+/// A listener on every address (`0.0.0.0`, `::`, or none given) is reached at the libvirt host's
+/// address (the host of the URI), loopback for a URI of this host. A loopback-only listener on a
+/// remote host is unreachable from a console proxy (its 127.0.0.1 is its own): refused, with
+/// what to change.
+pub fn vnc_from_domain_xml(xml: &str, uri: &str, domain: &str) -> Result<Option<VncEndpoint>, DriverError> {
+    let Some((listen, port, password)) = vnc_graphics(xml) else {
+        return Ok(None);
+    };
+    let remote = uri_host(uri);
+    let host = match (listen.as_deref(), &remote) {
+        (None | Some("0.0.0.0" | "::" | "[::]"), Some(h)) => h.clone(),
+        (None | Some("0.0.0.0" | "::" | "[::]"), None) => "127.0.0.1".to_owned(),
+        (Some(l), Some(h)) if is_loopback(l) => {
+            return Err(DriverError::Unavailable(format!(
+                "libvirt domain {domain} on {h} listens for VNC on {l} only, which no console proxy \
+                 can reach: set the domain's VNC listen address (<graphics type='vnc' listen='…'>) \
+                 to an address of {h} that the console proxies reach, or 0.0.0.0"
+            )));
+        }
+        (Some(l), _) => l.trim_start_matches('[').trim_end_matches(']').to_owned(),
+    };
+    Ok(Some(VncEndpoint { host, port, password }))
 }
 
 impl Driver for LibvirtDriver {
@@ -302,7 +367,7 @@ impl Driver for LibvirtDriver {
     ) -> DriverFuture<'a, Result<Option<VncEndpoint>, DriverError>> {
         Box::pin(async move {
             match self.virsh(&["dumpxml", "--security-info", guest]).await {
-                Ok(xml) => Ok(vnc_from_domain_xml(&xml)),
+                Ok(xml) => vnc_from_domain_xml(&xml, &self.uri, guest),
                 Err(e) if not_found(&e) => Ok(None),
                 Err(e) => Err(e),
             }
@@ -315,20 +380,27 @@ mod tests {
     use super::*;
     use systemvm_proto::agent::AgentRole;
 
+    const LOCAL: &str = "qemu:///system";
+    const REMOTE: &str = "qemu+ssh://kvm1/system";
+
+    fn vnc(xml: &str) -> Option<VncEndpoint> {
+        vnc_from_domain_xml(xml, LOCAL, "g").unwrap()
+    }
+
     #[test]
     fn graphics_parsing() {
         let live = "<domain><devices><graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1' passwd='p&amp;w'>\n<listen type='address' address='127.0.0.1'/></graphics></devices></domain>";
-        let v = vnc_from_domain_xml(live).unwrap();
+        let v = vnc(live).unwrap();
         assert_eq!((v.host.as_str(), v.port), ("127.0.0.1", 5901));
         assert_eq!(v.password.unwrap().expose(), "p&w");
         // Not started (autoport -1), no graphics, SPICE only, odd text: no console.
-        assert!(vnc_from_domain_xml("<graphics type='vnc' port='-1' autoport='yes'/>").is_none());
-        assert!(vnc_from_domain_xml("<domain><devices/></domain>").is_none());
-        assert!(vnc_from_domain_xml("<graphics type='spice' port='5930'/>").is_none());
-        assert!(vnc_from_domain_xml("<graphics type='vnc' port=").is_none());
-        assert!(vnc_from_domain_xml("<graphics type=\"vnc\" port=\"70000\"/>").is_none());
-        // Any-address listeners are reached on loopback; double quotes work; no password.
-        let any = vnc_from_domain_xml(
+        assert!(vnc("<graphics type='vnc' port='-1' autoport='yes'/>").is_none());
+        assert!(vnc("<domain><devices/></domain>").is_none());
+        assert!(vnc("<graphics type='spice' port='5930'/>").is_none());
+        assert!(vnc("<graphics type='vnc' port=").is_none());
+        assert!(vnc("<graphics type=\"vnc\" port=\"70000\"/>").is_none());
+        // Any-address listeners on this host are reached on loopback; double quotes work; no password.
+        let any = vnc(
             "<graphics type=\"spice\" port=\"1\"/><graphics type=\"vnc\" port=\"5902\" listen=\"0.0.0.0\"/>",
         )
         .unwrap();
@@ -336,10 +408,93 @@ mod tests {
             (any.host.as_str(), any.port, any.password.is_none()),
             ("127.0.0.1", 5902, true)
         );
-        let remote = vnc_from_domain_xml("<graphics type='vnc' port='5903' listen='10.0.0.7'/>").unwrap();
+        let remote = vnc("<graphics type='vnc' port='5903' listen='10.0.0.7'/>").unwrap();
         assert_eq!(remote.host, "10.0.0.7");
         // A `port` inside another attribute's name is not the port.
-        assert!(vnc_from_domain_xml("<graphics type='vnc' autoport='5904'/>").is_none());
+        assert!(vnc("<graphics type='vnc' autoport='5904'/>").is_none());
+    }
+
+    #[test]
+    fn uri_hosts() {
+        for (uri, host) in [
+            ("qemu+ssh://kvm1/system", Some("kvm1")),
+            (
+                "qemu+ssh://root@kvm1.example.com:2222/system?keyfile=/k",
+                Some("kvm1.example.com"),
+            ),
+            ("qemu+tcp://10.0.0.9/system", Some("10.0.0.9")),
+            ("qemu+ssh://[fd00::9]:22/system", Some("fd00::9")),
+            ("qemu+tls://kvm2?no_verify=1", Some("kvm2")),
+            ("qemu:///system", None),
+            ("qemu+unix:///system", None),
+            ("qemu+tcp://localhost/system", None),
+            ("qemu+tcp://127.0.0.1:16509/system", None),
+            ("qemu+ssh://[::1]/system", None),
+            ("test:///default", None),
+            ("not a uri", None),
+        ] {
+            assert_eq!(uri_host(uri).as_deref(), host, "{uri}");
+        }
+    }
+
+    #[test]
+    fn any_address_listeners_on_a_remote_host_resolve_to_that_host() {
+        for listen in [" listen='0.0.0.0'", " listen='::'", " listen='[::]'", ""] {
+            let xml =
+                format!("<domain><devices><graphics type='vnc' port='5905'{listen}/></devices></domain>");
+            let v = vnc_from_domain_xml(&xml, REMOTE, "guest-1").unwrap().unwrap();
+            assert_eq!((v.host.as_str(), v.port), ("kvm1", 5905), "{listen:?}");
+            // The same domain on this host: loopback.
+            let v = vnc_from_domain_xml(&xml, LOCAL, "guest-1").unwrap().unwrap();
+            assert_eq!(v.host, "127.0.0.1", "{listen:?}");
+        }
+        // The address in a <listen> child counts when the attribute is absent.
+        let child =
+            "<graphics type='vnc' port='5906'><listen type='address' address='192.0.2.5'/></graphics>";
+        assert_eq!(
+            vnc_from_domain_xml(child, REMOTE, "g").unwrap().unwrap().host,
+            "192.0.2.5"
+        );
+        let any_child =
+            "<graphics type='vnc' port='5906'><listen type='address' address='0.0.0.0'/></graphics>";
+        assert_eq!(
+            vnc_from_domain_xml(any_child, REMOTE, "g").unwrap().unwrap().host,
+            "kvm1"
+        );
+        // An explicit address is kept (brackets dropped).
+        let v6 = "<graphics type='vnc' port='5907' listen='[fd00::7]'/>";
+        assert_eq!(
+            vnc_from_domain_xml(v6, REMOTE, "g").unwrap().unwrap().host,
+            "fd00::7"
+        );
+        // An IPv6 libvirt host.
+        let any = "<graphics type='vnc' port='5907' listen='0.0.0.0'/>";
+        let v = vnc_from_domain_xml(any, "qemu+ssh://root@[fd00::9]/system", "g")
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.host, "fd00::9");
+    }
+
+    #[test]
+    fn loopback_listeners_on_a_remote_host_are_refused() {
+        for listen in ["127.0.0.1", "::1", "[::1]", "localhost", "127.0.1.1"] {
+            let xml = format!("<graphics type='vnc' port='5908' listen='{listen}'/>");
+            let e = vnc_from_domain_xml(&xml, REMOTE, "guest-7")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("guest-7")
+                    && e.contains("kvm1")
+                    && e.contains("set the domain's VNC listen address"),
+                "{listen}: {e}"
+            );
+            // On this host, loopback is where the VNC server is.
+            let v = vnc_from_domain_xml(&xml, LOCAL, "guest-7").unwrap().unwrap();
+            assert_eq!(v.host, listen.trim_start_matches('[').trim_end_matches(']'));
+        }
+        let child =
+            "<graphics type='vnc' port='5909'><listen type='address' address='127.0.0.1'/></graphics>";
+        assert!(vnc_from_domain_xml(child, REMOTE, "g").is_err());
     }
 
     #[test]
