@@ -2,7 +2,9 @@
 //!
 //! Invariants: the CA key (`DATA_DIR/ca-key.pem`) is written 0600 and the certificate
 //! (`DATA_DIR/ca.pem`) 0644, each through a temp file and a rename, so a crash never leaves half a
-//! CA; an existing CA is reused, never replaced (agents hold its certificate). The endpoint's
+//! CA; an existing CA is reused, never replaced (agents hold its certificate). The copy of the CA
+//! key in the database (row `ca_key`) is encrypted with core's secrets key ([`crate::secrets`]);
+//! one stored in clear (a database from before) is re-stored encrypted at start. The endpoint's
 //! server certificate is issued afresh at every start (its key lives in memory only); its issuer
 //! name and key id are rebuilt from the fixed CA parameters and the stored CA key, which is why
 //! `ca_params` must never change for an existing CA.
@@ -40,6 +42,9 @@ pub enum CaError {
     /// The database failed.
     #[error("database error")]
     Db(#[from] sqlx::Error),
+    /// The stored CA key does not decrypt with this core's secrets key.
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
     /// The data dir holds another CA than the database (two fleets' CAs mixed up).
     #[error(
         "{0} is not the CA stored in the database: restore the matching data dir, or remove ca.pem and ca-key.pem to take the database's CA"
@@ -125,10 +130,14 @@ impl Ca {
     /// core on one database (HA) serves the same CA: the database's CA is written to a data dir
     /// that has none; a data dir CA is stored in a database that has none; the first core to store
     /// one wins.
-    pub async fn load_shared(dir: &Path, pool: &sqlx::AnyPool) -> Result<Self, CaError> {
+    pub async fn load_shared(
+        dir: &Path,
+        pool: &sqlx::AnyPool,
+        secrets: &crate::secrets::SecretsKey,
+    ) -> Result<Self, CaError> {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca-key.pem");
-        let stored = stored_ca(pool).await?;
+        let stored = stored_ca(pool, secrets).await?;
         if let (Some((cert, key)), false, false) = (&stored, cert_path.exists(), key_path.exists()) {
             write_atomic(&key_path, key, 0o600)?;
             write_atomic(&cert_path, cert, 0o644)?;
@@ -141,7 +150,8 @@ impl Ca {
         })?;
         if stored.is_none() {
             let now = crate::util::now_cs();
-            for (name, value) in [("ca_cert", cert.clone()), ("ca_key", ca.key.serialize_pem())] {
+            let key = secrets.seal(KEY_ROW, &ca.key.serialize_pem())?;
+            for (name, value) in [("ca_cert", cert.clone()), (KEY_ROW, key)] {
                 sqlx::query(
                     "INSERT INTO core_keys (name, value, created) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
                 )
@@ -152,7 +162,7 @@ impl Ca {
                 .await?;
             }
         }
-        match stored_ca(pool).await? {
+        match stored_ca(pool, secrets).await? {
             Some((db_cert, _)) if db_cert.trim() == cert.trim() => Ok(ca),
             _ => Err(CaError::Mismatch(cert_path)),
         }
@@ -196,13 +206,39 @@ impl Ca {
     }
 }
 
-async fn stored_ca(pool: &sqlx::AnyPool) -> Result<Option<(String, String)>, sqlx::Error> {
+/// The `core_keys` row of the CA key.
+const KEY_ROW: &str = "ca_key";
+
+/// The CA stored in the database: (certificate, key) PEM; a key stored in clear is re-stored
+/// encrypted (compare-and-set on the text read).
+async fn stored_ca(
+    pool: &sqlx::AnyPool,
+    secrets: &crate::secrets::SecretsKey,
+) -> Result<Option<(String, String)>, CaError> {
     let get = |name: &'static str| {
         sqlx::query_scalar::<_, String>("SELECT value FROM core_keys WHERE name = $1")
             .bind(name)
             .fetch_optional(pool)
     };
-    Ok(get("ca_cert").await?.zip(get("ca_key").await?))
+    loop {
+        let Some((cert, stored_key)) = get("ca_cert").await?.zip(get(KEY_ROW).await?) else {
+            return Ok(None);
+        };
+        let pem = match secrets.open(KEY_ROW, &stored_key)? {
+            crate::secrets::Opened::Sealed(pem) => return Ok(Some((cert, pem))),
+            crate::secrets::Opened::Plain(pem) => pem,
+        };
+        let done = sqlx::query("UPDATE core_keys SET value = $1 WHERE name = $2 AND value = $3")
+            .bind(secrets.seal(KEY_ROW, &pem)?)
+            .bind(KEY_ROW)
+            .bind(stored_key)
+            .execute(pool)
+            .await?;
+        if done.rows_affected() == 1 {
+            tracing::info!("Encrypted the agent CA key stored in clear with the secrets key");
+            return Ok(Some((cert, pem)));
+        }
+    }
 }
 
 fn hostname() -> Option<String> {
@@ -240,8 +276,9 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         let db = crate::db::Db::open(None, a.path()).await.unwrap();
-        let first = Ca::load_shared(a.path(), &db.pool).await.unwrap();
-        let second = Ca::load_shared(b.path(), &db.pool).await.unwrap();
+        let secrets = crate::secrets::SecretsKey::from_bytes(a.path().join("secrets.key"), [5; 32]);
+        let first = Ca::load_shared(a.path(), &db.pool, &secrets).await.unwrap();
+        let second = Ca::load_shared(b.path(), &db.pool, &secrets).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(&first.cert_path).unwrap(),
             std::fs::read_to_string(&second.cert_path).unwrap()
@@ -250,8 +287,51 @@ mod tests {
         let c = tempfile::tempdir().unwrap();
         Ca::load_or_create(c.path()).unwrap();
         assert!(matches!(
-            Ca::load_shared(c.path(), &db.pool).await,
+            Ca::load_shared(c.path(), &db.pool, &secrets).await,
             Err(CaError::Mismatch(_))
+        ));
+    }
+
+    async fn stored_key_text(pool: &sqlx::AnyPool) -> String {
+        sqlx::query_scalar("SELECT value FROM core_keys WHERE name = 'ca_key'")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_stored_ca_key_is_encrypted() {
+        let a = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(None, a.path()).await.unwrap();
+        let secrets = crate::secrets::SecretsKey::from_bytes(a.path().join("secrets.key"), [6; 32]);
+        Ca::load_shared(a.path(), &db.pool, &secrets).await.unwrap();
+        let pem = std::fs::read_to_string(a.path().join("ca-key.pem")).unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let stored = stored_key_text(&db.pool).await;
+        assert!(stored.starts_with(crate::secrets::SEALED_PREFIX), "{stored}");
+        assert!(!stored.contains("PRIVATE KEY") && !stored.contains(&body[..40]));
+
+        // A database from before: the key in clear is re-stored encrypted; a new data dir gets it.
+        sqlx::query("UPDATE core_keys SET value = $1 WHERE name = 'ca_key'")
+            .bind(pem.clone())
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let b = tempfile::tempdir().unwrap();
+        Ca::load_shared(b.path(), &db.pool, &secrets).await.unwrap();
+        assert_eq!(std::fs::read_to_string(b.path().join("ca-key.pem")).unwrap(), pem);
+        assert!(
+            stored_key_text(&db.pool)
+                .await
+                .starts_with(crate::secrets::SEALED_PREFIX)
+        );
+
+        // Another secrets key cannot read it.
+        let other = crate::secrets::SecretsKey::from_bytes(b.path().join("secrets.key"), [7; 32]);
+        let c = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Ca::load_shared(c.path(), &db.pool, &other).await,
+            Err(CaError::Secrets(crate::secrets::SecretsError::WrongKey { .. }))
         ));
     }
 }

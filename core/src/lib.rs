@@ -8,7 +8,7 @@
 //!   file per resource, the command table, the async job runner), [`params`], [`paging`],
 //!   [`error`] (CloudStack's error shape, the edge mapping of domain and fleet errors). Domain:
 //!   [`model`]. Background parts: [`agent`] (the agent endpoint), [`dispatch`], [`follow`],
-//!   [`fleet`]. Shared: [`state`], [`hub`], [`limits`], [`db`], [`ca`], [`signing`], [`util`].
+//!   [`fleet`]. Shared: [`state`], [`hub`], [`limits`], [`db`], [`ca`], [`secrets`], [`signing`], [`util`].
 //! * **One schema, two backends, through `sqlx::AnyPool`.** SQLite (`DATA_DIR/core.db`) by default,
 //!   PostgreSQL with `--database-url postgres://…`. `AnyPool` was chosen over an enum of
 //!   `SqlitePool`/`PgPool` because it keeps a single copy of every query: the schema is written in
@@ -32,6 +32,10 @@
 //! Architecture invariant: secrets (API secret keys, passwords, session keys) never reach a log;
 //! passwords are stored only as Argon2id hashes; `credentials.json` is written 0600 via
 //! temp-file + rename.
+//!
+//! Architecture invariant: the keys core keeps in the database (console-token keys, the agent
+//! CA key) are stored encrypted with the secrets key ([`secrets`]), which lives outside the
+//! database (`DATA_DIR/secrets.key` or `--secrets-key`): a database dump alone forges no token.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -58,6 +62,7 @@ pub mod limits;
 pub mod model;
 pub mod paging;
 pub mod params;
+pub mod secrets;
 pub mod server;
 pub mod signing;
 pub mod state;
@@ -69,7 +74,7 @@ use crate::state::{Role, Shared, State};
 /// How to run the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// Data directory (SQLite database, `credentials.json`).
+    /// Data directory (SQLite database, `credentials.json`, the agent CA, `secrets.key`).
     pub data_dir: PathBuf,
     /// Address of the public API listener.
     pub listen: SocketAddr,
@@ -92,6 +97,10 @@ pub struct CoreConfig {
     pub guest_drivers: Vec<Arc<dyn fleet::Driver>>,
     /// Connection and time limits of the API listeners.
     pub api_limits: server::ApiLimits,
+    /// The secrets key file, which encrypts the keys core stores in the database (console-token
+    /// keys, the agent CA key); `None` = `DATA_DIR/secrets.key`, created on first start. Every
+    /// core on one database needs the same key: point a second core at the first one's file.
+    pub secrets_key: Option<PathBuf>,
 }
 
 /// How long a clean stop waits for in-flight API requests, agent closes and the other tasks.
@@ -136,6 +145,7 @@ impl CoreConfig {
             agent_urls: Vec::new(),
             guest_drivers: Vec::new(),
             api_limits: server::ApiLimits::default(),
+            secrets_key: None,
         }
     }
 }
@@ -154,6 +164,9 @@ pub struct RunningCore {
     pub agent_addr: Option<SocketAddr>,
     /// `DATA_DIR/ca.pem`: the CA agents verify core with (`--ca`).
     pub ca_path: PathBuf,
+    /// The secrets key file ([`CoreConfig::secrets_key`]): a second core on this database needs
+    /// a copy of it.
+    pub secrets_key_path: PathBuf,
     state: State,
     tasks: systemvm_task::Tasks,
 }
@@ -345,10 +358,17 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         .await
         .context("failed to open the database")?;
     let settings = model::settings::load(&db.pool).await?;
-    let console_keys = model::consoles::load_keys(&db.pool)
+    let secrets_key_path = config
+        .secrets_key
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join(secrets::FILE));
+    let secrets = secrets::SecretsKey::open_or_create(&secrets_key_path, &db.pool)
+        .await
+        .context("failed to load the secrets key")?;
+    let console_keys = model::consoles::load_keys(&db.pool, &secrets)
         .await
         .context("failed to load the console-token keys")?;
-    let ca = ca::Ca::load_shared(&config.data_dir, &db.pool)
+    let ca = ca::Ca::load_shared(&config.data_dir, &db.pool, &secrets)
         .await
         .context("failed to set up the agent CA")?;
     let state: State = Arc::new(Shared {
@@ -359,6 +379,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         data_dir: config.data_dir.clone(),
         jobs: Mutex::new(tokio::task::JoinSet::new()),
         console_keys: std::sync::RwLock::new(console_keys),
+        secrets,
         agents: hub::Hub::default(),
         dispatch_wakeup: tokio::sync::Notify::new(),
         dispatched: std::sync::Mutex::new(HashMap::new()),
@@ -499,6 +520,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         credentials_path,
         agent_addr,
         ca_path: ca.cert_path,
+        secrets_key_path,
         state,
         tasks,
     })

@@ -23,7 +23,7 @@ struct Cli {
 enum Cmd {
     /// Serves the CloudStack-compatible API and the agent endpoint.
     Serve {
-        /// Data directory (SQLite database, credentials.json, the agent CA) [default:
+        /// Data directory (SQLite database, credentials.json, the agent CA, secrets.key) [default:
         /// $SYSTEMVM_CORE_DATA_DIR, else $XDG_DATA_HOME/systemvm-core, else
         /// ~/.local/share/systemvm-core].
         #[arg(long)]
@@ -34,6 +34,11 @@ enum Cmd {
         /// PostgreSQL URL (postgres://user:pass@host:port/db); SQLite in the data dir when absent.
         #[arg(long, env = "SYSTEMVM_CORE_DATABASE_URL")]
         database_url: Option<String>,
+        /// The key file that encrypts the keys core stores in the database [default:
+        /// DATA_DIR/secrets.key, created on first start]. A second core on the same database
+        /// needs the first one's file.
+        #[arg(long, value_name = "FILE")]
+        secrets_key: Option<PathBuf>,
         /// Agent endpoint listen address (TLS WebSocket at /agent, certificate from DATA_DIR/ca.pem).
         #[arg(long, default_value = "0.0.0.0:8250")]
         agent_listen: SocketAddr,
@@ -118,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             listen,
             database_url,
+            secrets_key,
             agent_listen,
             agent_sans,
             driver,
@@ -133,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             let mut config = CoreConfig::new(data_dir);
             config.listen = listen;
             config.database_url = database_url;
+            config.secrets_key = secrets_key;
             config.agent_listen = Some(agent_listen);
             config.agent_sans = agent_sans;
             let boot = match (vm_image, vm_kernel, vm_initrd) {
@@ -174,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(url) = core.agent_url() {
                 println!("Agent endpoint: {url} (CA {})", core.ca_path.display());
             }
+            println!("Secrets key: {}", core.secrets_key_path.display());
             let why = systemvm_task::stop_requested().await;
             tracing::info!(signal = why, "Stopping");
             core.shutdown().await;

@@ -97,6 +97,8 @@ pub struct Shared {
     /// Console-token keys, pushed to console proxies in `Welcome` and `KeysUpdate`; read them
     /// with [`Shared::console_keys`].
     pub console_keys: std::sync::RwLock<systemvm_proto::console::KeySet>,
+    /// The secrets key: encrypts the keys stored in the database (`crate::secrets`).
+    pub secrets: crate::secrets::SecretsKey,
     /// Current agent connections.
     pub agents: crate::hub::Hub,
     /// Wakes the download dispatcher (a template was registered).

@@ -513,6 +513,7 @@ both_backends!(
     integration_port_and_restart,
     zone_fields_by_role,
     delete_zone_in_use,
+    keys_at_rest,
 );
 
 // === Scenarios ===
@@ -1485,3 +1486,130 @@ async fn delete_zone_in_use(backend: Backend) {
     assert_eq!(o.json["deletezoneresponse"]["errorcode"], 431, "{}", o.json);
 }
 
+impl Core {
+    /// The core's database, opened beside it.
+    async fn db(&self) -> systemvm_core::db::Db {
+        systemvm_core::db::Db::open(self.config.database_url.as_deref(), self.dir())
+            .await
+            .unwrap()
+    }
+
+    /// The database URL a second core on this database uses.
+    fn shared_database_url(&self) -> String {
+        self.config
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.dir().join("core.db").display()))
+    }
+}
+
+async fn core_key(db: &systemvm_core::db::Db, name: &str) -> String {
+    sqlx::query_scalar("SELECT value FROM core_keys WHERE name = $1")
+        .bind(name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// The raw keys of a console-token key set (base64url, as in its JSON).
+fn raw_console_keys(keys: &systemvm_proto::console::KeySet) -> Vec<String> {
+    let v: Value = serde_json::from_str(&keys.to_json().unwrap()).unwrap();
+    v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn keys_at_rest(backend: Backend) {
+    let mut core = Core::start(backend).await;
+    let key_file = core.running().secrets_key_path.clone();
+    assert_eq!(key_file, core.dir().join("secrets.key"));
+    let mode = std::fs::metadata(&key_file).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    let console = core.running().console_keys();
+    let ca_pem = std::fs::read_to_string(core.dir().join("ca-key.pem")).unwrap();
+    let ca_body: String = ca_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let db = core.db().await;
+    let at_rest = |console_row: &str, ca_row: &str| {
+        assert!(console_row.starts_with("enc:v1:"), "{console_row}");
+        for key in raw_console_keys(&console) {
+            assert!(!console_row.contains(&key), "console key in clear: {console_row}");
+        }
+        assert!(ca_row.starts_with("enc:v1:"), "{ca_row}");
+        assert!(
+            !ca_row.contains("PRIVATE KEY") && !ca_row.contains(&ca_body[..40]),
+            "{ca_row}"
+        );
+    };
+    at_rest(&core_key(&db, "console").await, &core_key(&db, "ca_key").await);
+
+    // A restart with its key file reads the same keys.
+    core.restart().await;
+    assert_eq!(core.running().console_keys().ids(), console.ids());
+    assert_eq!(core.ok(&["listZones"]).await["count"], 1);
+
+    // A database from before (keys in clear) is read, then stored encrypted on the next start.
+    let clear = console.to_json().unwrap();
+    for (name, value) in [("console", clear.as_str()), ("ca_key", ca_pem.as_str())] {
+        sqlx::query("UPDATE core_keys SET value = $1 WHERE name = $2")
+            .bind(value)
+            .bind(name)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    core.restart().await;
+    assert_eq!(
+        raw_console_keys(&core.running().console_keys()),
+        raw_console_keys(&console)
+    );
+    at_rest(&core_key(&db, "console").await, &core_key(&db, "ca_key").await);
+
+    // A second core on this database without the first one's key file refuses to start.
+    let second = |name: &str, key: Option<PathBuf>| {
+        let dir = core.dir().with_file_name(format!(
+            "{}-{name}",
+            core.dir().file_name().unwrap().to_string_lossy()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut c = CoreConfig::new(&dir);
+        c.listen = "127.0.0.1:0".parse().unwrap();
+        c.database_url = Some(core.shared_database_url());
+        c.secrets_key = key;
+        (TempDir(dir), c)
+    };
+    let (dir, config) = second("nokey", None);
+    let err = systemvm_core::start(config)
+        .await
+        .expect_err("started without the key file");
+    let text = format!("{err:#}");
+    assert!(text.contains("copy the secrets.key of the first core"), "{text}");
+    assert!(
+        !dir.0.join("secrets.key").exists(),
+        "a useless key file was created"
+    );
+    let wrong = dir.0.join("wrong.key");
+    std::fs::write(&wrong, format!("{}\n", "ab".repeat(32))).unwrap();
+    let (_dir2, config) = second("wrongkey", Some(wrong));
+    let err = systemvm_core::start(config)
+        .await
+        .expect_err("started with another key");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("another secrets key") && text.contains("copy the secrets.key"),
+        "{text}"
+    );
+    // With the first core's key file it starts and issues links the first core's proxies open.
+    let (_dir3, config) = second("sharedkey", Some(key_file.clone()));
+    let other = systemvm_core::start(config)
+        .await
+        .expect("the second core with the shared key");
+    assert_eq!(
+        raw_console_keys(&other.console_keys()),
+        raw_console_keys(&console)
+    );
+    other.shutdown().await;
+    db.pool.close().await;
+}

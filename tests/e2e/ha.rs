@@ -10,6 +10,7 @@
 //! so links issued by either core open; a UI login session survives a failover.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use systemvm_core::DriverKind;
@@ -34,7 +35,8 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
         .expect("database");
     let (a_addr, b_addr) = (free_addr(), free_addr());
     let urls = vec![format!("wss://{a_addr}/agent"), format!("wss://{b_addr}/agent")];
-    let configure = |addr: SocketAddr| {
+    // The second core reads the keys stored encrypted by the first with the first one's key file.
+    let configure = |addr: SocketAddr, secrets_key: Option<PathBuf>| {
         let url = url.clone();
         let urls = urls.clone();
         move |c: &mut systemvm_core::CoreConfig| {
@@ -42,10 +44,12 @@ async fn standby_core_takes_over_when_the_active_one_dies() {
             c.agent_listen = Some(addr);
             c.agent_urls = urls;
             c.driver = Some(DriverKind::Process);
+            c.secrets_key = secrets_key;
         }
     };
-    let a = Core::start_with(Backend::Sqlite, configure(a_addr)).await;
-    let mut b = Core::start_with(Backend::Sqlite, configure(b_addr)).await;
+    let a = Core::start_with(Backend::Sqlite, configure(a_addr, None)).await;
+    let a_key = a.running().secrets_key_path.clone();
+    let mut b = Core::start_with(Backend::Sqlite, configure(b_addr, Some(a_key))).await;
     b.key = a.key.clone();
     b.secret = a.secret.clone();
     let _guards = (
@@ -171,7 +175,8 @@ async fn every_command_answers_right_on_either_core() {
         .expect("database");
     let (a_addr, b_addr) = (free_addr(), free_addr());
     let urls = vec![format!("wss://{a_addr}/agent"), format!("wss://{b_addr}/agent")];
-    let configure = |addr: SocketAddr| {
+    // The second core reads the keys stored encrypted by the first with the first one's key file.
+    let configure = |addr: SocketAddr, secrets_key: Option<PathBuf>| {
         let url = url.clone();
         let urls = urls.clone();
         move |c: &mut systemvm_core::CoreConfig| {
@@ -179,9 +184,10 @@ async fn every_command_answers_right_on_either_core() {
             c.agent_listen = Some(addr);
             c.agent_urls = urls;
             c.driver = Some(DriverKind::Process);
+            c.secrets_key = secrets_key;
         }
     };
-    let mut a = Core::start_with(Backend::Sqlite, configure(a_addr)).await;
+    let mut a = Core::start_with(Backend::Sqlite, configure(a_addr, None)).await;
     assert!(a.running().is_leader());
     let _guard_a = crate::deploy::KillOnDrop(a.dir().display().to_string());
     let up = |p: &serde_json::Value| p["state"] == "Running" && p["agentstate"] == "Up";
@@ -195,7 +201,8 @@ async fn every_command_answers_right_on_either_core() {
     let (submitted, job) = a.cs_raw(&["--async", "rebootSystemVm", &reboot]).await;
     assert!(submitted, "{job}");
     let job_id = job["jobid"].as_str().expect("jobid").to_owned();
-    let mut b = Core::start_with(Backend::Sqlite, configure(b_addr)).await;
+    let a_key = a.running().secrets_key_path.clone();
+    let mut b = Core::start_with(Backend::Sqlite, configure(b_addr, Some(a_key))).await;
     b.key = a.key.clone();
     b.secret = a.secret.clone();
     let _guard_b = crate::deploy::KillOnDrop(b.dir().display().to_string());
@@ -314,8 +321,14 @@ async fn a_core_that_cannot_bind_leaves_no_lease() {
         format!("{err:#}").contains("failed to bind the API listener"),
         "{err:#}"
     );
+    // The keys it stored are encrypted with its key file: the next core shares that file.
+    let key = dir.join("secrets.key");
+    let core = Core::start_with(Backend::Sqlite, |c| {
+        c.database_url = Some(url);
+        c.secrets_key = Some(key);
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let core = Core::start_with(Backend::Sqlite, |c| c.database_url = Some(url)).await;
     assert!(
         core.running().is_leader(),
         "the lease was left behind by the core that failed"

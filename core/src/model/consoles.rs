@@ -3,9 +3,11 @@
 //!
 //! Invariants:
 //! * the key set in `core_keys` (row `console`) is the truth: a rotation reads it, changes it and
-//!   writes it back only if nobody changed it meanwhile (compare-and-set), so rotations on two
-//!   cores never lose a key; links are sealed with the stored set, so a link issued by either
-//!   core opens on any proxy that has received that set;
+//!   writes it back only if nobody changed it meanwhile (compare-and-set on the stored text), so
+//!   rotations on two cores never lose a key; links are sealed with the stored set, so a link
+//!   issued by either core opens on any proxy that has received that set;
+//! * the stored set is encrypted with core's secrets key ([`crate::secrets`]), never in clear; a
+//!   set stored in clear (a database from before) is re-stored encrypted when first read;
 //! * rotation keeps the previous key live, so links issued just before still open;
 //! * the lease holder pushes every new set to the connected proxies and records which primary
 //!   key it pushed (row `console_pushed`), so a rotation on the standby can wait for it;
@@ -19,11 +21,15 @@ use systemvm_proto::console::KeySet;
 
 use crate::model::systemvms::ProxyCandidate;
 use crate::model::{DomainError, DomainResult};
+use crate::secrets::{Opened, SecretsError, SecretsKey};
 use crate::state::State;
 use crate::util::{now_cs, now_ms};
 
 /// How long a rotation on the standby waits for the lease holder to push the new keys.
 pub const PUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// The `core_keys` row of the key set.
+const ROW: &str = "console";
 
 /// Loading or creating the console-token keys failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +40,9 @@ pub enum ConsoleKeysError {
     /// The stored key set does not parse, or a key could not be generated.
     #[error("invalid console keys: {0}")]
     Keys(String),
+    /// The stored key set does not decrypt with this core's secrets key.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
 }
 
 async fn stored_text(pool: &sqlx::AnyPool) -> Result<Option<String>, sqlx::Error> {
@@ -46,32 +55,59 @@ fn parse(text: &str) -> Result<KeySet, ConsoleKeysError> {
     KeySet::from_json(text).map_err(|e| ConsoleKeysError::Keys(e.to_string()))
 }
 
+/// The stored key set and its stored (encrypted) text, the value a rotation compares with; a set
+/// stored in clear is re-stored encrypted first (compare-and-set: a concurrent change wins and
+/// is read again).
+async fn read_stored(
+    pool: &sqlx::AnyPool,
+    secrets: &SecretsKey,
+) -> Result<Option<(String, KeySet)>, ConsoleKeysError> {
+    loop {
+        let Some(text) = stored_text(pool).await? else {
+            return Ok(None);
+        };
+        let json = match secrets.open(ROW, &text)? {
+            Opened::Sealed(json) => return Ok(Some((text, parse(&json)?))),
+            Opened::Plain(json) => json,
+        };
+        let set = parse(&json)?;
+        let sealed = secrets.seal(ROW, &json)?;
+        let done = sqlx::query("UPDATE core_keys SET value = $1 WHERE name = 'console' AND value = $2")
+            .bind(sealed.clone())
+            .bind(text)
+            .execute(pool)
+            .await?;
+        if done.rows_affected() == 1 {
+            tracing::info!("Encrypted the console-token keys stored in clear with the secrets key");
+            return Ok(Some((sealed, set)));
+        }
+    }
+}
+
 /// Core's console-token keys; created on first start (two cores starting at once: the first
 /// insert wins and both use the stored set).
-pub async fn load_keys(pool: &sqlx::AnyPool) -> Result<KeySet, ConsoleKeysError> {
-    if let Some(text) = stored_text(pool).await? {
-        return parse(&text);
+pub async fn load_keys(pool: &sqlx::AnyPool, secrets: &SecretsKey) -> Result<KeySet, ConsoleKeysError> {
+    if let Some((_, set)) = read_stored(pool, secrets).await? {
+        return Ok(set);
     }
     let set = KeySet::generate().map_err(|e| ConsoleKeysError::Keys(e.to_string()))?;
     let json = set.to_json().map_err(|e| ConsoleKeysError::Keys(e.to_string()))?;
     sqlx::query(
         "INSERT INTO core_keys (name, value, created) VALUES ('console', $1, $2) ON CONFLICT (name) DO NOTHING",
     )
-    .bind(json)
+    .bind(secrets.seal(ROW, &json)?)
     .bind(now_cs())
     .execute(pool)
     .await?;
-    let text = stored_text(pool)
+    read_stored(pool, secrets)
         .await?
-        .ok_or_else(|| ConsoleKeysError::Keys("key set vanished after insert".into()))?;
-    parse(&text)
+        .map(|(_, set)| set)
+        .ok_or_else(|| ConsoleKeysError::Keys("key set vanished after insert".into()))
 }
 
 /// The stored keys, also refreshing this core's cache.
 pub async fn current_keys(state: &State) -> DomainResult<KeySet> {
-    let set = load_keys(&state.db.pool)
-        .await
-        .map_err(|e| DomainError::Internal(e.to_string()))?;
+    let set = current_keys_quiet(state).await?;
     state.set_console_keys(set.clone());
     Ok(set)
 }
@@ -93,10 +129,10 @@ pub struct Rotated {
 pub async fn rotate(state: &State) -> DomainResult<Rotated> {
     let internal = |e: &dyn std::fmt::Display| DomainError::Internal(e.to_string());
     let (set, new_id) = loop {
-        let old_text = stored_text(&state.db.pool)
-            .await?
+        let (old_text, mut set) = read_stored(&state.db.pool, &state.secrets)
+            .await
+            .map_err(|e| internal(&e))?
             .ok_or_else(|| DomainError::Internal("no console keys stored".into()))?;
-        let mut set = parse(&old_text).map_err(|e| internal(&e))?;
         let previous = set.ids();
         let new_id = set.rotate().map_err(|e| internal(&e))?;
         let keep_from = previous.iter().copied().max().unwrap_or(new_id);
@@ -105,7 +141,8 @@ pub async fn rotate(state: &State) -> DomainResult<Rotated> {
                 set.retire(id);
             }
         }
-        let text = set.to_json().map_err(|e| internal(&e))?;
+        let json = set.to_json().map_err(|e| internal(&e))?;
+        let text = state.secrets.seal(ROW, &json).map_err(|e| internal(&e))?;
         let done = sqlx::query(
             "UPDATE core_keys SET value = $1, created = $2 WHERE name = 'console' AND value = $3",
         )
@@ -193,7 +230,7 @@ pub async fn follow_keys(state: &State) -> DomainResult<bool> {
 }
 
 async fn current_keys_quiet(state: &State) -> DomainResult<KeySet> {
-    load_keys(&state.db.pool)
+    load_keys(&state.db.pool, &state.secrets)
         .await
         .map_err(|e| DomainError::Internal(e.to_string()))
 }
@@ -297,6 +334,52 @@ mod tests {
             active,
             max,
         }
+    }
+
+    fn raw_keys(set: &KeySet) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&set.to_json().unwrap()).unwrap();
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["key"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn keys_are_stored_encrypted_and_clear_ones_are_encrypted_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::Db::open(None, dir.path()).await.unwrap();
+        let secrets = SecretsKey::from_bytes(dir.path().join("secrets.key"), [3; 32]);
+        let set = load_keys(&db.pool, &secrets).await.unwrap();
+        let stored = stored_text(&db.pool).await.unwrap().unwrap();
+        assert!(stored.starts_with(crate::secrets::SEALED_PREFIX), "{stored}");
+        for key in raw_keys(&set) {
+            assert!(!stored.contains(&key), "key material in clear: {stored}");
+        }
+        assert_eq!(load_keys(&db.pool, &secrets).await.unwrap().ids(), set.ids());
+
+        // A database from before: the set in clear is read, then stored encrypted.
+        let clear = set.to_json().unwrap();
+        sqlx::query("UPDATE core_keys SET value = $1 WHERE name = 'console'")
+            .bind(clear.clone())
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let migrated = load_keys(&db.pool, &secrets).await.unwrap();
+        assert_eq!(migrated.ids(), set.ids());
+        assert_eq!(raw_keys(&migrated), raw_keys(&set));
+        let stored = stored_text(&db.pool).await.unwrap().unwrap();
+        assert!(stored.starts_with(crate::secrets::SEALED_PREFIX) && stored != clear);
+
+        // Another secrets key: refused, saying what to do.
+        let other = SecretsKey::from_bytes(dir.path().join("other.key"), [4; 32]);
+        let e = load_keys(&db.pool, &other).await.unwrap_err();
+        assert!(
+            matches!(e, ConsoleKeysError::Secrets(SecretsError::WrongKey { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("secrets.key"), "{e}");
     }
 
     #[test]
