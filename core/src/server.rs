@@ -454,6 +454,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn https_is_known_from_the_front_end_headers() {
+        let mut h = HeaderMap::new();
+        assert!(!forwarded_https(&h));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("HTTPS"));
+        assert!(forwarded_https(&h));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "forwarded",
+            HeaderValue::from_static("for=192.0.2.7;proto=https;by=x"),
+        );
+        assert!(forwarded_https(&h));
+        h.insert("forwarded", HeaderValue::from_static("proto=http"));
+        assert!(!forwarded_https(&h));
+    }
+
+    #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
         h.append(

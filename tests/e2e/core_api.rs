@@ -1060,6 +1060,13 @@ async fn login_session(backend: Backend) {
             .any(|c| c.starts_with(&format!("sessionkey={key}"))),
         "{cookies:?}"
     );
+    // Not readable by scripts, not sent along cross-site requests; `Secure` only behind HTTPS.
+    assert!(
+        cookies
+            .iter()
+            .all(|c| c.contains("HttpOnly") && c.contains("SameSite=Lax") && !c.contains("Secure")),
+        "{cookies:?}"
+    );
     let cookie = format!("JSESSIONID={jsession}; sessionkey={key}");
 
     let q = format!("command=listAccounts&response=json&sessionkey={}", enc(&key));
