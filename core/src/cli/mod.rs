@@ -77,11 +77,17 @@ pub struct ConnectArgs {
     /// ~/.local/share/systemvm-core].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// API key (with --secret-key; takes precedence over --data-dir).
-    #[arg(long, env = "SYSTEMVM_CORE_API_KEY")]
+    /// API key (with --secret-key; takes precedence over --data-dir). Keys are base64url and
+    /// may begin with `-`, so the value is taken as is.
+    #[arg(long, env = "SYSTEMVM_CORE_API_KEY", allow_hyphen_values = true)]
     pub api_key: Option<String>,
     /// Secret key (with --api-key).
-    #[arg(long, env = "SYSTEMVM_CORE_SECRET_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SYSTEMVM_CORE_SECRET_KEY",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub secret_key: Option<String>,
     /// PEM bundle of the CA(s) trusted for an https API URL (required for https).
     #[arg(long, value_name = "PEM")]
@@ -743,6 +749,10 @@ mod tests {
             "s",
         ]);
         assert_eq!(conn.credentials().unwrap().secretkey, "s");
+        // Keys are base64url: one may begin with `-` and is still a value, not a flag.
+        let conn = parse(&["t", "zones", "--api-key", "-Xk", "--secret-key", "-Xs"]);
+        let creds = conn.credentials().unwrap();
+        assert_eq!((creds.apikey.as_str(), creds.secretkey.as_str()), ("-Xk", "-Xs"));
         let conn = parse(&["t", "zones", "--api-key", "k"]);
         assert!(conn.credentials().is_err());
         let empty = tempfile::tempdir().unwrap();

@@ -784,7 +784,12 @@ pub struct CoreArgs {
     #[arg(long)]
     pub vm_id: Option<String>,
     /// System VM secret issued by core (or SYSTEMVM_AGENT_SECRET, to keep it out of `ps`).
-    #[arg(long, env = "SYSTEMVM_AGENT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SYSTEMVM_AGENT_SECRET",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub secret: Option<String>,
     /// PEM of core's CA (core's DATA_DIR/ca.pem): the only CA trusted for core.
     #[arg(long)]
