@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets in fuzz/ with libFuzzer on the stable toolchain (coverage
-# instrumentation through stable codegen flags; no sanitizer), SECONDS_EACH seconds each (60).
-#   scripts/fuzz.sh [TARGET...]       # default: all targets
+# instrumentation through stable codegen flags; no sanitizer), SECONDS_EACH seconds each (60),
+# or until RUNS_EACH executions when that is set. A crash stops the script with libFuzzer's status.
+#   scripts/fuzz.sh [TARGET...]                    # default: all targets
+#   RUNS_EACH=10000000 scripts/fuzz.sh api_params
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${SECONDS_EACH:-60}
@@ -15,6 +17,8 @@ RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
   cargo build --release --locked --target "$triple" --target-dir ../target/fuzz
 for t in "${targets[@]}"; do
   mkdir -p "../target/fuzz/corpus/$t"
-  echo "fuzz: $t for ${secs}s" >&2
-  "../target/fuzz/$triple/release/$t" -max_total_time="$secs" -rss_limit_mb=2048 "../target/fuzz/corpus/$t"
+  limit=(-max_total_time="$secs")
+  [ -z "${RUNS_EACH:-}" ] || limit=(-runs="$RUNS_EACH")
+  echo "fuzz: $t ${limit[*]}" >&2
+  "../target/fuzz/$triple/release/$t" "${limit[@]}" -rss_limit_mb=2048 "../target/fuzz/corpus/$t"
 done

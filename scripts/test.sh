@@ -9,3 +9,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 cargo test --workspace --locked
+# Every fuzz target builds and runs a few seconds (a target that stops building or crashes at once
+# fails the run); the long runs and their figures: docs/fuzzing.md.
+SECONDS_EACH=3 scripts/fuzz.sh

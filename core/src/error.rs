@@ -79,6 +79,14 @@ impl ApiError {
         Self::new(code::MALFORMED_PARAMETER, cs::SERVER_API, text)
     }
 
+    /// 430 or 431 for a parameter list [`crate::params`] refused.
+    pub fn from_params(e: crate::params::ParamError) -> Self {
+        match e {
+            crate::params::ParamError::Malformed(_) => Self::malformed(e.to_string()),
+            crate::params::ParamError::TooMany => Self::param(e.to_string()),
+        }
+    }
+
     /// 531, permission denied.
     pub fn denied(text: impl Into<String>) -> Self {
         Self::new(code::ACCOUNT_ERROR, cs::PERMISSION_DENIED, text)

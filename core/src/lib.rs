@@ -61,13 +61,13 @@ pub mod hub;
 pub mod limits;
 pub mod model;
 pub mod paging;
-pub mod params;
 pub mod secrets;
 pub mod server;
-pub mod signing;
 pub mod state;
 pub mod up;
 pub mod util;
+
+pub use systemvm_api_request::{params, signing};
 
 use crate::state::{Role, Shared, State};
 

@@ -189,7 +189,7 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let mut params = Params::default();
     if let Err(e) = params.extend_urlencoded(parts.uri.query().unwrap_or("")) {
-        return error_response("errorresponse", &e);
+        return error_response("errorresponse", &ApiError::from_params(e));
     }
     if parts.method == Method::POST {
         let read = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
@@ -221,7 +221,7 @@ async fn handle(
             }
         };
         if let Err(e) = params.extend_urlencoded(text) {
-            return error_response("errorresponse", &e);
+            return error_response("errorresponse", &ApiError::from_params(e));
         }
     } else if parts.method != Method::GET {
         let e = ApiError::new(

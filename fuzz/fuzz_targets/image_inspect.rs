@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ssvm_agent::inspect::{ImageFormat, InspectError, Inspection, Inspector, detect, probe};
+use systemvm_inspect::{ImageFormat, InspectError, Inspection, Inspector, detect, probe};
 
 /// Feeds `data` in chunks whose sizes cycle through `cuts` (one chunk when empty).
 fn verdict(format: ImageFormat, data: &[u8], cuts: &[u8]) -> Result<Inspection, InspectError> {

@@ -20,7 +20,7 @@ pub mod core_link;
 pub mod download;
 pub mod fence;
 pub mod fetch;
-pub mod inspect;
+pub use systemvm_inspect as inspect;
 pub mod inventory;
 pub mod job;
 pub mod properties;

@@ -349,7 +349,7 @@ mod tests {
         let s = string_to_sign(&all, Encoding::Java);
         assert_eq!(
             sign("secret", &s),
-            include_str!("../../testdata/known_signature.txt")
+            include_str!("../../../crates/systemvm-api-request/testdata/known_signature.txt")
         );
     }
 

@@ -436,8 +436,8 @@ fn allocation_unit(units: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::testutil::*;
-    use crate::inspect::*;
+    use crate::testutil::*;
+    use crate::*;
     use proptest::prelude::*;
 
     #[test]

@@ -25,8 +25,8 @@ impl Inspector {
 
 #[cfg(test)]
 mod tests {
-    use crate::inspect::testutil::*;
-    use crate::inspect::*;
+    use crate::testutil::*;
+    use crate::*;
 
     #[test]
     fn raw_images() {

@@ -2,12 +2,32 @@
 //!
 //! Invariants: the parameter list keeps names and values exactly as received (decoded), in order,
 //! for the signature; the first occurrence of a name wins for lookups; more than [`MAX_PARAMS`]
-//! parameters is a 431; an undecodable `%` sequence or non-UTF-8 value is a 430.
-
-use crate::error::ApiError;
+//! parameters is [`ParamError::TooMany`] (CloudStack's 431); an undecodable `%` sequence or a
+//! non-UTF-8 value is [`ParamError::Malformed`] (430).
 
 /// Most parameters a request may carry (query string and body together).
 pub const MAX_PARAMS: usize = 2048;
+
+/// Why a parameter list was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    /// An undecodable `%` sequence or a value that is not UTF-8; the text says which.
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// More than [`MAX_PARAMS`] parameters.
+    #[error("too many request parameters (at most {MAX_PARAMS})")]
+    TooMany,
+}
+
+impl ParamError {
+    /// CloudStack's error code: 430 (malformed parameter) or 431 (parameter error).
+    pub fn code(self) -> u16 {
+        match self {
+            ParamError::Malformed(_) => 430,
+            ParamError::TooMany => 431,
+        }
+    }
+}
 
 /// Decoded request parameters.
 #[derive(Debug, Clone, Default)]
@@ -16,7 +36,7 @@ pub struct Params {
     pub list: Vec<(String, String)>,
 }
 
-fn decode(raw: &str) -> Result<String, ApiError> {
+fn decode(raw: &str) -> Result<String, ParamError> {
     let b = raw.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -28,7 +48,7 @@ fn decode(raw: &str) -> Result<String, ApiError> {
                     .get(i + 1..i + 3)
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| ApiError::malformed("malformed percent-encoding in request"))?;
+                    .ok_or(ParamError::Malformed("malformed percent-encoding in request"))?;
                 out.push(hex);
                 i += 2;
             }
@@ -36,17 +56,15 @@ fn decode(raw: &str) -> Result<String, ApiError> {
         }
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| ApiError::malformed("request parameter is not valid UTF-8"))
+    String::from_utf8(out).map_err(|_| ParamError::Malformed("request parameter is not valid UTF-8"))
 }
 
 impl Params {
     /// Appends the pairs of an `application/x-www-form-urlencoded` string.
-    pub fn extend_urlencoded(&mut self, raw: &str) -> Result<(), ApiError> {
+    pub fn extend_urlencoded(&mut self, raw: &str) -> Result<(), ParamError> {
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             if self.list.len() >= MAX_PARAMS {
-                return Err(ApiError::param(format!(
-                    "too many request parameters (at most {MAX_PARAMS})"
-                )));
+                return Err(ParamError::TooMany);
             }
             let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
             self.list.push((decode(n)?, decode(v)?));
@@ -86,9 +104,9 @@ mod tests {
     #[test]
     fn malformed_is_430() {
         let mut p = Params::default();
-        assert_eq!(p.extend_urlencoded("a=%zz").unwrap_err().code, 430);
-        assert_eq!(p.extend_urlencoded("a=%C3").unwrap_err().code, 430);
-        assert_eq!(p.extend_urlencoded("a=%4").unwrap_err().code, 430);
+        assert_eq!(p.extend_urlencoded("a=%zz").unwrap_err().code(), 430);
+        assert_eq!(p.extend_urlencoded("a=%C3").unwrap_err().code(), 430);
+        assert_eq!(p.extend_urlencoded("a=%4").unwrap_err().code(), 430);
     }
 
     #[test]
@@ -98,6 +116,6 @@ mod tests {
             .collect::<Vec<_>>()
             .join("&");
         let mut p = Params::default();
-        assert_eq!(p.extend_urlencoded(&raw).unwrap_err().code, 431);
+        assert_eq!(p.extend_urlencoded(&raw).unwrap_err().code(), 431);
     }
 }

@@ -84,8 +84,8 @@ impl Inspector {
 
 #[cfg(test)]
 mod tests {
-    use crate::inspect::testutil::*;
-    use crate::inspect::*;
+    use crate::testutil::*;
+    use crate::*;
 
     #[test]
     fn vhd_fixed_is_recognised_by_its_footer() {

@@ -1,5 +1,8 @@
 //! Image format inspection in the download stream: QCOW2, RAW, VHD, ISO 9660 and OVA.
 //!
+//! Its own crate (used by ssvm-agent as `ssvm_agent::inspect`) so the inspector of untrusted
+//! images builds, is property-tested and is fuzzed without the agent's I/O stack.
+//!
 //! [`Inspector`] is fed the (decompressed) image bytes in chunks of any size, checks that the
 //! content is the format the template was registered with, refuses the images that would let
 //! a hypervisor reach outside the file, and measures the virtual size that goes into
@@ -44,6 +47,8 @@
 //!   again;
 //! - the verdict does not depend on how the stream is cut into chunks;
 //! - no input makes the inspector panic.
+
+#![forbid(unsafe_code)]
 
 mod iso9660;
 mod ova;

@@ -78,8 +78,8 @@ pub(super) fn qcow2_header(head: &[u8]) -> Result<Option<u64>, InspectError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::inspect::testutil::*;
-    use crate::inspect::*;
+    use crate::testutil::*;
+    use crate::*;
 
     #[test]
     fn qcow2_v2_and_v3_are_accepted() {

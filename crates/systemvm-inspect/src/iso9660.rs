@@ -11,8 +11,8 @@ pub(super) const ISO_MAGIC: &[u8] = b"CD001";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::testutil::*;
-    use crate::inspect::*;
+    use crate::testutil::*;
+    use crate::*;
 
     #[test]
     fn iso_is_detected_at_0x8001() {
