@@ -3,8 +3,8 @@
 //! parameter validation, permission checks and `listApis`.
 //!
 //! Invariants: a handler only runs after its required parameters are present and every declared
-//! parameter that is present has the declared type; a Read-Only caller only reaches commands whose
-//! name starts with `list`, `query` or `get`; `Access::Admin` commands only reach root admins.
+//! parameter that is present has the declared type; a caller reaches a command only when its
+//! role permits it (`crate::roles`: the role's rules, then the command's [`Access`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -92,14 +92,7 @@ pub const fn req(name: &'static str, ty: Ty, description: &'static str) -> Param
     }
 }
 
-/// Who may call a command (Read-Only callers are further limited by name, see module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Root admins only.
-    Admin,
-    /// Any authenticated caller.
-    Any,
-}
+pub use crate::roles::Access;
 
 /// A boxed handler future.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send>>;
@@ -129,21 +122,47 @@ pub struct Command {
 }
 
 impl Command {
+    /// A synchronous command that any core runs; see [`Command::asynchronous`] and
+    /// [`Command::on_leader`].
+    pub const fn new(
+        name: &'static str,
+        description: &'static str,
+        access: Access,
+        params: &'static [ParamSpec],
+        handler: Handler,
+    ) -> Self {
+        Self {
+            name,
+            description,
+            is_async: false,
+            leader: false,
+            access,
+            params,
+            handler,
+        }
+    }
+
+    /// The same command, answered with a `jobid` and run as an async job.
+    pub const fn asynchronous(mut self) -> Self {
+        self.is_async = true;
+        self
+    }
+
+    /// The same command, carried out by the lease holder (implies async).
+    pub const fn on_leader(mut self) -> Self {
+        self.is_async = true;
+        self.leader = true;
+        self
+    }
+
     /// The top-level response key: `<name lowercased>response`.
     pub fn response_key(&self) -> String {
         format!("{}response", self.name.to_ascii_lowercase())
     }
 
-    /// Whether `role` may call this command.
+    /// Whether `role` may call this command (its rules, then this command's [`Access`]).
     pub fn allowed(&self, role: Role) -> bool {
-        match role {
-            Role::Admin => true,
-            Role::User => self.access == Access::Any,
-            Role::ReadOnly => {
-                self.access == Access::Any
-                    && ["list", "query", "get"].iter().any(|p| self.name.starts_with(p))
-            }
-        }
+        role.permits(self.name, self.access)
     }
 
     /// Checks required parameters and declared types (431 on failure).

@@ -42,6 +42,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "store_per_ssvm",
         include_str!("../migrations/0010_store_per_ssvm.sql"),
     ),
+    (11, "directory", include_str!("../migrations/0011_directory.sql")),
 ];
 
 /// Opening or migrating the database failed.

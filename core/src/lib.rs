@@ -61,6 +61,7 @@ pub mod hub;
 pub mod limits;
 pub mod model;
 pub mod paging;
+pub mod roles;
 pub mod secrets;
 pub mod server;
 pub mod state;
@@ -232,13 +233,20 @@ impl RunningCore {
     }
 }
 
-/// The `credentials.json` content.
+/// The `credentials.json` content (0600): the root admin's API keys, name and password.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
     /// API key of the root admin.
     pub apikey: String,
     /// Secret key of the root admin.
     pub secretkey: String,
+    /// The root admin's user name (log in to the UI with it, domain ROOT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The root admin's password as set at first start (changing it with `updateUser` does not
+    /// update this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 fn write_credentials(path: &Path, creds: &Credentials) -> anyhow::Result<()> {
@@ -283,32 +291,64 @@ fn prepare_data_dir(dir: &Path, sqlite: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// First start: the root admin account and user, its keys, `credentials.json`, the default zone.
+/// First start: the root admin account and user, its password and keys, `credentials.json`,
+/// the default zone. A `credentials.json` from before passwords were written gets one (the old
+/// random password was never shown to anyone).
 async fn bootstrap(state: &State, credentials: &Path) -> anyhow::Result<()> {
-    if !api::accounts::any_account(state).await? {
-        let password = util::random_token::<24>()?;
-        let (_, user_id) = api::accounts::insert_account(
+    use model::directory::{accounts, users};
+    if !accounts::any(state).await? {
+        let password = util::random_token::<18>()?;
+        let (_, user_id) = accounts::create(
             state,
-            &api::accounts::NewAccount {
+            None,
+            &accounts::NewAccount {
                 account: "admin",
+                domain_id: None,
                 username: "admin",
                 password: &password,
                 email: "admin@localhost",
                 firstname: "Root",
                 lastname: "Admin",
-                role: Role::Admin,
+                timezone: None,
+                network_domain: None,
+                role: Role::RootAdmin,
                 is_system: true,
             },
         )
         .await
-        .context("failed to create the root admin")?;
-        let (apikey, secretkey) = api::accounts::new_keys(state, &user_id)
+        .map_err(|e| anyhow::anyhow!("failed to create the root admin: {e}"))?;
+        let (apikey, secretkey) = users::new_keys(state, &user_id)
             .await
-            .map_err(|e| anyhow::anyhow!("failed to create the root admin's keys: {}", e.text))?;
-        write_credentials(credentials, &Credentials { apikey, secretkey })?;
-        tracing::info!(path = %credentials.display(), "Created the root admin and wrote its API keys");
+            .map_err(|e| anyhow::anyhow!("failed to create the root admin's keys: {e}"))?;
+        write_credentials(
+            credentials,
+            &Credentials {
+                apikey,
+                secretkey,
+                username: Some("admin".into()),
+                password: Some(password),
+            },
+        )?;
+        tracing::info!(path = %credentials.display(), "Created the root admin and wrote its password and API keys");
     } else if !credentials.exists() {
         tracing::warn!(path = %credentials.display(), "Credentials file missing; the root admin keys are in the database only");
+    } else {
+        let text = std::fs::read_to_string(credentials)
+            .with_context(|| format!("failed to read {}", credentials.display()))?;
+        let mut creds: Credentials = serde_json::from_str(&text)
+            .with_context(|| format!("failed to parse {}", credentials.display()))?;
+        if creds.password.is_none()
+            && let Some(root) = model::directory::auth::root_admin(state).await?
+        {
+            let password = util::random_token::<18>()?;
+            users::set_password(state, &root.caller.user_id, &password)
+                .await
+                .map_err(|e| anyhow::anyhow!("failed to set the root admin's password: {e}"))?;
+            creds.username = Some(root.caller.username.clone());
+            creds.password = Some(password);
+            write_credentials(credentials, &creds)?;
+            tracing::info!(path = %credentials.display(), "Gave the root admin a password and wrote it beside its keys");
+        }
     }
     api::zones::ensure_default_zone(state)
         .await

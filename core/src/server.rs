@@ -10,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,16 +21,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::accounts;
 use crate::api::job_runner as jobs;
 use crate::error::{ApiError, code};
+use crate::model::directory::{self, auth as directory_auth, users as directory_users};
 use crate::model::sessions::{self, SESSION_TIMEOUT};
 use crate::params::Params;
 use crate::signing;
-use crate::state::{Caller, Role, State};
+use crate::state::{Caller, State};
 use crate::util::random_token;
 
 /// Largest request body accepted.
@@ -59,8 +58,7 @@ impl Default for ApiLimits {
 }
 /// Time a client gets to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most password checks (`login`) running at once; more wait their turn.
-pub const MAX_PASSWORD_CHECKS: usize = 4;
+pub use crate::model::directory::login::MAX_PASSWORD_CHECKS;
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,11 +258,16 @@ async fn handle(
         },
     };
     if !cmd.allowed(caller.role) {
-        let e = ApiError::denied(format!(
-            "The API {name} is not allowed for account {} (role {})",
-            caller.account_name,
-            caller.role.role_name()
-        ));
+        // CloudStack answers a command the role may not call like one that does not exist.
+        let e = ApiError::new(
+            code::UNSUPPORTED_ACTION,
+            crate::error::cs::SERVER_API,
+            format!(
+                "The API [{name}] does not exist or is not available for the account {} (role {})",
+                caller.account_name,
+                caller.role.name()
+            ),
+        );
         return error_response(&key, &e);
     }
     if let Err(e) = cmd.validate(&params) {
@@ -285,20 +288,10 @@ async fn handle(
 
 /// The root admin, for the integration listener.
 async fn integration_caller(state: &State) -> Result<Caller, ApiError> {
-    let row: Option<(String, String, String, String)> = sqlx::query_as(
-        "SELECT u.id, u.username, a.id, a.name FROM users u JOIN accounts a ON a.id = u.account_id WHERE a.is_system = 1 ORDER BY u.created LIMIT 1",
-    )
-    .fetch_optional(&state.db.pool)
-    .await?;
-    let (user_id, username, account_id, account_name) =
-        row.ok_or_else(|| ApiError::internal(&"no root admin account"))?;
-    Ok(Caller {
-        user_id,
-        username,
-        account_id,
-        account_name,
-        role: Role::Admin,
-    })
+    directory_auth::root_admin(state)
+        .await?
+        .map(|u| u.caller)
+        .ok_or_else(|| ApiError::internal(&"no root admin account"))
 }
 
 async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Result<Caller, ApiError> {
@@ -314,7 +307,7 @@ async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Re
                 return Err(ApiError::unauthorized());
             }
         }
-        let user = accounts::user_by_api_key(state, api_key)
+        let user = directory_auth::by_api_key(state, api_key)
             .await?
             .ok_or_else(ApiError::unauthorized)?;
         let secret = user.secret_key.ok_or_else(ApiError::unauthorized)?;
@@ -330,7 +323,7 @@ async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Re
     let user_id = sessions::check(&state.db.pool, &jsession, &cookie_key, param_key)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
-    let user = accounts::user_by_id(state, &user_id)
+    let user = directory_auth::by_id(state, &user_id)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
     Ok(user.caller)
@@ -353,6 +346,7 @@ fn forwarded_https(headers: &HeaderMap) -> bool {
 }
 
 async fn login(state: &State, method: &Method, params: &Params, https: bool) -> Response<Full<Bytes>> {
+    use directory::login::{self, Login, LoginError, Proof};
     let key = "loginresponse";
     if method != Method::POST {
         let e = ApiError::new(
@@ -362,46 +356,24 @@ async fn login(state: &State, method: &Method, params: &Params, https: bool) -> 
         );
         return error_response(key, &e);
     }
-    let username = params.get("username").unwrap_or_default();
-    let password = params.get("password").unwrap_or_default().to_owned();
-    let domain = params.get("domain").unwrap_or("/");
-    let failed = || {
-        ApiError::new(
-            code::ACCOUNT_ERROR,
-            crate::error::cs::SERVER_API,
-            format!(
-                "Failed to authenticate user {username} in domain {domain}; please provide valid credentials"
-            ),
-        )
+    // No password: CloudStack's single sign-on with the pre-shared key.
+    let proof = match params.get("password").filter(|p| !p.is_empty()) {
+        Some(p) => Proof::Password(p),
+        None => Proof::SingleSignOn(&params.list),
     };
-    let root = matches!(
-        domain.trim_matches('/').to_ascii_uppercase().as_str(),
-        "" | "ROOT"
-    );
-    let user = match accounts::user_by_name(state, username).await {
+    let request = Login {
+        username: params.get("username").unwrap_or_default(),
+        domain_id: params.non_empty("domainid"),
+        domain_path: params.non_empty("domain"),
+        proof,
+    };
+    let user = match login::check(state, &request).await {
         Ok(u) => u,
-        Err(e) => return error_response(key, &ApiError::from(e)),
-    };
-    // An unknown user costs the same hash check as a known one, so timing does not tell them apart.
-    static DUMMY_HASH: OnceLock<String> = OnceLock::new();
-    let user = user.filter(|_| root);
-    let hash = match &user {
-        Some(u) => u.password_hash.clone(),
-        None => DUMMY_HASH
-            .get_or_init(|| accounts::hash_password("not a password").unwrap_or_default())
-            .clone(),
-    };
-    // Argon2 costs ~19 MiB and real CPU per check: cap concurrent checks so unauthenticated
-    // logins cannot exhaust memory or the blocking pool.
-    static PASSWORD_CHECKS: Semaphore = Semaphore::const_new(MAX_PASSWORD_CHECKS);
-    let Ok(_slot) = PASSWORD_CHECKS.acquire().await else {
-        return error_response(key, &ApiError::internal(&"password check semaphore closed"));
-    };
-    let ok = tokio::task::spawn_blocking(move || accounts::verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
-    let Some(user) = user.filter(|_| ok) else {
-        return error_response(key, &failed());
+        Err(LoginError::Db(e)) => return error_response(key, &ApiError::internal(&e)),
+        Err(e) => {
+            let e = ApiError::new(code::ACCOUNT_ERROR, crate::error::cs::SERVER_API, e.to_string());
+            return error_response(key, &e);
+        }
     };
     let (jsession, session_key) = match (random_token::<24>(), random_token::<20>()) {
         (Ok(j), Ok(k)) => (j, k),
@@ -411,22 +383,35 @@ async fn login(state: &State, method: &Method, params: &Params, https: bool) -> 
     if let Err(e) = sessions::create(&state.db.pool, &jsession, &session_key, &c.user_id).await {
         return error_response(key, &ApiError::from(e));
     }
+    let profile = match directory_users::profile(state, &c.user_id).await {
+        Ok(p) => p,
+        Err(e) => return error_response(key, &ApiError::from(e)),
+    };
     tracing::info!(user = %c.username, "User logged in");
-    let body = json!({ key: {
+    let mut body = json!({
         "username": c.username,
         "userid": c.user_id,
-        "domainid": accounts::ROOT_DOMAIN_ID,
+        "domainid": c.domain_id,
         "timeout": SESSION_TIMEOUT.as_secs(),
         "account": c.account_name,
-        "type": c.role.account_type(),
-        "timezone": "UTC",
-        "timezoneoffset": "0.0",
+        "firstname": profile.firstname,
+        "lastname": profile.lastname,
+        "type": c.role.account_type().to_string(),
         "registered": "false",
         "sessionkey": session_key,
         "is2faenabled": "false",
-        "is2faverified": "false",
-    }});
-    let mut r = json_response(200, &body);
+        "is2faverified": "true",
+        "issuerfor2fa": "CloudStack",
+        "providerfor2fa": "",
+    });
+    if let Some(tz) = profile.timezone {
+        body["timezone"] = json!(tz);
+        body["timezoneoffset"] = json!("0.0");
+    }
+    if c.role.is_admin() {
+        body["managementserverid"] = json!(state.instance_id);
+    }
+    let mut r = json_response(200, &json!({ key: body }));
     // `Secure` when the UI reached core over HTTPS (through a TLS front end that says so).
     let secure = if https { "; Secure" } else { "" };
     for c in [

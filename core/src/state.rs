@@ -15,54 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::db::Db;
 
-/// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Root admin: everything.
-    Admin,
-    /// User: its own resources, no admin commands.
-    User,
-    /// Read-only user: only `list*`, `query*` and `get*` commands, on its own resources.
-    ReadOnly,
-}
-
-impl Role {
-    /// The stored and displayed name (`roletype`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "Admin",
-            Self::User => "User",
-            Self::ReadOnly => "ReadOnly",
-        }
-    }
-
-    /// Parses a stored or requested role name (case-insensitive).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "admin" => Some(Self::Admin),
-            "user" => Some(Self::User),
-            "readonly" | "read-only" => Some(Self::ReadOnly),
-            _ => None,
-        }
-    }
-
-    /// CloudStack's display role name.
-    pub fn role_name(self) -> &'static str {
-        match self {
-            Self::Admin => "Root Admin",
-            Self::User => "User",
-            Self::ReadOnly => "Read-Only User - Default",
-        }
-    }
-
-    /// CloudStack `accounttype`: 1 admin, 0 user.
-    pub fn account_type(self) -> i64 {
-        match self {
-            Self::Admin => 1,
-            Self::User | Self::ReadOnly => 0,
-        }
-    }
-}
+pub use crate::roles::Role;
 
 /// The authenticated caller of one request.
 #[derive(Debug, Clone)]
@@ -77,6 +30,10 @@ pub struct Caller {
     pub account_name: String,
     /// Role of the account.
     pub role: Role,
+    /// The account's domain.
+    pub domain_id: String,
+    /// The path of the account's domain (`/` for ROOT, `/A/B/` below it).
+    pub domain_path: String,
 }
 
 /// State shared by every request and job.

@@ -1105,7 +1105,8 @@ async fn roles(backend: Backend) {
     let (ro_account, ro_user, ro_key, ro_secret) = core.account("viewer", "ReadOnly").await;
     let (user_account, user_user, user_key, user_secret) = core.account("worker", "User").await;
 
-    // Read-Only: list* works, anything else is 531, including renewing its own keys.
+    // Read-Only: list* works, anything else is 432 (as an unknown command), including renewing
+    // its own keys.
     let o = core.cs_as(&ro_key, &ro_secret, false, &["listZones"]).await;
     assert!(o.ok && o.json["count"] == 1, "{} {}", o.stderr, o.json);
     let o = core
@@ -1123,8 +1124,8 @@ async fn roles(backend: Backend) {
         )
         .await;
     assert!(!o.ok);
-    assert_eq!(o.json["createzoneresponse"]["errorcode"], 531, "{}", o.json);
-    assert_eq!(o.json["createzoneresponse"]["cserrorcode"], 4365);
+    assert_eq!(o.json["createzoneresponse"]["errorcode"], 432, "{}", o.json);
+    assert_eq!(o.json["createzoneresponse"]["cserrorcode"], 9999);
     let o = core
         .cs_as(
             &ro_key,
@@ -1133,7 +1134,7 @@ async fn roles(backend: Backend) {
             &["registerUserKeys", &format!("id={ro_user}")],
         )
         .await;
-    assert_eq!(o.json["registeruserkeysresponse"]["errorcode"], 531, "{}", o.json);
+    assert_eq!(o.json["registeruserkeysresponse"]["errorcode"], 432, "{}", o.json);
     let o = core.cs_as(&ro_key, &ro_secret, false, &["listAccounts"]).await;
     assert_eq!(o.json["count"], 1, "{}", o.json);
     assert_eq!(o.json["account"][0]["id"], ro_account.as_str());
@@ -1144,7 +1145,7 @@ async fn roles(backend: Backend) {
         n.starts_with("list") || n.starts_with("query") || n.starts_with("get")
     }));
 
-    // User: its own resources only; admin commands are 531.
+    // User: its own resources only; admin commands are 432; another account's user is not found.
     let o = core.cs_as(&user_key, &user_secret, false, &["listUsers"]).await;
     assert_eq!(o.json["count"], 1, "{}", o.json);
     assert_eq!(o.json["user"][0]["id"], user_user.as_str());
@@ -1157,7 +1158,7 @@ async fn roles(backend: Backend) {
         .cs_as(&user_key, &user_secret, false, &["listConfigurations"])
         .await;
     assert_eq!(
-        o.json["listconfigurationsresponse"]["errorcode"], 531,
+        o.json["listconfigurationsresponse"]["errorcode"], 432,
         "{}",
         o.json
     );
@@ -1169,7 +1170,7 @@ async fn roles(backend: Backend) {
             &["registerUserKeys", &format!("id={ro_user}")],
         )
         .await;
-    assert_eq!(o.json["registeruserkeysresponse"]["errorcode"], 531, "{}", o.json);
+    assert_eq!(o.json["registeruserkeysresponse"]["errorcode"], 431, "{}", o.json);
     let o = core
         .cs_as(
             &user_key,
@@ -1178,7 +1179,7 @@ async fn roles(backend: Backend) {
             &["deleteAccount", &format!("id={ro_account}")],
         )
         .await;
-    assert_eq!(o.json["deleteaccountresponse"]["errorcode"], 531, "{}", o.json);
+    assert_eq!(o.json["deleteaccountresponse"]["errorcode"], 432, "{}", o.json);
     // The admin's jobs are not visible to the user.
     core.ok(&["deleteAccount", &format!("id={ro_account}")]).await;
     let o = core

@@ -1,28 +1,26 @@
-//! Accounts and users: `createAccount`, `listAccounts`, `deleteAccount` (async), `listUsers`,
-//! `registerUserKeys`, plus the bootstrap root admin and password checks for `login`.
+//! Accounts: `createAccount`, `listAccounts`, `updateAccount`, `deleteAccount` (async),
+//! `disableAccount` (async), `enableAccount`, `lockAccount`.
 //!
-//! Invariants: one user per account is created by `createAccount` (more users per account come
-//! later); passwords are stored as Argon2id PHC strings, never in clear; secret keys are stored
-//! (the server needs them to verify HMAC signatures) but never logged or listed; the bootstrap root
-//! admin account (`is_system`) cannot be deleted; a non-admin caller only sees its own account.
+//! Invariants: an account is addressed by `id`, or by `account` with `domainid` (CloudStack's
+//! two ways); a caller lists and acts on the accounts of its scope only (`model::directory::Scope`),
+//! and one outside it is "not found", never "denied", so ids of other domains are not confirmed.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use serde_json::{Value, json};
 use sqlx::Row as _;
 
+use crate::api::users::{USER_SELECT, user_json};
 use crate::api::{Filter, list_response, success};
-use crate::command::{ParamSpec, Ty, opt, req};
+use crate::command::{Access, Command, ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
+use crate::handler;
+use crate::model::directory::accounts::{self, AccountRef, AccountState, NewAccount};
+use crate::model::directory::{Scope, domains};
 use crate::paging::Page;
 use crate::params::Params;
-use crate::state::{Caller, Role, State};
-use crate::util::{new_uuid, now_cs, random_token};
+use crate::roles::{Role, RoleType};
+use crate::state::{Caller, State};
 
-/// The domain every account lives in (domains are not modelled yet).
-pub const ROOT_DOMAIN_ID: &str = "00000000-0000-4000-8000-000000000001";
-
-/// `createAccount` parameters.
-pub const CREATE_ACCOUNT: &[ParamSpec] = &[
+const CREATE_ACCOUNT: &[ParamSpec] = &[
     req("username", Ty::String, "Unique username"),
     req("password", Ty::String, "Clear text password"),
     req("email", Ty::String, "Email"),
@@ -32,242 +30,148 @@ pub const CREATE_ACCOUNT: &[ParamSpec] = &[
     opt(
         "accounttype",
         Ty::Short,
-        "0 user, 1 root admin (when roletype is not given)",
+        "0 user, 1 root admin, 2 domain admin, 3 resource admin (when roleid is not given)",
     ),
-    opt("roletype", Ty::String, "Admin, User or ReadOnly"),
+    opt("roleid", Ty::Uuid, "Creates the account under this role"),
+    opt(
+        "roletype",
+        Ty::String,
+        "Role type: Admin, ResourceAdmin, DomainAdmin or User",
+    ),
+    opt(
+        "domainid",
+        Ty::Uuid,
+        "Creates the account in this domain (default: the caller's)",
+    ),
+    opt("networkdomain", Ty::String, "Network domain of the account"),
+    opt("timezone", Ty::String, "Time zone of the user"),
+    opt(
+        "accountid",
+        Ty::String,
+        "Accepted for compatibility (ids are chosen by core)",
+    ),
+    opt(
+        "userid",
+        Ty::String,
+        "Accepted for compatibility (ids are chosen by core)",
+    ),
 ];
-/// `listAccounts` parameters.
-pub const LIST_ACCOUNTS: &[ParamSpec] = &[
+const LIST_ACCOUNTS: &[ParamSpec] = &[
     opt("id", Ty::Uuid, "Account id"),
     opt("name", Ty::String, "Account name"),
+    opt("accounttype", Ty::Integer, "Accounts of this type"),
+    opt("roleid", Ty::Uuid, "Accounts with this role"),
+    opt(
+        "domainid",
+        Ty::Uuid,
+        "Accounts of this domain (and below with isrecursive)",
+    ),
+    opt(
+        "isrecursive",
+        Ty::Boolean,
+        "With domainid: also the domains below",
+    ),
+    opt("state", Ty::String, "enabled, disabled or locked"),
     opt("keyword", Ty::String, "Substring of the name"),
-    opt("listall", Ty::Boolean, "Accepted for compatibility"),
+    opt("listall", Ty::Boolean, "Every account the caller may see"),
+    opt("details", Ty::String, "Accepted for compatibility"),
+    opt("showicon", Ty::Boolean, "Accepted for compatibility"),
     opt("page", Ty::Integer, "Page number"),
     opt("pagesize", Ty::Integer, "Page size"),
 ];
-/// `deleteAccount` parameters.
-pub const DELETE_ACCOUNT: &[ParamSpec] = &[req("id", Ty::Uuid, "Account id")];
-/// `listUsers` parameters.
-pub const LIST_USERS: &[ParamSpec] = &[
-    opt("id", Ty::Uuid, "User id"),
-    opt("username", Ty::String, "User name"),
-    opt("accountid", Ty::Uuid, "Account id"),
-    opt("keyword", Ty::String, "Substring of the user name"),
-    opt("listall", Ty::Boolean, "Accepted for compatibility"),
-    opt("page", Ty::Integer, "Page number"),
-    opt("pagesize", Ty::Integer, "Page size"),
+const BY_ID_OR_NAME: &[ParamSpec] = &[
+    opt("id", Ty::Uuid, "Account id"),
+    opt("account", Ty::String, "Account name (with domainid)"),
+    opt("domainid", Ty::Uuid, "Domain of the named account"),
 ];
-/// `registerUserKeys` parameters.
-pub const REGISTER_USER_KEYS: &[ParamSpec] = &[req("id", Ty::Uuid, "User id")];
+const DISABLE_ACCOUNT: &[ParamSpec] = &[
+    req(
+        "lock",
+        Ty::Boolean,
+        "true: lock (users may not log in), false: disable",
+    ),
+    opt("id", Ty::Uuid, "Account id"),
+    opt("account", Ty::String, "Account name (with domainid)"),
+    opt("domainid", Ty::Uuid, "Domain of the named account"),
+];
+const LOCK_ACCOUNT: &[ParamSpec] = &[
+    req("account", Ty::String, "Account name"),
+    req("domainid", Ty::Uuid, "Domain of the account"),
+];
+const UPDATE_ACCOUNT: &[ParamSpec] = &[
+    opt("id", Ty::Uuid, "Account id"),
+    opt("account", Ty::String, "Account name (with domainid)"),
+    opt("domainid", Ty::Uuid, "Domain of the named account"),
+    opt("newname", Ty::String, "New account name"),
+    opt("networkdomain", Ty::String, "Network domain"),
+    opt("roleid", Ty::Uuid, "Another role of the same role type"),
+    opt("accountdetails", Ty::String, "Accepted for compatibility"),
+];
+const DELETE_ACCOUNT: &[ParamSpec] = &[req("id", Ty::Uuid, "Account id")];
 
-/// Creating an account failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateAccountError {
-    /// Database failure.
-    #[error("database error")]
-    Db(#[from] sqlx::Error),
-    /// Random generator failure.
-    #[error("random generator failed")]
-    Random(#[from] crate::util::RandomError),
-    /// Password hashing failure.
-    #[error("password hashing failed: {0}")]
-    Hash(String),
-}
-
-/// Argon2id PHC string of `password` with a random salt.
-pub fn hash_password(password: &str) -> Result<String, CreateAccountError> {
-    let salt_bytes = {
-        let mut b = [0u8; 16];
-        getrandom::fill(&mut b).map_err(|e| CreateAccountError::Hash(e.to_string()))?;
-        b
-    };
-    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| CreateAccountError::Hash(e.to_string()))?;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| CreateAccountError::Hash(e.to_string()))
-}
-
-/// Whether `password` matches the stored PHC `hash` (false on any malformed hash).
-pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash)
-        .map(|h| {
-            argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        })
-        .unwrap_or(false)
-}
-
-/// A new account with its user.
-#[derive(Debug)]
-pub struct NewAccount<'a> {
-    /// Account name.
-    pub account: &'a str,
-    /// User name.
-    pub username: &'a str,
-    /// Clear password (hashed here).
-    pub password: &'a str,
-    /// Email, first and last name.
-    pub email: &'a str,
-    /// First name.
-    pub firstname: &'a str,
-    /// Last name.
-    pub lastname: &'a str,
-    /// Role.
-    pub role: Role,
-    /// The bootstrap root admin.
-    pub is_system: bool,
-}
-
-/// Inserts an account and its user in one transaction; returns (account id, user id).
-pub async fn insert_account(
-    state: &State,
-    a: &NewAccount<'_>,
-) -> Result<(String, String), CreateAccountError> {
-    let password = a.password.to_owned();
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| CreateAccountError::Hash(e.to_string()))??;
-    let (account_id, user_id, now) = (new_uuid()?, new_uuid()?, now_cs());
-    let mut tx = state.db.pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO accounts (id, name, account_type, role_type, state, is_system, created) VALUES ($1, $2, $3, $4, 'enabled', $5, $6)",
+/// The account commands.
+pub static COMMANDS: &[Command] = &[
+    Command::new(
+        "createAccount",
+        "Creates an account with its first user",
+        Access::ADMINS,
+        CREATE_ACCOUNT,
+        handler!(create_account),
+    ),
+    Command::new(
+        "listAccounts",
+        "Lists the accounts the caller may see",
+        Access::ALL,
+        LIST_ACCOUNTS,
+        handler!(list_accounts),
+    ),
+    Command::new(
+        "updateAccount",
+        "Renames an account, sets its network domain or role",
+        Access::ADMINS,
+        UPDATE_ACCOUNT,
+        handler!(update_account),
+    ),
+    Command::new(
+        "deleteAccount",
+        "Deletes an account and its users",
+        Access::ADMINS,
+        DELETE_ACCOUNT,
+        handler!(delete_account),
     )
-    .bind(account_id.clone())
-    .bind(a.account.to_owned())
-    .bind(a.role.account_type())
-    .bind(a.role.as_str())
-    .bind(i64::from(a.is_system))
-    .bind(now.clone())
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO users (id, account_id, username, password_hash, email, firstname, lastname, state, created) VALUES ($1, $2, $3, $4, $5, $6, $7, 'enabled', $8)",
+    .asynchronous(),
+    Command::new(
+        "disableAccount",
+        "Disables or locks an account",
+        Access::ADMINS,
+        DISABLE_ACCOUNT,
+        handler!(disable_account),
     )
-    .bind(user_id.clone())
-    .bind(account_id.clone())
-    .bind(a.username.to_owned())
-    .bind(hash)
-    .bind(a.email.to_owned())
-    .bind(a.firstname.to_owned())
-    .bind(a.lastname.to_owned())
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok((account_id, user_id))
+    .asynchronous(),
+    Command::new(
+        "enableAccount",
+        "Enables a disabled or locked account",
+        Access::ADMINS,
+        BY_ID_OR_NAME,
+        handler!(enable_account),
+    ),
+    Command::new(
+        "lockAccount",
+        "Locks an account: its users may not log in",
+        Access::ADMINS,
+        LOCK_ACCOUNT,
+        handler!(lock_account),
+    ),
+];
+
+/// The columns [`account_json`] reads, over `accounts a JOIN domains d`.
+const ACCOUNT_SELECT: &str = "SELECT a.id, a.name, a.role_id, a.state, a.created, a.is_system, a.network_domain, a.domain_id, d.name AS domain_name, d.path AS domain_path FROM accounts a JOIN domains d ON d.id = a.domain_id";
+const ACCOUNT_FROM: &str = "accounts a JOIN domains d ON d.id = a.domain_id";
+
+/// CloudStack's `path` of a stored domain path (`/A/` → `ROOT/A`).
+pub fn display_path(path: &str) -> String {
+    format!("ROOT{}", path.trim_end_matches('/'))
 }
-
-/// Gives `user_id` a fresh key pair; returns (apikey, secretkey).
-pub async fn new_keys(state: &State, user_id: &str) -> Result<(String, String), ApiError> {
-    let api_key = random_token::<64>().map_err(|e| ApiError::internal(&e))?;
-    let secret = random_token::<64>().map_err(|e| ApiError::internal(&e))?;
-    sqlx::query("UPDATE users SET api_key = $1, secret_key = $2 WHERE id = $3")
-        .bind(api_key.clone())
-        .bind(secret.clone())
-        .bind(user_id.to_owned())
-        .execute(&state.db.pool)
-        .await?;
-    Ok((api_key, secret))
-}
-
-const CALLER_SELECT: &str = "SELECT u.id AS user_id, u.username, u.password_hash, u.secret_key, a.id AS account_id, a.name AS account_name, a.role_type FROM users u JOIN accounts a ON a.id = u.account_id";
-
-/// A user found for authentication, with its secret material.
-#[derive(Debug)]
-pub struct AuthUser {
-    /// Who it is.
-    pub caller: Caller,
-    /// Argon2 PHC password hash.
-    pub password_hash: String,
-    /// HMAC secret, if keys were registered.
-    pub secret_key: Option<String>,
-}
-
-fn auth_user(row: &sqlx::any::AnyRow) -> Result<AuthUser, sqlx::Error> {
-    let role: String = row.try_get("role_type")?;
-    Ok(AuthUser {
-        caller: Caller {
-            user_id: row.try_get("user_id")?,
-            username: row.try_get("username")?,
-            account_id: row.try_get("account_id")?,
-            account_name: row.try_get("account_name")?,
-            role: Role::parse(&role).unwrap_or(Role::ReadOnly),
-        },
-        password_hash: row.try_get("password_hash")?,
-        secret_key: row.try_get("secret_key")?,
-    })
-}
-
-/// The enabled user owning `api_key`.
-pub async fn user_by_api_key(state: &State, api_key: &str) -> Result<Option<AuthUser>, sqlx::Error> {
-    let sql = format!("{CALLER_SELECT} WHERE u.api_key = $1 AND u.state = 'enabled' AND a.state = 'enabled'");
-    let row = sqlx::query(&sql)
-        .bind(api_key.to_owned())
-        .fetch_optional(&state.db.pool)
-        .await?;
-    row.as_ref().map(auth_user).transpose()
-}
-
-/// The enabled user with id `user_id` (a login session's or a queued job's caller).
-pub async fn user_by_id(state: &State, user_id: &str) -> Result<Option<AuthUser>, sqlx::Error> {
-    let sql = format!("{CALLER_SELECT} WHERE u.id = $1 AND u.state = 'enabled' AND a.state = 'enabled'");
-    let row = sqlx::query(&sql)
-        .bind(user_id.to_owned())
-        .fetch_optional(&state.db.pool)
-        .await?;
-    row.as_ref().map(auth_user).transpose()
-}
-
-/// The enabled user named `username`.
-pub async fn user_by_name(state: &State, username: &str) -> Result<Option<AuthUser>, sqlx::Error> {
-    let sql =
-        format!("{CALLER_SELECT} WHERE u.username = $1 AND u.state = 'enabled' AND a.state = 'enabled'");
-    let row = sqlx::query(&sql)
-        .bind(username.to_owned())
-        .fetch_optional(&state.db.pool)
-        .await?;
-    row.as_ref().map(auth_user).transpose()
-}
-
-/// Whether any account exists (first start creates the root admin when none does).
-pub async fn any_account(state: &State) -> Result<bool, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
-        .fetch_one(&state.db.pool)
-        .await?;
-    Ok(n > 0)
-}
-
-fn user_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
-    let role: String = row.try_get("role_type")?;
-    let role = Role::parse(&role).unwrap_or(Role::ReadOnly);
-    let api_key: Option<String> = row.try_get("api_key")?;
-    let mut v = json!({
-        "id": row.try_get::<String, _>("id")?,
-        "username": row.try_get::<String, _>("username")?,
-        "firstname": row.try_get::<Option<String>, _>("firstname")?,
-        "lastname": row.try_get::<Option<String>, _>("lastname")?,
-        "email": row.try_get::<Option<String>, _>("email")?,
-        "created": row.try_get::<String, _>("created")?,
-        "state": row.try_get::<String, _>("state")?,
-        "account": row.try_get::<String, _>("account_name")?,
-        "accountid": row.try_get::<String, _>("account_id")?,
-        "accounttype": role.account_type(),
-        "roletype": role.as_str(),
-        "rolename": role.role_name(),
-        "domain": "ROOT",
-        "domainid": ROOT_DOMAIN_ID,
-        "iscallerchilddomain": false,
-        "isdefault": false,
-    });
-    if let Some(k) = api_key {
-        v["apikey"] = json!(k);
-    }
-    Ok(v)
-}
-
-const USER_SELECT: &str = "SELECT u.id, u.username, u.firstname, u.lastname, u.email, u.created, u.state, u.api_key, a.name AS account_name, a.id AS account_id, a.role_type FROM users u JOIN accounts a ON a.id = u.account_id";
 
 async fn users_of(state: &State, account_id: &str) -> Result<Vec<Value>, sqlx::Error> {
     let mut f = Filter::default();
@@ -280,102 +184,140 @@ async fn users_of(state: &State, account_id: &str) -> Result<Vec<Value>, sqlx::E
 
 async fn account_json(state: &State, row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
     let id: String = row.try_get("id")?;
-    let role: String = row.try_get("role_type")?;
-    let role = Role::parse(&role).unwrap_or(Role::ReadOnly);
+    let role = Role::by_id(&row.try_get::<String, _>("role_id")?).unwrap_or(Role::ReadOnlyUser);
+    let unlimited = "Unlimited";
     Ok(json!({
         "id": id,
         "name": row.try_get::<String, _>("name")?,
         "accounttype": role.account_type(),
-        "roletype": role.as_str(),
-        "rolename": role.role_name(),
+        "roleid": role.id(),
+        "roletype": role.role_type().as_str(),
+        "rolename": role.name(),
         "state": row.try_get::<String, _>("state")?,
         "created": row.try_get::<String, _>("created")?,
-        "domain": "ROOT",
-        "domainid": ROOT_DOMAIN_ID,
+        "domainid": row.try_get::<String, _>("domain_id")?,
+        "domain": row.try_get::<String, _>("domain_name")?,
+        "domainpath": display_path(&row.try_get::<String, _>("domain_path")?),
+        "networkdomain": row.try_get::<Option<String>, _>("network_domain")?,
         "isdefault": row.try_get::<i64, _>("is_system")? != 0,
+        "iscleanuprequired": false,
+        "vmlimit": unlimited, "vmtotal": 0, "vmavailable": unlimited,
+        "templatelimit": unlimited, "templateavailable": unlimited,
+        "secondarystoragelimit": unlimited, "secondarystorageavailable": unlimited,
         "user": users_of(state, &id).await?,
     }))
 }
 
-const ACCOUNT_SELECT: &str = "SELECT id, name, role_type, state, created, is_system FROM accounts";
-
-async fn account_by_id(state: &State, id: &str) -> Result<Option<Value>, sqlx::Error> {
+async fn account_by_id(state: &State, id: &str) -> Result<Value, ApiError> {
     let mut f = Filter::default();
-    f.eq("id", id);
-    match f.rows(&state.db.pool, ACCOUNT_SELECT, "").await?.first() {
-        Some(row) => Ok(Some(account_json(state, row).await?)),
-        None => Ok(None),
+    f.eq("a.id", id);
+    let rows = f.rows(&state.db.pool, ACCOUNT_SELECT, "").await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::param(format!("Unable to find account by id {id}")))?;
+    Ok(account_json(state, row).await?)
+}
+
+/// The account a command names by `id`, or by `account` (+ `domainid`).
+async fn named_account(state: &State, caller: &Caller, p: &Params) -> Result<AccountRef, ApiError> {
+    if let Some(id) = p.non_empty("id") {
+        return Ok(accounts::get_in_scope(state, caller, id).await?);
+    }
+    match p.non_empty("account") {
+        Some(name) => Ok(accounts::by_name_in_scope(state, caller, name, p.non_empty("domainid")).await?),
+        None => Err(ApiError::param(
+            "Either id or account (with domainid) must be given",
+        )),
     }
 }
 
-/// `createAccount`.
-pub async fn create_account(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let username = p.non_empty("username").unwrap_or_default();
-    let account = p.non_empty("account").unwrap_or(username);
-    let role = match (p.non_empty("roletype"), p.non_empty("accounttype")) {
-        (Some(r), _) => Role::parse(r)
-            .ok_or_else(|| ApiError::param(format!("Invalid roletype {r:?}: use Admin, User or ReadOnly")))?,
-        (None, Some("1")) => Role::Admin,
-        (None, Some("0") | None) => Role::User,
-        (None, Some(t)) => return Err(ApiError::param(format!("Invalid accounttype {t:?}: use 0 or 1"))),
-    };
-    let taken: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM accounts WHERE name = $1) + (SELECT COUNT(*) FROM users WHERE username = $2)",
-    )
-    .bind(account.to_owned())
-    .bind(username.to_owned())
-    .fetch_one(&state.db.pool)
-    .await?;
-    if taken > 0 {
-        return Err(ApiError::param(format!(
-            "The user {username} or account {account} already exists"
-        )));
+/// The role `createAccount` asks for: `roleid`, else `roletype`, else `accounttype` (default 0).
+fn requested_role(p: &Params) -> Result<Role, ApiError> {
+    if let Some(id) = p.non_empty("roleid") {
+        return Role::by_id(id).ok_or_else(|| ApiError::param(format!("Unable to find role by id {id}")));
     }
+    if let Some(t) = p.non_empty("roletype") {
+        // `ReadOnly` was this API's name for the read-only user role before roles existed.
+        if t.eq_ignore_ascii_case("readonly") {
+            return Ok(Role::ReadOnlyUser);
+        }
+        let t = RoleType::parse(t).ok_or_else(|| {
+            ApiError::param(format!(
+                "Invalid roletype {t:?}: use Admin, ResourceAdmin, DomainAdmin or User"
+            ))
+        })?;
+        return Ok(Role::default_of(t));
+    }
+    let t = p.non_empty("accounttype").unwrap_or("0");
+    t.parse::<i64>()
+        .ok()
+        .and_then(RoleType::from_account_type)
+        .map(Role::default_of)
+        .ok_or_else(|| ApiError::param(format!("Invalid accounttype {t:?}: use 0, 1, 2 or 3")))
+}
+
+/// `createAccount`.
+async fn create_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let username = p.non_empty("username").unwrap_or_default();
     let new = NewAccount {
-        account,
+        account: p.non_empty("account").unwrap_or(username),
+        domain_id: p.non_empty("domainid"),
         username,
         password: p.non_empty("password").unwrap_or_default(),
         email: p.non_empty("email").unwrap_or_default(),
         firstname: p.non_empty("firstname").unwrap_or_default(),
         lastname: p.non_empty("lastname").unwrap_or_default(),
-        role,
+        timezone: p.non_empty("timezone"),
+        network_domain: p.non_empty("networkdomain"),
+        role: requested_role(&p)?,
         is_system: false,
     };
-    let (account_id, _) = insert_account(&state, &new).await.map_err(|e| match e {
-        // A concurrent create of the same name loses on the unique index.
-        CreateAccountError::Db(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            ApiError::param(format!("The user {username} or account {account} already exists"))
-        }
-        other => ApiError::internal(&other),
-    })?;
-    let v = account_by_id(&state, &account_id)
-        .await?
-        .ok_or_else(|| ApiError::internal(&"account vanished after insert"))?;
-    Ok(json!({ "account": v }))
+    let (account_id, _) = accounts::create(&state, Some(&caller), &new).await?;
+    Ok(json!({ "account": account_by_id(&state, &account_id).await? }))
 }
 
 /// `listAccounts`.
-pub async fn list_accounts(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+async fn list_accounts(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
-    if caller.role != Role::Admin {
-        f.eq("id", &caller.account_id);
-    }
+    Scope::of(&caller).restrict(&mut f, "a.id", "d.path");
     if let Some(id) = p.non_empty("id") {
-        f.eq("id", id);
+        f.eq("a.id", id);
     }
     if let Some(name) = p.non_empty("name") {
-        f.eq("name", name);
+        f.eq("a.name", name);
+    }
+    if let Some(d) = p.non_empty("domainid") {
+        let dom = domains::get_in_scope(&state, &caller, d).await?;
+        if p.non_empty("isrecursive") == Some("true") {
+            f.prefix("d.path", &dom.path);
+        } else {
+            f.eq("a.domain_id", d);
+        }
+    }
+    if let Some(r) = p.non_empty("roleid") {
+        f.eq("a.role_id", r);
+    }
+    if let Some(t) = p.non_empty("accounttype") {
+        let roles: Vec<&str> = Role::ALL
+            .iter()
+            .filter(|r| r.account_type().to_string() == t)
+            .map(|r| r.id())
+            .collect();
+        f.any_of("a.role_id", &roles);
+    }
+    if let Some(s) = p.non_empty("state") {
+        f.eq("LOWER(a.state)", &s.to_ascii_lowercase());
     }
     if let Some(k) = p.non_empty("keyword") {
-        f.keyword(&["name"], k);
+        f.keyword(&["a.name"], k);
     }
-    let total = f.count(&state.db.pool, "accounts").await?;
+    let total = f.count(&state.db.pool, ACCOUNT_FROM).await?;
     let rows = f
         .rows(
             &state.db.pool,
             ACCOUNT_SELECT,
-            &format!(" ORDER BY created, id{}", page.sql()),
+            &format!(" ORDER BY a.created, a.id{}", page.sql()),
         )
         .await?;
     let mut items = Vec::with_capacity(rows.len());
@@ -385,100 +327,63 @@ pub async fn list_accounts(state: State, caller: Caller, p: Params) -> Result<Va
     Ok(list_response("account", total, items))
 }
 
-/// `deleteAccount` (runs as an async job).
-pub async fn delete_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let id = p.non_empty("id").unwrap_or_default();
-    let row = sqlx::query("SELECT is_system FROM accounts WHERE id = $1")
-        .bind(id.to_owned())
-        .fetch_optional(&state.db.pool)
-        .await?;
-    let Some(row) = row else {
-        return Err(ApiError::param(format!("Unable to find account by id {id}")));
+/// `updateAccount`.
+async fn update_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let a = named_account(&state, &caller, &p).await?;
+    let role = match p.non_empty("roleid") {
+        Some(id) => {
+            Some(Role::by_id(id).ok_or_else(|| ApiError::param(format!("Unable to find role by id {id}")))?)
+        }
+        None => None,
     };
-    if row.try_get::<i64, _>("is_system")? != 0 {
-        return Err(ApiError::denied("The root admin account cannot be deleted"));
-    }
-    if id == caller.account_id {
-        return Err(ApiError::denied("An account cannot delete itself"));
-    }
-    let mut tx = state.db.pool.begin().await?;
-    sqlx::query("DELETE FROM users WHERE account_id = $1")
-        .bind(id.to_owned())
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM accounts WHERE id = $1")
-        .bind(id.to_owned())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    // Its users' login sessions end with them.
-    crate::model::sessions::sweep(&state.db.pool).await?;
+    accounts::update(
+        &state,
+        &caller,
+        &a,
+        p.non_empty("newname"),
+        p.get("networkdomain"),
+        role,
+    )
+    .await?;
+    Ok(json!({ "account": account_by_id(&state, &a.id).await? }))
+}
+
+/// `deleteAccount` (async).
+async fn delete_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let a = accounts::get_in_scope(&state, &caller, p.non_empty("id").unwrap_or_default()).await?;
+    accounts::delete(&state, &caller, &a).await?;
     Ok(success())
 }
 
-/// `listUsers`.
-pub async fn list_users(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
-    let mut f = Filter::default();
-    if caller.role != Role::Admin {
-        f.eq("u.account_id", &caller.account_id);
-    }
-    if let Some(id) = p.non_empty("id") {
-        f.eq("u.id", id);
-    }
-    if let Some(name) = p.non_empty("username") {
-        f.eq("u.username", name);
-    }
-    if let Some(a) = p.non_empty("accountid") {
-        f.eq("u.account_id", a);
-    }
-    if let Some(k) = p.non_empty("keyword") {
-        f.keyword(&["u.username"], k);
-    }
-    let total = f
-        .count(&state.db.pool, "users u JOIN accounts a ON a.id = u.account_id")
-        .await?;
-    let rows = f
-        .rows(
-            &state.db.pool,
-            USER_SELECT,
-            &format!(" ORDER BY u.created, u.id{}", page.sql()),
-        )
-        .await?;
-    let items = rows.iter().map(user_json).collect::<Result<Vec<_>, _>>()?;
-    Ok(list_response("user", total, items))
+async fn set_state(
+    state: &State,
+    caller: &Caller,
+    a: &AccountRef,
+    to: AccountState,
+) -> Result<Value, ApiError> {
+    accounts::set_state(state, caller, a, to).await?;
+    Ok(json!({ "account": account_by_id(state, &a.id).await? }))
 }
 
-/// `registerUserKeys`: a non-admin may only renew its own keys.
-pub async fn register_user_keys(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
-    let id = p.non_empty("id").unwrap_or_default();
-    if caller.role != Role::Admin && id != caller.user_id {
-        return Err(ApiError::denied(format!(
-            "Account {} is not allowed to register keys for user {id}",
-            caller.account_name
-        )));
-    }
-    let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1")
-        .bind(id.to_owned())
-        .fetch_one(&state.db.pool)
-        .await?;
-    if exists == 0 {
-        return Err(ApiError::param(format!("Unable to find user by id {id}")));
-    }
-    let (apikey, secretkey) = new_keys(&state, id).await?;
-    Ok(json!({ "userkeys": { "apikey": apikey, "secretkey": secretkey } }))
+/// `disableAccount` (async): `lock=true` locks, `lock=false` disables.
+async fn disable_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let a = named_account(&state, &caller, &p).await?;
+    let to = if p.non_empty("lock") == Some("true") {
+        AccountState::Locked
+    } else {
+        AccountState::Disabled
+    };
+    set_state(&state, &caller, &a, to).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `enableAccount`.
+async fn enable_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let a = named_account(&state, &caller, &p).await?;
+    set_state(&state, &caller, &a, AccountState::Enabled).await
+}
 
-    #[test]
-    fn password_hash_round_trip() {
-        let h = hash_password("s3cret pass").unwrap();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("s3cret pass", &h));
-        assert!(!verify_password("wrong", &h));
-        assert!(!verify_password("s3cret pass", "not a hash"));
-    }
+/// `lockAccount`.
+async fn lock_account(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let a = named_account(&state, &caller, &p).await?;
+    set_state(&state, &caller, &a, AccountState::Locked).await
 }

@@ -42,6 +42,11 @@ pub const UPDATE_CONFIGURATION: &[ParamSpec] = &[
 ];
 
 fn setting_json(s: &Setting, value: &str, zone: Option<&str>) -> Value {
+    // A secret is never answered, only whether it is set.
+    let value = match (s.kind, value.is_empty()) {
+        (Kind::Secret, false) => "********",
+        _ => value,
+    };
     let mut v = json!({
         "name": s.name,
         "value": value,
@@ -50,7 +55,7 @@ fn setting_json(s: &Setting, value: &str, zone: Option<&str>) -> Value {
         "isdynamic": s.dynamic,
         "scope": "global",
         "defaultvalue": s.default,
-        "type": match s.kind { Kind::Integer(..) => "Number", Kind::String => "String" },
+        "type": match s.kind { Kind::Integer(..) => "Number", Kind::String | Kind::Secret => "String" },
         "component": "systemvm-core",
         "displaytext": s.name,
     });

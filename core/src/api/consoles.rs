@@ -24,7 +24,7 @@ use crate::model::consoles::{self, pick_proxy};
 use crate::model::{settings, systemvms};
 use crate::paging::Page;
 use crate::params::Params;
-use crate::state::{Caller, Role, State};
+use crate::state::{Caller, State};
 use crate::util::{new_uuid, now_cs};
 
 /// `addConsoleTarget` parameters.
@@ -201,7 +201,7 @@ pub async fn add_console_target(state: State, caller: Caller, p: Params) -> Resu
 pub async fn list_console_targets(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
     let mut f = Filter::default();
-    if caller.role != Role::Admin {
+    if !caller.role.is_admin() {
         f.eq("c.account_id", &caller.account_id);
     }
     if let Some(v) = p.non_empty("id") {
@@ -263,7 +263,7 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     .await?
     .ok_or_else(|| ApiError::param(format!("Unable to find virtual machine by id {vm_id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if caller.role != Role::Admin && owner != caller.account_id {
+    if !caller.role.is_admin() && owner != caller.account_id {
         return Err(ApiError::denied(format!(
             "Account {} has no access to virtual machine {vm_id}",
             caller.account_name

@@ -3,10 +3,10 @@
 use serde_json::{Value, json};
 use sqlx::Row as _;
 
-use crate::api::accounts::ROOT_DOMAIN_ID;
 use crate::api::{Filter, list_response};
 use crate::command::{ParamSpec, Ty, opt};
 use crate::error::ApiError;
+use crate::model::directory::ROOT_DOMAIN_ID;
 use crate::paging::Page;
 use crate::params::Params;
 use crate::state::{Caller, State};

@@ -221,7 +221,7 @@ async fn run_leader_jobs(state: &State) -> Result<(), sqlx::Error> {
             .await?;
             continue;
         };
-        let caller = match crate::api::accounts::user_by_id(state, &user_id).await? {
+        let caller = match crate::model::directory::auth::by_id(state, &user_id).await? {
             Some(u) => u.caller,
             None => {
                 let e = ApiError::denied("The user who submitted the job no longer exists or is disabled");

@@ -11,7 +11,7 @@ use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::paging::Page;
 use crate::params::Params;
-use crate::state::{Caller, Role, State};
+use crate::state::{Caller, State};
 
 /// `queryAsyncJobResult` parameters.
 pub const QUERY_ASYNC_JOB_RESULT: &[ParamSpec] = &[req("jobid", Ty::Uuid, "Job id")];
@@ -26,7 +26,7 @@ pub const LIST_ASYNC_JOBS: &[ParamSpec] = &[
 const SELECT: &str = "SELECT id, account_id, user_id, cmd, status, result_code, result, instance_type, instance_id, created, completed FROM async_jobs";
 
 fn scope(caller: &Caller, f: &mut Filter) {
-    if caller.role != Role::Admin {
+    if !caller.role.is_admin() {
         f.eq("account_id", &caller.account_id);
     }
 }

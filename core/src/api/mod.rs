@@ -13,69 +13,26 @@ pub mod apis;
 pub mod capacity;
 pub mod configs;
 pub mod consoles;
+pub mod domains;
 pub mod events;
 pub mod image_stores;
 pub mod job_runner;
 pub mod jobs;
 pub mod systemvms;
 pub mod templates;
+pub mod users;
 pub mod zones;
 
 pub use crate::model::Filter;
 
-/// Every command (see [`crate::command`]).
-pub static COMMANDS: &[Command] = &[
-    Command {
-        name: "createAccount",
-        description: "Creates an account with one user",
-        is_async: false,
-        leader: false,
-        access: Access::Admin,
-        params: accounts::CREATE_ACCOUNT,
-        handler: handler!(accounts::create_account),
-    },
-    Command {
-        name: "listAccounts",
-        description: "Lists accounts (a non-admin caller sees its own only)",
-        is_async: false,
-        leader: false,
-        access: Access::Any,
-        params: accounts::LIST_ACCOUNTS,
-        handler: handler!(accounts::list_accounts),
-    },
-    Command {
-        name: "deleteAccount",
-        description: "Deletes an account and its users",
-        is_async: true,
-        leader: false,
-        access: Access::Admin,
-        params: accounts::DELETE_ACCOUNT,
-        handler: handler!(accounts::delete_account),
-    },
-    Command {
-        name: "listUsers",
-        description: "Lists users (a non-admin caller sees its own account's only)",
-        is_async: false,
-        leader: false,
-        access: Access::Any,
-        params: accounts::LIST_USERS,
-        handler: handler!(accounts::list_users),
-    },
-    Command {
-        name: "registerUserKeys",
-        description: "Generates a new API key and secret key for a user",
-        is_async: false,
-        leader: false,
-        access: Access::Any,
-        params: accounts::REGISTER_USER_KEYS,
-        handler: handler!(accounts::register_user_keys),
-    },
+/// The commands whose table is not in their resource's module yet.
+static COMMANDS: &[Command] = &[
     Command {
         name: "createZone",
         description: "Creates a zone",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: zones::CREATE_ZONE,
         handler: handler!(zones::create_zone),
     },
@@ -84,7 +41,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists zones",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: zones::LIST_ZONES,
         handler: handler!(zones::list_zones),
     },
@@ -93,7 +50,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Deletes a zone",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: zones::DELETE_ZONE,
         handler: handler!(zones::delete_zone),
     },
@@ -102,7 +59,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Registers a system VM whose agent is started by hand; answers its id and its secret (shown once)",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: systemvms::REGISTER_SYSTEM_VM,
         handler: handler!(systemvms::register_system_vm),
     },
@@ -111,7 +68,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists system VMs with their agent state",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: systemvms::LIST_SYSTEM_VMS,
         handler: handler!(systemvms::list_system_vms),
     },
@@ -120,7 +77,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Adds a secondary storage (image) store: NFS",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: image_stores::ADD_IMAGE_STORE,
         handler: handler!(image_stores::add_image_store),
     },
@@ -129,7 +86,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists image stores with the capacity their storage VMs report",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: image_stores::LIST_IMAGE_STORES,
         handler: handler!(image_stores::list_image_stores),
     },
@@ -138,7 +95,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Deletes an image store that holds no templates",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: image_stores::DELETE_IMAGE_STORE,
         handler: handler!(image_stores::delete_image_store),
     },
@@ -147,7 +104,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Registers a template from a URL: a storage VM downloads it into the zone's image store",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: templates::REGISTER_TEMPLATE,
         handler: handler!(templates::register_template),
     },
@@ -156,7 +113,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Registers an ISO from a URL: a storage VM downloads it into the zone's image store",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: templates::REGISTER_ISO,
         handler: handler!(templates::register_iso),
     },
@@ -165,7 +122,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists templates with their download status",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: templates::LIST_TEMPLATES,
         handler: handler!(templates::list_templates),
     },
@@ -174,7 +131,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists ISOs with their download status",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: templates::LIST_ISOS,
         handler: handler!(templates::list_isos),
     },
@@ -183,7 +140,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Deletes a template and its files on the image store",
         is_async: true,
         leader: true,
-        access: Access::Any,
+        access: Access::ALL,
         params: templates::DELETE_TEMPLATE,
         handler: handler!(templates::delete_template),
     },
@@ -192,7 +149,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Deletes an ISO and its files on the image store",
         is_async: true,
         leader: true,
-        access: Access::Any,
+        access: Access::ALL,
         params: templates::DELETE_TEMPLATE,
         handler: handler!(templates::delete_iso),
     },
@@ -201,7 +158,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists capacity: secondary storage (type 6) per zone, as the storage VMs report it",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: capacity::LIST_CAPACITY,
         handler: handler!(capacity::list_capacity),
     },
@@ -210,7 +167,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Adds a VM console core does not deploy (a VNC endpoint) so createConsoleEndpoint can open it",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: consoles::ADD_CONSOLE_TARGET,
         handler: handler!(consoles::add_console_target),
     },
@@ -219,7 +176,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists the VM consoles core knows (a non-admin caller sees its own only); passwords are never shown",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: consoles::LIST_CONSOLE_TARGETS,
         handler: handler!(consoles::list_console_targets),
     },
@@ -228,7 +185,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Removes a VM console",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: consoles::DELETE_CONSOLE_TARGET,
         handler: handler!(consoles::delete_console_target),
     },
@@ -237,7 +194,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Creates a one-time console link for a VM through a console proxy",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: consoles::CREATE_CONSOLE_ENDPOINT,
         handler: handler!(consoles::create_console_endpoint),
     },
@@ -246,7 +203,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Adds a new console-token key, makes it primary, retires keys older than the previous one, and pushes the set to every connected console proxy",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: &[],
         handler: handler!(consoles::rotate_console_keys),
     },
@@ -255,7 +212,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Starts a system VM core manages",
         is_async: true,
         leader: true,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::start_system_vm),
     },
@@ -264,7 +221,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Stops a system VM core manages (core keeps it stopped)",
         is_async: true,
         leader: true,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::stop_system_vm),
     },
@@ -273,7 +230,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Restarts a system VM core manages",
         is_async: true,
         leader: true,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::reboot_system_vm),
     },
@@ -282,7 +239,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Destroys a system VM core manages (the fleet policy may start a new one)",
         is_async: true,
         leader: true,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::destroy_system_vm),
     },
@@ -291,7 +248,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists fleet events: system VM starts, restarts and scaling decisions, newest first",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: events::LIST_EVENTS,
         handler: handler!(events::list_events),
     },
@@ -300,7 +257,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists the global settings this service knows",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: configs::LIST_CONFIGURATIONS,
         handler: handler!(configs::list_configurations),
     },
@@ -309,7 +266,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Updates a global setting",
         is_async: false,
         leader: false,
-        access: Access::Admin,
+        access: Access::ADMIN,
         params: configs::UPDATE_CONFIGURATION,
         handler: handler!(configs::update_configuration),
     },
@@ -318,7 +275,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Retrieves the current status of an asynchronous job",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: jobs::QUERY_ASYNC_JOB_RESULT,
         handler: handler!(jobs::query_async_job_result),
     },
@@ -327,7 +284,7 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists asynchronous jobs (a non-admin caller sees its own only)",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: jobs::LIST_ASYNC_JOBS,
         handler: handler!(jobs::list_async_jobs),
     },
@@ -336,15 +293,20 @@ pub static COMMANDS: &[Command] = &[
         description: "Lists the APIs available to the caller",
         is_async: false,
         leader: false,
-        access: Access::Any,
+        access: Access::ALL,
         params: apis::LIST_APIS,
         handler: handler!(apis::list_apis),
     },
 ];
 
-/// Every command, in `listApis` order.
+/// The command tables, one per resource module.
+static TABLES: &[&[Command]] = &[accounts::COMMANDS, users::COMMANDS, domains::COMMANDS, COMMANDS];
+
+/// Every command (see [`crate::command`]), in `listApis` order.
 pub fn table() -> &'static [Command] {
-    COMMANDS
+    static ALL: std::sync::LazyLock<Vec<Command>> =
+        std::sync::LazyLock::new(|| TABLES.iter().flat_map(|t| t.iter().copied()).collect());
+    &ALL
 }
 
 /// Looks a command up by its exact name.
@@ -422,9 +384,9 @@ mod tests {
         let list = find("listZones").unwrap();
         let create = find("createZone").unwrap();
         let keys = find("registerUserKeys").unwrap();
-        assert!(list.allowed(Role::ReadOnly));
-        assert!(!create.allowed(Role::ReadOnly) && !create.allowed(Role::User));
-        assert!(keys.allowed(Role::User) && !keys.allowed(Role::ReadOnly));
+        assert!(list.allowed(Role::ReadOnlyUser) && list.allowed(Role::ReadOnlyAdmin));
+        assert!(!create.allowed(Role::ReadOnlyAdmin) && !create.allowed(Role::User));
+        assert!(keys.allowed(Role::User) && !keys.allowed(Role::ReadOnlyUser));
     }
 
     #[test]

@@ -8,14 +8,14 @@
 use serde_json::{Value, json};
 use sqlx::Row as _;
 
-use crate::api::accounts::ROOT_DOMAIN_ID;
 use crate::api::{Filter, list_response, success};
 use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
+use crate::model::directory::ROOT_DOMAIN_ID;
 use crate::model::templates::{self, Deleted, NewTemplate, download_state};
 use crate::paging::Page;
 use crate::params::Params;
-use crate::state::{Caller, Role, State};
+use crate::state::{Caller, State};
 
 const TEMPLATE_COMMON: &[ParamSpec] = &[
     req("name", Ty::String, "Name"),
@@ -252,7 +252,7 @@ fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
 
 /// Adds the visibility rule of a `templatefilter`/`isofilter` value.
 fn visibility(f: &mut Filter, filter: &str, caller: &Caller) -> Result<(), ApiError> {
-    let admin = caller.role == Role::Admin;
+    let admin = caller.role.is_admin();
     match filter.to_ascii_lowercase().as_str() {
         "featured" => f.flag("t.is_featured", true),
         "self" | "selfexecutable" => f.eq("t.account_id", &caller.account_id),

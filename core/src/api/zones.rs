@@ -13,7 +13,7 @@ use crate::command::{ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::paging::Page;
 use crate::params::Params;
-use crate::state::{Caller, Role, State};
+use crate::state::{Caller, State};
 use crate::util::{new_uuid, now_cs};
 
 /// Name of the zone created on first start.
@@ -95,7 +95,7 @@ enum View {
 
 impl View {
     fn of(caller: &Caller) -> Self {
-        if caller.role == Role::Admin {
+        if caller.role.is_admin() {
             Self::Admin
         } else {
             Self::Public

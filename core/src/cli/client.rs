@@ -310,6 +310,8 @@ mod tests {
         Credentials {
             apikey: "Key-With~Odd Chars".to_owned(),
             secretkey: "s3cret/+=".to_owned(),
+            username: None,
+            password: None,
         }
     }
 

@@ -105,6 +105,8 @@ impl ConnectArgs {
             (Some(apikey), Some(secretkey)) => Ok(Credentials {
                 apikey: apikey.clone(),
                 secretkey: secretkey.clone(),
+                username: None,
+                password: None,
             }),
             (Some(_), None) | (None, Some(_)) => Err(ClientError::Credentials(
                 "--api-key and --secret-key must be given together".to_owned(),

@@ -18,6 +18,7 @@
 //!   client.
 
 pub mod consoles;
+pub mod directory;
 pub mod events;
 pub mod sessions;
 pub mod settings;
@@ -93,6 +94,32 @@ impl Filter {
             "(t.account_id = ${} OR t.is_public = 1)",
             self.binds.len()
         ));
+    }
+
+    /// Adds `col IN (…)` over `values` (nothing matches when `values` is empty).
+    pub fn any_of(&mut self, col: &str, values: &[&str]) {
+        if values.is_empty() {
+            self.clauses.push("1 = 0".to_owned());
+            return;
+        }
+        let mut marks = Vec::with_capacity(values.len());
+        for v in values {
+            self.binds.push((*v).to_owned());
+            marks.push(format!("${}", self.binds.len()));
+        }
+        self.clauses.push(format!("{col} IN ({})", marks.join(", ")));
+    }
+
+    /// Adds "`col` starts with `prefix`" (case-sensitive; `%`, `_` and backslash in the prefix
+    /// match themselves): a domain subtree by path.
+    pub fn prefix(&mut self, col: &str, prefix: &str) {
+        let escaped = prefix
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        self.binds.push(format!("{escaped}%"));
+        self.clauses
+            .push(format!("{col} LIKE ${} ESCAPE '\\'", self.binds.len()));
     }
 
     /// Adds a case-insensitive substring match of `keyword` on any of `cols` (`%`, `_` and backslash

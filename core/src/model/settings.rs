@@ -30,6 +30,8 @@ pub enum Kind {
     Integer(i64, i64),
     /// Free text.
     String,
+    /// A secret: stored sealed with the secrets key, never listed (read it with [`secret`]).
+    Secret,
 }
 
 /// One setting this service knows.
@@ -214,6 +216,39 @@ pub const HEARTBEAT_TIMEOUT: Setting = Setting {
     agent: None,
     description: "Seconds of silence after which core marks a system-VM agent Disconnected and drops its connection",
 };
+/// `incorrect.login.attempts.allowed`.
+pub const LOGIN_ATTEMPTS: Setting = Setting {
+    name: "incorrect.login.attempts.allowed",
+    category: "Advanced",
+    default: "5",
+    kind: Kind::Integer(0, 1000),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Incorrect login attempts allowed before the user is locked (0: never lock); the root admin is never locked",
+};
+/// `security.singlesignon.key`.
+pub const SSO_KEY: Setting = Setting {
+    name: "security.singlesignon.key",
+    category: "Secure",
+    default: "",
+    kind: Kind::Secret,
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "A shared key with an authentication proxy: login requests signed with it (HMAC-SHA1, timestamp within security.singlesignon.tolerance.millis) need no password; empty disables it",
+};
+/// `security.singlesignon.tolerance.millis`.
+pub const SSO_TOLERANCE: Setting = Setting {
+    name: "security.singlesignon.tolerance.millis",
+    category: "Secure",
+    default: "300000",
+    kind: Kind::Integer(1000, 86_400_000),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "How far (in milliseconds) the timestamp of a single sign-on login may be from core's clock",
+};
 
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
@@ -231,6 +266,9 @@ pub const SETTINGS: &[&Setting] = &[
     &INTEGRATION_PORT,
     &HEARTBEAT_INTERVAL,
     &HEARTBEAT_TIMEOUT,
+    &LOGIN_ATTEMPTS,
+    &SSO_KEY,
+    &SSO_TOLERANCE,
 ];
 
 /// Finds a setting definition.
@@ -241,7 +279,7 @@ pub fn find(name: &str) -> Option<&'static Setting> {
 /// Checks `value` against `s`'s type and range.
 pub fn check(s: &Setting, value: &str) -> DomainResult<()> {
     match s.kind {
-        Kind::String => Ok(()),
+        Kind::String | Kind::Secret => Ok(()),
         Kind::Integer(lo, hi) => match value.parse::<i64>() {
             Ok(v) if (lo..=hi).contains(&v) => Ok(()),
             _ => Err(DomainError::Invalid(format!(
@@ -294,6 +332,22 @@ pub async fn uint(state: &State, s: &Setting) -> u64 {
     u64::try_from(int(state, s).await).unwrap_or(0)
 }
 
+/// The value of a [`Kind::Secret`] setting, opened; `None` when unset (or unreadable, which is
+/// logged: a secrets key that does not match the database).
+pub async fn secret(state: &State, s: &Setting) -> Option<String> {
+    let stored = text(state, s).await;
+    if stored.is_empty() {
+        return None;
+    }
+    match state.secrets.open(s.name, &stored) {
+        Ok(crate::secrets::Opened::Sealed(v) | crate::secrets::Opened::Plain(v)) => Some(v),
+        Err(error) => {
+            tracing::error!(%error, name = s.name, "A secret setting cannot be opened with this core's secrets key; it is ignored");
+            None
+        }
+    }
+}
+
 /// `default.page.size`: the default and maximum page size of list commands.
 pub async fn page_size(state: &State) -> i64 {
     int(state, &PAGE_SIZE).await
@@ -339,6 +393,16 @@ pub async fn zone_values(state: &State, zone: &str) -> Result<Vec<(String, Strin
 pub async fn set_global(state: &State, s: &Setting, value: Option<&str>) -> DomainResult<String> {
     let value = value.unwrap_or(s.default);
     check(s, value)?;
+    let sealed;
+    let value = if s.kind == Kind::Secret && !value.is_empty() {
+        sealed = state
+            .secrets
+            .seal(s.name, value)
+            .map_err(|e| DomainError::Internal(e.to_string()))?;
+        sealed.as_str()
+    } else {
+        value
+    };
     // Portable upsert: delete then insert, in one transaction.
     let mut tx = state.db.pool.begin().await?;
     sqlx::query("DELETE FROM configurations WHERE name = $1")

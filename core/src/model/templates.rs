@@ -21,7 +21,7 @@ use systemvm_proto::agent::{AgentCommand, DownloadCommand, JobPhase, JobProgress
 
 use crate::model::stores::{self, MAX_URL_LEN};
 use crate::model::{DomainError, DomainResult};
-use crate::state::{Caller, Role, State};
+use crate::state::{Caller, State};
 use crate::util::{new_uuid, now_cs};
 
 /// Time a storage VM has to answer a command.
@@ -137,7 +137,7 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     if let Some(c) = t.checksum {
         check_checksum(c)?;
     }
-    if t.featured && caller.role != Role::Admin {
+    if t.featured && !caller.role.is_admin() {
         return Err(DomainError::Denied(
             "Only root admins may register featured templates".into(),
         ));
@@ -373,7 +373,7 @@ pub async fn delete(
     .await?
     .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if caller.role != Role::Admin && owner != caller.account_id {
+    if !caller.role.is_admin() && owner != caller.account_id {
         return Err(DomainError::Denied(format!(
             "Account {} does not own {what} {id}",
             caller.account_name

@@ -1,0 +1,151 @@
+//! The user directory: domains (a tree under ROOT), accounts in domains, users of accounts (a
+//! user is an alias of its account with its own credentials), and what a caller may see of it.
+//!
+//! One module per kind: `domains` (the tree, paths, deletion), `accounts` (create, rename,
+//! role, enable/disable/lock, delete), `users` (create, update, password, keys, enable/disable,
+//! failed-login lockout). This module holds the password hashing and the caller's [`Scope`].
+//!
+//! Invariants:
+//! * ROOT always exists and cannot be renamed or deleted; a domain's `path` is its parent's path
+//!   plus `name/` (ROOT's is `/`), so a subtree is the paths that start with its path;
+//! * the bootstrap root admin account (`is_system`) cannot be deleted, disabled or locked;
+//! * passwords are stored as Argon2id PHC strings only; secret keys never leave this layer in a
+//!   log or an error;
+//! * a caller acts inside its [`Scope`]: Admin role types on everything, a Domain or Resource
+//!   Admin inside its domain's subtree, the others on their own account.
+
+pub mod accounts;
+pub mod auth;
+pub mod domains;
+pub mod login;
+pub mod users;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+
+use crate::model::{DomainError, DomainResult, Filter};
+use crate::roles::RoleType;
+use crate::state::Caller;
+
+/// The ROOT domain's id (fixed; created by the schema).
+pub const ROOT_DOMAIN_ID: &str = "00000000-0000-4000-8000-000000000001";
+
+/// Argon2id PHC string of `password` with a random salt (memory-hard: 19 MiB, 2 passes).
+pub fn hash_password(password: &str) -> DomainResult<String> {
+    let mut salt_bytes = [0u8; 16];
+    getrandom::fill(&mut salt_bytes).map_err(|e| DomainError::Internal(e.to_string()))?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| DomainError::Internal(e.to_string()))?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| DomainError::Internal(format!("password hashing failed: {e}")))
+}
+
+/// Whether `password` matches the stored PHC `hash` (false on any malformed hash).
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Hashes on the blocking pool (Argon2 costs real CPU and memory).
+pub async fn hash_password_blocking(password: &str) -> DomainResult<String> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| DomainError::Internal(e.to_string()))?
+}
+
+/// What part of the directory a caller acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything (Admin role types).
+    All,
+    /// The subtree of the domain with this path (Domain and Resource Admins).
+    Subtree(String),
+    /// Its own account (users).
+    Account(String),
+}
+
+impl Scope {
+    /// The scope of `caller`.
+    pub fn of(caller: &Caller) -> Self {
+        match caller.role.role_type() {
+            RoleType::Admin => Self::All,
+            RoleType::DomainAdmin | RoleType::ResourceAdmin => Self::Subtree(caller.domain_path.clone()),
+            RoleType::User => Self::Account(caller.account_id.clone()),
+        }
+    }
+
+    /// Limits `f` to rows this scope sees: `account_col` names the row's account id and
+    /// `path_col` the path of the row's domain (joined by the query).
+    pub fn restrict(&self, f: &mut Filter, account_col: &str, path_col: &str) {
+        match self {
+            Self::All => {}
+            Self::Subtree(path) => f.prefix(path_col, path),
+            Self::Account(id) => f.eq(account_col, id),
+        }
+    }
+
+    /// Whether a domain with `path` is inside this scope (an account scope sees no domain but
+    /// its own, which the caller checks by id).
+    pub fn covers_domain(&self, path: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Subtree(p) => path.starts_with(p.as_str()),
+            Self::Account(_) => false,
+        }
+    }
+
+    /// Whether the account `account_id` in the domain with `path` is inside this scope.
+    pub fn covers_account(&self, account_id: &str, path: &str) -> bool {
+        match self {
+            Self::Account(id) => id == account_id,
+            other => other.covers_domain(path),
+        }
+    }
+}
+
+/// A name for a domain, account or user: 1–255 characters, no `/`, no control characters.
+pub fn check_name(what: &str, name: &str) -> DomainResult<()> {
+    if name.is_empty() || name.chars().count() > 255 {
+        return Err(DomainError::Invalid(format!(
+            "{what} must be 1 to 255 characters"
+        )));
+    }
+    if name.contains('/') || name.chars().any(char::is_control) {
+        return Err(DomainError::Invalid(format!(
+            "{what} {name:?} may not contain '/' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hash_round_trip() {
+        let h = hash_password("s3cret pass").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("s3cret pass", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("s3cret pass", "not a hash"));
+    }
+
+    #[test]
+    fn scopes() {
+        let sub = Scope::Subtree("/Sales/".into());
+        assert!(sub.covers_domain("/Sales/") && sub.covers_domain("/Sales/EU/"));
+        assert!(!sub.covers_domain("/") && !sub.covers_domain("/SalesX/"));
+        assert!(Scope::All.covers_domain("/"));
+        let own = Scope::Account("a".into());
+        assert!(own.covers_account("a", "/") && !own.covers_account("b", "/"));
+        assert!(check_name("name", "ok").is_ok());
+        assert!(check_name("name", "a/b").is_err() && check_name("name", "").is_err());
+    }
+}
