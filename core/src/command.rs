@@ -119,6 +119,12 @@ pub struct Command {
     pub params: &'static [ParamSpec],
     /// The handler.
     pub handler: Handler,
+    /// The top-level response key when it is not `<name>response` (CloudStack's
+    /// `getCommandName()` quirks, e.g. `ldapconfigurationresponse`).
+    pub response: Option<&'static str>,
+    /// Whether it also answers without authentication (the login page's calls; the handler
+    /// then gets [`Caller::anonymous`] and must not depend on who calls).
+    pub before_login: bool,
 }
 
 impl Command {
@@ -139,7 +145,21 @@ impl Command {
             access,
             params,
             handler,
+            response: None,
+            before_login: false,
         }
+    }
+
+    /// The same command, also answered without authentication.
+    pub const fn before_login(mut self) -> Self {
+        self.before_login = true;
+        self
+    }
+
+    /// The same command, answered under `key` instead of `<name>response`.
+    pub const fn answers_as(mut self, key: &'static str) -> Self {
+        self.response = Some(key);
+        self
     }
 
     /// The same command, answered with a `jobid` and run as an async job.
@@ -157,7 +177,10 @@ impl Command {
 
     /// The top-level response key: `<name lowercased>response`.
     pub fn response_key(&self) -> String {
-        format!("{}response", self.name.to_ascii_lowercase())
+        match self.response {
+            Some(k) => k.to_owned(),
+            None => format!("{}response", self.name.to_ascii_lowercase()),
+        }
     }
 
     /// Whether `role` may call this command (its rules, then this command's [`Access`]).

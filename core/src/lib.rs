@@ -70,6 +70,10 @@ pub mod util;
 
 pub use systemvm_api_request::{params, signing};
 
+/// The CloudStack API version this suite answers as (`listCapabilities`): the stock UI 4.22
+/// and Ansible read it to pick features.
+pub const CLOUDSTACK_VERSION: &str = "4.22.0.0";
+
 use crate::state::{Role, Shared, State};
 
 /// How to run the core.

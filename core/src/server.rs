@@ -230,7 +230,6 @@ async fn handle(
         return error_response("errorresponse", &e);
     }
     let name = params.get("command").unwrap_or_default().to_owned();
-    let key = format!("{}response", name.to_ascii_lowercase());
     match name.as_str() {
         "login" => return login(&state, &parts.method, &params, forwarded_https(&parts.headers)).await,
         "logout" => return logout(&state, &parts.headers).await,
@@ -244,6 +243,7 @@ async fn handle(
         );
         return error_response("errorresponse", &e);
     };
+    let key = cmd.response_key();
     let caller = match kind {
         Listener::Integration => match integration_caller(&state).await {
             Ok(c) => c,
@@ -251,6 +251,8 @@ async fn handle(
         },
         Listener::Public => match authenticate(&state, &parts.headers, &params).await {
             Ok(c) => c,
+            // The login page's own calls (themes, identity providers) answer without a login.
+            Err(_) if cmd.before_login && !has_credentials(&parts.headers, &params) => Caller::anonymous(),
             Err(e) => {
                 tracing::debug!(%peer, command = %name, "Refused an unauthenticated API request");
                 return error_response(&key, &e);
@@ -327,6 +329,12 @@ async fn authenticate(state: &State, headers: &HeaderMap, params: &Params) -> Re
         .await?
         .ok_or_else(ApiError::unauthorized)?;
     Ok(user.caller)
+}
+
+/// Whether the request carries an API key or a session (a failed check of either is refused,
+/// also for commands that answer before login).
+fn has_credentials(headers: &HeaderMap, params: &Params) -> bool {
+    params.get("apikey").is_some() || cookie(headers, "JSESSIONID").is_some()
 }
 
 /// Whether a TLS front end says the client came over HTTPS (`X-Forwarded-Proto: https` or

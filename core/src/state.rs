@@ -36,6 +36,21 @@ pub struct Caller {
     pub domain_path: String,
 }
 
+impl Caller {
+    /// Nobody: the caller of a command answered before login (no account, least privileges).
+    pub fn anonymous() -> Self {
+        Self {
+            user_id: String::new(),
+            username: String::new(),
+            account_id: String::new(),
+            account_name: String::new(),
+            role: Role::ReadOnlyUser,
+            domain_id: String::new(),
+            domain_path: String::new(),
+        }
+    }
+}
+
 /// State shared by every request and job.
 #[derive(Debug)]
 pub struct Shared {

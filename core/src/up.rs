@@ -429,7 +429,7 @@ pub fn next_steps(up: &Up, data_dir: &Path) -> String {
         .canonicalize()
         .unwrap_or_else(|_| up.core.credentials_path.clone());
     let mut s = format!(
-        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n\nNext steps:\n  1. Register a template (a demo image `up` serves on {}; a progress bar follows the download):\n       {}\n",
+        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n  Log in:      a CloudStack UI as user admin, domain ROOT, with the \"password\" in the credentials file\n\nNext steps:\n  1. Register a template (a demo image `up` serves on {}; a progress bar follows the download):\n       {}\n",
         up.core.api_url(),
         creds.display(),
         up.image.addr,

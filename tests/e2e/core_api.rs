@@ -203,22 +203,22 @@ impl Drop for TempDir {
 
 /// What `cs` did.
 #[derive(Debug)]
-struct CsOut {
-    ok: bool,
-    json: Value,
-    stderr: String,
+pub(crate) struct CsOut {
+    pub(crate) ok: bool,
+    pub(crate) json: Value,
+    pub(crate) stderr: String,
 }
 
 /// A raw HTTP answer.
 #[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    json: Value,
+pub(crate) struct Raw {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) json: Value,
 }
 
 impl Raw {
-    fn header(&self, name: &str) -> Vec<&str> {
+    pub(crate) fn header(&self, name: &str) -> Vec<&str> {
         self.headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -237,12 +237,12 @@ pub(crate) fn cs_bin() -> PathBuf {
     bin
 }
 
-fn enc(v: &str) -> String {
+pub(crate) fn enc(v: &str) -> String {
     systemvm_core::signing::encode_value(v, Encoding::Java)
 }
 
 impl Core {
-    async fn start(backend: Backend) -> Core {
+    pub(crate) async fn start(backend: Backend) -> Core {
         Self::start_with(backend, |_| {}).await
     }
 
@@ -315,13 +315,13 @@ impl Core {
     }
 
     /// `cs` as the root admin, GET.
-    async fn cs(&self, args: &[&str]) -> CsOut {
+    pub(crate) async fn cs(&self, args: &[&str]) -> CsOut {
         self.cs_as(&self.key.clone(), &self.secret.clone(), false, args)
             .await
     }
 
     /// `cs` with the given keys (empty = unsigned), GET or POST.
-    async fn cs_as(&self, key: &str, secret: &str, post: bool, args: &[&str]) -> CsOut {
+    pub(crate) async fn cs_as(&self, key: &str, secret: &str, post: bool, args: &[&str]) -> CsOut {
         self.cs_at(&self.running().api_url(), key, secret, post, args)
             .await
     }
@@ -385,7 +385,7 @@ impl Core {
     }
 
     /// One raw HTTP/1.1 request to `/client/api`.
-    async fn raw(&self, method: &str, query: &str, body: &[u8], cookie: Option<&str>) -> Raw {
+    pub(crate) async fn raw(&self, method: &str, query: &str, body: &[u8], cookie: Option<&str>) -> Raw {
         let mut s = tokio::net::TcpStream::connect(self.running().addr).await.unwrap();
         let mut head = format!(
             "{method} /client/api?{query} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -486,6 +486,7 @@ impl Core {
 }
 
 /// Runs the scenario `$name(Backend)` as two tests, `$name::sqlite` and `$name::postgres`.
+#[macro_export]
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {

@@ -5,6 +5,7 @@ mod agents;
 mod console;
 mod core_api;
 mod deploy;
+mod directory;
 mod fleet;
 mod floods;
 mod ha;

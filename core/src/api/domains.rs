@@ -187,10 +187,11 @@ async fn answer_list(state: &State, f: &Filter, p: &Params) -> Result<Value, Api
 /// `listDomains`.
 async fn list_domains(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let mut f = Filter::default();
+    // CloudStack: Admins see every domain; others their own, or their subtree with listall.
     match Scope::of(&caller) {
         Scope::All => {}
-        Scope::Subtree(path) => f.prefix("d.path", &path),
-        Scope::Account(_) => f.eq("d.id", &caller.domain_id),
+        Scope::Subtree(path) if p.non_empty("listall") == Some("true") => f.prefix("d.path", &path),
+        Scope::Subtree(_) | Scope::Account(_) => f.eq("d.id", &caller.domain_id),
     }
     if let Some(id) = p.non_empty("id") {
         f.eq("d.id", id);

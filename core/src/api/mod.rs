@@ -11,11 +11,13 @@ use crate::handler;
 pub mod accounts;
 pub mod apis;
 pub mod capacity;
+pub mod catalogue;
 pub mod configs;
 pub mod consoles;
 pub mod domains;
 pub mod events;
 pub mod image_stores;
+pub mod infrastructure;
 pub mod job_runner;
 pub mod jobs;
 pub mod systemvms;
@@ -35,6 +37,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: zones::CREATE_ZONE,
         handler: handler!(zones::create_zone),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listZones",
@@ -44,6 +48,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: zones::LIST_ZONES,
         handler: handler!(zones::list_zones),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "deleteZone",
@@ -53,6 +59,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: zones::DELETE_ZONE,
         handler: handler!(zones::delete_zone),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "registerSystemVm",
@@ -62,15 +70,19 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: systemvms::REGISTER_SYSTEM_VM,
         handler: handler!(systemvms::register_system_vm),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listSystemVms",
         description: "Lists system VMs with their agent state",
         is_async: false,
         leader: false,
-        access: Access::ADMIN,
+        access: Access::INFRA,
         params: systemvms::LIST_SYSTEM_VMS,
         handler: handler!(systemvms::list_system_vms),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "addImageStore",
@@ -80,6 +92,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: image_stores::ADD_IMAGE_STORE,
         handler: handler!(image_stores::add_image_store),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listImageStores",
@@ -89,6 +103,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: image_stores::LIST_IMAGE_STORES,
         handler: handler!(image_stores::list_image_stores),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "deleteImageStore",
@@ -98,6 +114,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: image_stores::DELETE_IMAGE_STORE,
         handler: handler!(image_stores::delete_image_store),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "registerTemplate",
@@ -107,6 +125,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: templates::REGISTER_TEMPLATE,
         handler: handler!(templates::register_template),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "registerIso",
@@ -116,6 +136,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: templates::REGISTER_ISO,
         handler: handler!(templates::register_iso),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listTemplates",
@@ -125,6 +147,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: templates::LIST_TEMPLATES,
         handler: handler!(templates::list_templates),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listIsos",
@@ -134,6 +158,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: templates::LIST_ISOS,
         handler: handler!(templates::list_isos),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "deleteTemplate",
@@ -143,6 +169,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: templates::DELETE_TEMPLATE,
         handler: handler!(templates::delete_template),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "deleteIso",
@@ -152,15 +180,19 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: templates::DELETE_TEMPLATE,
         handler: handler!(templates::delete_iso),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listCapacity",
         description: "Lists capacity: secondary storage (type 6) per zone, as the storage VMs report it",
         is_async: false,
         leader: false,
-        access: Access::ADMIN,
+        access: Access::INFRA,
         params: capacity::LIST_CAPACITY,
         handler: handler!(capacity::list_capacity),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "addConsoleTarget",
@@ -170,6 +202,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: consoles::ADD_CONSOLE_TARGET,
         handler: handler!(consoles::add_console_target),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listConsoleTargets",
@@ -179,6 +213,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: consoles::LIST_CONSOLE_TARGETS,
         handler: handler!(consoles::list_console_targets),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "deleteConsoleTarget",
@@ -188,6 +224,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: consoles::DELETE_CONSOLE_TARGET,
         handler: handler!(consoles::delete_console_target),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "createConsoleEndpoint",
@@ -197,6 +235,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: consoles::CREATE_CONSOLE_ENDPOINT,
         handler: handler!(consoles::create_console_endpoint),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "rotateConsoleKeys",
@@ -206,33 +246,41 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: &[],
         handler: handler!(consoles::rotate_console_keys),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "startSystemVm",
         description: "Starts a system VM core manages",
         is_async: true,
         leader: true,
-        access: Access::ADMIN,
+        access: Access::INFRA,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::start_system_vm),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "stopSystemVm",
         description: "Stops a system VM core manages (core keeps it stopped)",
         is_async: true,
         leader: true,
-        access: Access::ADMIN,
+        access: Access::INFRA,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::stop_system_vm),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "rebootSystemVm",
         description: "Restarts a system VM core manages",
         is_async: true,
         leader: true,
-        access: Access::ADMIN,
+        access: Access::INFRA,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::reboot_system_vm),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "destroySystemVm",
@@ -242,6 +290,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: systemvms::LIFECYCLE,
         handler: handler!(systemvms::destroy_system_vm),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listEvents",
@@ -251,6 +301,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: events::LIST_EVENTS,
         handler: handler!(events::list_events),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listConfigurations",
@@ -260,6 +312,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: configs::LIST_CONFIGURATIONS,
         handler: handler!(configs::list_configurations),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "updateConfiguration",
@@ -269,6 +323,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ADMIN,
         params: configs::UPDATE_CONFIGURATION,
         handler: handler!(configs::update_configuration),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "queryAsyncJobResult",
@@ -278,6 +334,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: jobs::QUERY_ASYNC_JOB_RESULT,
         handler: handler!(jobs::query_async_job_result),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listAsyncJobs",
@@ -287,6 +345,8 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: jobs::LIST_ASYNC_JOBS,
         handler: handler!(jobs::list_async_jobs),
+        response: None,
+        before_login: false,
     },
     Command {
         name: "listApis",
@@ -296,11 +356,20 @@ static COMMANDS: &[Command] = &[
         access: Access::ALL,
         params: apis::LIST_APIS,
         handler: handler!(apis::list_apis),
+        response: None,
+        before_login: false,
     },
 ];
 
 /// The command tables, one per resource module.
-static TABLES: &[&[Command]] = &[accounts::COMMANDS, users::COMMANDS, domains::COMMANDS, COMMANDS];
+static TABLES: &[&[Command]] = &[
+    accounts::COMMANDS,
+    users::COMMANDS,
+    domains::COMMANDS,
+    catalogue::COMMANDS,
+    infrastructure::COMMANDS,
+    COMMANDS,
+];
 
 /// Every command (see [`crate::command`]), in `listApis` order.
 pub fn table() -> &'static [Command] {

@@ -34,13 +34,33 @@ const TEMPLATE_COMMON: &[ParamSpec] = &[
     opt("ispublic", Ty::Boolean, "Visible to every account"),
     opt("isfeatured", Ty::Boolean, "Featured (root admins only)"),
     opt("isextractable", Ty::Boolean, "May be extracted"),
-    opt("ostypeid", Ty::String, "OS type id (recorded)"),
+    opt("ostypeid", Ty::Uuid, "OS type id (listOsTypes)"),
     opt(
         "imagestoreuuid",
         Ty::Uuid,
         "Image store to install into (default: the zone's first)",
     ),
     opt("directdownload", Ty::Boolean, "Not supported: must be false"),
+    opt(
+        "account",
+        Ty::String,
+        "Accepted for compatibility: the caller's account owns it",
+    ),
+    opt(
+        "domainid",
+        Ty::Uuid,
+        "Accepted for compatibility: the caller's domain",
+    ),
+    opt(
+        "arch",
+        Ty::String,
+        "CPU architecture (x86_64 or aarch64; recorded only)",
+    ),
+    opt(
+        "isdynamicallyscalable",
+        Ty::Boolean,
+        "Whether VMs from it may be scaled up live (recorded only)",
+    ),
 ];
 /// `registerTemplate` parameters.
 pub const REGISTER_TEMPLATE: &[ParamSpec] = &[
@@ -55,10 +75,52 @@ pub const REGISTER_TEMPLATE: &[ParamSpec] = &[
     TEMPLATE_COMMON[8],
     TEMPLATE_COMMON[9],
     TEMPLATE_COMMON[10],
+    TEMPLATE_COMMON[11],
+    TEMPLATE_COMMON[12],
+    TEMPLATE_COMMON[13],
+    TEMPLATE_COMMON[14],
     req("format", Ty::String, "QCOW2, RAW, VHD or OVA"),
     req("hypervisor", Ty::String, "KVM, XenServer, VMware, …"),
     opt("passwordenabled", Ty::Boolean, "Password reset enabled"),
     opt("requireshvm", Ty::Boolean, "Requires HVM"),
+    opt("bits", Ty::Integer, "32 or 64 (recorded only)"),
+    opt(
+        "sshkeyenabled",
+        Ty::Boolean,
+        "SSH key reset enabled (recorded only)",
+    ),
+    opt(
+        "deployasis",
+        Ty::Boolean,
+        "VMware: deploy as is (not supported; false)",
+    ),
+    opt("templatetag", Ty::String, "Tag of the template (recorded only)"),
+    opt(
+        "templatetype",
+        Ty::String,
+        "USER (the only type registered by hand)",
+    ),
+    opt(
+        "zoneids",
+        Ty::String,
+        "Zones (comma-separated): the first one is used",
+    ),
+    opt(
+        "extensionid",
+        Ty::Uuid,
+        "Accepted for compatibility (no extensions)",
+    ),
+    opt(
+        "externaldetails",
+        Ty::String,
+        "Accepted for compatibility (no extensions)",
+    ),
+    opt(
+        "details",
+        Ty::String,
+        "Template details (accepted for compatibility)",
+    ),
+    opt("isrouting", Ty::Boolean, "Accepted for compatibility"),
 ];
 /// `registerIso` parameters.
 pub const REGISTER_ISO: &[ParamSpec] = &[
@@ -73,7 +135,16 @@ pub const REGISTER_ISO: &[ParamSpec] = &[
     TEMPLATE_COMMON[8],
     TEMPLATE_COMMON[9],
     TEMPLATE_COMMON[10],
+    TEMPLATE_COMMON[11],
+    TEMPLATE_COMMON[12],
+    TEMPLATE_COMMON[13],
+    TEMPLATE_COMMON[14],
     opt("bootable", Ty::Boolean, "Bootable (default true)"),
+    opt(
+        "passwordenabled",
+        Ty::Boolean,
+        "Password reset enabled (recorded only)",
+    ),
 ];
 /// `listTemplates` parameters.
 pub const LIST_TEMPLATES: &[ParamSpec] = &[
@@ -159,7 +230,10 @@ async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<
         hypervisor,
         url: p.non_empty("url").unwrap_or_default(),
         checksum: p.non_empty("checksum"),
-        zone_id: p.non_empty("zoneid"),
+        // The UI's form sends `zoneids`; one zone per registration here.
+        zone_id: p
+            .non_empty("zoneid")
+            .or_else(|| p.non_empty("zoneids").and_then(|z| z.split(',').next())),
         store_id: p.non_empty("imagestoreuuid"),
         public: flag(&p, "ispublic", false),
         featured: flag(&p, "isfeatured", false),
@@ -236,6 +310,9 @@ fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         v["checksum"] = json!(c);
     }
     if let Some(o) = row.try_get::<Option<String>, _>("os_type_id")? {
+        if let Some(os) = crate::model::guest_os::by_id(&o) {
+            v["ostypename"] = json!(os.name);
+        }
         v["ostypeid"] = json!(o);
     }
     if let Some(s) = row.try_get::<Option<i64>, _>("size")? {
@@ -305,12 +382,17 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
     if let Some(v) = p.non_empty("hypervisor") {
         f.eq("LOWER(t.hypervisor)", &v.to_ascii_lowercase());
     }
-    if let Some(v) = p.non_empty("isready") {
-        if v.eq_ignore_ascii_case("true") {
-            f.eq("t.download_state", download_state::DOWNLOADED);
-        } else {
-            f.ne("t.download_state", download_state::DOWNLOADED);
-        }
+    // CloudStack: `isready=true` lists ready ones only, `isready=false` means no readiness
+    // filter; the featured, community and executable filters list ready ones only.
+    let ready_only = match p.non_empty("isready") {
+        Some(v) => v.eq_ignore_ascii_case("true"),
+        None => matches!(
+            filter.to_ascii_lowercase().as_str(),
+            "featured" | "community" | "executable" | "selfexecutable" | "sharedexecutable"
+        ),
+    };
+    if ready_only {
+        f.eq("t.download_state", download_state::DOWNLOADED);
     }
     if iso && let Some(v) = p.non_empty("bootable") {
         f.flag("t.bootable", v.eq_ignore_ascii_case("true"));

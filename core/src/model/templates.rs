@@ -117,7 +117,7 @@ pub struct NewTemplate<'a> {
     pub extractable: bool,
     /// Bootable.
     pub bootable: bool,
-    /// OS type id (recorded).
+    /// OS type id (one of `model::guest_os`).
     pub os_type_id: Option<&'a str>,
 }
 
@@ -136,6 +136,13 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     }
     if let Some(c) = t.checksum {
         check_checksum(c)?;
+    }
+    if let Some(os) = t.os_type_id
+        && crate::model::guest_os::by_id(os).is_none()
+    {
+        return Err(DomainError::Invalid(format!(
+            "Unable to find guest OS by id {os}: see listOsTypes"
+        )));
     }
     if t.featured && !caller.role.is_admin() {
         return Err(DomainError::Denied(
