@@ -43,6 +43,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0010_store_per_ssvm.sql"),
     ),
     (11, "directory", include_str!("../migrations/0011_directory.sql")),
+    (12, "updates", include_str!("../migrations/0012_updates.sql")),
 ];
 
 /// Opening or migrating the database failed.

@@ -9,6 +9,7 @@ use serde_json::Value;
 use systemvm_core::signing::{Encoding, sign, string_to_sign};
 
 use crate::core_api::{Backend, Core, enc};
+use crate::support::errorcode;
 
 crate::both_backends!(
     domains_accounts_users,
@@ -16,17 +17,6 @@ crate::both_backends!(
     login_lockout_and_sso,
     ui_first_load
 );
-
-/// The error code anywhere in a failed answer (`errorcode`, also inside an async job's result).
-fn errorcode(v: &Value) -> Option<i64> {
-    match v {
-        Value::Object(m) => m
-            .get("errorcode")
-            .and_then(Value::as_i64)
-            .or_else(|| m.values().find_map(errorcode)),
-        _ => None,
-    }
-}
 
 /// The root admin's password from `credentials.json`.
 fn admin_password(core: &Core) -> String {

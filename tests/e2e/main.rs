@@ -12,5 +12,6 @@ mod ha;
 mod layout;
 mod libvirt;
 mod nfs;
+mod resources;
 mod storage;
 mod support;

@@ -205,3 +205,15 @@ pub(crate) fn check_page(url: &str, screenshot: &Path, expect: &str) -> PageChec
         report,
     }
 }
+
+/// The error code anywhere in a failed API answer (`errorcode`, also inside an async job's
+/// result).
+pub(crate) fn errorcode(v: &serde_json::Value) -> Option<i64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get("errorcode")
+            .and_then(serde_json::Value::as_i64)
+            .or_else(|| m.values().find_map(errorcode)),
+        _ => None,
+    }
+}

@@ -21,8 +21,10 @@ pub mod infrastructure;
 pub mod job_runner;
 pub mod jobs;
 pub mod systemvms;
+pub mod template_properties;
 pub mod templates;
 pub mod users;
+pub mod virtual_machines;
 pub mod zones;
 
 pub use crate::model::Filter;
@@ -51,6 +53,13 @@ static COMMANDS: &[Command] = &[
         response: None,
         before_login: false,
     },
+    Command::new(
+        "updateZone",
+        "Updates a zone: name, DNS servers, network domain, guest CIDR, allocation state",
+        Access::ADMIN,
+        zones::UPDATE_ZONE,
+        handler!(zones::update_zone),
+    ),
     Command {
         name: "deleteZone",
         description: "Deletes a zone",
@@ -368,6 +377,8 @@ static TABLES: &[&[Command]] = &[
     domains::COMMANDS,
     catalogue::COMMANDS,
     infrastructure::COMMANDS,
+    template_properties::COMMANDS,
+    virtual_machines::COMMANDS,
     COMMANDS,
 ];
 

@@ -202,7 +202,8 @@ pub const DELETE_TEMPLATE: &[ParamSpec] = &[
         "Remove the record even when no storage VM can delete the files (they stay on the store)",
     ),
 ];
-fn flag(p: &Params, name: &str, default: bool) -> bool {
+/// A boolean parameter, `default` when absent.
+pub(crate) fn flag(p: &Params, name: &str, default: bool) -> bool {
     p.non_empty(name)
         .map_or(default, |v| v.eq_ignore_ascii_case("true"))
 }
@@ -240,6 +241,12 @@ async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<
         extractable: flag(&p, "isextractable", false),
         bootable: !iso || flag(&p, "bootable", true),
         os_type_id: p.non_empty("ostypeid"),
+        flags: crate::model::template_properties::Flags {
+            password_enabled: flag(&p, "passwordenabled", false),
+            sshkey_enabled: flag(&p, "sshkeyenabled", false),
+            dynamically_scalable: flag(&p, "isdynamicallyscalable", false),
+            requires_hvm: !iso && flag(&p, "requireshvm", true),
+        },
     };
     let id = templates::register(&state, &caller, &t).await?;
     let rows = sqlx::query(&format!("{TEMPLATE_SELECT} WHERE t.id = $1"))
@@ -261,11 +268,13 @@ pub async fn register_iso(state: State, caller: Caller, p: Params) -> Result<Val
     register(state, caller, p, true).await
 }
 
-const TEMPLATE_SELECT: &str = "SELECT t.id, t.name, t.display_text, t.is_iso, t.format, t.hypervisor, t.url, t.checksum, t.zone_id, z.name AS zone_name, t.store_id, st.name AS store_name, t.account_id, a.name AS account_name, t.is_public, t.is_featured, t.is_extractable, t.bootable, t.os_type_id, t.download_state, t.download_percent, t.status, t.size, t.physical_size, t.created, t.removed \
-     FROM templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id";
-const TEMPLATE_FROM: &str = "templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id";
+/// The columns [`template_json`] reads.
+pub(crate) const TEMPLATE_SELECT: &str = "SELECT t.id, t.name, t.display_text, t.is_iso, t.format, t.hypervisor, t.url, t.checksum, t.zone_id, z.name AS zone_name, t.store_id, st.name AS store_name, t.account_id, a.name AS account_name, t.is_public, t.is_featured, t.is_extractable, t.bootable, t.os_type_id, t.download_state, t.download_percent, t.status, t.size, t.physical_size, t.created, t.removed, t.password_enabled, t.sshkey_enabled, t.dynamically_scalable, t.requires_hvm, d.id AS domain_id, d.name AS domain_name, d.path AS domain_path \
+     FROM templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+const TEMPLATE_FROM: &str = "templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 
-fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
+/// A template or ISO as CloudStack's `TemplateResponse`.
+pub(crate) fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
     let b = |c: &str| -> Result<bool, sqlx::Error> { Ok(row.try_get::<i64, _>(c)? != 0) };
     let state: String = row.try_get("download_state")?;
     let percent: i64 = row.try_get("download_percent")?;
@@ -288,15 +297,16 @@ fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "created": row.try_get::<String, _>("created")?,
         "accountid": row.try_get::<String, _>("account_id")?,
         "account": row.try_get::<Option<String>, _>("account_name")?.unwrap_or_default(),
-        "domain": "ROOT",
-        "domainid": ROOT_DOMAIN_ID,
+        "domain": row.try_get::<Option<String>, _>("domain_name")?.unwrap_or_else(|| "ROOT".into()),
+        "domainid": row.try_get::<Option<String>, _>("domain_id")?.unwrap_or_else(|| ROOT_DOMAIN_ID.into()),
         "bootable": b("bootable")?,
         "crossZones": false,
         "directdownload": false,
         "deployasis": false,
-        "passwordenabled": false,
-        "sshkeyenabled": false,
-        "requireshvm": true,
+        "passwordenabled": b("password_enabled")?,
+        "sshkeyenabled": b("sshkey_enabled")?,
+        "isdynamicallyscalable": b("dynamically_scalable")?,
+        "requireshvm": b("requires_hvm")?,
         "details": {},
         "tags": [],
         "downloaddetails": [{
@@ -337,12 +347,7 @@ fn visibility(f: &mut Filter, filter: &str, caller: &Caller) -> Result<(), ApiEr
             f.flag("t.is_public", true);
             f.flag("t.is_featured", false);
         }
-        "sharedexecutable" => {
-            if !admin {
-                // Nothing is shared account-to-account here: only public templates of others.
-                f.flag("t.is_public", true);
-            }
-        }
+        "sharedexecutable" => f.shared_with(&caller.account_id),
         "executable" | "all" => {
             if !admin {
                 f.own_or_public(&caller.account_id);

@@ -50,6 +50,34 @@ pub const LIST_ZONES: &[ParamSpec] = &[
     opt("page", Ty::Integer, "Page number"),
     opt("pagesize", Ty::Integer, "Page size"),
 ];
+/// `updateZone` parameters.
+pub const UPDATE_ZONE: &[ParamSpec] = &[
+    req("id", Ty::Uuid, "Zone id"),
+    opt("name", Ty::String, "New name"),
+    opt("dns1", Ty::String, "First public DNS server"),
+    opt("dns2", Ty::String, "Second public DNS server"),
+    opt("internaldns1", Ty::String, "First internal DNS server"),
+    opt("internaldns2", Ty::String, "Second internal DNS server"),
+    opt("ip6dns1", Ty::String, "First IPv6 DNS server"),
+    opt("ip6dns2", Ty::String, "Second IPv6 DNS server"),
+    opt("domain", Ty::String, "Network domain (empty: none)"),
+    opt("guestcidraddress", Ty::String, "Guest CIDR"),
+    opt("allocationstate", Ty::String, "Enabled or Disabled"),
+    opt(
+        "dhcpprovider",
+        Ty::String,
+        "Accepted for compatibility (VirtualRouter)",
+    ),
+    opt(
+        "localstorageenabled",
+        Ty::Boolean,
+        "Accepted for compatibility (false)",
+    ),
+    opt("ispublic", Ty::Boolean, "Accepted for compatibility"),
+    opt("sortkey", Ty::Integer, "Accepted for compatibility"),
+    opt("dnssearchorder", Ty::String, "Accepted for compatibility"),
+    opt("details", Ty::String, "Accepted for compatibility"),
+];
 /// `deleteZone` parameters.
 pub const DELETE_ZONE: &[ParamSpec] = &[req("id", Ty::Uuid, "Zone id")];
 
@@ -114,6 +142,9 @@ fn zone_json(row: &sqlx::any::AnyRow, view: View) -> Result<Value, sqlx::Error> 
         "dns1": row.try_get::<Option<String>, _>("dns1")?,
         "dns2": row.try_get::<Option<String>, _>("dns2")?,
         "domain": row.try_get::<Option<String>, _>("domain")?,
+        "ip6dns1": row.try_get::<Option<String>, _>("ip6_dns1")?,
+        "ip6dns2": row.try_get::<Option<String>, _>("ip6_dns2")?,
+        "guestcidraddress": row.try_get::<Option<String>, _>("guest_cidr")?,
         "securitygroupsenabled": nt == "Basic",
         "localstorageenabled": false,
         "dhcpprovider": "VirtualRouter",
@@ -132,7 +163,7 @@ fn zone_json(row: &sqlx::any::AnyRow, view: View) -> Result<Value, sqlx::Error> 
     Ok(v)
 }
 
-const SELECT: &str = "SELECT id, name, network_type, allocation_state, dns1, dns2, internal_dns1, internal_dns2, domain, created, systemvm_driver FROM zones";
+const SELECT: &str = "SELECT id, name, network_type, allocation_state, dns1, dns2, internal_dns1, internal_dns2, ip6_dns1, ip6_dns2, guest_cidr, domain, created, systemvm_driver FROM zones";
 
 /// A zone to insert.
 #[derive(Debug)]
@@ -197,6 +228,38 @@ pub async fn ensure_default_zone(state: &State) -> Result<(), ApiError> {
         .await?;
     }
     Ok(())
+}
+
+/// `updateZone`.
+pub async fn update_zone(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let id = p.non_empty("id").unwrap_or_default();
+    let mut up = crate::model::zones::ZoneUpdate {
+        name: p.non_empty("name"),
+        allocation_state: p.non_empty("allocationstate"),
+        fields: Vec::new(),
+    };
+    for (param, col) in [
+        ("dns1", "dns1"),
+        ("dns2", "dns2"),
+        ("internaldns1", "internal_dns1"),
+        ("internaldns2", "internal_dns2"),
+        ("ip6dns1", "ip6_dns1"),
+        ("ip6dns2", "ip6_dns2"),
+        ("domain", "domain"),
+        ("guestcidraddress", "guest_cidr"),
+    ] {
+        if let Some(v) = p.get(param) {
+            up.fields.push((col, v));
+        }
+    }
+    crate::model::zones::update(&state.db.pool, id, &up).await?;
+    let mut f = Filter::default();
+    f.eq("id", id);
+    let rows = f.rows(&state.db.pool, SELECT, "").await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::param(format!("Unable to find zone by id {id}")))?;
+    Ok(json!({ "zone": zone_json(row, View::of(&caller))? }))
 }
 
 /// `createZone`.

@@ -25,6 +25,7 @@ pub mod sessions;
 pub mod settings;
 pub mod stores;
 pub mod systemvms;
+pub mod template_properties;
 pub mod templates;
 pub mod zones;
 
@@ -88,11 +89,20 @@ impl Filter {
         self.clauses.push(format!("{col} IS NULL"));
     }
 
-    /// Adds "owned by `account_id`, or public" (templates).
+    /// Adds "owned by `account_id`, public, or shared with it" (templates).
     pub fn own_or_public(&mut self, account_id: &str) {
         self.binds.push(account_id.to_owned());
+        let n = self.binds.len();
         self.clauses.push(format!(
-            "(t.account_id = ${} OR t.is_public = 1)",
+            "(t.account_id = ${n} OR t.is_public = 1 OR t.id IN (SELECT template_id FROM template_shares WHERE account_id = ${n}))"
+        ));
+    }
+
+    /// Adds "shared with `account_id`" (templates of other accounts).
+    pub fn shared_with(&mut self, account_id: &str) {
+        self.binds.push(account_id.to_owned());
+        self.clauses.push(format!(
+            "t.id IN (SELECT template_id FROM template_shares WHERE account_id = ${})",
             self.binds.len()
         ));
     }

@@ -119,6 +119,8 @@ pub struct NewTemplate<'a> {
     pub bootable: bool,
     /// OS type id (one of `model::guest_os`).
     pub os_type_id: Option<&'a str>,
+    /// Recorded properties (password and SSH key reset, live scaling, HVM).
+    pub flags: crate::model::template_properties::Flags,
 }
 
 /// Checks and records a template; the dispatcher sends its download. Returns its id.
@@ -174,8 +176,8 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
     let install_path = format!("template/tmpl/{}/{id}", caller.account_id);
     sqlx::query(
-        "INSERT INTO templates (id, name, display_text, is_iso, format, hypervisor, url, checksum, zone_id, store_id, account_id, is_public, is_featured, is_extractable, bootable, os_type_id, install_path, download_state, download_percent, status, created) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, 0, $19, $20)",
+        "INSERT INTO templates (id, name, display_text, is_iso, format, hypervisor, url, checksum, zone_id, store_id, account_id, is_public, is_featured, is_extractable, bootable, os_type_id, install_path, download_state, download_percent, status, created, password_enabled, sshkey_enabled, dynamically_scalable, requires_hvm) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, 0, $19, $20, $21, $22, $23, $24)",
     )
     .bind(id.clone())
     .bind(t.name.to_owned())
@@ -197,6 +199,10 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     .bind(download_state::NOT_DOWNLOADED)
     .bind("Waiting for a storage VM")
     .bind(now_cs())
+    .bind(i64::from(t.flags.password_enabled))
+    .bind(i64::from(t.flags.sshkey_enabled))
+    .bind(i64::from(t.flags.dynamically_scalable))
+    .bind(i64::from(t.flags.requires_hvm))
     .execute(&state.db.pool)
     .await?;
     tracing::info!(%id, name = t.name, url = t.url, iso = t.iso, "Registered a template; download queued");

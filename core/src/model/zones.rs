@@ -1,4 +1,7 @@
-//! Zones: when one may be deleted.
+//! Zones: updates, and when one may be deleted.
+//!
+//! Invariants (updates): names stay unique (431 on a clash); `allocationstate` is `Enabled` or
+//! `Disabled`; a field not given is left as it is, an empty one is cleared.
 //!
 //! Invariants:
 //! * a zone is deleted only when nothing is left in it: no system VM (but destroyed ones), image
@@ -208,4 +211,93 @@ mod tests {
             "{e:?}"
         );
     }
+}
+
+/// Changes to a zone (`updateZone`); `None` leaves a field as it is, `Some("")` clears it.
+#[derive(Debug, Default)]
+pub struct ZoneUpdate<'a> {
+    /// New name.
+    pub name: Option<&'a str>,
+    /// `Enabled` or `Disabled` (any case).
+    pub allocation_state: Option<&'a str>,
+    /// `(column, value)` of the text fields: DNS servers, network domain, guest CIDR.
+    pub fields: Vec<(&'static str, &'a str)>,
+}
+
+/// The columns [`ZoneUpdate::fields`] may name.
+pub const UPDATABLE: &[&str] = &[
+    "dns1",
+    "dns2",
+    "internal_dns1",
+    "internal_dns2",
+    "ip6_dns1",
+    "ip6_dns2",
+    "domain",
+    "guest_cidr",
+];
+
+/// Applies `up` to zone `id`.
+pub async fn update(pool: &sqlx::AnyPool, id: &str, up: &ZoneUpdate<'_>) -> DomainResult<()> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM zones WHERE id = $1")
+        .bind(id.to_owned())
+        .fetch_one(pool)
+        .await?;
+    if n == 0 {
+        return Err(DomainError::NotFound(format!("Unable to find zone by id {id}")));
+    }
+    let state = match up.allocation_state.map(str::to_ascii_lowercase).as_deref() {
+        None => None,
+        Some("enabled") => Some("Enabled"),
+        Some("disabled") => Some("Disabled"),
+        Some(other) => {
+            return Err(DomainError::Invalid(format!(
+                "Invalid allocationstate {other:?}: use Enabled or Disabled"
+            )));
+        }
+    };
+    let mut tx = pool.begin().await?;
+    if let Some(name) = up.name {
+        if name.is_empty() || name.len() > 255 {
+            return Err(DomainError::Invalid(
+                "A zone name must be 1 to 255 characters".into(),
+            ));
+        }
+        let r = sqlx::query("UPDATE zones SET name = $1 WHERE id = $2")
+            .bind(name.to_owned())
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                return Err(DomainError::Invalid(format!(
+                    "A zone with name {name} already exists"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(s) = state {
+        sqlx::query("UPDATE zones SET allocation_state = $1 WHERE id = $2")
+            .bind(s)
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (col, value) in &up.fields {
+        if !UPDATABLE.contains(col) {
+            return Err(DomainError::Internal(format!(
+                "zone column {col} is not updatable"
+            )));
+        }
+        // `col` is one of the literals above, never caller input.
+        sqlx::query(&format!("UPDATE zones SET {col} = $1 WHERE id = $2"))
+            .bind(Some((*value).to_owned()).filter(|v| !v.is_empty()))
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(zone = id, "Zone updated");
+    Ok(())
 }
