@@ -4,7 +4,6 @@
 //! `listVirtualMachines` over console targets; and that a second identical update changes nothing.
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
-use serde_json::Value;
 
 use crate::core_api::{Backend, Core};
 use crate::support::errorcode;
