@@ -31,6 +31,8 @@ pub enum Ty {
     Short,
     /// `true` or `false`.
     Boolean,
+    /// A map sent as `name[i].key=K&name[i].value=V` (present when it has an entry).
+    Map,
 }
 
 impl Ty {
@@ -43,13 +45,14 @@ impl Ty {
             Self::Long => "long",
             Self::Short => "short",
             Self::Boolean => "boolean",
+            Self::Map => "map",
         }
     }
 
     /// Whether `v` is a valid value of this type.
     pub fn accepts(self, v: &str) -> bool {
         match self {
-            Self::String => true,
+            Self::String | Self::Map => true,
             Self::Uuid => is_uuid(v),
             Self::Integer => v.parse::<i32>().is_ok(),
             Self::Long => v.parse::<i64>().is_ok(),
@@ -192,6 +195,15 @@ impl Command {
     pub fn validate(&self, p: &Params) -> Result<(), ApiError> {
         let cmd = self.name.to_ascii_lowercase();
         for spec in self.params {
+            if spec.ty == Ty::Map {
+                if spec.required && p.map(spec.name).is_empty() {
+                    return Err(ApiError::param(format!(
+                        "Unable to execute API command {cmd} due to missing parameter {}",
+                        spec.name
+                    )));
+                }
+                continue;
+            }
             match p.non_empty(spec.name) {
                 None if spec.required => {
                     return Err(ApiError::param(format!(

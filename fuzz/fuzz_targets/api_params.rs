@@ -38,6 +38,11 @@ fuzz_target!(|data: &str| {
         assert_eq!(p.get(&name.to_ascii_uppercase()), first);
         assert!(p.non_empty(name).is_none_or(|v| !v.is_empty()));
     }
+    // Map parameters (`tags[0].key=…`): every entry has a key, and comes from the list.
+    for (k, v) in p.map("tags") {
+        assert!(!k.is_empty());
+        assert!(p.list.iter().any(|(_, x)| x == k) && (v.is_empty() || p.list.iter().any(|(_, x)| x == v)));
+    }
     let _ = p.get("apiKey");
     let _ = p.non_empty("signatureversion");
 

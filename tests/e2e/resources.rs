@@ -4,7 +4,6 @@
 //! `listVirtualMachines` over console targets; and that a second identical update changes nothing.
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
-
 use crate::core_api::{Backend, Core};
 use crate::support::errorcode;
 
@@ -98,6 +97,72 @@ async fn zone_and_template_updates(backend: Backend) {
     ] {
         assert_eq!(again["template"][k], u[k], "{k}");
     }
+    // Tags, as Ansible's ensure_tags sends them.
+    core.ok(&[
+        "createTags",
+        &format!("resourceids={tid}"),
+        "resourcetype=template",
+        "tags[0].key=env",
+        "tags[0].value=prod",
+        "tags[1].key=team",
+        "tags[1].value=infra",
+    ])
+    .await;
+    let listed = core
+        .ok(&["listTemplates", "templatefilter=self", &format!("id={tid}")])
+        .await;
+    let tags = listed["template"][0]["tags"].as_array().unwrap().clone();
+    assert_eq!(tags.len(), 2, "{listed}");
+    assert_eq!(tags[0]["key"], "env");
+    assert_eq!(tags[0]["resourcetype"], "Template");
+    let again = core
+        .cs(&[
+            "createTags",
+            &format!("resourceids={tid}"),
+            "resourcetype=Template",
+            "tags[0].key=env",
+            "tags[0].value=dev",
+        ])
+        .await;
+    assert_eq!(errorcode(&again.json), Some(431), "{}", again.json);
+    let empty = core
+        .cs(&[
+            "createTags",
+            &format!("resourceids={tid}"),
+            "resourcetype=Template",
+            "tags[0].key=x",
+            "tags[0].value=",
+        ])
+        .await;
+    assert_eq!(errorcode(&empty.json), Some(431), "{}", empty.json);
+    let lt = core
+        .ok(&["listTags", &format!("resourceid={tid}"), "key=team"])
+        .await;
+    assert_eq!(lt["count"], 1, "{lt}");
+    assert_eq!(lt["tag"][0]["value"], "infra");
+    core.ok(&[
+        "deleteTags",
+        &format!("resourceids={tid}"),
+        "resourcetype=Template",
+        "tags[0].key=ENV",
+    ])
+    .await;
+    let gone = core
+        .cs(&[
+            "deleteTags",
+            &format!("resourceids={tid}"),
+            "resourcetype=Template",
+            "tags[0].key=env",
+        ])
+        .await;
+    assert!(
+        gone.json.to_string().contains("Unable to find any tags"),
+        "{}",
+        gone.json
+    );
+    let lt = core.ok(&["listTags", &format!("resourceid={tid}")]).await;
+    assert_eq!(lt["count"], 1, "{lt}");
+
     let iso = core
         .ok(&["registerIso", "name=inst", "url=http://192.0.2.20/inst.iso"])
         .await;

@@ -245,6 +245,7 @@ pub async fn delete_console_target(state: State, _caller: Caller, p: Params) -> 
             "Unable to find console target by id {id}"
         )));
     }
+    crate::model::tags::forget(&state.db.pool, &id).await?;
     Ok(success())
 }
 

@@ -27,7 +27,7 @@ pub const ADD_IMAGE_STORE: &[ParamSpec] = &[
         "nfs://HOST[:PORT]/EXPORT[?mountport=N] or file:///PATH",
     ),
     opt("zoneid", Ty::Uuid, "Zone (default: the oldest zone)"),
-    opt("details", Ty::String, "details[i].key / details[i].value pairs"),
+    opt("details", Ty::Map, "details[i].key / details[i].value pairs"),
 ];
 /// `listImageStores` parameters.
 pub const LIST_IMAGE_STORES: &[ParamSpec] = &[
@@ -85,16 +85,8 @@ pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result
     let zone_id = crate::model::resolve_zone(&state.db.pool, p.non_empty("zoneid")).await?;
     let name = p.non_empty("name").map_or_else(|| url.to_owned(), str::to_owned);
     let mut details = serde_json::Map::new();
-    for i in 0..100 {
-        match (
-            p.non_empty(&format!("details[{i}].key")),
-            p.get(&format!("details[{i}].value")),
-        ) {
-            (Some(k), Some(v)) => {
-                details.insert(k.to_owned(), json!(v));
-            }
-            _ => break,
-        }
+    for (k, v) in p.map("details") {
+        details.insert(k.to_owned(), json!(v));
     }
     let id = stores::add(&state, &name, url, &zone_id, &details).await?;
     let row = sqlx::query(&format!("{STORE_SELECT} WHERE s.id = $1"))

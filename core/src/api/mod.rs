@@ -21,6 +21,7 @@ pub mod infrastructure;
 pub mod job_runner;
 pub mod jobs;
 pub mod systemvms;
+pub mod tags;
 pub mod template_properties;
 pub mod templates;
 pub mod users;
@@ -379,6 +380,7 @@ static TABLES: &[&[Command]] = &[
     infrastructure::COMMANDS,
     template_properties::COMMANDS,
     virtual_machines::COMMANDS,
+    tags::COMMANDS,
     COMMANDS,
 ];
 

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::api::templates::{TEMPLATE_SELECT, flag, template_json};
+use crate::api::templates::{TEMPLATE_SELECT, flag, template_json, with_tags};
 use crate::command::{Access, Command, ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::handler;
@@ -36,7 +36,7 @@ const UPDATE: &[ParamSpec] = &[
     opt("requireshvm", Ty::Boolean, "Templates: requires HVM"),
     opt("isrouting", Ty::Boolean, "Accepted for compatibility"),
     opt("sortkey", Ty::Integer, "Accepted for compatibility"),
-    opt("details", Ty::String, "Accepted for compatibility"),
+    opt("details", Ty::Map, "Accepted for compatibility"),
     opt("cleanupdetails", Ty::Boolean, "Accepted for compatibility"),
     opt("templatetype", Ty::String, "Accepted for compatibility (USER)"),
     opt("arch", Ty::String, "Accepted for compatibility"),
@@ -132,7 +132,8 @@ async fn update(state: State, caller: Caller, p: Params, iso: bool) -> Result<Va
     let row = rows
         .first()
         .ok_or_else(|| ApiError::param(format!("Unable to find template by id {id}")))?;
-    Ok(json!({ (if iso { "iso" } else { "template" }): template_json(row)? }))
+    let t = with_tags(&state, vec![template_json(row)?]).await?;
+    Ok(json!({ (if iso { "iso" } else { "template" }): t[0] }))
 }
 
 async fn update_template(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {

@@ -253,7 +253,11 @@ async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<
         .bind(id)
         .fetch_all(&state.db.pool)
         .await?;
-    let items = rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?;
+    let items = with_tags(
+        &state,
+        rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?,
+    )
+    .await?;
     let key = if iso { "iso" } else { "template" };
     Ok(json!({ "count": items.len(), key: items }))
 }
@@ -272,6 +276,27 @@ pub async fn register_iso(state: State, caller: Caller, p: Params) -> Result<Val
 pub(crate) const TEMPLATE_SELECT: &str = "SELECT t.id, t.name, t.display_text, t.is_iso, t.format, t.hypervisor, t.url, t.checksum, t.zone_id, z.name AS zone_name, t.store_id, st.name AS store_name, t.account_id, a.name AS account_name, t.is_public, t.is_featured, t.is_extractable, t.bootable, t.os_type_id, t.download_state, t.download_percent, t.status, t.size, t.physical_size, t.created, t.removed, t.password_enabled, t.sshkey_enabled, t.dynamically_scalable, t.requires_hvm, d.id AS domain_id, d.name AS domain_name, d.path AS domain_path \
      FROM templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 const TEMPLATE_FROM: &str = "templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+
+/// Fills the `tags` of template and ISO answers (one query for all of them).
+pub(crate) async fn with_tags(state: &State, mut items: Vec<Value>) -> Result<Vec<Value>, sqlx::Error> {
+    use crate::model::tags::TagType;
+    for t in [TagType::Template, TagType::Iso] {
+        let iso = t == TagType::Iso;
+        let ids: Vec<String> = items
+            .iter()
+            .filter(|v| (v["format"] == "ISO") == iso)
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut tags = crate::api::tags::tags_of(state, t, &ids).await?;
+        for v in items.iter_mut().filter(|v| (v["format"] == "ISO") == iso) {
+            if let Some(list) = v["id"].as_str().and_then(|id| tags.remove(id)) {
+                v["tags"] = Value::Array(list);
+            }
+        }
+    }
+    Ok(items)
+}
 
 /// A template or ISO as CloudStack's `TemplateResponse`.
 pub(crate) fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
@@ -413,7 +438,11 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
             &format!(" ORDER BY t.created, t.name{}", page.sql()),
         )
         .await?;
-    let items = rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?;
+    let items = with_tags(
+        &state,
+        rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?,
+    )
+    .await?;
     Ok(list_response(if iso { "iso" } else { "template" }, total, items))
 }
 

@@ -76,7 +76,7 @@ pub const UPDATE_ZONE: &[ParamSpec] = &[
     opt("ispublic", Ty::Boolean, "Accepted for compatibility"),
     opt("sortkey", Ty::Integer, "Accepted for compatibility"),
     opt("dnssearchorder", Ty::String, "Accepted for compatibility"),
-    opt("details", Ty::String, "Accepted for compatibility"),
+    opt("details", Ty::Map, "Accepted for compatibility"),
 ];
 /// `deleteZone` parameters.
 pub const DELETE_ZONE: &[ParamSpec] = &[req("id", Ty::Uuid, "Zone id")];

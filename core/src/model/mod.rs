@@ -25,6 +25,7 @@ pub mod sessions;
 pub mod settings;
 pub mod stores;
 pub mod systemvms;
+pub mod tags;
 pub mod template_properties;
 pub mod templates;
 pub mod zones;

@@ -354,8 +354,8 @@ async fn mark_removed(state: &State, id: &str) -> Result<(), sqlx::Error> {
     .bind(download_state::ABANDONED)
     .bind(id.to_owned())
     .execute(&state.db.pool)
-    .await
-    .map(|_| ())
+    .await?;
+    crate::model::tags::forget(&state.db.pool, id).await
 }
 
 /// How a delete ended.

@@ -81,6 +81,47 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The entries of a map parameter sent CloudStack's way, `name[i].key=K&name[i].value=V`
+    /// (names matched ignoring ASCII case, any indices, in index order; an entry without a key
+    /// is skipped, one without a value has the empty value; the first occurrence wins).
+    pub fn map(&self, name: &str) -> Vec<(&str, &str)> {
+        let mut entries: Vec<(u32, &str, Option<&str>)> = Vec::new();
+        for (n, v) in &self.list {
+            let Some(rest) = n
+                .get(..name.len())
+                .filter(|head| head.eq_ignore_ascii_case(name))
+                .and_then(|_| n.get(name.len()..))
+                .and_then(|r| r.strip_prefix('['))
+            else {
+                continue;
+            };
+            let Some((index, field)) = rest.split_once("].") else {
+                continue;
+            };
+            let Ok(i) = index.parse::<u32>() else {
+                continue;
+            };
+            let slot = match entries.iter().position(|(j, _, _)| *j == i) {
+                Some(k) => k,
+                None => {
+                    entries.push((i, "", None));
+                    entries.len() - 1
+                }
+            };
+            if field.eq_ignore_ascii_case("key") && entries[slot].1.is_empty() {
+                entries[slot].1 = v.as_str();
+            } else if field.eq_ignore_ascii_case("value") && entries[slot].2.is_none() {
+                entries[slot].2 = Some(v.as_str());
+            }
+        }
+        entries.sort_by_key(|(i, _, _)| *i);
+        entries
+            .into_iter()
+            .filter(|(_, k, _)| !k.is_empty())
+            .map(|(_, k, v)| (k, v.unwrap_or("")))
+            .collect()
+    }
+
     /// Like [`Params::get`], but an empty value counts as absent.
     pub fn non_empty(&self, name: &str) -> Option<&str> {
         self.get(name).filter(|v| !v.is_empty())
@@ -99,6 +140,15 @@ mod tests {
         assert_eq!(p.get("a"), Some("é/"));
         assert_eq!(p.get("c"), Some(""));
         assert_eq!(p.get("APIKEY"), Some("K"));
+    }
+
+    #[test]
+    fn map_parameters() {
+        let mut p = Params::default();
+        p.extend_urlencoded("tags%5B1%5D.value=b&TAGS[1].key=k2&tags[0].key=k1&tags[0].value=a&tags[x].key=no&tags[2].value=orphan&other[0].key=z")
+            .unwrap();
+        assert_eq!(p.map("tags"), vec![("k1", "a"), ("k2", "b")]);
+        assert!(p.map("details").is_empty());
     }
 
     #[test]
