@@ -28,6 +28,18 @@ if [ "$mode" != run ]; then
   # The libvirt driver's tests: libvirtd (started by the tests, no systemd) and a guest initramfs.
   apt_pkgs+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients busybox-static cpio)
 fi
+# Ansible with its bundled ngine_io.cloudstack collection (PyPI `ansible` 9.13.0, pinned) and the
+# `cs` library its modules call: the Ansible end-to-end test drives core with them.
+if [ "$mode" != run ]; then
+  ansible_venv="$here/target/ansible-venv"
+  if ! { [ -x "$ansible_venv/bin/ansible-playbook" ] \
+         && "$ansible_venv/bin/python" -c 'import importlib.metadata as m; assert m.version("ansible") == "9.13.0" and m.version("cs") == "5.2.0"' 2>/dev/null; }; then
+    echo "deps: ansible into $ansible_venv" >&2
+    python3 -m venv "$ansible_venv"
+    "$ansible_venv/bin/pip" install -q ansible==9.13.0 cs==5.2.0
+  fi
+fi
+
 if [ "$mode" = bench ]; then
   apt_pkgs+=(tigervnc-standalone-server tigervnc-tools x11-xserver-utils python3-venv)
 fi

@@ -2,6 +2,7 @@
 //! One test binary, so real servers start once per run.
 
 mod agents;
+mod ansible;
 mod console;
 mod core_api;
 mod deploy;
