@@ -128,6 +128,8 @@ pub struct Command {
     /// Whether it also answers without authentication (the login page's calls; the handler
     /// then gets [`Caller::anonymous`] and must not depend on who calls).
     pub before_login: bool,
+    /// The fields of the object it answers, for `listApis` (`crate::api::fields`).
+    pub returns: crate::api::fields::Fields,
 }
 
 impl Command {
@@ -150,7 +152,14 @@ impl Command {
             handler,
             response: None,
             before_login: false,
+            returns: &[],
         }
+    }
+
+    /// The same command, answering objects with these fields.
+    pub const fn returns(mut self, fields: crate::api::fields::Fields) -> Self {
+        self.returns = fields;
+        self
     }
 
     /// The same command, also answered without authentication.

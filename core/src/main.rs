@@ -176,12 +176,25 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let core = start(config).await?;
-            println!("API: {}", core.api_url());
-            println!("Credentials: {}", core.credentials_path.display());
+            // The start-up lines are for whoever started us; a closed stdout (a parent that
+            // stopped reading) must not stop the service, so write errors are ignored.
+            let mut text = format!(
+                "API: {}\nCredentials: {}\n",
+                core.api_url(),
+                core.credentials_path.display()
+            );
             if let Some(url) = core.agent_url() {
-                println!("Agent endpoint: {url} (CA {})", core.ca_path.display());
+                text.push_str(&format!(
+                    "Agent endpoint: {url} (CA {})\n",
+                    core.ca_path.display()
+                ));
             }
-            println!("Secrets key: {}", core.secrets_key_path.display());
+            text.push_str(&format!("Secrets key: {}\n", core.secrets_key_path.display()));
+            {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            }
             let why = systemvm_task::stop_requested().await;
             tracing::info!(signal = why, "Stopping");
             core.shutdown().await;

@@ -114,14 +114,15 @@ impl Drop for Core {
     }
 }
 
-/// Starts `serve` and waits for its three start-up lines (it is listening once they are out).
+/// Starts `serve` and waits for its four start-up lines (it is listening once they are out).
 fn start_core() -> Core {
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_serve(dir.path());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let api = lines.next().unwrap().unwrap();
     let url = api.strip_prefix("API: ").unwrap().to_owned();
-    for _ in 0..2 {
+    // Every start-up line (credentials, agent endpoint, secrets key) before the pipe goes.
+    for _ in 0..3 {
         let _ = lines.next().unwrap().unwrap();
     }
     Core { child, dir, url }

@@ -15,7 +15,8 @@ crate::both_backends!(
     domains_accounts_users,
     role_matrix,
     login_lockout_and_sso,
-    ui_first_load
+    ui_first_load,
+    api_shapes
 );
 
 /// The root admin's password from `credentials.json`.
@@ -840,4 +841,90 @@ async fn ui_first_load(backend: Backend) {
         ])
         .await;
     assert_eq!(any["count"], 1, "{any}");
+}
+
+/// `listApis` lists every field the answers carry (what CloudMonkey's `filter=` completes), and
+/// every parameter with its type and description.
+async fn api_shapes(backend: Backend) {
+    let core = Core::start(backend).await;
+    core.ok(&[
+        "addImageStore",
+        "name=s",
+        "url=nfs://192.0.2.10/export",
+        "provider=NFS",
+    ])
+    .await;
+    core.ok(&[
+        "registerTemplate",
+        "name=t",
+        "format=QCOW2",
+        "hypervisor=KVM",
+        "url=http://192.0.2.20/t.qcow2",
+    ])
+    .await;
+    core.ok(&["addConsoleTarget", "name=vm", "host=192.0.2.30", "port=5900"])
+        .await;
+    core.ok(&["createDomain", "name=D"]).await;
+    // An async job, for listAsyncJobs.
+    let d = core.ok(&["createDomain", "name=E"]).await["domain"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    core.ok(&["deleteDomain", &format!("id={d}")]).await;
+    let apis = core.ok(&["listApis"]).await;
+    let api = |name: &str| -> Value {
+        apis["api"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap_or_else(|| panic!("listApis lacks {name}"))
+            .clone()
+    };
+    for a in apis["api"].as_array().unwrap() {
+        for p in a["params"].as_array().unwrap() {
+            for k in ["name", "type", "required", "description", "length"] {
+                assert!(p.get(k).is_some(), "{} param lacks {k}: {p}", a["name"]);
+            }
+        }
+    }
+    for (args, key) in [
+        (vec!["listZones"], "zone"),
+        (vec!["listZonesMetrics"], "zone"),
+        (vec!["listTemplates", "templatefilter=all"], "template"),
+        (vec!["listAccounts"], "account"),
+        (vec!["listUsers"], "user"),
+        (vec!["listDomains", "listall=true"], "domain"),
+        (vec!["listRoles"], "role"),
+        (vec!["listRolePermissions"], "rolepermission"),
+        (vec!["listImageStores"], "imagestore"),
+        (vec!["listConfigurations"], "configuration"),
+        (vec!["listOsTypes"], "ostype"),
+        (vec!["listOsCategories"], "oscategory"),
+        (vec!["listVirtualMachines"], "virtualmachine"),
+        (vec!["listConsoleTargets"], "consoletarget"),
+        (vec!["listApis"], "api"),
+        (vec!["listAsyncJobs"], "asyncjobs"),
+    ] {
+        let v = core.ok(&args).await;
+        let items = v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{args:?}: no {key}: {v}"));
+        assert!(!items.is_empty(), "{args:?}");
+        let declared: Vec<String> = api(args[0])["response"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_owned())
+            .collect();
+        for item in items {
+            for field in item.as_object().unwrap().keys() {
+                assert!(
+                    declared.contains(field),
+                    "{}: field {field} is not in listApis' response list",
+                    args[0]
+                );
+            }
+        }
+    }
 }

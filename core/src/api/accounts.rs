@@ -117,21 +117,24 @@ pub static COMMANDS: &[Command] = &[
         Access::ADMINS,
         CREATE_ACCOUNT,
         handler!(create_account),
-    ),
+    )
+    .returns(crate::api::fields::ACCOUNT),
     Command::new(
         "listAccounts",
         "Lists the accounts the caller may see",
         Access::ALL,
         LIST_ACCOUNTS,
         handler!(list_accounts),
-    ),
+    )
+    .returns(crate::api::fields::ACCOUNT),
     Command::new(
         "updateAccount",
         "Renames an account, sets its network domain or role",
         Access::ADMINS,
         UPDATE_ACCOUNT,
         handler!(update_account),
-    ),
+    )
+    .returns(crate::api::fields::ACCOUNT),
     Command::new(
         "deleteAccount",
         "Deletes an account and its users",
@@ -139,7 +142,8 @@ pub static COMMANDS: &[Command] = &[
         DELETE_ACCOUNT,
         handler!(delete_account),
     )
-    .asynchronous(),
+    .asynchronous()
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "disableAccount",
         "Disables or locks an account",
@@ -147,21 +151,24 @@ pub static COMMANDS: &[Command] = &[
         DISABLE_ACCOUNT,
         handler!(disable_account),
     )
-    .asynchronous(),
+    .asynchronous()
+    .returns(crate::api::fields::ACCOUNT),
     Command::new(
         "enableAccount",
         "Enables a disabled or locked account",
         Access::ADMINS,
         BY_ID_OR_NAME,
         handler!(enable_account),
-    ),
+    )
+    .returns(crate::api::fields::ACCOUNT),
     Command::new(
         "lockAccount",
         "Locks an account: its users may not log in",
         Access::ADMINS,
         LOCK_ACCOUNT,
         handler!(lock_account),
-    ),
+    )
+    .returns(crate::api::fields::ACCOUNT),
 ];
 
 /// The columns [`account_json`] reads, over `accounts a JOIN domains d`.

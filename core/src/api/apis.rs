@@ -1,6 +1,7 @@
 //! `listApis`, generated from the command table.
 //!
-//! Invariant: a caller is shown exactly the commands it may call.
+//! Invariant: a caller is shown exactly the commands it may call, each with every parameter it
+//! accepts (the command table) and the fields of the object it answers (`api::fields`).
 
 use serde_json::{Value, json};
 
@@ -35,7 +36,11 @@ fn api_json(c: &Command) -> Value {
         "since": "4.0.0",
         "related": "",
         "params": params,
-        "response": [],
+        "response": c
+            .returns
+            .iter()
+            .map(|(name, description)| json!({ "name": name, "description": description }))
+            .collect::<Vec<_>>(),
     })
 }
 

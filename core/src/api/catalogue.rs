@@ -91,35 +91,40 @@ pub static COMMANDS: &[Command] = &[
         Access::ALL,
         LIST_OS_TYPES,
         handler!(list_os_types),
-    ),
+    )
+    .returns(crate::api::fields::OS_TYPE),
     Command::new(
         "listOsCategories",
         "Lists the guest OS categories",
         Access::ALL,
         LIST_OS_CATEGORIES,
         handler!(list_os_categories),
-    ),
+    )
+    .returns(crate::api::fields::OS_CATEGORY),
     Command::new(
         "listHypervisors",
         "Lists the hypervisors the cloud runs",
         Access::ALL,
         LIST_HYPERVISORS,
         handler!(list_hypervisors),
-    ),
+    )
+    .returns(crate::api::fields::HYPERVISOR),
     Command::new(
         "listStorageProviders",
         "Lists the storage providers",
         Access::INFRA,
         LIST_STORAGE_PROVIDERS,
         handler!(list_storage_providers),
-    ),
+    )
+    .returns(crate::api::fields::STORAGE_PROVIDER),
     Command::new(
         "listCapabilities",
         "What the cloud offers and how the UI should page",
         Access::ALL,
         NONE,
         handler!(list_capabilities),
-    ),
+    )
+    .returns(crate::api::fields::CAPABILITY),
     Command::new(
         "listLdapConfigurations",
         "Lists LDAP configurations (none: no LDAP)",
@@ -165,7 +170,8 @@ pub static COMMANDS: &[Command] = &[
         Access::ALL,
         NONE,
         handler!(cloudian),
-    ),
+    )
+    .returns(crate::api::fields::CLOUDIAN),
 ];
 
 fn os_type_json(o: &guest_os::OsType) -> Value {

@@ -94,28 +94,32 @@ pub static COMMANDS: &[Command] = &[
         Access::ADMINS,
         LIST_DOMAINS,
         handler!(list_domains),
-    ),
+    )
+    .returns(crate::api::fields::DOMAIN),
     Command::new(
         "listDomainChildren",
         "Lists the subdomains of a domain",
         Access::ADMINS,
         LIST_CHILDREN,
         handler!(list_domain_children),
-    ),
+    )
+    .returns(crate::api::fields::DOMAIN),
     Command::new(
         "createDomain",
         "Creates a domain",
         Access::DOMAIN,
         CREATE_DOMAIN,
         handler!(create_domain),
-    ),
+    )
+    .returns(crate::api::fields::DOMAIN),
     Command::new(
         "updateDomain",
         "Renames a domain or sets its network domain",
         Access::ADMIN,
         UPDATE_DOMAIN,
         handler!(update_domain),
-    ),
+    )
+    .returns(crate::api::fields::DOMAIN),
     Command::new(
         "deleteDomain",
         "Deletes a domain",
@@ -123,21 +127,24 @@ pub static COMMANDS: &[Command] = &[
         DELETE_DOMAIN,
         handler!(delete_domain),
     )
-    .asynchronous(),
+    .asynchronous()
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "listRoles",
         "Lists the predefined roles",
         Access::ADMINS,
         LIST_ROLES,
         handler!(list_roles),
-    ),
+    )
+    .returns(crate::api::fields::ROLE),
     Command::new(
         "listRolePermissions",
         "Lists the rules of the predefined roles",
         Access::ADMIN,
         LIST_ROLE_PERMISSIONS,
         handler!(list_role_permissions),
-    ),
+    )
+    .returns(crate::api::fields::ROLE_PERMISSION),
 ];
 
 async fn domain_json(state: &State, d: &Domain) -> Result<Value, sqlx::Error> {

@@ -51,21 +51,24 @@ pub static COMMANDS: &[Command] = &[
         Access::ADMIN,
         NONE,
         handler!(list_infrastructure),
-    ),
+    )
+    .returns(crate::api::fields::INFRASTRUCTURE),
     Command::new(
         "listZonesMetrics",
         "Lists zones with their metrics",
         Access::ADMIN,
         crate::api::zones::LIST_ZONES,
         handler!(list_zones_metrics),
-    ),
+    )
+    .returns(crate::api::fields::ZONE_METRICS),
     Command::new(
         "listAlerts",
         "Lists the fleet's current alerts",
         Access::INFRA,
         LIST_ALERTS,
         handler!(list_alerts),
-    ),
+    )
+    .returns(crate::api::fields::ALERT),
     Command::new(
         "listPods",
         "Lists pods (none modelled)",

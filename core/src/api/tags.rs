@@ -58,7 +58,8 @@ pub static COMMANDS: &[Command] = &[
         CREATE_TAGS,
         handler!(create_tags),
     )
-    .asynchronous(),
+    .asynchronous()
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "deleteTags",
         "Removes tags from resources",
@@ -66,14 +67,16 @@ pub static COMMANDS: &[Command] = &[
         DELETE_TAGS,
         handler!(delete_tags),
     )
-    .asynchronous(),
+    .asynchronous()
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "listTags",
         "Lists tags",
         Access::ALL,
         LIST_TAGS,
         handler!(list_tags),
-    ),
+    )
+    .returns(crate::api::fields::TAG),
 ];
 
 /// The columns [`tag_json`] reads.

@@ -68,35 +68,40 @@ pub static COMMANDS: &[Command] = &[
         Access::ALL,
         UPDATE,
         handler!(update_template),
-    ),
+    )
+    .returns(crate::api::fields::TEMPLATE),
     Command::new(
         "updateIso",
         "Updates an ISO's name, description, OS type and properties",
         Access::ALL,
         UPDATE,
         handler!(update_iso),
-    ),
+    )
+    .returns(crate::api::fields::TEMPLATE),
     Command::new(
         "updateTemplatePermissions",
         "Makes a template public, featured, extractable, or shares it with accounts",
         Access::ALL,
         UPDATE_PERMISSIONS,
         handler!(update_template_permissions),
-    ),
+    )
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "updateIsoPermissions",
         "Makes an ISO public, featured, extractable, or shares it with accounts",
         Access::ALL,
         UPDATE_PERMISSIONS,
         handler!(update_iso_permissions),
-    ),
+    )
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "listTemplatePermissions",
         "Who may use a template",
         Access::ALL,
         LIST_PERMISSIONS,
         handler!(list_template_permissions),
-    ),
+    )
+    .returns(crate::api::fields::TEMPLATE_PERMISSION),
     Command::new(
         "listIsoPermissions",
         "Who may use an ISO",
@@ -104,7 +109,8 @@ pub static COMMANDS: &[Command] = &[
         LIST_PERMISSIONS,
         handler!(list_iso_permissions),
     )
-    .answers_as("listtemplatepermissionsresponse"),
+    .answers_as("listtemplatepermissionsresponse")
+    .returns(crate::api::fields::TEMPLATE_PERMISSION),
 ];
 
 fn opt_flag(p: &Params, name: &str) -> Option<bool> {

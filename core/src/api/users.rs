@@ -78,35 +78,40 @@ pub static COMMANDS: &[Command] = &[
         Access::ADMINS,
         CREATE_USER,
         handler!(create_user),
-    ),
+    )
+    .returns(crate::api::fields::USER),
     Command::new(
         "listUsers",
         "Lists the users the caller may see",
         Access::ALL,
         LIST_USERS,
         handler!(list_users),
-    ),
+    )
+    .returns(crate::api::fields::USER),
     Command::new(
         "getUser",
         "Finds a user by its API key",
         Access::ADMIN,
         GET_USER,
         handler!(get_user),
-    ),
+    )
+    .returns(crate::api::fields::USER),
     Command::new(
         "updateUser",
         "Updates a user: names, email, time zone, password",
         Access::ALL,
         UPDATE_USER,
         handler!(update_user),
-    ),
+    )
+    .returns(crate::api::fields::USER),
     Command::new(
         "deleteUser",
         "Deletes a user",
         Access::ADMINS,
         BY_ID,
         handler!(delete_user),
-    ),
+    )
+    .returns(crate::api::fields::SUCCESS),
     Command::new(
         "disableUser",
         "Disables a user",
@@ -114,35 +119,40 @@ pub static COMMANDS: &[Command] = &[
         BY_ID,
         handler!(disable_user),
     )
-    .asynchronous(),
+    .asynchronous()
+    .returns(crate::api::fields::USER),
     Command::new(
         "enableUser",
         "Enables a disabled or locked user",
         Access::ADMINS,
         BY_ID,
         handler!(enable_user),
-    ),
+    )
+    .returns(crate::api::fields::USER),
     Command::new(
         "lockUser",
         "Locks a user",
         Access::ADMINS,
         BY_ID,
         handler!(lock_user),
-    ),
+    )
+    .returns(crate::api::fields::USER),
     Command::new(
         "registerUserKeys",
         "Generates a new API key and secret key for a user",
         Access::ALL,
         BY_ID,
         handler!(register_user_keys),
-    ),
+    )
+    .returns(crate::api::fields::USER_KEYS),
     Command::new(
         "getUserKeys",
         "The API key and secret key of a user",
         Access::ALL,
         BY_ID,
         handler!(get_user_keys),
-    ),
+    )
+    .returns(crate::api::fields::USER_KEYS),
 ];
 
 /// The columns [`user_json`] reads.

@@ -57,7 +57,8 @@ pub static COMMANDS: &[Command] = &[
         Access::ALL,
         LIST_VMS,
         handler!(list_virtual_machines),
-    ),
+    )
+    .returns(crate::api::fields::VIRTUAL_MACHINE),
     Command::new(
         "listVolumes",
         "Lists volumes (none modelled yet)",
