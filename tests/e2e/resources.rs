@@ -313,6 +313,29 @@ async fn sharing_and_vms(backend: Backend) {
         .ok(&["listVolumes", &format!("virtualmachineid={vid}")])
         .await;
     assert!(vols.get("volume").is_none(), "{vols}");
+    // A system VM's console: CloudStack's success:false with why, when its driver gives none
+    // (here: registered by hand); not found for a user.
+    let svm = core.ok(&["registerSystemVm", "role=consoleproxy"]).await;
+    let svm_id = svm["systemvm"]["id"].as_str().unwrap().to_owned();
+    let ce = core
+        .ok(&["createConsoleEndpoint", &format!("virtualmachineid={svm_id}")])
+        .await;
+    assert_eq!(ce["consoleendpoint"]["success"], false, "{ce}");
+    assert!(
+        ce["consoleendpoint"]["details"]
+            .as_str()
+            .unwrap()
+            .contains("not deployed by core"),
+        "{ce}"
+    );
+    let (ok, v) = core
+        .cs_with(
+            &ak,
+            &asec,
+            &["createConsoleEndpoint", &format!("virtualmachineid={svm_id}")],
+        )
+        .await;
+    assert!(!ok && errorcode(&v) == Some(431), "{v}");
     // A user sees no one else's VMs.
     let (ok, v) = core
         .cs_with(&ak, &asec, &["listVirtualMachines", "listall=true"])

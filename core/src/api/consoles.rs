@@ -261,8 +261,11 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     )
     .bind(vm_id.clone())
     .fetch_optional(&state.db.pool)
-    .await?
-    .ok_or_else(|| ApiError::param(format!("Unable to find virtual machine by id {vm_id}")))?;
+    .await?;
+    let Some(row) = row else {
+        // Not a console target: a system VM's own console (the UI's System VMs page).
+        return system_vm_console(&state, &caller, &vm_id).await;
+    };
     let owner: String = row.try_get("account_id")?;
     if !caller.role.is_admin() && owner != caller.account_id {
         return Err(ApiError::denied(format!(
@@ -272,36 +275,6 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
     }
     let zone_id: String = row.try_get("zone_id")?;
     let failed = |details: String| json!({ "consoleendpoint": { "success": false, "details": details } });
-    let timeout_ms = i64::try_from(settings::uint(&state, &settings::HEARTBEAT_TIMEOUT).await)
-        .unwrap_or(i64::MAX / 2000)
-        .saturating_mul(1000);
-    let candidates = systemvms::proxy_candidates(&state.db, &zone_id, timeout_ms).await?;
-    let affinity = consoles::affinity(&state.db.pool, &vm_id).await?;
-    let Some(proxy) = pick_proxy(&candidates, &affinity) else {
-        let details = if candidates.is_empty() {
-            format!("No console proxy is Up in zone {zone_id}")
-        } else {
-            "Every console proxy in the zone is at its session limit; try again shortly".to_owned()
-        };
-        tracing::warn!(%vm_id, %details, "No console link made");
-        return Ok(failed(details));
-    };
-    let endpoint: http::Uri = match proxy.endpoint.parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return Ok(failed(format!(
-                "Console proxy {} reported an invalid endpoint",
-                proxy.id
-            )));
-        }
-    };
-    let secure = endpoint.scheme_str() == Some("https");
-    let host = endpoint.host().unwrap_or_default().to_owned();
-    let port = endpoint.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let validity = settings::zone_uint(&state, &zone_id, &settings::PROXY_URL_VALIDITY).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let target = match row.try_get::<Option<String>, _>("hypervisor_ref")? {
         Some(guest) => match guest_console(&state, &guest).await {
             Ok(Some(vnc)) => ConsoleTarget::Vnc {
@@ -331,11 +304,102 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
             }
         }
     };
+    let name: String = row.try_get("name")?;
+    issue_link(&state, &vm_id, &name, &zone_id, target).await
+}
+
+/// A system VM's console: the VNC console its driver gives it (libvirt domains), or CloudStack's
+/// `success: false` with why not. Admin and Resource Admin role types only, as the System VMs page.
+async fn system_vm_console(state: &State, caller: &Caller, vm_id: &str) -> Result<Value, ApiError> {
+    let not_found = || ApiError::param(format!("Unable to find virtual machine by id {vm_id}"));
+    if !crate::roles::Access::INFRA.includes(caller.role.role_type()) {
+        return Err(not_found());
+    }
+    let info = systemvms::start_info(&state.db.pool, vm_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let failed = |details: String| json!({ "consoleendpoint": { "success": false, "details": details } });
+    let Some(fleet) = state.fleet.get() else {
+        return Ok(failed(format!(
+            "System VM {} is not deployed by core (started by hand): it has no console core can open",
+            info.name
+        )));
+    };
+    let spec = info.driver.as_deref().or(info.zone_driver.as_deref());
+    let Some(driver) = fleet.driver_for(spec) else {
+        return Ok(failed(format!(
+            "System VM {} has no driver core can ask for its console",
+            info.name
+        )));
+    };
+    match driver.console_of(&info.name).await {
+        Ok(Some(vnc)) => {
+            let target = ConsoleTarget::Vnc {
+                host: vnc.host,
+                port: vnc.port,
+                password: vnc.password,
+            };
+            issue_link(state, vm_id, &info.name, &info.zone_id, target).await
+        }
+        Ok(None) => Ok(failed(format!(
+            "System VM {} has no VNC console: the {} driver does not give its VMs one",
+            info.name,
+            driver.name()
+        ))),
+        Err(error) => {
+            tracing::warn!(%error, vm = %info.name, "Could not read a system VM's console from its driver");
+            Ok(failed(format!(
+                "Could not ask the driver about system VM {}; the management server log says why",
+                info.name
+            )))
+        }
+    }
+}
+
+/// Seals a one-time link to `target` for VM `vm_id` through a console proxy of `zone_id`.
+async fn issue_link(
+    state: &State,
+    vm_id: &str,
+    display_name: &str,
+    zone_id: &str,
+    target: ConsoleTarget,
+) -> Result<Value, ApiError> {
+    let failed = |details: String| json!({ "consoleendpoint": { "success": false, "details": details } });
+    let timeout_ms = i64::try_from(settings::uint(state, &settings::HEARTBEAT_TIMEOUT).await)
+        .unwrap_or(i64::MAX / 2000)
+        .saturating_mul(1000);
+    let candidates = systemvms::proxy_candidates(&state.db, zone_id, timeout_ms).await?;
+    let affinity = consoles::affinity(&state.db.pool, vm_id).await?;
+    let Some(proxy) = pick_proxy(&candidates, &affinity) else {
+        let details = if candidates.is_empty() {
+            format!("No console proxy is Up in zone {zone_id}")
+        } else {
+            "Every console proxy in the zone is at its session limit; try again shortly".to_owned()
+        };
+        tracing::warn!(%vm_id, %details, "No console link made");
+        return Ok(failed(details));
+    };
+    let endpoint: http::Uri = match proxy.endpoint.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return Ok(failed(format!(
+                "Console proxy {} reported an invalid endpoint",
+                proxy.id
+            )));
+        }
+    };
+    let secure = endpoint.scheme_str() == Some("https");
+    let host = endpoint.host().unwrap_or_default().to_owned();
+    let port = endpoint.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let validity = settings::zone_uint(state, zone_id, &settings::PROXY_URL_VALIDITY).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let claims = ConsoleTokenClaims {
         target,
         vm: VmRef {
-            id: vm_id.clone(),
-            display_name: row.try_get("name")?,
+            id: vm_id.to_owned(),
+            display_name: display_name.to_owned(),
         },
         session_id: new_session_id().map_err(|e| ApiError::internal(&e))?,
         not_before: now.saturating_sub(5),
@@ -346,7 +410,7 @@ pub async fn create_console_endpoint(state: State, caller: Caller, p: Params) ->
         keyboard_locale: None,
     };
     // Sealed with the stored keys, not this core's cache: the other core may have rotated them.
-    let token = consoles::current_keys(&state)
+    let token = consoles::current_keys(state)
         .await?
         .seal(&claims)
         .map_err(|e| ApiError::internal(&e))?;
