@@ -13,8 +13,9 @@ use crate::api::{Filter, list_response, success};
 use crate::command::{Access, Command, ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::handler;
+use crate::model::directory::Scope;
 use crate::model::directory::accounts::{self, AccountRef, AccountState, NewAccount};
-use crate::model::directory::{Scope, domains};
+use crate::model::directory::domains::{self, display_path};
 use crate::paging::Page;
 use crate::params::Params;
 use crate::roles::{Role, RoleType};
@@ -174,11 +175,6 @@ pub static COMMANDS: &[Command] = &[
 /// The columns [`account_json`] reads, over `accounts a JOIN domains d`.
 const ACCOUNT_SELECT: &str = "SELECT a.id, a.name, a.role_id, a.state, a.created, a.is_system, a.network_domain, a.domain_id, d.name AS domain_name, d.path AS domain_path FROM accounts a JOIN domains d ON d.id = a.domain_id";
 const ACCOUNT_FROM: &str = "accounts a JOIN domains d ON d.id = a.domain_id";
-
-/// CloudStack's `path` of a stored domain path (`/A/` → `ROOT/A`).
-pub fn display_path(path: &str) -> String {
-    format!("ROOT{}", path.trim_end_matches('/'))
-}
 
 async fn users_of(state: &State, account_id: &str) -> Result<Vec<Value>, sqlx::Error> {
     let mut f = Filter::default();

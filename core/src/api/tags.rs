@@ -95,7 +95,7 @@ fn tag_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "domain": row.try_get::<Option<String>, _>("domain_name")?,
         "domainpath": row
             .try_get::<Option<String>, _>("domain_path")?
-            .map(|p| crate::api::accounts::display_path(&p)),
+            .map(|p| crate::model::directory::domains::display_path(&p)),
         "customer": row.try_get::<Option<String>, _>("customer")?,
     }))
 }

@@ -9,13 +9,13 @@
 use serde_json::{Value, json};
 use sqlx::Row as _;
 
-use crate::api::accounts::display_path;
 use crate::api::{Filter, list_response, success};
 use crate::command::{Access, Command, ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::handler;
 use crate::model::directory::Scope;
 use crate::model::directory::accounts::{self, AccountState};
+use crate::model::directory::domains::display_path;
 use crate::model::directory::users::{self, NewUser, UserRef, UserUpdate};
 use crate::paging::Page;
 use crate::params::Params;

@@ -9,7 +9,7 @@
 
 use sqlx::Row as _;
 
-use super::{Scope, check_name, domains, hash_password_blocking};
+use super::{Scope, check_name, domains, hash_password_blocking, unique_or};
 use crate::model::{DomainError, DomainResult};
 use crate::roles::{Role, RoleType};
 use crate::state::{Caller, State};
@@ -139,9 +139,9 @@ pub async fn create(
     if let Err(e) = inserted {
         return Err(unique_or(e, exists));
     }
-    let inserted = super::users::insert(
+    let inserted = super::insert_user(
         &mut tx,
-        &super::users::NewUserRow {
+        &super::NewUserRow {
             id: &user_id,
             account_id: &account_id,
             username: a.username,
@@ -161,14 +161,6 @@ pub async fn create(
     tx.commit().await?;
     tracing::info!(account = a.account, role = a.role.name(), "Created an account");
     Ok((account_id, user_id))
-}
-
-/// A unique-index violation as `exists()`, anything else as a database error.
-pub(super) fn unique_or(e: sqlx::Error, exists: impl FnOnce() -> DomainError) -> DomainError {
-    match e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => exists(),
-        other => DomainError::Db(other),
-    }
 }
 
 /// What the directory knows of an account, for checks.

@@ -37,8 +37,13 @@ pub struct Domain {
 impl Domain {
     /// CloudStack's `path` field: `ROOT` then the path without its trailing `/`.
     pub fn display_path(&self) -> String {
-        format!("ROOT{}", self.path.trim_end_matches('/'))
+        display_path(&self.path)
     }
+}
+
+/// CloudStack's `path` of a stored domain path (`/A/` → `ROOT/A`, `/` → `ROOT`).
+pub fn display_path(path: &str) -> String {
+    format!("ROOT{}", path.trim_end_matches('/'))
 }
 
 /// Columns of [`Domain`] for a query over `domains d`.

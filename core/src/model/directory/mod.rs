@@ -3,7 +3,9 @@
 //!
 //! One module per kind: `domains` (the tree, paths, deletion), `accounts` (create, rename,
 //! role, enable/disable/lock, delete), `users` (create, update, password, keys, enable/disable,
-//! failed-login lockout). This module holds the password hashing and the caller's [`Scope`].
+//! failed-login lockout), `auth` (the caller behind a key, a session, a name), `login` (the
+//! proof of a login). This module holds what several of them share: password hashing, the
+//! caller's [`Scope`], name checks, the user row insert and the unique-violation mapping.
 //!
 //! Invariants:
 //! * ROOT always exists and cannot be renamed or deleted; a domain's `path` is its parent's path
@@ -122,6 +124,51 @@ pub fn check_name(what: &str, name: &str) -> DomainResult<()> {
         )));
     }
     Ok(())
+}
+
+/// A user row to insert (the password already hashed).
+#[derive(Debug)]
+pub(crate) struct NewUserRow<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) account_id: &'a str,
+    pub(crate) username: &'a str,
+    pub(crate) hash: &'a str,
+    pub(crate) email: &'a str,
+    pub(crate) firstname: &'a str,
+    pub(crate) lastname: &'a str,
+    pub(crate) timezone: Option<&'a str>,
+    pub(crate) is_default: bool,
+    pub(crate) created: &'a str,
+}
+
+pub(crate) async fn insert_user(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    u: &NewUserRow<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO users (id, account_id, username, password_hash, email, firstname, lastname, timezone, is_default, state, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'enabled', $10)",
+    )
+    .bind(u.id.to_owned())
+    .bind(u.account_id.to_owned())
+    .bind(u.username.to_owned())
+    .bind(u.hash.to_owned())
+    .bind(u.email.to_owned())
+    .bind(u.firstname.to_owned())
+    .bind(u.lastname.to_owned())
+    .bind(u.timezone.map(str::to_owned))
+    .bind(i64::from(u.is_default))
+    .bind(u.created.to_owned())
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
+}
+
+/// A unique-index violation as `exists()`, anything else as a database error.
+pub(crate) fn unique_or(e: sqlx::Error, exists: impl FnOnce() -> DomainError) -> DomainError {
+    match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => exists(),
+        other => DomainError::Db(other),
+    }
 }
 
 #[cfg(test)]

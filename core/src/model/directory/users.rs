@@ -11,49 +11,13 @@
 
 use sqlx::Row as _;
 
-use super::accounts::{self, AccountRef, unique_or};
+use super::accounts::{self, AccountRef};
+use super::{NewUserRow, insert_user, unique_or};
 use super::{check_name, hash_password_blocking, verify_password};
 use crate::model::{DomainError, DomainResult};
 use crate::roles::Role;
 use crate::state::{Caller, State};
 use crate::util::{new_uuid, now_cs, random_token};
-
-/// A user row to insert (the password already hashed).
-#[derive(Debug)]
-pub(super) struct NewUserRow<'a> {
-    pub id: &'a str,
-    pub account_id: &'a str,
-    pub username: &'a str,
-    pub hash: &'a str,
-    pub email: &'a str,
-    pub firstname: &'a str,
-    pub lastname: &'a str,
-    pub timezone: Option<&'a str>,
-    pub is_default: bool,
-    pub created: &'a str,
-}
-
-pub(super) async fn insert(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    u: &NewUserRow<'_>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO users (id, account_id, username, password_hash, email, firstname, lastname, timezone, is_default, state, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'enabled', $10)",
-    )
-    .bind(u.id.to_owned())
-    .bind(u.account_id.to_owned())
-    .bind(u.username.to_owned())
-    .bind(u.hash.to_owned())
-    .bind(u.email.to_owned())
-    .bind(u.firstname.to_owned())
-    .bind(u.lastname.to_owned())
-    .bind(u.timezone.map(str::to_owned))
-    .bind(i64::from(u.is_default))
-    .bind(u.created.to_owned())
-    .execute(&mut **tx)
-    .await
-    .map(|_| ())
-}
 
 /// A new user of an existing account.
 #[derive(Debug)]
@@ -86,7 +50,7 @@ pub async fn create(state: &State, a: &AccountRef, u: &NewUser<'_>) -> DomainRes
         None => new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?,
     };
     let mut tx = state.db.pool.begin().await?;
-    let r = insert(
+    let r = insert_user(
         &mut tx,
         &NewUserRow {
             id: &id,
