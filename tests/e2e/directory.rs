@@ -482,6 +482,62 @@ async fn role_matrix(backend: Backend) {
     );
     let (_, doms) = core.cs_with(k, s, &["listDomains", "listall=true"]).await;
     assert_eq!(doms["count"], 1, "only its own subtree: {doms}");
+    // A Domain Admin sees and manages the templates of its domain's accounts.
+    core.ok(&[
+        "addImageStore",
+        "name=s",
+        "url=nfs://192.0.2.10/export",
+        "provider=NFS",
+    ])
+    .await;
+    let (uk, us) = &keys["User"];
+    let (ok, t) = core
+        .cs_with(
+            uk,
+            us,
+            &[
+                "registerTemplate",
+                "name=east-t",
+                "format=QCOW2",
+                "hypervisor=KVM",
+                "url=http://192.0.2.20/e.qcow2",
+            ],
+        )
+        .await;
+    assert!(ok, "{t}");
+    let tid = t["template"][0]["id"].as_str().unwrap().to_owned();
+    let (ok, seen) = core
+        .cs_with(
+            k,
+            s,
+            &["listTemplates", "templatefilter=self", &format!("id={tid}")],
+        )
+        .await;
+    assert!(
+        ok && seen["count"] == 1,
+        "the Domain Admin does not see its user's template: {seen}"
+    );
+    let (ok, v) = core
+        .cs_with(
+            k,
+            s,
+            &[
+                "updateTemplate",
+                &format!("id={tid}"),
+                "displaytext=by the domain admin",
+            ],
+        )
+        .await;
+    assert!(ok, "{v}");
+    let (rk, rs) = &keys["Support User - Default"];
+    let (ok, _) = core
+        .cs_with(
+            rk,
+            rs,
+            &["updateTemplate", &format!("id={tid}"), "displaytext=no"],
+        )
+        .await;
+    assert!(!ok);
     // A user sees itself only.
     let (k, s) = &keys["User"];
     let (ok, v) = core.cs_with(k, s, &["listUsers", "listall=true"]).await;

@@ -364,20 +364,26 @@ pub(crate) fn template_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Erro
 
 /// Adds the visibility rule of a `templatefilter`/`isofilter` value.
 fn visibility(f: &mut Filter, filter: &str, caller: &Caller) -> Result<(), ApiError> {
-    let admin = caller.role.is_admin();
+    use crate::model::directory::Scope;
+    let scope = Scope::of(caller);
     match filter.to_ascii_lowercase().as_str() {
         "featured" => f.flag("t.is_featured", true),
-        "self" | "selfexecutable" => f.eq("t.account_id", &caller.account_id),
+        // CloudStack: the caller's "permitted accounts": its own, or for a Domain or Resource
+        // Admin every account of its subtree.
+        "self" | "selfexecutable" => match &scope {
+            Scope::Subtree(path) => f.prefix("d.path", path),
+            _ => f.eq("t.account_id", &caller.account_id),
+        },
         "community" => {
             f.flag("t.is_public", true);
             f.flag("t.is_featured", false);
         }
         "sharedexecutable" => f.shared_with(&caller.account_id),
-        "executable" | "all" => {
-            if !admin {
-                f.own_or_public(&caller.account_id);
-            }
-        }
+        "executable" | "all" => match &scope {
+            Scope::All => {}
+            Scope::Subtree(path) => f.subtree_public_or_shared(path, &caller.account_id),
+            Scope::Account(_) => f.own_or_public(&caller.account_id),
+        },
         other => {
             return Err(ApiError::param(format!(
                 "Invalid filter {other:?}: use featured, self, selfexecutable, sharedexecutable, executable, community or all"

@@ -59,6 +59,11 @@ pub enum DomainError {
 /// Result of a domain operation.
 pub type DomainResult<T> = Result<T, DomainError>;
 
+/// `s` with `%`, `_` and backslash escaped for a `LIKE … ESCAPE '\\'` pattern.
+pub fn escape_like(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}
+
 /// A `WHERE` clause built from bound text values (list queries of every resource).
 #[derive(Debug, Default)]
 pub struct Filter {
@@ -99,6 +104,18 @@ impl Filter {
         ));
     }
 
+    /// Adds "owned by an account of the subtree at `path` (the query joins the owner's domain as
+    /// `d`), public, or shared with `account_id`" (templates, for Domain and Resource Admins).
+    pub fn subtree_public_or_shared(&mut self, path: &str, account_id: &str) {
+        self.binds.push(format!("{}%", escape_like(path)));
+        let p = self.binds.len();
+        self.binds.push(account_id.to_owned());
+        let a = self.binds.len();
+        self.clauses.push(format!(
+            "(d.path LIKE ${p} ESCAPE '\\' OR t.is_public = 1 OR t.id IN (SELECT template_id FROM template_shares WHERE account_id = ${a}))"
+        ));
+    }
+
     /// Adds "shared with `account_id`" (templates of other accounts).
     pub fn shared_with(&mut self, account_id: &str) {
         self.binds.push(account_id.to_owned());
@@ -125,11 +142,7 @@ impl Filter {
     /// Adds "`col` starts with `prefix`" (case-sensitive; `%`, `_` and backslash in the prefix
     /// match themselves): a domain subtree by path.
     pub fn prefix(&mut self, col: &str, prefix: &str) {
-        let escaped = prefix
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        self.binds.push(format!("{escaped}%"));
+        self.binds.push(format!("{}%", escape_like(prefix)));
         self.clauses
             .push(format!("{col} LIKE ${} ESCAPE '\\'", self.binds.len()));
     }
@@ -137,12 +150,8 @@ impl Filter {
     /// Adds a case-insensitive substring match of `keyword` on any of `cols` (`%`, `_` and backslash
     /// in the keyword match themselves).
     pub fn keyword(&mut self, cols: &[&str], keyword: &str) {
-        let escaped = keyword
-            .to_lowercase()
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        self.binds.push(format!("%{escaped}%"));
+        self.binds
+            .push(format!("%{}%", escape_like(&keyword.to_lowercase())));
         let n = self.binds.len();
         let any: Vec<String> = cols
             .iter()

@@ -2,7 +2,7 @@
 //!
 //! Invariants: a resource has at most one value per key (a second `createTags` of a key is
 //! refused, as CloudStack's unique index does); tags are set only by who may change the
-//! resource (its owner or an Admin role type; zones: Admins); resource types are CloudStack's
+//! resource (`directory::may_manage`; zones: Admin role types); resource types are CloudStack's
 //! names, matched ignoring case and answered as CloudStack spells them; a delete that matches
 //! nothing is refused with CloudStack's message; a resource's tags go with it.
 
@@ -81,7 +81,10 @@ async fn check_owner(state: &State, caller: &Caller, t: TagType, id: &str) -> Do
             t.as_str()
         ))
     })?;
-    let allowed = caller.role.is_admin() || (t != TagType::Zone && owner == caller.account_id);
+    let allowed = match t {
+        TagType::Zone => caller.role.is_admin(),
+        _ => crate::model::directory::may_manage(state, caller, &owner).await?,
+    };
     if !allowed {
         return Err(DomainError::Denied(format!(
             "Account {} may not tag {} {id}",

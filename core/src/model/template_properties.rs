@@ -1,7 +1,8 @@
 //! What may change on a registered template or ISO: its properties (`updateTemplate`,
 //! `updateIso`) and who may use it (`updateTemplatePermissions`, `updateIsoPermissions`).
 //!
-//! Invariants: only its owner or an Admin role type changes a template; `isfeatured` is set by
+//! Invariants: only its owner, an Admin role type, or a Domain or Resource Admin of the owner's
+//! domain tree changes a template; `isfeatured` is set by
 //! Admin role types only and `isextractable` too once it is public (CloudStack's rules); an OS
 //! type is one of `model::guest_os`; a template is shared only with accounts that exist, and a
 //! share dies with the template or the account (`ON DELETE CASCADE`); the install (files,
@@ -60,7 +61,7 @@ async fn owned(state: &State, caller: &Caller, id: &str, iso: bool) -> DomainRes
     .await?
     .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if !caller.role.is_admin() && owner != caller.account_id {
+    if !crate::model::directory::may_manage(state, caller, &owner).await? {
         return Err(DomainError::Denied(format!(
             "Account {} does not own {what} {id}",
             caller.account_name

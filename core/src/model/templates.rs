@@ -386,7 +386,7 @@ pub async fn delete(
     .await?
     .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if !caller.role.is_admin() && owner != caller.account_id {
+    if !crate::model::directory::may_manage(state, caller, &owner).await? {
         return Err(DomainError::Denied(format!(
             "Account {} does not own {what} {id}",
             caller.account_name

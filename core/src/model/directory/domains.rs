@@ -9,7 +9,7 @@
 use sqlx::Row as _;
 
 use super::{ROOT_DOMAIN_ID, Scope, check_name};
-use crate::model::{DomainError, DomainResult};
+use crate::model::{DomainError, DomainResult, escape_like};
 use crate::state::{Caller, State};
 use crate::util::{new_uuid, now_cs};
 
@@ -235,10 +235,6 @@ pub async fn update(
     get(state, &d.id)
         .await?
         .ok_or_else(|| DomainError::Internal("domain vanished during update".into()))
-}
-
-fn escape_like(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
 
 /// Deletes a domain; with `cleanup`, its subdomains, accounts and users too.

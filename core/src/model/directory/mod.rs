@@ -111,6 +111,32 @@ impl Scope {
     }
 }
 
+/// Whether `caller` may manage a resource owned by account `owner` (a template, a console
+/// target): its owner, an Admin role type, or a Domain or Resource Admin whose subtree holds the
+/// owner's domain.
+pub async fn may_manage(
+    state: &crate::state::State,
+    caller: &Caller,
+    owner: &str,
+) -> Result<bool, sqlx::Error> {
+    match Scope::of(caller) {
+        Scope::All => Ok(true),
+        Scope::Account(id) => Ok(id == owner),
+        Scope::Subtree(path) => {
+            if owner == caller.account_id {
+                return Ok(true);
+            }
+            let owner_path: Option<String> = sqlx::query_scalar(
+                "SELECT d.path FROM accounts a JOIN domains d ON d.id = a.domain_id WHERE a.id = $1",
+            )
+            .bind(owner.to_owned())
+            .fetch_optional(&state.db.pool)
+            .await?;
+            Ok(owner_path.is_some_and(|p| p.starts_with(path.as_str())))
+        }
+    }
+}
+
 /// A name for a domain, account or user: 1–255 characters, no `/`, no control characters.
 pub fn check_name(what: &str, name: &str) -> DomainResult<()> {
     if name.is_empty() || name.chars().count() > 255 {
