@@ -319,6 +319,15 @@ impl Role {
         }
     }
 
+    /// The ids of the roles whose `accounttype` is `t` (as given: `listAccounts accounttype=`).
+    pub fn ids_with_account_type(t: &str) -> Vec<&'static str> {
+        Self::ALL
+            .iter()
+            .filter(|r| r.account_type().to_string() == t)
+            .map(|r| r.id())
+            .collect()
+    }
+
     /// The role with this id.
     pub fn by_id(id: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|r| r.id() == id)

@@ -302,12 +302,7 @@ async fn list_accounts(state: State, caller: Caller, p: Params) -> Result<Value,
         f.eq("a.role_id", r);
     }
     if let Some(t) = p.non_empty("accounttype") {
-        let roles: Vec<&str> = Role::ALL
-            .iter()
-            .filter(|r| r.account_type().to_string() == t)
-            .map(|r| r.id())
-            .collect();
-        f.any_of("a.role_id", &roles);
+        f.any_of("a.role_id", &Role::ids_with_account_type(t));
     }
     if let Some(s) = p.non_empty("state") {
         f.eq("LOWER(a.state)", &s.to_ascii_lowercase());

@@ -7,29 +7,18 @@
 /// `(name, description)` of response fields.
 pub type Fields = &'static [(&'static str, &'static str)];
 
-/// Limits answered as CloudStack's (always `Unlimited` here).
-macro_rules! limits {
-    () => {
+/// `fields` followed by the resource limits answered as CloudStack's (always `Unlimited` here).
+macro_rules! with_limits {
+    ($($field:expr),* $(,)?) => {
         [
+            $($field,)*
             ("vmlimit", "the total number of VMs that can be deployed"),
             ("vmtotal", "the total number of VMs deployed"),
             ("vmavailable", "the total number of VMs available to be created"),
-            (
-                "templatelimit",
-                "the total number of templates that can be created",
-            ),
-            (
-                "templateavailable",
-                "the total number of templates available to be created",
-            ),
-            (
-                "secondarystoragelimit",
-                "the total secondary storage space (in GiB) that can be used",
-            ),
-            (
-                "secondarystorageavailable",
-                "the total secondary storage space (in GiB) available",
-            ),
+            ("templatelimit", "the total number of templates that can be created"),
+            ("templateavailable", "the total number of templates available to be created"),
+            ("secondarystoragelimit", "the total secondary storage space (in GiB) that can be used"),
+            ("secondarystorageavailable", "the total secondary storage space (in GiB) available"),
         ]
     };
 }
@@ -66,7 +55,8 @@ pub const USER: Fields = &[
     ("apikey", "the api key of the user"),
 ];
 
-const ACCOUNT_OWN: [(&str, &str); 15] = [
+/// An account.
+pub const ACCOUNT: Fields = &with_limits!(
     ("id", "the id of the account"),
     ("name", "the name of the account"),
     ("accounttype", "account type (admin, domain-admin, user)"),
@@ -85,27 +75,10 @@ const ACCOUNT_OWN: [(&str, &str); 15] = [
     ("isdefault", "true if account is default, false otherwise"),
     ("iscleanuprequired", "true if the account requires cleanup"),
     ("user", "the list of users associated with account"),
-];
+);
 
-/// An account.
-pub const ACCOUNT: Fields = &{
-    let mut all = [("", ""); 22];
-    let own = ACCOUNT_OWN;
-    let lim = limits!();
-    let mut i = 0;
-    while i < own.len() {
-        all[i] = own[i];
-        i += 1;
-    }
-    let mut j = 0;
-    while j < lim.len() {
-        all[own.len() + j] = lim[j];
-        j += 1;
-    }
-    all
-};
-
-const DOMAIN_OWN: [(&str, &str); 10] = [
+/// A domain.
+pub const DOMAIN: Fields = &with_limits!(
     ("id", "the ID of the domain"),
     ("name", "the name of the domain"),
     ("level", "the level of the domain"),
@@ -116,25 +89,7 @@ const DOMAIN_OWN: [(&str, &str); 10] = [
     ("networkdomain", "the network domain"),
     ("state", "the state of the domain"),
     ("created", "the date when this domain was created"),
-];
-
-/// A domain.
-pub const DOMAIN: Fields = &{
-    let mut all = [("", ""); 17];
-    let own = DOMAIN_OWN;
-    let lim = limits!();
-    let mut i = 0;
-    while i < own.len() {
-        all[i] = own[i];
-        i += 1;
-    }
-    let mut j = 0;
-    while j < lim.len() {
-        all[own.len() + j] = lim[j];
-        j += 1;
-    }
-    all
-};
+);
 
 /// A role.
 pub const ROLE: Fields = &[

@@ -254,12 +254,7 @@ async fn list_users(state: State, caller: Caller, p: Params) -> Result<Value, Ap
         f.eq("a.domain_id", d);
     }
     if let Some(t) = p.non_empty("accounttype") {
-        let roles: Vec<&str> = Role::ALL
-            .iter()
-            .filter(|r| r.account_type().to_string() == t)
-            .map(|r| r.id())
-            .collect();
-        f.any_of("a.role_id", &roles);
+        f.any_of("a.role_id", &Role::ids_with_account_type(t));
     }
     if let Some(s) = p.non_empty("state") {
         f.eq("LOWER(u.state)", &s.to_ascii_lowercase());
