@@ -267,6 +267,8 @@ pub struct Hooks {
     pub load: Arc<dyn Fn() -> Load + Send + Sync>,
     /// Called with the console-token keys from `Welcome` and `KeysUpdate`.
     pub keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
+    /// Called with the transfer keys (storage VMs) from `Welcome` and `TransferKeysUpdate`.
+    pub transfer_keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
     /// Called with the agent's settings from `Welcome` and `ConfigUpdate` (core's setting names,
     /// `systemvm_proto::agent::config_keys`).
     pub config: Arc<dyn Fn(std::collections::BTreeMap<String, String>) + Send + Sync>,
@@ -388,6 +390,7 @@ impl Default for Hooks {
         Self {
             load: Arc::new(Load::default),
             keys: Arc::new(|_| {}),
+            transfer_keys: Arc::new(|_| {}),
             config: Arc::new(|_| {}),
             command: Arc::new(|c| {
                 let answer = unsupported(&c);
@@ -658,6 +661,9 @@ async fn session(
     if let Some(keys) = welcome.console_keys {
         (hooks.keys)(keys);
     }
+    if let Some(keys) = welcome.transfer_keys {
+        (hooks.transfer_keys)(keys);
+    }
     (hooks.config)(welcome.config);
     let _ = status.send(Status::Up(url.url.clone()));
     let ws_err = |e| ConnectError::Ws {
@@ -692,6 +698,7 @@ async fn session(
                 Some(Err(e)) => return Err(ws_err(e)),
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<CoreMessage>(t.as_str()) {
                     Ok(CoreMessage::KeysUpdate(k)) => (hooks.keys)(k.console_keys),
+                    Ok(CoreMessage::TransferKeysUpdate(k)) => (hooks.transfer_keys)(k.transfer_keys),
                     Ok(CoreMessage::ConfigUpdate(c)) => (hooks.config)(c.config),
                     Ok(CoreMessage::Command(c)) => {
                         let run = (hooks.command)(c);

@@ -131,6 +131,9 @@ pub enum CoreMessage {
     Command(Command),
     /// New console-token keys (rotation).
     KeysUpdate(KeysUpdate),
+    /// New transfer keys (storage VMs: upload tickets and download links); agents of older
+    /// builds skip it.
+    TransferKeysUpdate(TransferKeysUpdate),
     /// Core's answer to a [`ClaimSession`] (version 2).
     ClaimAnswer(ClaimAnswer),
     /// Changed settings for the agent (a dynamic setting was updated); same keys as
@@ -158,8 +161,9 @@ pub struct Hello {
     /// The agent's software version (for display).
     #[serde(default)]
     pub software_version: String,
-    /// Console proxies: the base URL browsers reach the proxy at (`https://proxy.example:8443`);
-    /// core builds console links from it (version 2).
+    /// The base URL browsers reach the agent at: console proxies' (`https://proxy.example:8443`),
+    /// from which core builds console links (version 2), and storage VMs' transfer server, from
+    /// which core builds upload and download URLs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
 }
@@ -178,6 +182,10 @@ pub struct Welcome {
     /// keys it knows and ignores the others.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// The transfer keys (storage VMs only): they open upload tickets and download links
+    /// ([`crate::transfer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_keys: Option<ConsoleKeys>,
 }
 
 /// The setting names core sends in [`Welcome::config`] and [`ConfigUpdate::config`].
@@ -503,6 +511,13 @@ pub struct ConfigUpdate {
     pub config: BTreeMap<String, String>,
 }
 
+/// New transfer keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferKeysUpdate {
+    /// The full live key set (replaces the agent's).
+    pub transfer_keys: ConsoleKeys,
+}
+
 /// New console-token keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeysUpdate {
@@ -611,6 +626,7 @@ mod tests {
             heartbeat_interval_secs: 5,
             console_keys: Some(keys()),
             config: BTreeMap::from([("a".into(), "b".into())]),
+            transfer_keys: Some(keys()),
         }));
         round_trip_core(CoreMessage::Refused(Refused { reason: "bad".into() }));
         round_trip_core(CoreMessage::Command(Command {
@@ -618,6 +634,9 @@ mod tests {
             body: serde_json::json!({"x": 1}),
         }));
         round_trip_core(CoreMessage::KeysUpdate(KeysUpdate { console_keys: keys() }));
+        round_trip_core(CoreMessage::TransferKeysUpdate(TransferKeysUpdate {
+            transfer_keys: keys(),
+        }));
     }
 
     #[test]

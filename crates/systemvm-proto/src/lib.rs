@@ -7,12 +7,14 @@
 //! - [`agent`]: the agent channel's versioned JSON messages (system VMs ↔ core).
 //! - [`console`]: console-token claims and, behind the `token` feature, their AEAD sealing.
 //! - [`rfb`]: the RFB (VNC) handshake as sans-I/O state machines, for the console proxy's security proxy.
+//! - [`transfer`]: upload tickets and download links a storage VM honours, signed by core.
 //! - [`ws`]: RFC 6455 WebSocket frame headers, for the console proxy's zero-copy relay.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod console;
 pub mod rfb;
+pub mod transfer;
 pub mod ws;
 
 /// A string that holds a secret: serialised as is, never shown by `Debug`.

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{ConsoleTokenClaims, MAX_TOKEN_LEN};
@@ -215,23 +216,32 @@ impl KeySet {
 
     /// Seals claims with the primary key.
     pub fn seal(&self, claims: &ConsoleTokenClaims) -> Result<String, TokenSealError> {
-        let primary = self.primary.ok_or(TokenSealError::NoPrimaryKey)?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == primary)
-            .ok_or(TokenSealError::NoPrimaryKey)?;
-        let plain = serde_json::to_vec(claims).map_err(|_| TokenSealError::BadClaims)?;
+        self.seal_json(b"", claims)
+    }
+
+    /// Opens a token: checks format, version, key id and authenticity, and returns its claims.
+    /// Time, origin, address and one-time use are checked by the caller.
+    pub fn open(&self, token: &str) -> Result<ConsoleTokenClaims, TokenSealError> {
+        self.open_json(b"", token)
+    }
+
+    /// Seals any JSON value with the primary key, bound to `context` (associated data after the
+    /// header): a value sealed for one context never opens in another. Console tokens use the
+    /// empty context.
+    pub fn seal_json<T: Serialize>(&self, context: &[u8], value: &T) -> Result<String, TokenSealError> {
+        let key = self.primary_key()?;
+        let plain = serde_json::to_vec(value).map_err(|_| TokenSealError::BadClaims)?;
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|_| TokenSealError::Random)?;
         let header = header(TOKEN_VERSION, key.id);
+        let aad = [&header[..], context].concat();
         let sealed = key
             .cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
                     msg: &plain,
-                    aad: &header,
+                    aad: &aad,
                 },
             )
             .map_err(|_| TokenSealError::BadClaims)?;
@@ -242,9 +252,8 @@ impl KeySet {
         Ok(URL_SAFE_NO_PAD.encode(out))
     }
 
-    /// Opens a token: checks format, version, key id and authenticity, and returns its claims.
-    /// Time, origin, address and one-time use are checked by the caller.
-    pub fn open(&self, token: &str) -> Result<ConsoleTokenClaims, TokenSealError> {
+    /// Opens what [`KeySet::seal_json`] sealed for `context`.
+    pub fn open_json<T: DeserializeOwned>(&self, context: &[u8], token: &str) -> Result<T, TokenSealError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenSealError::Malformed);
         }
@@ -258,25 +267,74 @@ impl KeySet {
         if head[0] != TOKEN_VERSION {
             return Err(TokenSealError::UnsupportedVersion(head[0]));
         }
-        let key_id = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == key_id)
-            .ok_or(TokenSealError::UnknownKey(key_id))?;
+        let key = self.key(u32::from_be_bytes([head[1], head[2], head[3], head[4]]))?;
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let aad = [head, context].concat();
         let plain = key
             .cipher
             .decrypt(
                 XNonce::from_slice(nonce),
                 Payload {
                     msg: sealed,
-                    aad: head,
+                    aad: &aad,
                 },
             )
             .map_err(|_| TokenSealError::Forged)?;
         serde_json::from_slice(&plain).map_err(|_| TokenSealError::BadClaims)
     }
+
+    /// A MAC of `data` for `context` with the primary key: base64url of the key id (4 bytes, big
+    /// endian) and HMAC-SHA256 over the context, a zero byte and the data.
+    pub fn mac(&self, context: &[u8], data: &[u8]) -> Result<String, TokenSealError> {
+        let key = self.primary_key()?;
+        let mut out = key.id.to_be_bytes().to_vec();
+        out.extend_from_slice(&hmac_sha256(&key.raw, context, data));
+        Ok(URL_SAFE_NO_PAD.encode(out))
+    }
+
+    /// Checks a [`KeySet::mac`] in constant time, with whichever live key it names.
+    pub fn verify_mac(&self, context: &[u8], data: &[u8], mac: &str) -> Result<(), TokenSealError> {
+        if mac.len() > 128 {
+            return Err(TokenSealError::Malformed);
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(mac.trim_end_matches('='))
+            .map_err(|_| TokenSealError::Malformed)?;
+        if bytes.len() != 4 + 32 {
+            return Err(TokenSealError::Malformed);
+        }
+        let key = self.key(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))?;
+        let want = hmac_sha256(&key.raw, context, data);
+        if bool::from(subtle::ConstantTimeEq::ct_eq(&want[..], &bytes[4..])) {
+            Ok(())
+        } else {
+            Err(TokenSealError::Forged)
+        }
+    }
+
+    fn primary_key(&self) -> Result<&TokenKey, TokenSealError> {
+        let primary = self.primary.ok_or(TokenSealError::NoPrimaryKey)?;
+        self.keys
+            .iter()
+            .find(|k| k.id == primary)
+            .ok_or(TokenSealError::NoPrimaryKey)
+    }
+
+    fn key(&self, id: u32) -> Result<&TokenKey, TokenSealError> {
+        self.keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or(TokenSealError::UnknownKey(id))
+    }
+}
+
+fn hmac_sha256(key: &[u8; 32], context: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(context);
+    mac.update(&[0]);
+    mac.update(data);
+    mac.finalize().into_bytes().into()
 }
 
 /// A fresh random session id (128 bits, hex).
