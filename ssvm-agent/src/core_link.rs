@@ -95,6 +95,7 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
             storage: Some(latest.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }),
         keys: Arc::new(|_| {}),
+        transfer_keys: Arc::new(|_| {}),
         config: Arc::new(move |config| agent_for_config.apply_core_config(&config)),
         command: Arc::new(move |c| -> AnswerFuture {
             let runner = runner.clone();

@@ -272,64 +272,14 @@ impl Downloader {
         live: &LiveProgress,
         cancel: &CancellationToken,
     ) -> Result<Installed, DownloadError> {
-        let (format, expected) = record.spec.validate().map_err(|e| permanent(format!("{e:#}")))?;
         let url: reqwest::Url = record
             .spec
             .url
             .parse()
             .map_err(|e| permanent(format!("invalid URL: {e}")))?;
         crate::fetch::check_url(&url, &self.allow_internal).map_err(permanent)?;
-        let dir = record.spec.path.trim_matches('/').to_owned();
-        if record.file_name.is_empty() {
-            record.file_name = format!("{}.{}", random_uuid(), format.extension());
-            self.save(record).await;
-        }
-        let part = format!("{dir}/{}.part", record.file_name);
-        let algo = expected.as_ref().map_or(ChecksumAlgo::Sha256, |c| c.algo);
-        // INVARIANT: the epoch is recorded beside the install before any data is written; once it
-        // is, the directory is never created again (a delete stays a delete).
-        sync_epoch(record, live);
-        if record.epoch > 0 && record.epoch_recorded {
-            self.check_fence(record, live, &dir).await?;
-        } else {
-            self.store.create_dir_all(&dir).await?;
-            if record.epoch > 0 {
-                crate::fence::record(&self.store, &dir, record.epoch).await?;
-                record.epoch_recorded = true;
-                self.save(record).await;
-                self.check_fence(record, live, &dir).await?;
-            }
-        }
-
-        // Resume point: only flushed bytes of an uncompressed download with a validator.
-        let mut state = InstallState::new(format, algo);
-        let mut file = None;
-        if record.durable_offset > 0 && !record.compressed && record.validator.is_some() {
-            match self.store.open_file(&part).await {
-                Ok((id, size)) if size >= record.durable_offset => {
-                    state
-                        .replay(&self.store, &id, record.durable_offset, live, cancel)
-                        .await?;
-                    record.resumes += 1;
-                    info!(job.id = %record.id, offset = record.durable_offset, "Resuming download");
-                    file = Some(id);
-                }
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let file = match file {
-            Some(f) => f,
-            None => {
-                record.durable_offset = 0;
-                record.validator = None;
-                state = InstallState::new(format, algo);
-                self.store.create(&part).await?
-            }
-        };
+        let (dir, file, mut state, expected) = self.prepare(record, live, cancel).await?;
         let offset = state.written;
-        live.bytes.store(offset, Ordering::Relaxed);
-
         let mut request = self.http.get(url.clone());
         if offset > 0
             && let Some(v) = &record.validator
@@ -388,21 +338,109 @@ impl Downloader {
             record.validator = validator(response.headers());
         }
 
-        // Fetch task: body → hash of the downloaded bytes → channel.
-        // Room for a few MiB of body chunks between the fetch side and the install side.
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-        let fetch = FetchTask {
-            hasher: state.download_hasher.take(),
-            stall: self.settings.stall_timeout,
-            max: self.settings.max_size,
-            bytes: offset,
+        let feed = Feed::spawn(
+            response.bytes_stream(),
+            FetchTask {
+                hasher: state.download_hasher.take(),
+                stall: self.settings.stall_timeout,
+                max: self.settings.max_size,
+                bytes: offset,
+            },
+            total,
+            true,
+            true,
+        );
+        let (download_hasher, _) = self.pump(record, live, cancel, &dir, &file, &mut state, feed).await?;
+        self.install(record, live, &dir, &mut state, download_hasher, expected.as_ref()).await
+    }
+
+    /// Opens the install of a job: its directory (with the fencing epoch recorded before any data),
+    /// its part file, and the hashes and inspector, rebuilt from the part file's flushed bytes when
+    /// the job resumes. Returns the directory, the part file, the state and the expected checksum.
+    pub(crate) async fn prepare(
+        &self,
+        record: &mut JobRecord,
+        live: &LiveProgress,
+        cancel: &CancellationToken,
+    ) -> Result<(String, FileId, InstallState, Option<Checksum>), DownloadError> {
+        let (format, expected) = record.spec.validate().map_err(|e| permanent(format!("{e:#}")))?;
+        let dir = record.spec.path.trim_matches('/').to_owned();
+        if record.file_name.is_empty() {
+            record.file_name = format!("{}.{}", random_uuid(), format.extension());
+            self.save(record).await;
+        }
+        let part = format!("{dir}/{}.part", record.file_name);
+        let algo = expected.as_ref().map_or(ChecksumAlgo::Sha256, |c| c.algo);
+        // INVARIANT: the epoch is recorded beside the install before any data is written; once it
+        // is, the directory is never created again (a delete stays a delete).
+        sync_epoch(record, live);
+        if record.epoch > 0 && record.epoch_recorded {
+            self.check_fence(record, live, &dir).await?;
+        } else {
+            self.store.create_dir_all(&dir).await?;
+            if record.epoch > 0 {
+                crate::fence::record(&self.store, &dir, record.epoch).await?;
+                record.epoch_recorded = true;
+                self.save(record).await;
+                self.check_fence(record, live, &dir).await?;
+            }
+        }
+
+        // Resume point: only flushed bytes of an uncompressed download with a validator.
+        let mut state = InstallState::new(format, algo);
+        let mut file = None;
+        if record.durable_offset > 0
+            && !record.compressed
+            && (record.validator.is_some() || record.spec.upload)
+        {
+            match self.store.open_file(&part).await {
+                Ok((id, size)) if size >= record.durable_offset => {
+                    state
+                        .replay(&self.store, &id, record.durable_offset, live, cancel)
+                        .await?;
+                    record.resumes += 1;
+                    info!(job.id = %record.id, offset = record.durable_offset, "Resuming download");
+                    file = Some(id);
+                }
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let file = match file {
+            Some(f) => f,
+            None => {
+                record.durable_offset = 0;
+                record.validator = None;
+                state = InstallState::new(format, algo);
+                self.store.create(&part).await?
+            }
         };
-        let live_bytes = Arc::new(AtomicU64::new(offset));
-        let fetch_handle = tokio::spawn(fetch.run(response, tx, live_bytes.clone()));
+        live.bytes.store(state.written, Ordering::Relaxed);
+
+        Ok((dir, file, state, expected))
+    }
+
+    /// Streams a feed into the part file: decompression (when the feed allows it and starts at
+    /// zero), inspector and installed hash, bounded concurrent writes, checkpoints with fence
+    /// checks. Returns the download hash and the bytes received once the feed ended well.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn pump(
+        &self,
+        record: &mut JobRecord,
+        live: &LiveProgress,
+        cancel: &CancellationToken,
+        dir: &str,
+        file: &FileId,
+        state: &mut InstallState,
+        feed: Feed,
+    ) -> Result<(Option<Hasher>, u64), DownloadError> {
+        let offset = state.written;
+        let total = feed.total;
+        let Feed { rx, task: fetch_handle, live_bytes, .. } = feed;
         // StreamReader is itself buffered (it lends the current chunk): no extra copy here.
         let mut reader = StreamReader::new(tokio_stream_from(rx));
 
-        let compression = if offset == 0 {
+        let compression = if offset == 0 && feed.decompress {
             let head = reader
                 .fill_buf()
                 .await
@@ -534,7 +572,7 @@ impl Downloader {
         live.bytes.store(downloaded, Ordering::Relaxed);
         record.progress = progress(downloaded, total, 0);
         self.save(record).await;
-        if let Some(total) = total
+        if let Some(total) = total.filter(|_| feed.exact)
             && downloaded != total
         {
             return Err(DownloadError::Transient(format!(
@@ -542,6 +580,21 @@ impl Downloader {
             )));
         }
 
+        Ok((download_hasher, downloaded))
+    }
+
+    /// Verifies what the part file holds (format, then the checksum of the received bytes) and
+    /// installs it: rename into place, then `template.properties` last, each only while this run
+    /// still holds the install.
+    pub(crate) async fn install(
+        &self,
+        record: &mut JobRecord,
+        live: &LiveProgress,
+        dir: &str,
+        state: &mut InstallState,
+        download_hasher: Option<Hasher>,
+        expected: Option<&Checksum>,
+    ) -> Result<Installed, DownloadError> {
         // Verify: format, then checksum of the downloaded bytes.
         let (inspection, installed_sum) = state.finish(download_hasher.as_ref())?;
         let download_sum = download_hasher
@@ -558,17 +611,21 @@ impl Downloader {
         // Install: rename into place, then template.properties last; each only while this run
         // still holds the install.
         let final_path = format!("{dir}/{}", record.file_name);
-        self.check_fence(record, live, &dir).await?;
+        let part = format!("{final_path}.part");
+        self.check_fence(record, live, dir).await?;
         self.store.rename(&part, &final_path).await?;
         let (account, template_id) = install_ids(&dir).map_err(|e| permanent(format!("{e:#}")))?;
         let properties = TemplateProperties {
             id: template_id.clone(),
             unique_name: format!("{template_id}-{account}-{}", record.id),
             description: if record.spec.description.is_empty() {
-                url.path_segments()
-                    .and_then(|mut s| s.next_back())
+                record
+                    .spec
+                    .url
+                    .parse::<reqwest::Url>()
+                    .ok()
+                    .and_then(|u| u.path_segments().and_then(|mut s| s.next_back()).map(str::to_owned))
                     .unwrap_or_default()
-                    .to_owned()
             } else {
                 record.spec.description.clone()
             },
@@ -635,7 +692,7 @@ fn sync_epoch(record: &mut JobRecord, live: &LiveProgress) {
 }
 
 /// Hashes and inspector of the installed (decompressed) stream.
-struct InstallState {
+pub(crate) struct InstallState {
     inspector: Option<Inspector>,
     /// Hash of the downloaded bytes (moves to the fetch task while it runs).
     download_hasher: Option<Hasher>,
@@ -726,26 +783,34 @@ impl InstallState {
 }
 
 /// The fetch side: reads the body with a stall timeout and a size cap, hashing what it reads.
-struct FetchTask {
-    hasher: Option<Hasher>,
-    stall: Duration,
-    max: u64,
-    bytes: u64,
+pub(crate) struct FetchTask {
+    /// Hash of the received bytes (taken from [`InstallState`], given back at the end).
+    pub(crate) hasher: Option<Hasher>,
+    /// A body that delivers nothing for this long fails.
+    pub(crate) stall: Duration,
+    /// Most bytes (counting from the start of the file, not of this body).
+    pub(crate) max: u64,
+    /// Bytes before this body (the resume offset).
+    pub(crate) bytes: u64,
 }
 
 impl FetchTask {
-    async fn run(
+    async fn run<S, E>(
         mut self,
-        response: reqwest::Response,
+        stream: S,
         tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
         live: Arc<AtomicU64>,
-    ) -> Result<(Option<Hasher>, u64), DownloadError> {
-        let mut stream = response.bytes_stream();
+    ) -> Result<(Option<Hasher>, u64), DownloadError>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Send,
+        E: std::error::Error + Send,
+    {
+        let mut stream = std::pin::pin!(stream);
         loop {
             let next = match tokio::time::timeout(self.stall, stream.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    let msg = format!("download stalled: no data for {} s", self.stall.as_secs());
+                    let msg = format!("transfer stalled: no data for {} s", self.stall.as_secs());
                     let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
                     return Err(DownloadError::Transient(msg));
                 }
@@ -754,14 +819,14 @@ impl FetchTask {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
-                    let msg = format!("download interrupted: {}", error_chain(&e));
+                    let msg = format!("transfer interrupted: {}", error_chain(&e));
                     let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
                     return Err(DownloadError::Transient(msg));
                 }
             };
             self.bytes += chunk.len() as u64;
             if self.bytes > self.max {
-                let msg = format!("download is over the {} byte limit", self.max);
+                let msg = format!("the image is over the {} byte limit", self.max);
                 let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
                 return Err(permanent(msg));
             }
@@ -775,6 +840,41 @@ impl FetchTask {
             }
         }
         Ok((self.hasher, self.bytes))
+    }
+}
+
+/// Bytes on their way into an install: a channel fed by a [`FetchTask`] over some body.
+pub(crate) struct Feed {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    task: tokio::task::JoinHandle<Result<(Option<Hasher>, u64), DownloadError>>,
+    live_bytes: Arc<AtomicU64>,
+    /// Bytes the whole file will have, when known (progress; checked when `exact`).
+    total: Option<u64>,
+    /// A body that ends before `total` failed (a download's Content-Length).
+    exact: bool,
+    /// Compressed content is decompressed (only when the feed starts at zero).
+    decompress: bool,
+}
+
+impl Feed {
+    /// Starts `fetch` reading `stream`.
+    pub(crate) fn spawn<S, E>(stream: S, fetch: FetchTask, total: Option<u64>, exact: bool, decompress: bool) -> Feed
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: std::error::Error + Send + 'static,
+    {
+        // Room for a few MiB of body chunks between the fetch side and the install side.
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        let live_bytes = Arc::new(AtomicU64::new(fetch.bytes));
+        let task = tokio::spawn(fetch.run(stream, tx, live_bytes.clone()));
+        Feed {
+            rx,
+            task,
+            live_bytes,
+            total,
+            exact,
+            decompress,
+        }
     }
 }
 

@@ -43,6 +43,10 @@ pub struct DownloadSpec {
     /// Description written to `template.properties`.
     #[serde(default)]
     pub description: String,
+    /// The bytes come from a browser upload to this agent (`url` is then the URL posted to),
+    /// not from a download.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upload: bool,
 }
 
 impl DownloadSpec {
@@ -61,7 +65,7 @@ impl DownloadSpec {
             .parse()
             .with_context(|| format!("invalid URL {:?}", self.url))?;
         anyhow::ensure!(
-            matches!(url.scheme(), "http" | "https"),
+            self.upload || matches!(url.scheme(), "http" | "https"),
             "unsupported URL scheme {:?}",
             url.scheme()
         );
@@ -478,6 +482,7 @@ mod tests {
                 "{SHA-256}9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
             ),
             description: String::new(),
+            upload: false,
         }
     }
 

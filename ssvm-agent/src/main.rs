@@ -261,6 +261,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 format,
                 checksum,
                 description,
+                upload: false,
             };
             spec.validate()?;
             let store_args = store;

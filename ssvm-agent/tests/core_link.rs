@@ -112,6 +112,7 @@ async fn config_update_from_core_changes_the_internal_sites_without_a_restart() 
         heartbeat_interval_secs: 1,
         console_keys: None,
         config: [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "1".to_owned())].into(),
+        transfer_keys: None,
     }))
     .await
     .unwrap();
@@ -204,6 +205,7 @@ async fn serve_with_core_reports_storage_load() {
         heartbeat_interval_secs: 1,
         console_keys: None,
         config: Default::default(),
+        transfer_keys: None,
     });
     ws.send(&welcome).await.unwrap();
     let mut last = None;

@@ -140,6 +140,7 @@ fn spec(url: String, format: &str, checksum: Option<String>) -> DownloadSpec {
         format: format.into(),
         checksum,
         description: String::new(),
+        upload: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn spec(url: String, path: &str, checksum: Option<String>) -> DownloadSpec {
         format: "QCOW2".into(),
         checksum,
         description: "e2e".into(),
+        upload: false,
     }
 }
 

@@ -69,6 +69,7 @@ impl Submit {
                 format,
                 checksum,
                 description,
+                upload: false,
             },
             epoch,
         )
@@ -931,6 +932,7 @@ mod tests {
             format: "RAW".into(),
             checksum: None,
             description: String::new(),
+            upload: false,
         };
         let record = |id: &str, file: &str, state| {
             let mut r = JobRecord::new(&format!("j{id}"), spec(id), &agent.store_url().to_string());

@@ -131,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             format: "QCOW2".into(),
             checksum: Some(expected.to_string()),
             description: "benchmark".into(),
+            upload: false,
         };
         let mut record = JobRecord::new(&format!("bench-{run}-{}", std::process::id()), spec, &cli.store);
         let t_pipe = time(|| async {
