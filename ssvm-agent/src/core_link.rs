@@ -43,6 +43,7 @@ pub use systemvm_agent_client::CoreLink;
 pub struct RunningLink {
     client: AgentClient,
     refresher: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl RunningLink {
@@ -54,12 +55,28 @@ impl RunningLink {
     /// Stops the link.
     pub async fn shutdown(self) {
         self.refresher.abort();
+        self.watcher.abort();
         self.client.shutdown().await;
     }
 }
 
-/// Starts the link.
+/// What the link carries beside jobs: where core's transfer keys go, and the transfer server's
+/// URL core builds upload and download URLs from.
+#[derive(Debug, Default)]
+pub struct LinkOptions {
+    /// Receives the transfer keys from `Welcome` and `TransferKeysUpdate`.
+    pub keys: crate::transfer::TransferKeys,
+    /// The transfer server's base URL, when it runs.
+    pub endpoint: Option<String>,
+}
+
+/// Starts the link (no transfer server).
 pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink> {
+    connect_with(agent, link, LinkOptions::default())
+}
+
+/// Starts the link.
+pub fn connect_with(agent: Arc<Agent>, link: &CoreLink, options: LinkOptions) -> anyhow::Result<RunningLink> {
     let mut config = ClientConfig::new(
         &link.urls,
         &link.ca,
@@ -68,6 +85,10 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
         link.secret.clone(),
     )?;
     config.capabilities = vec!["download".into()];
+    if options.endpoint.is_some() {
+        config.capabilities.extend(["upload".into(), "extract".into()]);
+    }
+    config.endpoint = options.endpoint;
     config.software_version = env!("CARGO_PKG_VERSION").into();
     let latest = Arc::new(Mutex::new(StorageLoad {
         store_health: "unknown".into(),
@@ -89,13 +110,32 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
         outbox,
         watched: Mutex::new(HashSet::new()),
     });
+    // Jobs that begin outside core's commands (uploads) are watched too.
+    let mut started = runner.agent.subscribe_started();
+    let for_started = runner.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            match started.recv().await {
+                Ok(record) => for_started.watch(&record),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    let keys = options.keys;
     let hooks = Hooks {
         load: Arc::new(move || Load {
             console: None,
             storage: Some(latest.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }),
         keys: Arc::new(|_| {}),
-        transfer_keys: Arc::new(|_| {}),
+        transfer_keys: Arc::new(move |k| match k.to_key_set() {
+            Ok(set) => {
+                tracing::info!(ids = ?set.ids(), "Installed transfer keys from core");
+                keys.set(set);
+            }
+            Err(error) => tracing::warn!(%error, "Ignored invalid transfer keys from core"),
+        }),
         config: Arc::new(move |config| agent_for_config.apply_core_config(&config)),
         command: Arc::new(move |c| -> AnswerFuture {
             let runner = runner.clone();
@@ -105,6 +145,7 @@ pub fn connect(agent: Arc<Agent>, link: &CoreLink) -> anyhow::Result<RunningLink
     Ok(RunningLink {
         client: start(config, hooks),
         refresher,
+        watcher,
     })
 }
 

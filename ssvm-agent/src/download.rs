@@ -88,6 +88,9 @@ pub enum DownloadError {
     /// Retrying cannot help (checksum or format mismatch, 404, size cap, refused address).
     #[error("{0}")]
     Permanent(String),
+    /// Over a size limit (retrying cannot help).
+    #[error("{0}")]
+    TooLarge(String),
     /// The job was cancelled.
     #[error("cancelled")]
     Cancelled,
@@ -247,13 +250,14 @@ impl Downloader {
         record.state
     }
 
-    async fn save(&self, record: &JobRecord) {
+    pub(crate) async fn save(&self, record: &JobRecord) {
         if let Err(e) = self.journal.save(record).await {
             warn!(job.id = %record.id, error = %format!("{e:#}"), "Failed to write the job journal");
         }
     }
 
-    async fn discard_part(&self, record: &mut JobRecord) {
+    /// Removes the job's part file and forgets its resume point.
+    pub(crate) async fn discard_part(&self, record: &mut JobRecord) {
         if !record.file_name.is_empty() {
             let part = format!("{}/{}.part", record.spec.path.trim_matches('/'), record.file_name);
             match self.store.remove_file(&part).await {
@@ -695,10 +699,11 @@ fn sync_epoch(record: &mut JobRecord, live: &LiveProgress) {
 pub(crate) struct InstallState {
     inspector: Option<Inspector>,
     /// Hash of the downloaded bytes (moves to the fetch task while it runs).
-    download_hasher: Option<Hasher>,
+    pub(crate) download_hasher: Option<Hasher>,
     /// SHA-256 of the installed bytes, when it differs from the download hash.
     installed_hasher: Option<Hasher>,
-    written: u64,
+    /// Bytes fed so far (the part file's length once the writes are done).
+    pub(crate) written: u64,
 }
 
 impl InstallState {
@@ -828,7 +833,7 @@ impl FetchTask {
             if self.bytes > self.max {
                 let msg = format!("the image is over the {} byte limit", self.max);
                 let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
-                return Err(permanent(msg));
+                return Err(DownloadError::TooLarge(msg));
             }
             if let Some(h) = &mut self.hasher {
                 h.update(&chunk);

@@ -11,6 +11,8 @@
 //! - [`download`]: the download → decompress → inspect → hash → store pipeline and the install step.
 //! - [`inventory`]: what an existing store holds, read back from `template.properties`.
 //! - [`service`]: `ssvm-agent serve`: background jobs and the local JSON job API.
+//! - [`transfer`]: the transfer server browsers reach: signed uploads (multipart and tus) and
+//!   download links.
 //! - [`settings`]: core's settings for this agent (internal sites, size cap) over the command line.
 //! - [`core_link`]: the link to systemvm-core: heartbeats, commands, settings.
 #![forbid(unsafe_code)]
@@ -27,3 +29,4 @@ pub mod properties;
 pub mod service;
 pub mod settings;
 pub mod store;
+pub mod transfer;

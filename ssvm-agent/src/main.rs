@@ -74,6 +74,14 @@ enum Command {
         /// Jobs downloading at once.
         #[arg(long, default_value_t = 4)]
         concurrent_jobs: usize,
+        /// Address of the transfer server browsers reach (signed uploads, download links);
+        /// none without it. It serves only what core signed, so it needs --core.
+        #[arg(long)]
+        public_listen: Option<SocketAddr>,
+        /// The base URL browsers reach the transfer server at (default: http://PUBLIC-LISTEN);
+        /// core builds upload and download URLs from it.
+        #[arg(long)]
+        public_url: Option<String>,
         #[command(flatten)]
         net: NetArgs,
         #[command(flatten)]
@@ -316,6 +324,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             store,
             listen,
             concurrent_jobs,
+            public_listen,
+            public_url,
             net,
             core,
         } => {
@@ -334,15 +344,48 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             if resumed > 0 {
                 tracing::info!(resumed, "Resumed jobs from the journal");
             }
+            let keys = ssvm_agent::transfer::TransferKeys::default();
+            let stop = CancellationToken::new();
+            let mut endpoint = None;
+            let transfer = match public_listen {
+                Some(addr) => {
+                    anyhow::ensure!(link.is_some(), "--public-listen needs --core (it serves what core signs)");
+                    let listener = ssvm_agent::transfer::bind(addr).await?;
+                    let local = listener.local_addr()?;
+                    endpoint = Some(
+                        public_url
+                            .unwrap_or_else(|| format!("http://{local}"))
+                            .trim_end_matches('/')
+                            .to_owned(),
+                    );
+                    let transfers = ssvm_agent::transfer::Transfers::new(agent.clone(), keys.clone());
+                    let stopped = stop.clone().cancelled_owned();
+                    Some(tokio::spawn(ssvm_agent::transfer::serve(transfers, listener, stopped)))
+                }
+                None => None,
+            };
             let running_link = match &link {
-                Some(link) => Some(ssvm_agent::core_link::connect(agent.clone(), link)?),
+                Some(link) => Some(ssvm_agent::core_link::connect_with(
+                    agent.clone(),
+                    link,
+                    ssvm_agent::core_link::LinkOptions { keys, endpoint },
+                )?),
                 None => None,
             };
             let served = ssvm_agent::service::serve(agent, listener, async {
                 let why = systemvm_task::stop_requested().await;
                 tracing::info!(signal = why, "Shutting down");
+                stop.cancel();
             })
             .await;
+            if let Some(t) = transfer {
+                systemvm_task::stop_within("transfer server", SHUTDOWN_DEADLINE, async {
+                    if let Ok(Err(error)) = t.await {
+                        tracing::warn!(error = %format!("{error:#}"), "Transfer server failed");
+                    }
+                })
+                .await;
+            }
             if let Some(l) = running_link {
                 systemvm_task::stop_within("core link", SHUTDOWN_DEADLINE, l.shutdown()).await;
             }

@@ -98,6 +98,8 @@ pub struct Agent {
     submit_lock: tokio::sync::Mutex<()>,
     slots: Arc<Semaphore>,
     concurrent: usize,
+    /// Jobs that began outside a submission (uploads), for core's progress watcher.
+    started: tokio::sync::broadcast::Sender<JobRecord>,
 }
 
 /// Store state as the API reports it.
@@ -140,6 +142,7 @@ impl Agent {
             submit_lock: tokio::sync::Mutex::new(()),
             slots: Arc::new(Semaphore::new(concurrent.max(1))),
             concurrent: concurrent.max(1),
+            started: tokio::sync::broadcast::channel(64).0,
         })
     }
 
@@ -209,6 +212,11 @@ impl Agent {
                 record.state = JobState::Failed;
                 record.error = Some(format!("agent restarted on another store ({store})"));
                 self.downloader.journal.save(&record).await?;
+                continue;
+            }
+            if !record.state.is_final() && record.spec.upload {
+                // An upload resumes when its client comes back (`crate::upload`).
+                info!(job.id = %record.id, offset = record.durable_offset, "Upload waits for its client to resume");
                 continue;
             }
             if !record.state.is_final() {
@@ -323,6 +331,45 @@ impl Agent {
                 let _ = agent.downloader.journal.save(&record).await;
             }
         });
+    }
+
+    /// The downloader's store, journal and pipeline with the current size cap.
+    pub(crate) fn downloader_now(&self) -> Downloader {
+        self.job_downloader()
+    }
+
+    /// Serialises looking a job id up and starting its job (see [`Agent::submit`]).
+    pub(crate) async fn serial(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.submit_lock.lock().await
+    }
+
+    /// Registers a job driven from outside the runner (an upload request) as running: deletes of
+    /// its install fence it, and its live progress is reported. Tells core's progress watcher.
+    pub(crate) fn track(&self, record: &JobRecord) -> (Arc<LiveProgress>, CancellationToken) {
+        let live = Arc::new(LiveProgress::default());
+        live.epoch
+            .store(record.epoch, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        self.running().insert(
+            record.id.clone(),
+            Running {
+                live: live.clone(),
+                cancel: cancel.clone(),
+                dir: record.spec.path.trim_matches('/').to_owned(),
+            },
+        );
+        let _ = self.started.send(record.clone());
+        (live, cancel)
+    }
+
+    /// The job is no longer driven (the request ended).
+    pub(crate) fn untrack(&self, id: &str) {
+        self.running().remove(id);
+    }
+
+    /// Jobs that begin outside a submission (uploads), as they begin.
+    pub fn subscribe_started(&self) -> tokio::sync::broadcast::Receiver<JobRecord> {
+        self.started.subscribe()
     }
 
     /// Submits a job (idempotent by id). A known job submitted with a higher epoch adopts it.
