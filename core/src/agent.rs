@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::limits::{ConnLimiter, ConnSlot};
+use crate::model::keyrings::{self, Ring};
 use crate::model::{consoles, sessions, settings, systemvms, templates};
 use crate::state::State;
 use crate::util::hash_secret;
@@ -302,6 +303,19 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
         },
         AgentRole::SecStorage => None,
     };
+    let transfer_keys = match hello.role {
+        AgentRole::SecStorage => {
+            let set = match keyrings::current(&state, Ring::Transfer).await {
+                Ok(set) => set,
+                Err(error) => {
+                    tracing::error!(%error, "Could not read the transfer keys for a storage VM");
+                    state.transfer_keys()
+                }
+            };
+            ConsoleKeys::from_key_set(&set).ok()
+        }
+        AgentRole::ConsoleProxy => None,
+    };
     let config = settings::agent_config(&state, &zone, hello.role).await;
     let (conn_id, mut replaced, mut outgoing) = state.agents.register(&vm_id, hello.role, hello.version);
     let from = From {
@@ -322,6 +336,7 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
         heartbeat_interval_secs: interval,
         console_keys,
         config,
+        transfer_keys,
     });
     tracing::info!(version = hello.version, software_version = %hello.software_version, "Agent connected");
     let ended = if send(&mut ws, &welcome).await.is_err() {

@@ -1,6 +1,6 @@
 //! Every core follows what the other core may change in the database: settings (global and per
-//! zone) and the console-token keys. The core holding the lease pushes changes to its agents:
-//! `ConfigUpdate` to the system VMs a changed setting concerns, `KeysUpdate` to console proxies.
+//! zone), the console-token keys and the transfer keys. The core holding the lease pushes changes to its agents:
+//! `ConfigUpdate` to the system VMs a changed setting concerns, `KeysUpdate` to console proxies, `TransferKeysUpdate` to storage VMs.
 //!
 //! Invariants: a change made on either core reaches this core's cache within
 //! [`settings::FOLLOW_INTERVAL`] (at once when made here); the lease holder pushes agent settings
@@ -9,6 +9,7 @@
 
 use tokio::sync::watch;
 
+use crate::model::keyrings::{self, Ring};
 use crate::model::{consoles, settings};
 use crate::state::State;
 
@@ -41,6 +42,9 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
         }
         if let Err(error) = consoles::follow_keys(&state).await {
             tracing::warn!(%error, "Could not follow the console keys");
+        }
+        if let Err(error) = keyrings::follow(&state, Ring::Transfer).await {
+            tracing::warn!(%error, "Could not follow the transfer keys");
         }
     }
 }

@@ -412,6 +412,9 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     let console_keys = model::consoles::load_keys(&db.pool, &secrets)
         .await
         .context("failed to load the console-token keys")?;
+    let transfer_keys = model::keyrings::load(&db.pool, &secrets, model::keyrings::Ring::Transfer)
+        .await
+        .context("failed to load the transfer keys")?;
     let ca = ca::Ca::load_shared(&config.data_dir, &db.pool, &secrets)
         .await
         .context("failed to set up the agent CA")?;
@@ -423,6 +426,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         data_dir: config.data_dir.clone(),
         jobs: Mutex::new(tokio::task::JoinSet::new()),
         console_keys: std::sync::RwLock::new(console_keys),
+        transfer_keys: std::sync::RwLock::new(transfer_keys),
         secrets,
         agents: hub::Hub::default(),
         dispatch_wakeup: tokio::sync::Notify::new(),

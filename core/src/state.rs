@@ -69,6 +69,9 @@ pub struct Shared {
     /// Console-token keys, pushed to console proxies in `Welcome` and `KeysUpdate`; read them
     /// with [`Shared::console_keys`].
     pub console_keys: std::sync::RwLock<systemvm_proto::console::KeySet>,
+    /// Transfer keys (upload tickets, download links), pushed to storage VMs in `Welcome` and
+    /// `TransferKeysUpdate`; read them with [`Shared::transfer_keys`].
+    pub transfer_keys: std::sync::RwLock<systemvm_proto::console::KeySet>,
     /// The secrets key: encrypts the keys stored in the database (`crate::secrets`).
     pub secrets: crate::secrets::SecretsKey,
     /// Current agent connections.
@@ -103,6 +106,22 @@ impl Shared {
             .console_keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
+    }
+
+    /// Replaces the cached transfer keys.
+    pub fn set_transfer_keys(&self, set: systemvm_proto::console::KeySet) {
+        *self
+            .transfer_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
+    }
+
+    /// The current transfer keys.
+    pub fn transfer_keys(&self) -> systemvm_proto::console::KeySet {
+        self.transfer_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn dispatched(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {

@@ -21,6 +21,7 @@ pub mod consoles;
 pub mod directory;
 pub mod events;
 pub mod guest_os;
+pub mod keyrings;
 pub mod sessions;
 pub mod settings;
 pub mod stores;

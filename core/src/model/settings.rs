@@ -249,6 +249,39 @@ pub const SSO_TOLERANCE: Setting = Setting {
     agent: None,
     description: "How far (in milliseconds) the timestamp of a single sign-on login may be from core's clock",
 };
+/// `upload.operation.timeout`.
+pub const UPLOAD_TIMEOUT: Setting = Setting {
+    name: "upload.operation.timeout",
+    category: "Storage",
+    default: "60",
+    kind: Kind::Integer(1, 10_080),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Minutes an upload's parameters (getUploadParamsForTemplate, getUploadParamsForIso) stay valid: the upload must be made, or resumed, before then",
+};
+/// `max.account.secondary.storage`.
+pub const ACCOUNT_SECONDARY_LIMIT: Setting = Setting {
+    name: "max.account.secondary.storage",
+    category: "Account Defaults",
+    default: "400",
+    kind: Kind::Integer(-1, 1_000_000_000),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "The default maximum secondary storage space (in GiB) an account's templates and ISOs may use; -1 is unlimited",
+};
+/// `extract.url.expiration.interval`.
+pub const EXTRACT_URL_EXPIRATION: Setting = Setting {
+    name: "extract.url.expiration.interval",
+    category: "Advanced",
+    default: "14400",
+    kind: Kind::Integer(60, 31_536_000),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Seconds a download link made by extractTemplate or extractIso stays valid (the storage VM refuses it afterwards)",
+};
 
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
@@ -269,6 +302,9 @@ pub const SETTINGS: &[&Setting] = &[
     &LOGIN_ATTEMPTS,
     &SSO_KEY,
     &SSO_TOLERANCE,
+    &UPLOAD_TIMEOUT,
+    &ACCOUNT_SECONDARY_LIMIT,
+    &EXTRACT_URL_EXPIRATION,
 ];
 
 /// Finds a setting definition.
