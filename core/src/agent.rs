@@ -390,7 +390,8 @@ struct From {
 
 /// Handles one agent message; returns the reply to send at once, if any. Each message is
 /// accepted only from a sender entitled to it: answers from the connection the command went to,
-/// download progress from the storage VM connection the job was dispatched to, session claims
+/// download progress from the storage VM connection the job was dispatched to (upload progress
+/// from the storage VM the upload goes to, on any connection of it), session claims
 /// from console proxies.
 async fn on_message(state: &State, from: &From, text: &str) -> Option<CoreMessage> {
     let vm_id = from.vm_id.as_str();
@@ -406,7 +407,12 @@ async fn on_message(state: &State, from: &From, text: &str) -> Option<CoreMessag
             None
         }
         Ok(AgentMessage::JobProgress(p)) => {
-            if from.role != AgentRole::SecStorage || !state.dispatched_to(&p.id, vm_id, from.conn) {
+            let entitled = from.role == AgentRole::SecStorage
+                && (state.dispatched_to(&p.id, vm_id, from.conn)
+                    || crate::model::transfers::is_upload_to(state, &p.id, vm_id)
+                        .await
+                        .unwrap_or(false));
+            if !entitled {
                 tracing::warn!(job = %p.id, role = from.role.as_str(), "Progress for a job not dispatched to this connection, skipped");
                 return None;
             }

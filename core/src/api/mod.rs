@@ -25,6 +25,7 @@ pub mod systemvms;
 pub mod tags;
 pub mod template_properties;
 pub mod templates;
+pub mod transfers;
 pub mod users;
 pub mod virtual_machines;
 pub mod zones;
@@ -82,6 +83,7 @@ static TABLES: &[&[Command]] = &[
     template_properties::COMMANDS,
     virtual_machines::COMMANDS,
     tags::COMMANDS,
+    transfers::COMMANDS,
     COMMANDS,
 ];
 

@@ -208,46 +208,57 @@ pub(crate) fn flag(p: &Params, name: &str, default: bool) -> bool {
         .map_or(default, |v| v.eq_ignore_ascii_case("true"))
 }
 
-async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
-    let name = p.non_empty("name").unwrap_or_default();
-    if flag(&p, "directdownload", false) {
-        return Err(ApiError::param("Direct download templates are not supported"));
-    }
-    let format = if iso {
+/// The format a registration names: `ISO` for ISOs, else the `format` parameter upper-cased.
+pub(crate) fn format_of(p: &Params, iso: bool) -> String {
+    if iso {
         "ISO".to_owned()
     } else {
         p.non_empty("format").unwrap_or_default().to_ascii_uppercase()
-    };
+    }
+}
+
+/// A template or ISO as `registerTemplate`/`registerIso` (and the upload commands) describe it.
+pub(crate) fn new_template<'a>(p: &'a Params, iso: bool, format: &'a str, upload: bool) -> NewTemplate<'a> {
+    let name = p.non_empty("name").unwrap_or_default();
     let hypervisor = if iso {
         "None"
     } else {
         p.non_empty("hypervisor").unwrap_or("KVM")
     };
-    let t = NewTemplate {
+    NewTemplate {
         name,
         display_text: p.non_empty("displaytext").unwrap_or(name),
         iso,
-        format: &format,
+        format,
         hypervisor,
-        url: p.non_empty("url").unwrap_or_default(),
+        url: if upload { "" } else { p.non_empty("url").unwrap_or_default() },
         checksum: p.non_empty("checksum"),
         // The UI's form sends `zoneids`; one zone per registration here.
         zone_id: p
             .non_empty("zoneid")
             .or_else(|| p.non_empty("zoneids").and_then(|z| z.split(',').next())),
         store_id: p.non_empty("imagestoreuuid"),
-        public: flag(&p, "ispublic", false),
-        featured: flag(&p, "isfeatured", false),
-        extractable: flag(&p, "isextractable", false),
-        bootable: !iso || flag(&p, "bootable", true),
+        public: flag(p, "ispublic", false),
+        featured: flag(p, "isfeatured", false),
+        extractable: flag(p, "isextractable", false),
+        bootable: !iso || flag(p, "bootable", true),
         os_type_id: p.non_empty("ostypeid"),
         flags: crate::model::template_properties::Flags {
-            password_enabled: flag(&p, "passwordenabled", false),
-            sshkey_enabled: flag(&p, "sshkeyenabled", false),
-            dynamically_scalable: flag(&p, "isdynamicallyscalable", false),
-            requires_hvm: !iso && flag(&p, "requireshvm", true),
+            password_enabled: flag(p, "passwordenabled", false),
+            sshkey_enabled: flag(p, "sshkeyenabled", false),
+            dynamically_scalable: flag(p, "isdynamicallyscalable", false),
+            requires_hvm: !iso && flag(p, "requireshvm", true),
         },
-    };
+        upload,
+    }
+}
+
+async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
+    if flag(&p, "directdownload", false) {
+        return Err(ApiError::param("Direct download templates are not supported"));
+    }
+    let format = format_of(&p, iso);
+    let t = new_template(&p, iso, &format, false);
     let id = templates::register(&state, &caller, &t).await?;
     let rows = sqlx::query(&format!("{TEMPLATE_SELECT} WHERE t.id = $1"))
         .bind(id)

@@ -64,6 +64,21 @@ impl ProcessDriver {
         self.vm_root.join(id)
     }
 
+    /// The port of a storage VM's transfer server: chosen once and kept in the VM's directory,
+    /// so upload and download URLs stay valid across restarts of the VM.
+    fn transfer_port(&self, id: &str) -> std::io::Result<u16> {
+        let file = self.vm_dir(id).join("transfer.port");
+        if let Some(port) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Ok(port);
+        }
+        let port = free_port()?;
+        std::fs::write(&file, port.to_string())?;
+        Ok(port)
+    }
+
     fn command(&self, spec: &VmSpec, port: u16) -> tokio::process::Command {
         let mut c = match spec.role {
             AgentRole::ConsoleProxy => {
@@ -86,6 +101,14 @@ impl ProcessDriver {
                     .arg(self.vm_dir(&spec.id).join("state"))
                     .arg("--listen")
                     .arg(format!("127.0.0.1:{port}"));
+                match self.transfer_port(&spec.id) {
+                    Ok(transfer) => {
+                        c.arg("--public-listen").arg(format!("127.0.0.1:{transfer}"));
+                    }
+                    Err(error) => {
+                        tracing::warn!(vm.id = %spec.id, %error, "No transfer port for the storage VM: uploads and download links are off");
+                    }
+                }
                 for cidr in &spec.allow_internal {
                     c.arg("--allow-internal").arg(cidr);
                 }

@@ -29,6 +29,7 @@ pub mod systemvms;
 pub mod tags;
 pub mod template_properties;
 pub mod templates;
+pub mod transfers;
 pub mod zones;
 
 /// Why a domain operation did not happen.

@@ -39,6 +39,12 @@ pub mod download_state {
     pub const ERROR: &str = "DOWNLOAD_ERROR";
     /// Cancelled.
     pub const ABANDONED: &str = "ABANDONED";
+    /// Waiting for its browser upload.
+    pub const NOT_UPLOADED: &str = "NOT_UPLOADED";
+    /// A browser upload is arriving.
+    pub const UPLOAD_IN_PROGRESS: &str = "UPLOAD_IN_PROGRESS";
+    /// The upload failed; `status` says why.
+    pub const UPLOAD_ERROR: &str = "UPLOAD_ERROR";
 }
 
 /// Formats accepted by `registerTemplate` (what the storage agent installs).
@@ -121,6 +127,8 @@ pub struct NewTemplate<'a> {
     pub os_type_id: Option<&'a str>,
     /// Recorded properties (password and SSH key reset, live scaling, HVM).
     pub flags: crate::model::template_properties::Flags,
+    /// The bytes come from a browser upload (`url` is empty), not from a download.
+    pub upload: bool,
 }
 
 /// Checks and records a template; the dispatcher sends its download. Returns its id.
@@ -128,7 +136,9 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     if t.name.len() > 255 {
         return Err(DomainError::Invalid("name is longer than 255 characters".into()));
     }
-    check_source_url(t.url)?;
+    if !t.upload {
+        check_source_url(t.url)?;
+    }
     if !t.iso && !TEMPLATE_FORMATS.contains(&t.format) {
         return Err(DomainError::Invalid(format!(
             "Format {:?} is not supported: use one of {}",
@@ -196,8 +206,16 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     .bind(i64::from(t.bootable))
     .bind(t.os_type_id.map(str::to_owned))
     .bind(install_path)
-    .bind(download_state::NOT_DOWNLOADED)
-    .bind("Waiting for a storage VM")
+    .bind(if t.upload {
+        download_state::NOT_UPLOADED
+    } else {
+        download_state::NOT_DOWNLOADED
+    })
+    .bind(if t.upload {
+        "Waiting for the upload"
+    } else {
+        "Waiting for a storage VM"
+    })
     .bind(now_cs())
     .bind(i64::from(t.flags.password_enabled))
     .bind(i64::from(t.flags.sshkey_enabled))
@@ -205,8 +223,12 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     .bind(i64::from(t.flags.requires_hvm))
     .execute(&state.db.pool)
     .await?;
-    tracing::info!(%id, name = t.name, url = t.url, iso = t.iso, "Registered a template; download queued");
-    state.dispatch_wakeup.notify_one();
+    if t.upload {
+        tracing::info!(%id, name = t.name, iso = t.iso, "Registered a template; waiting for its upload");
+    } else {
+        tracing::info!(%id, name = t.name, url = t.url, iso = t.iso, "Registered a template; download queued");
+        state.dispatch_wakeup.notify_one();
+    }
     Ok(id)
 }
 
@@ -223,11 +245,21 @@ pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Resu
         }
     }
     let phase = p.state.unwrap_or(JobPhase::Running);
+    let upload: bool = sqlx::query_scalar::<_, String>("SELECT download_state FROM templates WHERE id = $1")
+        .bind(p.id.clone())
+        .fetch_optional(&state.db.pool)
+        .await?
+        .is_some_and(|s| s == download_state::NOT_UPLOADED || s == download_state::UPLOAD_IN_PROGRESS);
+    let (done_text, verb, error_state, busy_state) = if upload {
+        ("Upload Complete", "Uploaded", download_state::UPLOAD_ERROR, download_state::UPLOAD_IN_PROGRESS)
+    } else {
+        ("Download Complete", "Downloaded", download_state::ERROR, download_state::IN_PROGRESS)
+    };
     let (dl_state, status, percent) = match phase {
-        JobPhase::Completed => (download_state::DOWNLOADED, "Download Complete".to_owned(), 100),
+        JobPhase::Completed => (download_state::DOWNLOADED, done_text.to_owned(), 100),
         JobPhase::Failed => (
-            download_state::ERROR,
-            p.error.clone().unwrap_or_else(|| "download failed".into()),
+            error_state,
+            p.error.clone().unwrap_or_else(|| format!("{} failed", if upload { "upload" } else { "download" })),
             i64::from(p.percent),
         ),
         JobPhase::Cancelled => (
@@ -235,14 +267,10 @@ pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Resu
             "Download cancelled".to_owned(),
             i64::from(p.percent),
         ),
-        JobPhase::Queued => (
-            download_state::IN_PROGRESS,
-            "Waiting for a download slot".to_owned(),
-            0,
-        ),
+        JobPhase::Queued => (busy_state, "Waiting for a download slot".to_owned(), 0),
         JobPhase::Running | JobPhase::Unknown => (
-            download_state::IN_PROGRESS,
-            format!("{}% Downloaded", p.percent.min(100)),
+            busy_state,
+            format!("{}% {verb}", p.percent.min(100)),
             i64::from(p.percent.min(100)),
         ),
     };
@@ -250,7 +278,7 @@ pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Resu
     let done = sqlx::query(
         "UPDATE templates SET download_state = $1, status = $2, download_percent = $3, agent_id = $4, \
          size = COALESCE($5, size), physical_size = COALESCE($6, physical_size), installed_file = COALESCE($7, installed_file), installed_sha256 = COALESCE($8, installed_sha256) \
-         WHERE id = $9 AND removed IS NULL AND download_state IN ($10, $11)",
+         WHERE id = $9 AND removed IS NULL AND download_state IN ($10, $11, $12, $13)",
     )
     .bind(dl_state)
     .bind(status.clone())
@@ -263,6 +291,8 @@ pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Resu
     .bind(p.id.clone())
     .bind(download_state::NOT_DOWNLOADED)
     .bind(download_state::IN_PROGRESS)
+    .bind(download_state::NOT_UPLOADED)
+    .bind(download_state::UPLOAD_IN_PROGRESS)
     .execute(&state.db.pool)
     .await?;
     if phase.is_final() {
@@ -407,7 +437,14 @@ pub async fn delete(
         tracing::warn!(%id, %path, "Removed a template record; its files stay on the store (forced, no storage VM)");
         return Ok(Deleted::RecordOnly(format!("{store_name} at {path}")));
     };
-    if dl_state == download_state::IN_PROGRESS || dl_state == download_state::NOT_DOWNLOADED {
+    if [
+        download_state::IN_PROGRESS,
+        download_state::NOT_DOWNLOADED,
+        download_state::NOT_UPLOADED,
+        download_state::UPLOAD_IN_PROGRESS,
+    ]
+    .contains(&dl_state.as_str())
+    {
         sqlx::query(
             "UPDATE templates SET download_state = $1, status = $2 WHERE id = $3 AND download_state <> $4",
         )

@@ -1,0 +1,192 @@
+//! Browser uploads and download links: `getUploadParamsForTemplate`, `getUploadParamsForIso`,
+//! `extractTemplate`, `extractIso` (the HTTP side of [`crate::model::transfers`]).
+//!
+//! Invariants: the upload commands take `registerTemplate`'s (`registerIso`'s) parameters
+//! without `url` and answer as CloudStack does (`postuploadtemplateresponse.getuploadparams`,
+//! `postuploadisoresponse.getuploadparams`); extraction is asynchronous and supports
+//! `HTTP_DOWNLOAD` only.
+
+use serde_json::{Value, json};
+
+use crate::api::templates::{REGISTER_ISO, REGISTER_TEMPLATE, format_of, new_template};
+use crate::command::{Command, ParamSpec, Ty, opt, req};
+use crate::error::ApiError;
+use crate::model::transfers;
+use crate::params::Params;
+use crate::roles::Access;
+use crate::state::{Caller, State};
+use crate::util::now_cs;
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// A registration's parameters for an upload: without `url`, with `zoneid` required (as
+/// CloudStack's upload commands have them).
+const fn without_url<const N: usize>(all: &[ParamSpec]) -> [ParamSpec; N] {
+    let mut out = [all[0]; N];
+    let (mut i, mut j) = (0, 0);
+    while i < all.len() {
+        let p = all[i];
+        if !same(p.name, "url") {
+            out[j] = if same(p.name, "zoneid") {
+                req("zoneid", Ty::String, "Zone id (-1 is taken as the default zone)")
+            } else {
+                p
+            };
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `getUploadParamsForTemplate` parameters: `registerTemplate`'s without `url`.
+pub const UPLOAD_TEMPLATE: &[ParamSpec] = &without_url::<{ REGISTER_TEMPLATE.len() - 1 }>(REGISTER_TEMPLATE);
+/// `getUploadParamsForIso` parameters: `registerIso`'s without `url`.
+pub const UPLOAD_ISO: &[ParamSpec] = &without_url::<{ REGISTER_ISO.len() - 1 }>(REGISTER_ISO);
+/// `extractTemplate` / `extractIso` parameters.
+pub const EXTRACT: &[ParamSpec] = &[
+    req("id", Ty::Uuid, "Template or ISO id"),
+    req("mode", Ty::String, "HTTP_DOWNLOAD (FTP_UPLOAD is not supported)"),
+    opt("zoneid", Ty::Uuid, "Zone id (templates live in one zone here)"),
+    opt("url", Ty::String, "FTP_UPLOAD only: not supported"),
+];
+
+/// The response fields of the upload commands.
+pub const UPLOAD_FIELDS: crate::api::fields::Fields = &[
+    ("id", "the template/volume ID"),
+    ("postURL", "POST url to upload the file to"),
+    ("metadata", "encrypted data to be sent in the POST request."),
+    ("expires", "the timestamp after which the signature expires"),
+    ("signature", "signature to be sent in the POST request."),
+];
+/// The response fields of the extract commands.
+pub const EXTRACT_FIELDS: crate::api::fields::Fields = &[
+    ("id", "the id of extracted object"),
+    ("name", "the name of the extracted object"),
+    ("extractId", "the upload id of extracted object"),
+    ("accountid", "the account id to which the extracted object belongs"),
+    ("state", "the state of the extracted object"),
+    ("status", "the status of the extraction"),
+    ("uploadpercentage", "the percentage of the entity uploaded to the specified location"),
+    ("url", "if mode = upload then url of the uploaded entity. if mode = download the url from which the entity can be downloaded"),
+    ("zoneid", "zone ID the object was extracted from"),
+    ("zonename", "zone name the object was extracted from"),
+    ("extractMode", "the mode of extraction - upload or download"),
+    ("created", "the time and date the object was created"),
+];
+
+/// This module's commands.
+pub static COMMANDS: &[Command] = &[
+    Command::new(
+        "getUploadParamsForTemplate",
+        "Records a template to upload from a browser and returns the signed parameters of the POST to a storage VM",
+        Access::ALL,
+        UPLOAD_TEMPLATE,
+        crate::handler!(upload_template),
+    )
+    .answers_as("postuploadtemplateresponse")
+    .returns(UPLOAD_FIELDS),
+    Command::new(
+        "getUploadParamsForIso",
+        "Records an ISO to upload from a browser and returns the signed parameters of the POST to a storage VM",
+        Access::ALL,
+        UPLOAD_ISO,
+        crate::handler!(upload_iso),
+    )
+    .answers_as("postuploadisoresponse")
+    .returns(UPLOAD_FIELDS),
+    Command::new(
+        "extractTemplate",
+        "Makes a signed, expiring download link of a template on its storage VM",
+        Access::ALL,
+        EXTRACT,
+        crate::handler!(extract_template),
+    )
+    .asynchronous()
+    .returns(EXTRACT_FIELDS),
+    Command::new(
+        "extractIso",
+        "Makes a signed, expiring download link of an ISO on its storage VM",
+        Access::ALL,
+        EXTRACT,
+        crate::handler!(extract_iso),
+    )
+    .asynchronous()
+    .returns(EXTRACT_FIELDS),
+];
+
+async fn upload(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
+    let format = format_of(&p, iso);
+    let t = new_template(&p, iso, &format, true);
+    let u = transfers::begin_upload(&state, &caller, &t).await?;
+    Ok(json!({
+        "getuploadparams": {
+            "id": u.id,
+            "postURL": u.post_url,
+            "metadata": u.metadata,
+            "expires": u.expires,
+            "signature": u.signature,
+        }
+    }))
+}
+
+/// `getUploadParamsForTemplate`.
+pub async fn upload_template(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    upload(state, caller, p, false).await
+}
+
+/// `getUploadParamsForIso`.
+pub async fn upload_iso(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    upload(state, caller, p, true).await
+}
+
+async fn extract(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
+    let mode = p.non_empty("mode").unwrap_or_default();
+    if !mode.eq_ignore_ascii_case("HTTP_DOWNLOAD") {
+        return Err(ApiError::param(format!(
+            "Extraction mode {mode:?} is not supported: use HTTP_DOWNLOAD"
+        )));
+    }
+    let id = p.non_empty("id").unwrap_or_default();
+    let e = transfers::extract(&state, &caller, id, iso).await?;
+    let key = if iso { "iso" } else { "template" };
+    Ok(json!({
+        key: {
+            "id": id,
+            "name": e.name,
+            "extractId": id,
+            "accountid": e.account_id,
+            "state": "DOWNLOAD_URL_CREATED",
+            "status": "DOWNLOAD URL CREATED",
+            "uploadpercentage": 100,
+            "url": e.url,
+            "zoneid": e.zone.0,
+            "zonename": e.zone.1,
+            "extractMode": "HTTP_DOWNLOAD",
+            "created": now_cs(),
+        }
+    }))
+}
+
+/// `extractTemplate`.
+pub async fn extract_template(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    extract(state, caller, p, false).await
+}
+
+/// `extractIso`.
+pub async fn extract_iso(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    extract(state, caller, p, true).await
+}

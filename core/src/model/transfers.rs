@@ -1,0 +1,277 @@
+//! Transfers straight between browsers and storage VMs: upload parameters
+//! (`getUploadParamsForTemplate`, `getUploadParamsForIso`) and download links (`extractTemplate`,
+//! `extractIso`), sealed with the transfer keys ([`crate::model::keyrings`], ring `Transfer`).
+//!
+//! Invariants:
+//! * an upload is recorded (state `NOT_UPLOADED`) before its parameters are handed out, with the
+//!   storage VM that will receive it; only that VM's reports move it (on any of its connections,
+//!   since the upload outlives a reconnect);
+//! * a ticket carries the install's fencing epoch and its size limit: the lower of
+//!   `max.template.iso.size` and what `max.account.secondary.storage` leaves the account;
+//! * tickets and links are sealed with the stored transfer keys (not this core's cache), so
+//!   either core's work opens on a storage VM that has the set; they expire
+//!   (`upload.operation.timeout`, `extract.url.expiration.interval`).
+
+use sqlx::Row as _;
+use systemvm_proto::transfer::{ExtractLink, UploadTicket};
+
+use crate::model::keyrings::{self, Ring};
+use crate::model::templates::{self, NewTemplate, download_state};
+use crate::model::{DomainError, DomainResult, settings, stores};
+use crate::state::{Caller, State};
+
+/// What `getUploadParamsFor*` answers.
+#[derive(Debug, Clone)]
+pub struct UploadParams {
+    /// The template's id.
+    pub id: String,
+    /// Where the browser posts.
+    pub post_url: String,
+    /// `X-metadata`.
+    pub metadata: String,
+    /// `X-expires`.
+    pub expires: String,
+    /// `X-signature`.
+    pub signature: String,
+}
+
+/// CloudStack's `expires` text: `yyyy-MM-dd'T'HH:mm:ssZ` in UTC (`2026-12-02T10:00:00+0000`).
+pub fn expires_text(unix: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}+0000",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A connected storage VM serving `store_url` in `zone` with a transfer server: (id, base URL).
+async fn transfer_vm(state: &State, zone: &str, store_url: &str, store_name: &str) -> DomainResult<(String, String)> {
+    let Some(vm) = stores::connected_storage_vm(state, zone, store_url).await? else {
+        return Err(DomainError::Unavailable(format!(
+            "No storage VM serving image store {store_name} is connected; retry when one is Up"
+        )));
+    };
+    let endpoint: Option<String> = sqlx::query_scalar("SELECT endpoint FROM system_vms WHERE id = $1")
+        .bind(vm.clone())
+        .fetch_optional(&state.db.pool)
+        .await?
+        .flatten();
+    match endpoint.filter(|e| !e.is_empty()) {
+        Some(e) => Ok((vm, e.trim_end_matches('/').to_owned())),
+        None => Err(DomainError::Unavailable(format!(
+            "Storage VM {vm} has no transfer server (ssvm-agent serve --public-listen)"
+        ))),
+    }
+}
+
+/// Bytes the account may still add to secondary storage, `None` when unlimited.
+async fn account_room(state: &State, account_id: &str) -> DomainResult<Option<u64>> {
+    let limit_gib = settings::int(state, &settings::ACCOUNT_SECONDARY_LIMIT).await;
+    if limit_gib < 0 {
+        return Ok(None);
+    }
+    let used: Option<i64> = sqlx::query_scalar(
+        "SELECT SUM(COALESCE(physical_size, size, 0)) FROM templates WHERE account_id = $1 AND removed IS NULL",
+    )
+    .bind(account_id.to_owned())
+    .fetch_one(&state.db.pool)
+    .await?;
+    let limit = u64::try_from(limit_gib).unwrap_or(0).saturating_mul(1 << 30);
+    Ok(Some(limit.saturating_sub(u64::try_from(used.unwrap_or(0)).unwrap_or(0))))
+}
+
+/// Records a template or ISO that a browser will upload and seals its upload parameters.
+pub async fn begin_upload(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> DomainResult<UploadParams> {
+    let id = templates::register(state, caller, t).await?;
+    match ticket(state, caller, &id).await {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            // Nothing can reach it: the record goes.
+            sqlx::query("UPDATE templates SET removed = $1, download_state = $2, status = $3 WHERE id = $4")
+                .bind(crate::util::now_cs())
+                .bind(download_state::UPLOAD_ERROR)
+                .bind(e.to_string())
+                .bind(id)
+                .execute(&state.db.pool)
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<UploadParams> {
+    let row = sqlx::query(
+        "SELECT t.zone_id, t.install_path, t.format, t.checksum, t.display_text, st.url AS store_url, st.name AS store_name FROM templates t JOIN image_stores st ON st.id = t.store_id WHERE t.id = $1",
+    )
+    .bind(id.to_owned())
+    .fetch_one(&state.db.pool)
+    .await?;
+    let zone: String = row.try_get("zone_id")?;
+    let store_url: String = row.try_get("store_url")?;
+    let store_name: String = row.try_get("store_name")?;
+    let (vm, endpoint) = transfer_vm(state, &zone, &store_url, &store_name).await?;
+    let max_template = settings::uint(state, &settings::MAX_TEMPLATE_SIZE)
+        .await
+        .saturating_mul(1 << 30);
+    let (max_bytes, limit_reason) = match account_room(state, &caller.account_id).await? {
+        Some(room) if room < max_template => (
+            room,
+            format!("the account's secondary storage limit (max.account.secondary.storage) leaves"),
+        ),
+        _ => (max_template, "max.template.iso.size".to_owned()),
+    };
+    if max_bytes == 0 {
+        return Err(DomainError::Invalid(
+            "The account has no secondary storage left (max.account.secondary.storage)".into(),
+        ));
+    }
+    let minutes = settings::uint(state, &settings::UPLOAD_TIMEOUT).await;
+    let expires = now() + minutes.saturating_mul(60);
+    let epoch = templates::next_epoch(state, id).await?;
+    let ticket = UploadTicket {
+        id: id.to_owned(),
+        post_url: format!("{endpoint}/upload/{id}"),
+        store_url,
+        path: row.try_get("install_path")?,
+        format: row.try_get("format")?,
+        checksum: row.try_get("checksum")?,
+        description: row.try_get("display_text")?,
+        max_bytes,
+        limit_reason,
+        expires,
+        expires_text: expires_text(expires),
+        epoch,
+    };
+    let keys = keyrings::current(state, Ring::Transfer).await?;
+    let (metadata, signature) = ticket
+        .seal(&keys)
+        .map_err(|e| DomainError::Internal(e.to_string()))?;
+    sqlx::query("UPDATE templates SET agent_id = $1 WHERE id = $2")
+        .bind(vm.clone())
+        .bind(id.to_owned())
+        .execute(&state.db.pool)
+        .await?;
+    tracing::info!(template = %id, storage_vm = %vm, max_bytes, "Upload parameters issued");
+    Ok(UploadParams {
+        id: id.to_owned(),
+        post_url: ticket.post_url,
+        metadata,
+        expires: ticket.expires_text,
+        signature,
+    })
+}
+
+/// Whether `vm_id` is the storage VM an upload of `template_id` goes to (its reports count on
+/// any of its connections).
+pub async fn is_upload_to(state: &State, template_id: &str, vm_id: &str) -> Result<bool, sqlx::Error> {
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT download_state, agent_id FROM templates WHERE id = $1 AND removed IS NULL")
+            .bind(template_id.to_owned())
+            .fetch_optional(&state.db.pool)
+            .await?;
+    Ok(row.is_some_and(|(s, agent)| {
+        (s == download_state::NOT_UPLOADED || s == download_state::UPLOAD_IN_PROGRESS)
+            && agent.as_deref() == Some(vm_id)
+    }))
+}
+
+/// A download link.
+#[derive(Debug, Clone)]
+pub struct Extracted {
+    /// The link.
+    pub url: String,
+    /// The template's name.
+    pub name: String,
+    /// Zone id and name.
+    pub zone: (String, String),
+    /// The owner's account id.
+    pub account_id: String,
+}
+
+/// Makes a download link of an installed template or ISO (`extractTemplate`, `extractIso`).
+pub async fn extract(state: &State, caller: &Caller, id: &str, iso: bool) -> DomainResult<Extracted> {
+    let what = if iso { "ISO" } else { "template" };
+    let row = sqlx::query(
+        "SELECT t.name, t.account_id, t.is_public, t.is_extractable, t.download_state, t.installed_file, t.format, t.zone_id, z.name AS zone_name, st.url AS store_url, st.name AS store_name \
+         FROM templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL",
+    )
+    .bind(id.to_owned())
+    .bind(i64::from(iso))
+    .fetch_optional(&state.db.pool)
+    .await?
+    .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
+    let owner: String = row.try_get("account_id")?;
+    let mine = crate::model::directory::may_manage(state, caller, &owner).await?;
+    let public = row.try_get::<i64, _>("is_public")? != 0;
+    if !mine && !public {
+        return Err(DomainError::Denied(format!(
+            "Account {} may not extract {what} {id}",
+            caller.account_name
+        )));
+    }
+    if row.try_get::<i64, _>("is_extractable")? == 0 && !caller.role.is_admin() {
+        return Err(DomainError::Invalid(format!(
+            "The {what} {id} is not extractable (isextractable=false)"
+        )));
+    }
+    let file: Option<String> = row.try_get("installed_file")?;
+    let file = match (row.try_get::<String, _>("download_state")?.as_str(), file) {
+        (download_state::DOWNLOADED, Some(f)) => f,
+        _ => {
+            return Err(DomainError::Invalid(format!(
+                "The {what} {id} is not ready yet: it can be extracted once it is installed"
+            )));
+        }
+    };
+    let zone: String = row.try_get("zone_id")?;
+    let store_url: String = row.try_get("store_url")?;
+    let store_name: String = row.try_get("store_name")?;
+    let (_, endpoint) = transfer_vm(state, &zone, &store_url, &store_name).await?;
+    let format: String = row.try_get("format")?;
+    let file_name = file.rsplit('/').next().unwrap_or("image").to_owned();
+    let file_name = if file_name.contains('.') {
+        file_name
+    } else {
+        format!("{file_name}.{}", format.to_ascii_lowercase())
+    };
+    let seconds = settings::uint(state, &settings::EXTRACT_URL_EXPIRATION).await;
+    let link = ExtractLink {
+        id: id.to_owned(),
+        store_url,
+        file,
+        name: file_name.clone(),
+        expires: now() + seconds,
+    };
+    let keys = keyrings::current(state, Ring::Transfer).await?;
+    let token = link.seal(&keys).map_err(|e| DomainError::Internal(e.to_string()))?;
+    tracing::info!(template = %id, expires = link.expires, "Download link issued");
+    Ok(Extracted {
+        url: format!("{endpoint}/download/{token}/{file_name}"),
+        name: row.try_get("name")?,
+        zone: (zone, row.try_get("zone_name")?),
+        account_id: owner,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_text_is_cloudstacks() {
+        assert_eq!(expires_text(0), "1970-01-01T00:00:00+0000");
+        assert_eq!(expires_text(1_796_000_000), "2026-11-30T00:53:20+0000");
+    }
+}
