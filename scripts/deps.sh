@@ -81,6 +81,14 @@ if [ ! -f "$web/node_modules/@novnc/novnc/core/rfb.js" ] || [ ! -d "$web/node_mo
   (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# Core's upload page: tus-js-client from the npm registry, pinned in core/web/package-lock.json.
+core_web="$here/core/web"
+if [ ! -f "$core_web/node_modules/tus-js-client/dist/tus.min.js" ] \
+   || [ "$core_web/package-lock.json" -nt "$core_web/node_modules/.package-lock.json" ]; then
+  echo "deps: npm ci in core/web" >&2
+  (cd "$core_web" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 # A guest kernel for the libvirt driver's tests: Debian's, taken out of its package (no modules needed).
 if [ "$mode" != run ] && [ ! -s "$here/target/guest-kernel/vmlinuz" ]; then
   kdir="$here/target/guest-kernel"

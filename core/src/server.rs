@@ -176,6 +176,11 @@ async fn handle(
     body_timeout: Duration,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET
+        && let Some(page) = crate::api::upload_page::serve(req.uri().path()).await
+    {
+        return page;
+    }
     if req.uri().path() != "/client/api" && req.uri().path() != "/client/api/" {
         let mut r = json_response(
             404,

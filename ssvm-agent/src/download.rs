@@ -354,8 +354,11 @@ impl Downloader {
             true,
             true,
         );
-        let (download_hasher, _) = self.pump(record, live, cancel, &dir, &file, &mut state, feed).await?;
-        self.install(record, live, &dir, &mut state, download_hasher, expected.as_ref()).await
+        let (download_hasher, _) = self
+            .pump(record, live, cancel, &dir, &file, &mut state, feed)
+            .await?;
+        self.install(record, live, &dir, &mut state, download_hasher, expected.as_ref())
+            .await
     }
 
     /// Opens the install of a job: its directory (with the fencing epoch recorded before any data),
@@ -440,7 +443,12 @@ impl Downloader {
     ) -> Result<(Option<Hasher>, u64), DownloadError> {
         let offset = state.written;
         let total = feed.total;
-        let Feed { rx, task: fetch_handle, live_bytes, .. } = feed;
+        let Feed {
+            rx,
+            task: fetch_handle,
+            live_bytes,
+            ..
+        } = feed;
         // StreamReader is itself buffered (it lends the current chunk): no extra copy here.
         let mut reader = StreamReader::new(tokio_stream_from(rx));
 
@@ -628,7 +636,11 @@ impl Downloader {
                     .url
                     .parse::<reqwest::Url>()
                     .ok()
-                    .and_then(|u| u.path_segments().and_then(|mut s| s.next_back()).map(str::to_owned))
+                    .and_then(|u| {
+                        u.path_segments()
+                            .and_then(|mut s| s.next_back())
+                            .map(str::to_owned)
+                    })
                     .unwrap_or_default()
             } else {
                 record.spec.description.clone()
@@ -863,7 +875,13 @@ pub(crate) struct Feed {
 
 impl Feed {
     /// Starts `fetch` reading `stream`.
-    pub(crate) fn spawn<S, E>(stream: S, fetch: FetchTask, total: Option<u64>, exact: bool, decompress: bool) -> Feed
+    pub(crate) fn spawn<S, E>(
+        stream: S,
+        fetch: FetchTask,
+        total: Option<u64>,
+        exact: bool,
+        decompress: bool,
+    ) -> Feed
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: std::error::Error + Send + 'static,

@@ -349,7 +349,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut endpoint = None;
             let transfer = match public_listen {
                 Some(addr) => {
-                    anyhow::ensure!(link.is_some(), "--public-listen needs --core (it serves what core signs)");
+                    anyhow::ensure!(
+                        link.is_some(),
+                        "--public-listen needs --core (it serves what core signs)"
+                    );
                     let listener = ssvm_agent::transfer::bind(addr).await?;
                     let local = listener.local_addr()?;
                     endpoint = Some(
@@ -360,7 +363,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     );
                     let transfers = ssvm_agent::transfer::Transfers::new(agent.clone(), keys.clone());
                     let stopped = stop.clone().cancelled_owned();
-                    Some(tokio::spawn(ssvm_agent::transfer::serve(transfers, listener, stopped)))
+                    Some(tokio::spawn(ssvm_agent::transfer::serve(
+                        transfers, listener, stopped,
+                    )))
                 }
                 None => None,
             };

@@ -51,7 +51,7 @@ fn pids_with(needle: &str) -> Vec<u32> {
         .collect()
 }
 
-async fn start(adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
+pub(crate) async fn start(adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
     let core = Core::start_with(Backend::Sqlite, |c| {
         c.agent_listen = Some("127.0.0.1:0".parse().expect("addr"));
         c.driver = Some(DriverKind::Process);
@@ -70,13 +70,13 @@ async fn start(adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
 }
 
 /// The system VMs, by type.
-async fn vms(core: &Core, kind: &str) -> Vec<Value> {
+pub(crate) async fn vms(core: &Core, kind: &str) -> Vec<Value> {
     let v = core.ok(&["listSystemVms", &format!("systemvmtype={kind}")]).await;
     v["systemvm"].as_array().cloned().unwrap_or_default()
 }
 
 /// Waits until `kind` has exactly `n` VMs, all Running with the agent Up.
-async fn wait_fleet(core: &Core, kind: &str, n: usize, within: Duration) -> Vec<Value> {
+pub(crate) async fn wait_fleet(core: &Core, kind: &str, n: usize, within: Duration) -> Vec<Value> {
     let start = Instant::now();
     loop {
         let list = vms(core, kind).await;
@@ -101,7 +101,7 @@ async fn events(core: &Core, kind: &str) -> Vec<Value> {
     v["event"].as_array().cloned().unwrap_or_default()
 }
 
-fn kill9(vm_id: &str) -> u32 {
+pub(crate) fn kill9(vm_id: &str) -> u32 {
     let pids = pids_with(vm_id);
     assert_eq!(pids.len(), 1, "one process for {vm_id}: {pids:?}");
     let st = std::process::Command::new("kill")
@@ -127,7 +127,7 @@ async fn add_qemu_target(core: &Core) -> String {
     t["consoletarget"]["id"].as_str().expect("id").to_owned()
 }
 
-fn local_store(core: &Core) -> String {
+pub(crate) fn local_store(core: &Core) -> String {
     let dir = core.dir().join("secondary");
     std::fs::create_dir_all(&dir).expect("store dir");
     format!("file://{}", dir.display())

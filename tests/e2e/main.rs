@@ -16,3 +16,4 @@ mod nfs;
 mod resources;
 mod storage;
 mod support;
+mod uploads;

@@ -26,6 +26,7 @@ pub mod tags;
 pub mod template_properties;
 pub mod templates;
 pub mod transfers;
+pub mod upload_page;
 pub mod users;
 pub mod virtual_machines;
 pub mod zones;

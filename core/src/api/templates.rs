@@ -231,7 +231,11 @@ pub(crate) fn new_template<'a>(p: &'a Params, iso: bool, format: &'a str, upload
         iso,
         format,
         hypervisor,
-        url: if upload { "" } else { p.non_empty("url").unwrap_or_default() },
+        url: if upload {
+            ""
+        } else {
+            p.non_empty("url").unwrap_or_default()
+        },
         checksum: p.non_empty("checksum"),
         // The UI's form sends `zoneids`; one zone per registration here.
         zone_id: p

@@ -77,11 +77,20 @@ pub const EXTRACT_FIELDS: crate::api::fields::Fields = &[
     ("id", "the id of extracted object"),
     ("name", "the name of the extracted object"),
     ("extractId", "the upload id of extracted object"),
-    ("accountid", "the account id to which the extracted object belongs"),
+    (
+        "accountid",
+        "the account id to which the extracted object belongs",
+    ),
     ("state", "the state of the extracted object"),
     ("status", "the status of the extraction"),
-    ("uploadpercentage", "the percentage of the entity uploaded to the specified location"),
-    ("url", "if mode = upload then url of the uploaded entity. if mode = download the url from which the entity can be downloaded"),
+    (
+        "uploadpercentage",
+        "the percentage of the entity uploaded to the specified location",
+    ),
+    (
+        "url",
+        "if mode = upload then url of the uploaded entity. if mode = download the url from which the entity can be downloaded",
+    ),
     ("zoneid", "zone ID the object was extracted from"),
     ("zonename", "zone name the object was extracted from"),
     ("extractMode", "the mode of extraction - upload or download"),

@@ -10,9 +10,9 @@
 use systemvm_proto::agent::{ClaimAnswer, ClaimSession};
 use systemvm_proto::console::KeySet;
 
-use crate::model::systemvms::ProxyCandidate;
 use crate::model::DomainResult;
 use crate::model::keyrings::{self, Ring};
+use crate::model::systemvms::ProxyCandidate;
 use crate::secrets::SecretsKey;
 use crate::state::State;
 use crate::util::{now_cs, now_ms};
@@ -157,7 +157,10 @@ mod tests {
         let db = crate::db::Db::open(None, dir.path()).await.unwrap();
         let secrets = SecretsKey::from_bytes(dir.path().join("secrets.key"), [3; 32]);
         let set = load_keys(&db.pool, &secrets).await.unwrap();
-        let stored = keyrings::stored_text(&db.pool, Ring::Console).await.unwrap().unwrap();
+        let stored = keyrings::stored_text(&db.pool, Ring::Console)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(stored.starts_with(crate::secrets::SEALED_PREFIX), "{stored}");
         for key in raw_keys(&set) {
             assert!(!stored.contains(&key), "key material in clear: {stored}");
@@ -174,14 +177,20 @@ mod tests {
         let migrated = load_keys(&db.pool, &secrets).await.unwrap();
         assert_eq!(migrated.ids(), set.ids());
         assert_eq!(raw_keys(&migrated), raw_keys(&set));
-        let stored = keyrings::stored_text(&db.pool, Ring::Console).await.unwrap().unwrap();
+        let stored = keyrings::stored_text(&db.pool, Ring::Console)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(stored.starts_with(crate::secrets::SEALED_PREFIX) && stored != clear);
 
         // Another secrets key: refused, saying what to do.
         let other = SecretsKey::from_bytes(dir.path().join("other.key"), [4; 32]);
         let e = load_keys(&db.pool, &other).await.unwrap_err();
         assert!(
-            matches!(e, ConsoleKeysError::Secrets(crate::secrets::SecretsError::WrongKey { .. })),
+            matches!(
+                e,
+                ConsoleKeysError::Secrets(crate::secrets::SecretsError::WrongKey { .. })
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("secrets.key"), "{e}");

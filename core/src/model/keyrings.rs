@@ -83,7 +83,6 @@ impl Ring {
 /// How long a rotation on the standby waits for the lease holder to push the new keys.
 pub const PUSH_WAIT: Duration = Duration::from_secs(5);
 
-
 /// Loading or creating the console-token keys failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -134,7 +133,10 @@ async fn read_stored(
             .execute(pool)
             .await?;
         if done.rows_affected() == 1 {
-            tracing::info!(ring = ring.row(), "Encrypted keys stored in clear with the secrets key");
+            tracing::info!(
+                ring = ring.row(),
+                "Encrypted keys stored in clear with the secrets key"
+            );
             return Ok(Some((sealed, set)));
         }
     }
@@ -200,15 +202,14 @@ pub async fn rotate(state: &State, ring: Ring) -> DomainResult<Rotated> {
         }
         let json = set.to_json().map_err(|e| internal(&e))?;
         let text = state.secrets.seal(ring.row(), &json).map_err(|e| internal(&e))?;
-        let done = sqlx::query(
-            "UPDATE core_keys SET value = $1, created = $2 WHERE name = $4 AND value = $3",
-        )
-        .bind(text)
-        .bind(now_cs())
-        .bind(old_text)
-        .bind(ring.row())
-        .execute(&state.db.pool)
-        .await?;
+        let done =
+            sqlx::query("UPDATE core_keys SET value = $1, created = $2 WHERE name = $4 AND value = $3")
+                .bind(text)
+                .bind(now_cs())
+                .bind(old_text)
+                .bind(ring.row())
+                .execute(&state.db.pool)
+                .await?;
         if done.rows_affected() == 1 {
             break (set, new_id);
         }
@@ -291,4 +292,3 @@ async fn current_quiet(state: &State, ring: Ring) -> DomainResult<KeySet> {
         .await
         .map_err(|e| DomainError::Internal(e.to_string()))
 }
-

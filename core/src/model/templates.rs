@@ -251,15 +251,27 @@ pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Resu
         .await?
         .is_some_and(|s| s == download_state::NOT_UPLOADED || s == download_state::UPLOAD_IN_PROGRESS);
     let (done_text, verb, error_state, busy_state) = if upload {
-        ("Upload Complete", "Uploaded", download_state::UPLOAD_ERROR, download_state::UPLOAD_IN_PROGRESS)
+        (
+            "Upload Complete",
+            "Uploaded",
+            download_state::UPLOAD_ERROR,
+            download_state::UPLOAD_IN_PROGRESS,
+        )
     } else {
-        ("Download Complete", "Downloaded", download_state::ERROR, download_state::IN_PROGRESS)
+        (
+            "Download Complete",
+            "Downloaded",
+            download_state::ERROR,
+            download_state::IN_PROGRESS,
+        )
     };
     let (dl_state, status, percent) = match phase {
         JobPhase::Completed => (download_state::DOWNLOADED, done_text.to_owned(), 100),
         JobPhase::Failed => (
             error_state,
-            p.error.clone().unwrap_or_else(|| format!("{} failed", if upload { "upload" } else { "download" })),
+            p.error
+                .clone()
+                .unwrap_or_else(|| format!("{} failed", if upload { "upload" } else { "download" })),
             i64::from(p.percent),
         ),
         JobPhase::Cancelled => (

@@ -57,7 +57,12 @@ fn now() -> u64 {
 }
 
 /// A connected storage VM serving `store_url` in `zone` with a transfer server: (id, base URL).
-async fn transfer_vm(state: &State, zone: &str, store_url: &str, store_name: &str) -> DomainResult<(String, String)> {
+async fn transfer_vm(
+    state: &State,
+    zone: &str,
+    store_url: &str,
+    store_name: &str,
+) -> DomainResult<(String, String)> {
     let Some(vm) = stores::connected_storage_vm(state, zone, store_url).await? else {
         return Err(DomainError::Unavailable(format!(
             "No storage VM serving image store {store_name} is connected; retry when one is Up"
@@ -89,7 +94,9 @@ async fn account_room(state: &State, account_id: &str) -> DomainResult<Option<u6
     .fetch_one(&state.db.pool)
     .await?;
     let limit = u64::try_from(limit_gib).unwrap_or(0).saturating_mul(1 << 30);
-    Ok(Some(limit.saturating_sub(u64::try_from(used.unwrap_or(0)).unwrap_or(0))))
+    Ok(Some(
+        limit.saturating_sub(u64::try_from(used.unwrap_or(0)).unwrap_or(0)),
+    ))
 }
 
 /// Records a template or ISO that a browser will upload and seals its upload parameters.
@@ -255,7 +262,9 @@ pub async fn extract(state: &State, caller: &Caller, id: &str, iso: bool) -> Dom
         expires: now() + seconds,
     };
     let keys = keyrings::current(state, Ring::Transfer).await?;
-    let token = link.seal(&keys).map_err(|e| DomainError::Internal(e.to_string()))?;
+    let token = link
+        .seal(&keys)
+        .map_err(|e| DomainError::Internal(e.to_string()))?;
     tracing::info!(template = %id, expires = link.expires, "Download link issued");
     Ok(Extracted {
         url: format!("{endpoint}/download/{token}/{file_name}"),

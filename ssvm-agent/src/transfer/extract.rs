@@ -36,7 +36,12 @@ pub(super) async fn handle(t: &Transfers, rest: &str, req: Request<Incoming>) ->
             "this storage VM has no transfer keys from core yet",
         );
     };
-    let forbidden = || text(StatusCode::FORBIDDEN, "this download link is invalid or has expired");
+    let forbidden = || {
+        text(
+            StatusCode::FORBIDDEN,
+            "this download link is invalid or has expired",
+        )
+    };
     let Some(link) = ExtractLink::open(&keys, token, crate::job::now()) else {
         return forbidden();
     };
@@ -69,11 +74,20 @@ pub(super) async fn handle(t: &Transfers, rest: &str, req: Request<Incoming>) ->
         r
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&link.name)));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(&link.name)),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}\"", link.name.replace(['"', '\\'], "_"))) {
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}\"",
+        link.name.replace(['"', '\\'], "_")
+    )) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     if status == StatusCode::PARTIAL_CONTENT

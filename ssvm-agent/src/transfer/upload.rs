@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use super::{Body, Transfers, empty, full, text};
 use crate::checksum::Checksum;
-use crate::download::{DownloadError, Downloader, FetchTask, Feed, InstallState};
+use crate::download::{DownloadError, Downloader, Feed, FetchTask, InstallState};
 use crate::job::{DownloadSpec, Installed, JobRecord, JobState};
 use crate::store::FileId;
 
@@ -57,7 +57,14 @@ pub(super) async fn handle(t: &Arc<Transfers>, id: &str, req: Request<Incoming>)
         );
     };
     let h = upload_headers(req.headers());
-    let ticket = match UploadTicket::open(&keys, id, &h.metadata, &h.signature, &h.expires, crate::job::now()) {
+    let ticket = match UploadTicket::open(
+        &keys,
+        id,
+        &h.metadata,
+        &h.signature,
+        &h.expires,
+        crate::job::now(),
+    ) {
         Ok(ticket) => ticket,
         Err(e) => {
             warn!(upload = id, error = %e, "Upload refused");
@@ -67,7 +74,10 @@ pub(super) async fn handle(t: &Arc<Transfers>, id: &str, req: Request<Incoming>)
     if ticket.store_url.parse::<crate::store::StoreUrl>().ok().as_ref() != Some(t.agent.store_url()) {
         return text(
             StatusCode::MISDIRECTED_REQUEST,
-            &format!("this storage VM serves {}, not the upload's store", t.agent.store_url()),
+            &format!(
+                "this storage VM serves {}, not the upload's store",
+                t.agent.store_url()
+            ),
         );
     }
     let tus = req.headers().contains_key("tus-resumable");
@@ -90,7 +100,10 @@ fn too_large(ticket: &UploadTicket) -> String {
     } else {
         &ticket.limit_reason
     };
-    format!("the upload is larger than {why} allows ({} bytes)", ticket.max_bytes)
+    format!(
+        "the upload is larger than {why} allows ({} bytes)",
+        ticket.max_bytes
+    )
 }
 
 /// Creates the upload's job, once per id.
@@ -138,7 +151,10 @@ fn body_stream(body: Incoming) -> impl Stream<Item = Result<Bytes, hyper::Error>
         .try_filter_map(|frame| futures_util::future::ready(Ok(frame.into_data().ok())))
 }
 
-fn file_stream(body: Incoming, boundary: String) -> impl Stream<Item = Result<Bytes, MultipartError>> + Send + 'static {
+fn file_stream(
+    body: Incoming,
+    boundary: String,
+) -> impl Stream<Item = Result<Bytes, MultipartError>> + Send + 'static {
     let part = FilePart::new(body_stream(body), boundary);
     futures_util::stream::unfold(Some(part), |part| async move {
         let mut part = part?;
@@ -177,7 +193,10 @@ async fn single(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) ->
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let Ok(_permit) = t.uploads.clone().try_acquire_owned() else {
-        return text(StatusCode::TOO_MANY_REQUESTS, "too many uploads at once; retry later");
+        return text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many uploads at once; retry later",
+        );
     };
     let mut record = match begin(t, ticket, len).await {
         Ok(r) => r,
@@ -188,8 +207,16 @@ async fn single(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) ->
     let result = async {
         let (dir, file, mut state, expected) = d.prepare(&mut record, &live, &cancel).await?;
         let fetch = fetch(&d, ticket, &mut state, u64::MAX);
-        let feed = Feed::spawn(file_stream(req.into_body(), boundary), fetch, Some(len), false, true);
-        let (hasher, _) = d.pump(&mut record, &live, &cancel, &dir, &file, &mut state, feed).await?;
+        let feed = Feed::spawn(
+            file_stream(req.into_body(), boundary),
+            fetch,
+            Some(len),
+            false,
+            true,
+        );
+        let (hasher, _) = d
+            .pump(&mut record, &live, &cancel, &dir, &file, &mut state, feed)
+            .await?;
         d.install(&mut record, &live, &dir, &mut state, hasher, expected.as_ref())
             .await
     }
@@ -223,7 +250,8 @@ async fn finish(
             d.save(record).await;
             let mut resp = full(StatusCode::OK, "application/json", body.to_string());
             if let Some(total) = record.progress.total {
-                resp.headers_mut().insert("upload-offset", HeaderValue::from(total));
+                resp.headers_mut()
+                    .insert("upload-offset", HeaderValue::from(total));
             }
             resp
         }
@@ -231,18 +259,24 @@ async fn finish(
             let fenced = matches!(e, DownloadError::Fenced);
             let (status, msg) = match e {
                 DownloadError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, too_large(ticket)),
-                DownloadError::Permanent(m) if m.contains("no space") => (StatusCode::INSUFFICIENT_STORAGE, m),
+                DownloadError::Permanent(m) if m.contains("no space") => {
+                    (StatusCode::INSUFFICIENT_STORAGE, m)
+                }
                 DownloadError::Permanent(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
                 DownloadError::Transient(m) => (StatusCode::BAD_REQUEST, format!("upload failed: {m}")),
                 DownloadError::Cancelled => (StatusCode::CONFLICT, "the upload was cancelled".to_owned()),
-                DownloadError::Fenced => (StatusCode::CONFLICT, "the template was deleted during the upload".to_owned()),
+                DownloadError::Fenced => (
+                    StatusCode::CONFLICT,
+                    "the template was deleted during the upload".to_owned(),
+                ),
             };
             warn!(upload = %record.id, %status, error = %msg, "Upload failed");
             record.state = JobState::Failed;
             record.error = Some(msg.clone());
             d.discard_part(record).await;
             if !fenced && record.epoch > 0 && record.epoch_recorded {
-                let _ = crate::fence::forget(&d.store, record.spec.path.trim_matches('/'), record.epoch).await;
+                let _ =
+                    crate::fence::forget(&d.store, record.spec.path.trim_matches('/'), record.epoch).await;
             }
             d.save(record).await;
             text(status, &msg)
@@ -292,7 +326,8 @@ async fn create(t: &Transfers, ticket: &UploadTicket, h: &HeaderMap) -> Response
             if let Ok(v) = HeaderValue::from_str(&ticket.post_url) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
-            resp.headers_mut().insert("upload-offset", HeaderValue::from(0u64));
+            resp.headers_mut()
+                .insert("upload-offset", HeaderValue::from(0u64));
             resp
         }
         Err(e) => finish(&d, &mut record, Err(e), ticket).await,
@@ -376,7 +411,10 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
         return conflict(total, "the upload is complete");
     }
     let Ok(_permit) = t.uploads.clone().try_acquire_owned() else {
-        return text(StatusCode::TOO_MANY_REQUESTS, "too many uploads at once; retry later");
+        return text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many uploads at once; retry later",
+        );
     };
     // Take the session (or the right to rebuild it); a request already writing keeps it.
     let held: Option<Slot> = {
@@ -424,7 +462,15 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
     let fetch = fetch(&d, ticket, &mut session.state, total);
     let feed = Feed::spawn(body_stream(req.into_body()), fetch, Some(total), false, false);
     let pumped = d
-        .pump(&mut record, &live, &cancel, &session.dir, &session.file, &mut session.state, feed)
+        .pump(
+            &mut record,
+            &live,
+            &cancel,
+            &session.dir,
+            &session.file,
+            &mut session.state,
+            feed,
+        )
         .await;
     let result = match pumped {
         Ok((hasher, received)) if received < total => {
@@ -432,12 +478,20 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
             t.agent.untrack(&record.id);
             t.sessions().insert(ticket.id.clone(), Some(session));
             let mut resp = empty(StatusCode::NO_CONTENT);
-            resp.headers_mut().insert("upload-offset", HeaderValue::from(received));
+            resp.headers_mut()
+                .insert("upload-offset", HeaderValue::from(received));
             return resp;
         }
         Ok((hasher, _)) => {
-            d.install(&mut record, &live, &session.dir, &mut session.state, hasher, session.expected.as_ref())
-                .await
+            d.install(
+                &mut record,
+                &live,
+                &session.dir,
+                &mut session.state,
+                hasher,
+                session.expected.as_ref(),
+            )
+            .await
         }
         Err(DownloadError::Transient(m)) => {
             // The request broke off: what reached the store is the resume point (journalled by
@@ -462,6 +516,7 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
 
 fn conflict(offset: u64, msg: &str) -> Response<Body> {
     let mut resp = text(StatusCode::CONFLICT, msg);
-    resp.headers_mut().insert("upload-offset", HeaderValue::from(offset));
+    resp.headers_mut()
+        .insert("upload-offset", HeaderValue::from(offset));
     resp
 }
