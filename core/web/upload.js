@@ -82,7 +82,11 @@
     $("bar").classList.remove("hidden");
     const headers = { "X-signature": up.signature, "X-metadata": up.metadata, "X-expires": up.expires };
     const started = performance.now();
-    const chunk = Number(new URLSearchParams(location.search).get("chunk") || 0);
+    // ?chunk=BYTES sends the file in PATCHes of that size; ?pause=MS waits before each one (a
+    // slow link, for drills).
+    const query = new URLSearchParams(location.search);
+    const chunk = Number(query.get("chunk") || 0);
+    const pause = Number(query.get("pause") || 0);
     if (f.get("resumable") && window.tus) {
       const upload = new tus.Upload(file, {
         endpoint: up.postURL,
@@ -91,6 +95,8 @@
         retryDelays: [500, 1000, 2000, 3000, 5000, 5000, 10000, 10000, 10000, 15000, 20000],
         storeFingerprintForResuming: false,
         metadata: { filename: file.name },
+        onBeforeRequest: (req) => pause > 0 && req.getMethod() === "PATCH"
+          ? new Promise((r) => setTimeout(r, pause)) : undefined,
         onProgress: (sent, total) => progress(sent, total, started),
         onError: (e) => fail(String(e && e.message ? e.message : e)),
         onSuccess: () => waitReady(kind, up.id).catch((e) => fail(e.message)),

@@ -3,6 +3,7 @@
 
 mod agents;
 mod ansible;
+mod browser_uploads;
 mod console;
 mod core_api;
 mod deploy;
