@@ -411,6 +411,13 @@ fn connect_args(data_dir: &Path, api_url: &str) -> String {
     args
 }
 
+/// The upload page beside the API (`…/client/api` → `…/client/upload`).
+pub fn upload_page_url(api_url: &str) -> String {
+    let base = api_url.trim_end_matches('/');
+    let base = base.strip_suffix("/client/api").unwrap_or(base);
+    format!("{base}{}", crate::api::upload_page::PATH)
+}
+
 /// The next steps `up` prints: each command on its own line, indented by seven spaces, runnable
 /// as it is in a new shell.
 pub fn next_steps(up: &Up, data_dir: &Path) -> String {
@@ -429,9 +436,10 @@ pub fn next_steps(up: &Up, data_dir: &Path) -> String {
         .canonicalize()
         .unwrap_or_else(|_| up.core.credentials_path.clone());
     let mut s = format!(
-        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n  Log in:      a CloudStack UI as user admin, domain ROOT, with the \"password\" in the credentials file\n\nNext steps:\n  1. Register a template (a demo image `up` serves on {}; a progress bar follows the download):\n       {}\n",
+        "\nThe suite is up.\n  API:         {}\n  Credentials: {}\n  Log in:      a CloudStack UI as user admin, domain ROOT, with the \"password\" in the credentials file\n  Upload page: {} (a template or ISO from your browser, resumable; log in as above)\n\nNext steps:\n  1. Register a template (a demo image `up` serves on {}; a progress bar follows the download):\n       {}\n",
         up.core.api_url(),
         creds.display(),
+        upload_page_url(&up.core.api_url()),
         up.image.addr,
         cmd(
             "register-template",

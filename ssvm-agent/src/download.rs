@@ -505,7 +505,7 @@ impl Downloader {
                             if let Some((_, flush)) = checkpoint.take() {
                                 let _ = finish_checkpoint(flush).await;
                             }
-                            if self.store.flush(&file).await.is_ok() {
+                            if self.store.flush(file).await.is_ok() {
                                 record.durable_offset = state.written;
                                 self.save(record).await;
                             }
@@ -557,7 +557,7 @@ impl Downloader {
                 && (state.written - last_checkpoint.0 >= self.settings.checkpoint_every
                     || last_checkpoint.1.elapsed() >= self.settings.checkpoint_interval)
             {
-                if let Err(e) = self.check_fence(record, live, &dir).await {
+                if let Err(e) = self.check_fence(record, live, dir).await {
                     fetch_handle.abort();
                     drain(&mut writes).await?;
                     return Err(e);
@@ -577,7 +577,7 @@ impl Downloader {
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(DownloadError::Transient(format!("download task failed: {e}"))),
         };
-        self.store.flush(&file).await?;
+        self.store.flush(file).await?;
         if !record.compressed {
             record.durable_offset = state.written;
         }
@@ -626,7 +626,7 @@ impl Downloader {
         let part = format!("{final_path}.part");
         self.check_fence(record, live, dir).await?;
         self.store.rename(&part, &final_path).await?;
-        let (account, template_id) = install_ids(&dir).map_err(|e| permanent(format!("{e:#}")))?;
+        let (account, template_id) = install_ids(dir).map_err(|e| permanent(format!("{e:#}")))?;
         let properties = TemplateProperties {
             id: template_id.clone(),
             unique_name: format!("{template_id}-{account}-{}", record.id),
@@ -654,7 +654,7 @@ impl Downloader {
             public: true,
         };
         let text = properties.to_java_properties(&httpdate_comment());
-        if let Err(e) = self.check_fence(record, live, &dir).await {
+        if let Err(e) = self.check_fence(record, live, dir).await {
             // Ours, and not installed: remove it.
             if let Err(error) = self.store.remove_file(&final_path).await {
                 warn!(job.id = %record.id, %error, "Failed to remove the image of a fenced run");

@@ -50,7 +50,11 @@ async fn mold_upload(page: &HttpFixture, file: &std::path::Path, up: &crate::upl
         .expect("run node");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(2), "browser upload could not run: {stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(2),
+        "browser upload could not run: {stderr}"
+    );
     stdout
         .lines()
         .last()
@@ -69,7 +73,9 @@ fn job_record(dir: &std::path::Path, id: &str) -> Option<Value> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.file_name().is_some_and(|n| n == name.as_str()) {
-                return std::fs::read_to_string(&p).ok().and_then(|t| serde_json::from_str(&t).ok());
+                return std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
             }
         }
     }
@@ -77,8 +83,10 @@ fn job_record(dir: &std::path::Path, id: &str) -> Option<Value> {
 }
 
 fn admin_password(core: &crate::core_api::Core) -> String {
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(&core.running().credentials_path).expect("credentials")).expect("json");
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(&core.running().credentials_path).expect("credentials"),
+    )
+    .expect("json");
     v["password"].as_str().expect("password").to_owned()
 }
 
@@ -102,10 +110,18 @@ async fn browsers_upload_to_the_storage_vm_and_resume_after_it_is_killed() {
     let r = mold_upload(&page, &big, &up).await;
     assert_eq!(r["status"], 200, "{r}");
     let origin = r["origin"].as_str().unwrap_or_default().to_owned();
-    assert!(!up.post_url.starts_with(&origin), "the page is on another origin: {origin} vs {}", up.post_url);
+    assert!(
+        !up.post_url.starts_with(&origin),
+        "the page is on another origin: {origin} vs {}",
+        up.post_url
+    );
     let t = settled(&core, &up.id, false).await;
     assert_eq!(t["isready"], true, "{t}");
-    assert_eq!(installed_sha(&g.dir, &up.id), big_sha, "the installed template is the file");
+    assert_eq!(
+        installed_sha(&g.dir, &up.id),
+        big_sha,
+        "the installed template is the file"
+    );
     assert!(t["size"].as_u64().unwrap_or(0) >= 64 << 20, "{t}");
 
     let mut iso = systemvm_tests::images::noise(4 << 20, 21);
@@ -116,7 +132,10 @@ async fn browsers_upload_to_the_storage_vm_and_resume_after_it_is_killed() {
     let r = mold_upload(&page, &iso_file, &iso_up).await;
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(settled(&core, &iso_up.id, true).await["isready"], true);
-    assert_eq!(installed_sha(&g.dir, &iso_up.id), hex::encode(Sha256::digest(&iso)));
+    assert_eq!(
+        installed_sha(&g.dir, &iso_up.id),
+        hex::encode(Sha256::digest(&iso))
+    );
 
     // Core's upload page with tus, in 4 MiB PATCHes on a slow link; the storage VM killed at
     // about a third, restarted by the fleet; the page resumes at the journalled offset.
@@ -149,7 +168,10 @@ async fn browsers_upload_to_the_storage_vm_and_resume_after_it_is_killed() {
             after_kill_min = after_kill_min.min(bytes);
         }
         last = s;
-        assert!(start.elapsed() < Duration::from_secs(300), "page upload too slow: {last}");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "page upload too slow: {last}"
+        );
     }
     let status = child.wait().await.expect("wait");
     assert!(status.success(), "the page's upload failed: {last}");
@@ -159,7 +181,10 @@ async fn browsers_upload_to_the_storage_vm_and_resume_after_it_is_killed() {
     // The storage VM's journal: the upload resumed from its part file (not from zero).
     let record = job_record(core.dir(), &id).unwrap_or_else(|| panic!("no journal record of {id}"));
     assert_eq!(record["state"], "completed", "{record}");
-    assert!(record["resumes"].as_u64().unwrap_or(0) >= 1, "resumed from the part file: {record}");
+    assert!(
+        record["resumes"].as_u64().unwrap_or(0) >= 1,
+        "resumed from the part file: {record}"
+    );
     let t = settled(&core, &id, false).await;
     assert_eq!(t["isready"], true, "{t}");
     assert_eq!(installed_sha(&g.dir, &id), big_sha);

@@ -742,6 +742,14 @@ async fn up_next_steps_work_pasted_into_a_new_shell() {
         !text.contains("--data-dir"),
         "the default data dir needs no flag: {text}"
     );
+    // The upload page link it prints opens (the page and its tus client).
+    let page = format!("http://{listen}/client/upload");
+    assert!(text.contains(&format!("Upload page: {page} ")), "{text}");
+    for path in ["", "/upload.js", "/tus.min.js"] {
+        let a = crate::uploads::request(&format!("{page}{path}"), "GET", &[], b"", None).await;
+        assert_eq!(a.status, 200, "{page}{path}");
+        assert!(!a.body.is_empty(), "{page}{path}");
+    }
     assert!(
         text.contains("Open the console of the demo VM"),
         "no demo VM (QEMU did not start?): {text}\n{}",

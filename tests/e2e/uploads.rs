@@ -137,6 +137,9 @@ pub(crate) async fn request(
     }
 }
 
+/// A multipart part: field, file name, bytes.
+type OwnedPart = (&'static str, Option<&'static str>, Vec<u8>);
+
 const BOUNDARY: &str = "----moldUploadBoundary7MA4YWxk";
 
 /// A multipart body as a browser's FormData sends it: `parts` of (field, file name, bytes).
@@ -382,7 +385,7 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
     assert_eq!(t["downloaddetails"][0]["downloadState"], "NOT_UPLOADED", "{t}");
 
     // Bodies that are not one plain, complete file of the declared kind.
-    let cases: Vec<(&str, Vec<(&str, Option<&str>, Vec<u8>)>, u16, &str)> = vec![
+    let cases: Vec<(&str, Vec<OwnedPart>, u16, &str)> = vec![
         (
             "no file",
             vec![("name", None, b"x".to_vec())],
@@ -633,6 +636,24 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
         .cs_raw(&["extractTemplate", &format!("id={}", up.id), "mode=FTP_UPLOAD"])
         .await;
     assert!(!ok, "{v}");
+
+    // Rotation: the new key seals, links and parameters made before still open.
+    let before = params(&core, false, "before-rotation", &[]).await;
+    let r = core.ok(&["rotateTransferKeys"]).await;
+    assert_eq!(r["transferkeys"]["storagevmsupdated"], 1, "{r}");
+    assert_eq!(r["transferkeys"]["keys"].as_array().map(Vec::len), Some(2), "{r}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = params(&core, false, "after-rotation", &[]).await;
+    for up in [&before, &after] {
+        let a = post(up, &[("files[]", Some("up.qcow2"), &data)]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(
+        request(&url, "GET", &[("Range".into(), "bytes=0-0".into())], b"", None)
+            .await
+            .status,
+        206
+    );
 
     // Expiry: parameters issued with upload.operation.timeout=1 (minute), a link with 60 s.
     tokio::time::sleep(Duration::from_secs(62).saturating_sub(expiry_started.elapsed())).await;

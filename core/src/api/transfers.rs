@@ -1,5 +1,6 @@
 //! Browser uploads and download links: `getUploadParamsForTemplate`, `getUploadParamsForIso`,
-//! `extractTemplate`, `extractIso` (the HTTP side of [`crate::model::transfers`]).
+//! `extractTemplate`, `extractIso`, `rotateTransferKeys` (the HTTP side of
+//! [`crate::model::transfers`] and the transfer key ring).
 //!
 //! Invariants: the upload commands take `registerTemplate`'s (`registerIso`'s) parameters
 //! without `url` and answer as CloudStack does (`postuploadtemplateresponse.getuploadparams`,
@@ -97,6 +98,16 @@ pub const EXTRACT_FIELDS: crate::api::fields::Fields = &[
     ("created", "the time and date the object was created"),
 ];
 
+/// The response fields of `rotateTransferKeys`.
+pub const TRANSFER_KEYS_FIELDS: crate::api::fields::Fields = &[
+    ("primary", "the id of the new primary key"),
+    ("keys", "the ids of the keys now in the set"),
+    (
+        "storagevmsupdated",
+        "how many connected storage VMs got the new set",
+    ),
+];
+
 /// This module's commands.
 pub static COMMANDS: &[Command] = &[
     Command::new(
@@ -135,7 +146,25 @@ pub static COMMANDS: &[Command] = &[
     )
     .asynchronous()
     .returns(EXTRACT_FIELDS),
+    Command::new(
+        "rotateTransferKeys",
+        "Adds a new transfer key (upload parameters, download links), makes it primary, retires keys older than the previous one, and pushes the set to every connected storage VM",
+        Access::ADMIN,
+        &[],
+        crate::handler!(rotate_transfer_keys),
+    )
+    .returns(TRANSFER_KEYS_FIELDS),
 ];
+
+/// `rotateTransferKeys` (ours): what `rotateConsoleKeys` does, for the transfer keys.
+pub async fn rotate_transfer_keys(state: State, _caller: Caller, _p: Params) -> Result<Value, ApiError> {
+    let r = crate::model::keyrings::rotate(&state, crate::model::keyrings::Ring::Transfer).await?;
+    let mut v = json!({ "primary": r.primary, "keys": r.keys });
+    if let Some(n) = r.pushed {
+        v["storagevmsupdated"] = json!(n);
+    }
+    Ok(json!({ "transferkeys": v }))
+}
 
 async fn upload(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
     let format = format_of(&p, iso);

@@ -135,7 +135,7 @@ async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<Upload
     let (max_bytes, limit_reason) = match account_room(state, &caller.account_id).await? {
         Some(room) if room < max_template => (
             room,
-            format!("the account's secondary storage limit (max.account.secondary.storage) leaves"),
+            "the account's secondary storage limit (max.account.secondary.storage)".to_owned(),
         ),
         _ => (max_template, "max.template.iso.size".to_owned()),
     };

@@ -5,7 +5,6 @@
 //! Invariant: the link is opened (authentic, unexpired, for this agent's store) before the
 //! store is touched; the name in the URL is cosmetic (the link decides the file).
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -113,7 +112,7 @@ fn stream(store: Store, file: FileId, start: u64, end: u64) -> Body {
             )),
             Ok(data) => {
                 let next = pos + data.len() as u64;
-                Some((Ok(Frame::data(Bytes::from(data))), Some((store, file, next))))
+                Some((Ok(Frame::data(data)), Some((store, file, next))))
             }
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
         }
