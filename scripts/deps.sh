@@ -21,6 +21,8 @@ esac
 apt_pkgs=(qemu-system-x86)
 if [ "$mode" != run ]; then
   apt_pkgs+=(chromium fonts-dejavu-core genisoimage bzip2 xz-utils zstd zip)
+  # certutil: a test CA in a throwaway NSS database, so Chromium trusts an uploaded certificate.
+  apt_pkgs+=(libnss3-tools)
   # The NFS server the store's end-to-end tests run against (started with scripts/fake_rpcbind.py).
   apt_pkgs+=(nfs-ganesha nfs-ganesha-vfs)
   # The core's API tests: PostgreSQL (a throwaway cluster per test run) and a venv for the `cs` CLI.

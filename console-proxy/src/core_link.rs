@@ -1,5 +1,6 @@
 //! The proxy's link to systemvm-core (`serve --core …`): dials core's agent endpoint with
-//! `systemvm-agent-client`, installs the console-token keys core pushes (`Welcome`, `KeysUpdate`),
+//! `systemvm-agent-client`, installs the console-token keys core pushes (`Welcome`, `KeysUpdate`)
+//! and the operator's certificate (`CertificateUpdate`: TLS on the same port from then on),
 //! reports active/max sessions and its public endpoint, and claims each session id from core
 //! before opening the console (one session per link across the fleet).
 //!
@@ -45,7 +46,19 @@ pub fn connect(
     let for_load = proxy.clone();
     let for_claims = proxy.clone();
     let for_config = proxy.clone();
+    let for_cert = proxy.clone();
     let hooks = Hooks {
+        certificate: Arc::new(move |c| {
+            match for_cert.set_certificate(&c.chain_pem, c.key_pem.expose(), c.serial) {
+                Ok(true) => {
+                    tracing::info!(serial = c.serial, domain = %c.domain_suffix, "Installed the certificate from core")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "Refused the certificate from core; keeping the current one")
+                }
+            }
+        }),
         load: Arc::new(move || Load {
             console: Some(ConsoleLoad {
                 active_sessions: for_load.active_sessions() as u64,

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use systemvm_agent_client::tls::{CertError, ServerCert, is_tls};
 use systemvm_proto::console::KeySet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,6 +55,10 @@ struct Shared {
     /// Connections in their HTTP phase, to close one when the limit is reached.
     http: Mutex<HttpConns>,
     shutdown: watch::Receiver<bool>,
+    /// The certificate core pushes (`uploadCustomCertificate`): with it, connections that open
+    /// with a TLS handshake get TLS on the same port (when no `--tls-cert` is set).
+    pushed_cert: Arc<ServerCert>,
+    pushed_tls: Arc<rustls::ServerConfig>,
 }
 
 /// Connections in their HTTP phase (not yet upgraded, or serving pages), by age, each with its
@@ -109,6 +114,12 @@ impl RunningProxy {
         self.shared.config.max_sessions - self.shared.sessions.available_permits()
     }
 
+    /// Installs a certificate core pushed (serial order; a bad one is refused and the current one
+    /// kept). Established TLS sessions keep theirs; the next handshakes get it.
+    pub fn set_certificate(&self, chain_pem: &str, key_pem: &str, serial: u64) -> Result<bool, CertError> {
+        self.shared.pushed_cert.set_pem(chain_pem, key_pem, serial)
+    }
+
     /// Replaces the token keys (rotation); sessions already open are not affected.
     pub fn set_keys(&self, keys: KeySet) {
         *self.shared.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
@@ -154,7 +165,13 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         .with_context(|| format!("failed to bind {}", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, shutdown) = watch::channel(false);
+    let pushed_cert = ServerCert::new();
+    let pushed_tls = pushed_cert
+        .server_config()
+        .context("failed to set up TLS for pushed certificates")?;
     let shared = Arc::new(Shared {
+        pushed_cert,
+        pushed_tls,
         keys: RwLock::new(config.keys.clone()),
         replay: ReplayStore::default(),
         idle: IdleTimeout::new(config.idle_timeout),
@@ -272,7 +289,14 @@ async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         id,
     };
     let _ = tcp.set_nodelay(true);
-    match shared.config.tls.clone() {
+    let tls = match shared.config.tls.clone() {
+        Some(tls) => Some(tls),
+        None if shared.pushed_cert.is_set() && is_tls(&tcp, REQUEST_TIMEOUT).await => {
+            Some(shared.pushed_tls.clone())
+        }
+        None => None,
+    };
+    match tls {
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(tcp)).await {

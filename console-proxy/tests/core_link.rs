@@ -120,6 +120,7 @@ async fn serve_with_core_gets_keys_from_welcome() {
         console_keys: Some(ConsoleKeys::from_key_set(&keys).unwrap()),
         config: Default::default(),
         transfer_keys: None,
+        certificate: None,
     });
     ws.send(&welcome).await.unwrap();
     let AgentMessage::Heartbeat(hb) = ws.recv(Duration::from_secs(10)).await.unwrap() else {
@@ -249,6 +250,7 @@ async fn links_are_claimed_from_core_only_once_their_session_is_accepted() {
         console_keys: Some(ConsoleKeys::from_key_set(&keys).unwrap()),
         config: Default::default(),
         transfer_keys: None,
+        certificate: None,
     }))
     .await
     .unwrap();

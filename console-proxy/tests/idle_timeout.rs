@@ -298,6 +298,7 @@ async fn idle_timeout_from_core_applies_to_new_and_running_sessions() {
         console_keys: Some(ConsoleKeys::from_key_set(&keys).unwrap()),
         config: timeout("1500"),
         transfer_keys: None,
+        certificate: None,
     }))
     .await
     .unwrap();

@@ -316,6 +316,13 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
         }
         AgentRole::ConsoleProxy => None,
     };
+    let certificate = match crate::model::certificates::current(&state).await {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "Could not read the custom certificate for an agent");
+            None
+        }
+    };
     let config = settings::agent_config(&state, &zone, hello.role).await;
     let (conn_id, mut replaced, mut outgoing) = state.agents.register(&vm_id, hello.role, hello.version);
     let from = From {
@@ -337,6 +344,7 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
         console_keys,
         config,
         transfer_keys,
+        certificate,
     });
     tracing::info!(version = hello.version, software_version = %hello.software_version, "Agent connected");
     let ended = if send(&mut ws, &welcome).await.is_err() {

@@ -1,5 +1,5 @@
 //! Every core follows what the other core may change in the database: settings (global and per
-//! zone), the console-token keys and the transfer keys. The core holding the lease pushes changes to its agents:
+//! zone), the console-token keys, the transfer keys and the custom certificate. The core holding the lease pushes changes to its agents:
 //! `ConfigUpdate` to the system VMs a changed setting concerns, `KeysUpdate` to console proxies, `TransferKeysUpdate` to storage VMs.
 //!
 //! Invariants: a change made on either core reaches this core's cache within
@@ -45,6 +45,9 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
         }
         if let Err(error) = keyrings::follow(&state, Ring::Transfer).await {
             tracing::warn!(%error, "Could not follow the transfer keys");
+        }
+        if let Err(error) = crate::model::certificates::follow(&state).await {
+            tracing::warn!(%error, "Could not follow the custom certificate");
         }
     }
 }

@@ -427,6 +427,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         jobs: Mutex::new(tokio::task::JoinSet::new()),
         console_keys: std::sync::RwLock::new(console_keys),
         transfer_keys: std::sync::RwLock::new(transfer_keys),
+        cert_serial: std::sync::atomic::AtomicU64::new(0),
         secrets,
         agents: hub::Hub::default(),
         dispatch_wakeup: tokio::sync::Notify::new(),

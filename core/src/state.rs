@@ -72,6 +72,8 @@ pub struct Shared {
     /// Transfer keys (upload tickets, download links), pushed to storage VMs in `Welcome` and
     /// `TransferKeysUpdate`; read them with [`Shared::transfer_keys`].
     pub transfer_keys: std::sync::RwLock<systemvm_proto::console::KeySet>,
+    /// Serial of the custom certificate this core pushed last (the lease holder pushes newer ones).
+    pub cert_serial: std::sync::atomic::AtomicU64,
     /// The secrets key: encrypts the keys stored in the database (`crate::secrets`).
     pub secrets: crate::secrets::SecretsKey,
     /// Current agent connections.

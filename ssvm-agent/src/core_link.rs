@@ -1,6 +1,7 @@
 //! The storage agent's link to systemvm-core (`serve --core …`): dials core's agent endpoint with
 //! `systemvm-agent-client`, reports jobs and store health/capacity in heartbeats, and runs core's
-//! commands (download, cancel, delete an install), reporting job progress.
+//! commands (download, cancel, delete an install), reporting job progress; hands the transfer keys
+//! and the operator's certificate to the transfer server.
 //!
 //! Invariants:
 //! * a heartbeat never waits on the store: the load is refreshed by its own task (every
@@ -68,6 +69,8 @@ pub struct LinkOptions {
     pub keys: crate::transfer::TransferKeys,
     /// The transfer server's base URL, when it runs.
     pub endpoint: Option<String>,
+    /// Receives the operator's certificate (`Welcome`, `CertificateUpdate`).
+    pub cert: Arc<systemvm_agent_client::tls::ServerCert>,
 }
 
 /// Starts the link (no transfer server).
@@ -123,7 +126,19 @@ pub fn connect_with(agent: Arc<Agent>, link: &CoreLink, options: LinkOptions) ->
         }
     });
     let keys = options.keys;
+    let cert = options.cert;
     let hooks = Hooks {
+        certificate: Arc::new(
+            move |c| match cert.set_pem(&c.chain_pem, c.key_pem.expose(), c.serial) {
+                Ok(true) => {
+                    tracing::info!(serial = c.serial, domain = %c.domain_suffix, "Installed the certificate from core")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "Refused the certificate from core; keeping the current one")
+                }
+            },
+        ),
         load: Arc::new(move || Load {
             console: None,
             storage: Some(latest.lock().unwrap_or_else(PoisonError::into_inner).clone()),

@@ -345,6 +345,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tracing::info!(resumed, "Resumed jobs from the journal");
             }
             let keys = ssvm_agent::transfer::TransferKeys::default();
+            let cert = systemvm_agent_client::tls::ServerCert::new();
             let stop = CancellationToken::new();
             let mut endpoint = None;
             let transfer = match public_listen {
@@ -361,7 +362,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                             .trim_end_matches('/')
                             .to_owned(),
                     );
-                    let transfers = ssvm_agent::transfer::Transfers::new(agent.clone(), keys.clone());
+                    let transfers =
+                        ssvm_agent::transfer::Transfers::new(agent.clone(), keys.clone(), cert.clone())?;
                     let stopped = stop.clone().cancelled_owned();
                     Some(tokio::spawn(ssvm_agent::transfer::serve(
                         transfers, listener, stopped,
@@ -373,7 +375,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(link) => Some(ssvm_agent::core_link::connect_with(
                     agent.clone(),
                     link,
-                    ssvm_agent::core_link::LinkOptions { keys, endpoint },
+                    ssvm_agent::core_link::LinkOptions { keys, endpoint, cert },
                 )?),
                 None => None,
             };

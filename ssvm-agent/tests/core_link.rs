@@ -113,6 +113,7 @@ async fn config_update_from_core_changes_the_internal_sites_without_a_restart() 
         console_keys: None,
         config: [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "1".to_owned())].into(),
         transfer_keys: None,
+        certificate: None,
     }))
     .await
     .unwrap();
@@ -206,6 +207,7 @@ async fn serve_with_core_reports_storage_load() {
         console_keys: None,
         config: Default::default(),
         transfer_keys: None,
+        certificate: None,
     });
     ws.send(&welcome).await.unwrap();
     let mut last = None;

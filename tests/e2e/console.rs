@@ -16,8 +16,8 @@ use crate::support::{self, Proxy, VNC_PASSWORD, claims, qemu};
 
 /// An RFB client over the proxy's WebSocket, reading binary messages as one byte stream.
 pub(crate) struct RfbOverWs<S> {
-    ws: WebSocketStream<S>,
-    buf: Vec<u8>,
+    pub(crate) ws: WebSocketStream<S>,
+    pub(crate) buf: Vec<u8>,
 }
 
 /// How a WebSocket ended.

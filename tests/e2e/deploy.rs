@@ -113,7 +113,7 @@ pub(crate) fn kill9(vm_id: &str) -> u32 {
     pids[0]
 }
 
-async fn add_qemu_target(core: &Core) -> String {
+pub(crate) async fn add_qemu_target(core: &Core) -> String {
     let vm = qemu();
     let t = core
         .ok(&[

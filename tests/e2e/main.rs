@@ -4,6 +4,7 @@
 mod agents;
 mod ansible;
 mod browser_uploads;
+mod certificates;
 mod console;
 mod core_api;
 mod deploy;

@@ -169,6 +169,12 @@ pub(crate) struct PageCheck {
 
 /// Opens `url` in headless Chromium and waits for `expect` (`connected` or `failed`).
 pub(crate) fn check_page(url: &str, screenshot: &Path, expect: &str) -> PageCheck {
+    check_page_env(url, screenshot, expect, &[])
+}
+
+/// [`check_page`] with more environment for node and Chromium (`HOME` for its NSS trust store,
+/// `CHROMIUM_EXTRA_ARGS`).
+pub(crate) fn check_page_env(url: &str, screenshot: &Path, expect: &str, env: &[(&str, &str)]) -> PageCheck {
     let web = workspace().join("console-proxy/web");
     assert!(
         web.join("node_modules/playwright-core").is_dir(),
@@ -180,6 +186,7 @@ pub(crate) fn check_page(url: &str, screenshot: &Path, expect: &str) -> PageChec
     );
     let out = Command::new("node")
         .current_dir(&web)
+        .envs(env.iter().copied())
         .args(["e2e/check.mjs", url])
         .arg(screenshot)
         .args(["--expect", expect, "--timeout-ms", "30000"])

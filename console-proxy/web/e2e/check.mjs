@@ -22,6 +22,8 @@ const CHROMIUM_ARGS = [
   '--disable-background-networking',
   '--disable-component-update',
   '--disable-sync',
+  // More flags from the environment, one per line (e.g. a host resolver rule for a test domain).
+  ...(process.env.CHROMIUM_EXTRA_ARGS || '').split('\n').filter(Boolean),
 ];
 const USAGE =
   'usage: node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N]';

@@ -379,7 +379,13 @@ async fn issue_link(
         tracing::warn!(%vm_id, %details, "No console link made");
         return Ok(failed(details));
     };
-    let endpoint: http::Uri = match proxy.endpoint.parse() {
+    let public = crate::model::certificates::public_url(
+        state,
+        systemvm_proto::agent::AgentRole::ConsoleProxy,
+        &proxy.endpoint,
+    )
+    .await;
+    let endpoint: http::Uri = match public.parse() {
         Ok(u) => u,
         Err(_) => {
             return Ok(failed(format!(
@@ -414,7 +420,7 @@ async fn issue_link(
         .await?
         .seal(&claims)
         .map_err(|e| ApiError::internal(&e))?;
-    let base = proxy.endpoint.trim_end_matches('/');
+    let base = public.trim_end_matches('/');
     tracing::info!(%vm_id, proxy = %proxy.id, "Console link issued");
     Ok(json!({ "consoleendpoint": {
         "success": true,

@@ -12,6 +12,7 @@ pub mod accounts;
 pub mod apis;
 pub mod capacity;
 pub mod catalogue;
+pub mod certificates;
 pub mod configs;
 pub mod consoles;
 pub mod domains;
@@ -85,6 +86,7 @@ static TABLES: &[&[Command]] = &[
     virtual_machines::COMMANDS,
     tags::COMMANDS,
     transfers::COMMANDS,
+    certificates::COMMANDS,
     COMMANDS,
 ];
 

@@ -17,6 +17,7 @@
 //! * text in a [`DomainError`] other than `Db` is written for the operator; `Db` never reaches a
 //!   client.
 
+pub mod certificates;
 pub mod consoles;
 pub mod directory;
 pub mod events;

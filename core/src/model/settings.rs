@@ -258,7 +258,7 @@ pub const UPLOAD_TIMEOUT: Setting = Setting {
     dynamic: true,
     zone: false,
     agent: None,
-    description: "Minutes an upload's parameters (getUploadParamsForTemplate, getUploadParamsForIso) stay valid: the upload must be made, or resumed, before then",
+    description: "Minutes the upload parameters core hands out stay valid: the upload must be made, or resumed, before then",
 };
 /// `max.account.secondary.storage`.
 pub const ACCOUNT_SECONDARY_LIMIT: Setting = Setting {
@@ -281,6 +281,39 @@ pub const EXTRACT_URL_EXPIRATION: Setting = Setting {
     zone: false,
     agent: None,
     description: "Seconds a download link made by extractTemplate or extractIso stays valid (the storage VM refuses it afterwards)",
+};
+/// `consoleproxy.url.domain`.
+pub const PROXY_URL_DOMAIN: Setting = Setting {
+    name: "consoleproxy.url.domain",
+    category: "Console Proxy",
+    default: "",
+    kind: Kind::String,
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "The domain of console links with a custom certificate (https://a-b-c-d.DOMAIN:port); empty: the certificate's domain suffix",
+};
+/// `secstorage.ssl.cert.domain`.
+pub const SSVM_CERT_DOMAIN: Setting = Setting {
+    name: "secstorage.ssl.cert.domain",
+    category: "Secondary Storage",
+    default: "",
+    kind: Kind::String,
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "The domain of upload and download URLs with a custom certificate (https://a-b-c-d.DOMAIN:port); empty: the certificate's domain suffix",
+};
+/// `use.https.to.upload`.
+pub const USE_HTTPS_TO_UPLOAD: Setting = Setting {
+    name: "use.https.to.upload",
+    category: "Secondary Storage",
+    default: "true",
+    kind: Kind::String,
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "With a custom certificate, upload and download URLs use https (false: plain http, for labs); without one they are plain http",
 };
 
 /// Every setting, in `listConfigurations` order.
@@ -305,6 +338,9 @@ pub const SETTINGS: &[&Setting] = &[
     &UPLOAD_TIMEOUT,
     &ACCOUNT_SECONDARY_LIMIT,
     &EXTRACT_URL_EXPIRATION,
+    &PROXY_URL_DOMAIN,
+    &SSVM_CERT_DOMAIN,
+    &USE_HTTPS_TO_UPLOAD,
 ];
 
 /// Finds a setting definition.

@@ -22,7 +22,7 @@ use crate::state::{Caller, State};
 
 /// What `getUploadParamsFor*` answers.
 #[derive(Debug, Clone)]
-pub struct UploadParams {
+pub struct IssuedUpload {
     /// The template's id.
     pub id: String,
     /// Where the browser posts.
@@ -74,7 +74,15 @@ async fn transfer_vm(
         .await?
         .flatten();
     match endpoint.filter(|e| !e.is_empty()) {
-        Some(e) => Ok((vm, e.trim_end_matches('/').to_owned())),
+        Some(e) => {
+            let public = crate::model::certificates::public_url(
+                state,
+                systemvm_proto::agent::AgentRole::SecStorage,
+                e.trim_end_matches('/'),
+            )
+            .await;
+            Ok((vm, public))
+        }
         None => Err(DomainError::Unavailable(format!(
             "Storage VM {vm} has no transfer server (ssvm-agent serve --public-listen)"
         ))),
@@ -100,7 +108,7 @@ async fn account_room(state: &State, account_id: &str) -> DomainResult<Option<u6
 }
 
 /// Records a template or ISO that a browser will upload and seals its upload parameters.
-pub async fn begin_upload(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> DomainResult<UploadParams> {
+pub async fn begin_upload(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> DomainResult<IssuedUpload> {
     let id = templates::register(state, caller, t).await?;
     match ticket(state, caller, &id).await {
         Ok(p) => Ok(p),
@@ -118,7 +126,7 @@ pub async fn begin_upload(state: &State, caller: &Caller, t: &NewTemplate<'_>) -
     }
 }
 
-async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<UploadParams> {
+async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<IssuedUpload> {
     let row = sqlx::query(
         "SELECT t.zone_id, t.install_path, t.format, t.checksum, t.display_text, st.url AS store_url, st.name AS store_name FROM templates t JOIN image_stores st ON st.id = t.store_id WHERE t.id = $1",
     )
@@ -171,7 +179,7 @@ async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<Upload
         .execute(&state.db.pool)
         .await?;
     tracing::info!(template = %id, storage_vm = %vm, max_bytes, "Upload parameters issued");
-    Ok(UploadParams {
+    Ok(IssuedUpload {
         id: id.to_owned(),
         post_url: ticket.post_url,
         metadata,

@@ -15,6 +15,8 @@ import { chromium } from 'playwright-core';
 const CHROMIUM_ARGS = [
   '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  // More flags from the environment, one per line (e.g. a host resolver rule for a test domain).
+  ...(process.env.CHROMIUM_EXTRA_ARGS || '').split('\n').filter(Boolean),
 ];
 
 async function browser() {

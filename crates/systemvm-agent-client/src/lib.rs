@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod parent;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -269,6 +270,8 @@ pub struct Hooks {
     pub keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
     /// Called with the transfer keys (storage VMs) from `Welcome` and `TransferKeysUpdate`.
     pub transfer_keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
+    /// Called with the operator's certificate from `Welcome` and `CertificateUpdate`.
+    pub certificate: Arc<dyn Fn(systemvm_proto::agent::ServerCertificate) + Send + Sync>,
     /// Called with the agent's settings from `Welcome` and `ConfigUpdate` (core's setting names,
     /// `systemvm_proto::agent::config_keys`).
     pub config: Arc<dyn Fn(std::collections::BTreeMap<String, String>) + Send + Sync>,
@@ -391,6 +394,7 @@ impl Default for Hooks {
             load: Arc::new(Load::default),
             keys: Arc::new(|_| {}),
             transfer_keys: Arc::new(|_| {}),
+            certificate: Arc::new(|_| {}),
             config: Arc::new(|_| {}),
             command: Arc::new(|c| {
                 let answer = unsupported(&c);
@@ -664,6 +668,9 @@ async fn session(
     if let Some(keys) = welcome.transfer_keys {
         (hooks.transfer_keys)(keys);
     }
+    if let Some(cert) = welcome.certificate {
+        (hooks.certificate)(cert);
+    }
     (hooks.config)(welcome.config);
     let _ = status.send(Status::Up(url.url.clone()));
     let ws_err = |e| ConnectError::Ws {
@@ -699,6 +706,7 @@ async fn session(
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<CoreMessage>(t.as_str()) {
                     Ok(CoreMessage::KeysUpdate(k)) => (hooks.keys)(k.console_keys),
                     Ok(CoreMessage::TransferKeysUpdate(k)) => (hooks.transfer_keys)(k.transfer_keys),
+                    Ok(CoreMessage::CertificateUpdate(c)) => (hooks.certificate)(c.certificate),
                     Ok(CoreMessage::ConfigUpdate(c)) => (hooks.config)(c.config),
                     Ok(CoreMessage::Command(c)) => {
                         let run = (hooks.command)(c);

@@ -134,6 +134,9 @@ pub enum CoreMessage {
     /// New transfer keys (storage VMs: upload tickets and download links); agents of older
     /// builds skip it.
     TransferKeysUpdate(TransferKeysUpdate),
+    /// A new TLS certificate for the agent's browser-facing server (`uploadCustomCertificate`);
+    /// agents of older builds skip it.
+    CertificateUpdate(CertificateUpdate),
     /// Core's answer to a [`ClaimSession`] (version 2).
     ClaimAnswer(ClaimAnswer),
     /// Changed settings for the agent (a dynamic setting was updated); same keys as
@@ -186,6 +189,29 @@ pub struct Welcome {
     /// ([`crate::transfer`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer_keys: Option<ConsoleKeys>,
+    /// The operator's certificate for the agent's browser-facing server, when one was uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<ServerCertificate>,
+}
+
+/// A TLS certificate for the browser-facing servers of console proxies and storage VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerCertificate {
+    /// The server certificate, then its chain, PEM.
+    pub chain_pem: String,
+    /// Its private key, PEM (never logged: [`Secret`]).
+    pub key_pem: Secret,
+    /// The domain the certificate is for (`example.org` of `*.example.org`).
+    pub domain_suffix: String,
+    /// Grows with every upload; an agent keeps the highest it saw.
+    pub serial: u64,
+}
+
+/// A new certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateUpdate {
+    /// The certificate.
+    pub certificate: ServerCertificate,
 }
 
 /// The setting names core sends in [`Welcome::config`] and [`ConfigUpdate::config`].
@@ -627,6 +653,15 @@ mod tests {
             console_keys: Some(keys()),
             config: BTreeMap::from([("a".into(), "b".into())]),
             transfer_keys: Some(keys()),
+            certificate: None,
+        }));
+        round_trip_core(CoreMessage::CertificateUpdate(CertificateUpdate {
+            certificate: ServerCertificate {
+                chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+                key_pem: Secret::from("k"),
+                domain_suffix: "example.org".into(),
+                serial: 2,
+            },
         }));
         round_trip_core(CoreMessage::Refused(Refused { reason: "bad".into() }));
         round_trip_core(CoreMessage::Command(Command {

@@ -17,7 +17,10 @@
 //! * nothing is listed: any other path is 404, and a link names one file of this agent's store;
 //! * connections are capped ([`MAX_CONNECTIONS`]) and each request's headers arrive under a
 //!   deadline; uploads run at most [`MAX_UPLOADS`] at once;
-//! * a 500 never carries internal detail (it is logged).
+//! * a 500 never carries internal detail (it is logged);
+//! * with the operator's certificate (core's `uploadCustomCertificate`), a connection that opens
+//!   with a TLS handshake is served over TLS on the same port; a new certificate applies to the
+//!   next handshakes and never to established connections (a running upload goes on).
 
 mod extract;
 mod upload;
@@ -36,6 +39,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use systemvm_agent_client::tls::{ServerCert, is_tls};
 use systemvm_proto::console::KeySet;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -80,20 +84,28 @@ impl std::fmt::Debug for TransferKeys {
 pub struct Transfers {
     agent: Arc<Agent>,
     keys: TransferKeys,
+    /// The operator's certificate core pushed: connections that open with a TLS handshake get
+    /// TLS with it (plain HTTP stays for labs, `use.https.to.upload=false`).
+    cert: Arc<ServerCert>,
+    tls: Arc<rustls::ServerConfig>,
     uploads: Arc<Semaphore>,
     /// tus uploads between their requests: the install state kept in memory.
     sessions: Mutex<HashMap<String, upload::Slot>>,
 }
 
 impl Transfers {
-    /// The server's state over `agent`, opening credentials with `keys`.
-    pub fn new(agent: Arc<Agent>, keys: TransferKeys) -> Arc<Self> {
-        Arc::new(Transfers {
+    /// The server's state over `agent`, opening credentials with `keys`, serving TLS with `cert`
+    /// once it holds one.
+    pub fn new(agent: Arc<Agent>, keys: TransferKeys, cert: Arc<ServerCert>) -> anyhow::Result<Arc<Self>> {
+        let tls = cert.server_config().context("failed to set up TLS")?;
+        Ok(Arc::new(Transfers {
             agent,
             keys,
+            cert,
+            tls,
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
             sessions: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, upload::Slot>> {
@@ -128,22 +140,39 @@ pub async fn serve(
         };
         let transfers = transfers.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let transfers = transfers.clone();
-                async move { Ok::<_, Infallible>(route(transfers, req).await) }
-            });
-            if let Err(error) = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await
-            {
-                tracing::debug!(%peer, %error, "Transfer connection ended with an error");
+            let tls = transfers.cert.is_set() && is_tls(&tcp, HEADER_TIMEOUT).await;
+            if tls {
+                let acceptor = tokio_rustls::TlsAcceptor::from(transfers.tls.clone());
+                match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_connection(transfers, TokioIo::new(stream), peer).await,
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            } else {
+                serve_connection(transfers, TokioIo::new(tcp), peer).await;
             }
             drop(permit);
         });
     }
     Ok(())
+}
+
+async fn serve_connection<I>(transfers: Arc<Transfers>, io: I, peer: std::net::SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let transfers = transfers.clone();
+        async move { Ok::<_, Infallible>(route(transfers, req).await) }
+    });
+    if let Err(error) = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, service)
+        .await
+    {
+        tracing::debug!(%peer, %error, "Transfer connection ended with an error");
+    }
 }
 
 async fn route(t: Arc<Transfers>, req: Request<Incoming>) -> Response<Body> {
