@@ -97,7 +97,8 @@ pub async fn serve(
 }
 
 /// The lease holder's sweeps, every second: agents silent past `agent.heartbeat.timeout` are
-/// marked `Disconnected`; every minute, expired console session claims and login sessions go.
+/// marked `Disconnected`; every 5 s, uploads whose parameters expired unused are abandoned; every
+/// minute, expired console session claims and login sessions go.
 pub async fn monitor(state: State, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
@@ -120,6 +121,13 @@ pub async fn monitor(state: State, mut stop: watch::Receiver<bool>) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(count = n, "Swept expired login sessions"),
                 Err(error) => tracing::warn!(%error, "Failed to sweep login sessions"),
+            }
+        }
+        if ticks.is_multiple_of(5) {
+            match crate::model::transfers::abandon_expired(&state.db.pool).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "Abandoned uploads whose parameters expired unused"),
+                Err(error) => tracing::warn!(%error, "Failed to abandon expired uploads"),
             }
         }
         let timeout = settings::uint(&state, &settings::HEARTBEAT_TIMEOUT).await;

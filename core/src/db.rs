@@ -45,6 +45,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, "directory", include_str!("../migrations/0011_directory.sql")),
     (12, "updates", include_str!("../migrations/0012_updates.sql")),
     (13, "tags", include_str!("../migrations/0013_tags.sql")),
+    (14, "uploads", include_str!("../migrations/0014_uploads.sql")),
 ];
 
 /// Opening or migrating the database failed.

@@ -113,10 +113,20 @@ pub fn connect_with(agent: Arc<Agent>, link: &CoreLink, options: LinkOptions) ->
         outbox,
         watched: Mutex::new(HashSet::new()),
     });
-    // Jobs that begin outside core's commands (uploads) are watched too.
+    // Jobs that begin outside core's commands (uploads) are watched too; one-shot uploads a
+    // restart ended are reported once the channel is up.
     let mut started = runner.agent.subscribe_started();
     let for_started = runner.clone();
     let watcher = tokio::spawn(async move {
+        let interrupted = for_started.agent.take_interrupted();
+        if !interrupted.is_empty() {
+            tokio::time::sleep(PROGRESS_INTERVAL).await;
+            for record in interrupted {
+                for_started
+                    .outbox
+                    .send(AgentMessage::JobProgress(progress_of(&record)));
+            }
+        }
         loop {
             match started.recv().await {
                 Ok(record) => for_started.watch(&record),

@@ -577,9 +577,11 @@ impl Downloader {
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(DownloadError::Transient(format!("download task failed: {e}"))),
         };
-        self.store.flush(file).await?;
-        if !record.compressed {
-            record.durable_offset = state.written;
+        if feed.flush_at_end {
+            self.store.flush(file).await?;
+            if !record.compressed {
+                record.durable_offset = state.written;
+            }
         }
         live.bytes.store(downloaded, Ordering::Relaxed);
         record.progress = progress(downloaded, total, 0);
@@ -871,6 +873,9 @@ pub(crate) struct Feed {
     exact: bool,
     /// Compressed content is decompressed (only when the feed starts at zero).
     decompress: bool,
+    /// The part file is flushed when the feed ends, and the resume point moves there (else it
+    /// moves only at checkpoints: a tus PATCH that is not the last one).
+    flush_at_end: bool,
 }
 
 impl Feed {
@@ -897,7 +902,14 @@ impl Feed {
             total,
             exact,
             decompress,
+            flush_at_end: true,
         }
+    }
+
+    /// No flush when the feed ends (the caller flushes often enough on its own).
+    pub(crate) fn without_final_flush(mut self) -> Feed {
+        self.flush_at_end = false;
+        self
     }
 }
 

@@ -47,6 +47,10 @@ pub struct DownloadSpec {
     /// not from a download.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upload: bool,
+    /// An upload that can resume (tus); a one-shot multipart upload cannot, so a restart of the
+    /// agent ends it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumable: bool,
 }
 
 impl DownloadSpec {
@@ -483,6 +487,7 @@ mod tests {
             ),
             description: String::new(),
             upload: false,
+            resumable: false,
         }
     }
 

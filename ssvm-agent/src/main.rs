@@ -270,6 +270,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 checksum,
                 description,
                 upload: false,
+                resumable: false,
             };
             spec.validate()?;
             let store_args = store;
@@ -362,8 +363,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                             .trim_end_matches('/')
                             .to_owned(),
                     );
-                    let transfers =
-                        ssvm_agent::transfer::Transfers::new(agent.clone(), keys.clone(), cert.clone())?;
+                    let vm_id = link.as_ref().map(|l| l.vm_id.clone());
+                    let transfers = ssvm_agent::transfer::Transfers::new(
+                        agent.clone(),
+                        keys.clone(),
+                        cert.clone(),
+                        vm_id,
+                    )?;
                     let stopped = stop.clone().cancelled_owned();
                     Some(tokio::spawn(ssvm_agent::transfer::serve(
                         transfers, listener, stopped,

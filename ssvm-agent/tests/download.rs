@@ -141,6 +141,7 @@ fn spec(url: String, format: &str, checksum: Option<String>) -> DownloadSpec {
         checksum,
         description: String::new(),
         upload: false,
+        resumable: false,
     }
 }
 

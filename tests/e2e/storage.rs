@@ -46,6 +46,7 @@ fn spec(url: String, path: &str, checksum: Option<String>) -> DownloadSpec {
         checksum,
         description: "e2e".into(),
         upload: false,
+        resumable: false,
     }
 }
 

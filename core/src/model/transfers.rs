@@ -10,7 +10,8 @@
 //!   `max.template.iso.size` and what `max.account.secondary.storage` leaves the account;
 //! * tickets and links are sealed with the stored transfer keys (not this core's cache), so
 //!   either core's work opens on a storage VM that has the set; they expire
-//!   (`upload.operation.timeout`, `extract.url.expiration.interval`).
+//!   (`upload.operation.timeout`, `extract.url.expiration.interval`); an upload that never
+//!   started before its parameters expired is abandoned by the lease holder.
 
 use sqlx::Row as _;
 use systemvm_proto::transfer::{ExtractLink, UploadTicket};
@@ -168,13 +169,15 @@ async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<Issued
         expires,
         expires_text: expires_text(expires),
         epoch,
+        vm_id: vm.clone(),
     };
     let keys = keyrings::current(state, Ring::Transfer).await?;
     let (metadata, signature) = ticket
         .seal(&keys)
         .map_err(|e| DomainError::Internal(e.to_string()))?;
-    sqlx::query("UPDATE templates SET agent_id = $1 WHERE id = $2")
+    sqlx::query("UPDATE templates SET agent_id = $1, upload_expires_ms = $2 WHERE id = $3")
         .bind(vm.clone())
+        .bind(i64::try_from(expires.saturating_mul(1000)).unwrap_or(i64::MAX))
         .bind(id.to_owned())
         .execute(&state.db.pool)
         .await?;
@@ -186,6 +189,21 @@ async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<Issued
         expires: ticket.expires_text,
         signature,
     })
+}
+
+/// The lease holder, every few seconds: templates whose upload never started before their
+/// parameters expired are abandoned (CloudStack's "Upload operation timed out"). Returns how many.
+pub async fn abandon_expired(pool: &sqlx::AnyPool) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "UPDATE templates SET download_state = $1, status = $2 WHERE download_state = $3 AND removed IS NULL AND upload_expires_ms IS NOT NULL AND upload_expires_ms < $4",
+    )
+    .bind(download_state::ABANDONED)
+    .bind("Upload abandoned: it did not start before its parameters expired (upload.operation.timeout)")
+    .bind(download_state::NOT_UPLOADED)
+    .bind(crate::util::now_ms())
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
 }
 
 /// Whether `vm_id` is the storage VM an upload of `template_id` goes to (its reports count on

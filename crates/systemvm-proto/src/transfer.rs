@@ -57,6 +57,10 @@ pub struct UploadTicket {
     /// The install's fencing epoch.
     #[serde(default)]
     pub epoch: u64,
+    /// The storage VM the upload goes to: another one (even on the same store, with the same
+    /// keys) refuses the ticket, so one ticket makes at most one upload.
+    #[serde(default)]
+    pub vm_id: String,
 }
 
 /// A download link of an installed template or ISO.
@@ -188,6 +192,7 @@ mod tests {
             expires: 2_000,
             expires_text: "1970-01-01T00:33:20+0000".into(),
             epoch: 3,
+            vm_id: "s-1".into(),
         }
     }
 

@@ -70,6 +70,7 @@ impl Submit {
                 checksum,
                 description,
                 upload: false,
+                resumable: false,
             },
             epoch,
         )
@@ -100,6 +101,8 @@ pub struct Agent {
     concurrent: usize,
     /// Jobs that began outside a submission (uploads), for core's progress watcher.
     started: tokio::sync::broadcast::Sender<JobRecord>,
+    /// One-shot uploads a restart ended (failed at start), for core to hear of.
+    interrupted: Mutex<Vec<JobRecord>>,
 }
 
 /// Store state as the API reports it.
@@ -143,6 +146,7 @@ impl Agent {
             slots: Arc::new(Semaphore::new(concurrent.max(1))),
             concurrent: concurrent.max(1),
             started: tokio::sync::broadcast::channel(64).0,
+            interrupted: Mutex::new(Vec::new()),
         })
     }
 
@@ -212,6 +216,21 @@ impl Agent {
                 record.state = JobState::Failed;
                 record.error = Some(format!("agent restarted on another store ({store})"));
                 self.downloader.journal.save(&record).await?;
+                continue;
+            }
+            if !record.state.is_final() && record.spec.upload && !record.spec.resumable {
+                // A one-shot upload cannot resume: it failed with the restart.
+                warn!(job.id = %record.id, "One-shot upload interrupted by a restart; failing it");
+                record.state = JobState::Failed;
+                record.error = Some(
+                    "the storage VM restarted during the upload; upload again with new parameters (or resumably, with tus)".into(),
+                );
+                self.downloader.discard_part(&mut record).await;
+                self.downloader.journal.save(&record).await?;
+                self.interrupted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(record);
                 continue;
             }
             if !record.state.is_final() && record.spec.upload {
@@ -365,6 +384,11 @@ impl Agent {
     /// The job is no longer driven (the request ended).
     pub(crate) fn untrack(&self, id: &str) {
         self.running().remove(id);
+    }
+
+    /// One-shot uploads the last restart ended, once (core's link reports them).
+    pub fn take_interrupted(&self) -> Vec<JobRecord> {
+        std::mem::take(&mut *self.interrupted.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Jobs that begin outside a submission (uploads), as they begin.
@@ -980,6 +1004,7 @@ mod tests {
             checksum: None,
             description: String::new(),
             upload: false,
+            resumable: false,
         };
         let record = |id: &str, file: &str, state| {
             let mut r = JobRecord::new(&format!("j{id}"), spec(id), &agent.store_url().to_string());

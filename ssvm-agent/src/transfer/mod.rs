@@ -88,6 +88,8 @@ pub struct Transfers {
     /// TLS with it (plain HTTP stays for labs, `use.https.to.upload=false`).
     cert: Arc<ServerCert>,
     tls: Arc<rustls::ServerConfig>,
+    /// This storage VM's id (with core): tickets for another VM are refused.
+    vm_id: Option<String>,
     uploads: Arc<Semaphore>,
     /// tus uploads between their requests: the install state kept in memory.
     sessions: Mutex<HashMap<String, upload::Slot>>,
@@ -95,14 +97,20 @@ pub struct Transfers {
 
 impl Transfers {
     /// The server's state over `agent`, opening credentials with `keys`, serving TLS with `cert`
-    /// once it holds one.
-    pub fn new(agent: Arc<Agent>, keys: TransferKeys, cert: Arc<ServerCert>) -> anyhow::Result<Arc<Self>> {
+    /// once it holds one; `vm_id` is this storage VM's (tickets name the VM they are for).
+    pub fn new(
+        agent: Arc<Agent>,
+        keys: TransferKeys,
+        cert: Arc<ServerCert>,
+        vm_id: Option<String>,
+    ) -> anyhow::Result<Arc<Self>> {
         let tls = cert.server_config().context("failed to set up TLS")?;
         Ok(Arc::new(Transfers {
             agent,
             keys,
             cert,
             tls,
+            vm_id,
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
             sessions: Mutex::new(HashMap::new()),
         }))

@@ -4,9 +4,11 @@
 //! - `POST /upload/<id>` with `multipart/form-data`: CloudStack's one-shot upload (the Mold UI's
 //!   "Upload from local"); the one file part is streamed into the store.
 //! - tus 1.0 on the same URL: `POST` with `Tus-Resumable` and `Upload-Length` creates the upload,
-//!   `HEAD` tells its offset, `PATCH` appends at `Upload-Offset`. The offset is the part file's
-//!   flushed length, journalled, so it survives a restart of the storage VM; between requests the
-//!   hashes and the inspector stay in memory (after a restart they are rebuilt from the part file).
+//!   `HEAD` tells its offset, `PATCH` appends at `Upload-Offset`. Between requests the hashes, the
+//!   inspector and the offset stay in memory; the part file is flushed and its length journalled
+//!   at least every [`FLUSH_EVERY`] or [`FLUSH_BYTES`] and at the last PATCH, so after a restart of
+//!   the storage VM `HEAD` answers that journalled offset (at most that much behind; tus clients
+//!   re-send from what `HEAD` says) and the state is rebuilt from the part file.
 //!
 //! Invariants:
 //! * an upload id is used once: the first request that creates its job wins (under the runner's
@@ -18,6 +20,7 @@
 //! * one request writes an upload at a time (a second one gets 409 while the first runs).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt as _};
@@ -38,12 +41,22 @@ use crate::store::FileId;
 /// file's own limit when the Content-Length is checked.
 pub(super) const MULTIPART_SLACK: u64 = 1 << 20;
 
+/// A tus upload's part file is flushed (its resume point moved) at least this often, and at its
+/// last PATCH.
+pub(super) const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// …and at least every this many bytes.
+pub(super) const FLUSH_BYTES: u64 = 16 << 20;
+
 /// A tus upload between its requests.
 pub(super) struct Session {
     state: InstallState,
     file: FileId,
     dir: String,
     expected: Option<Checksum>,
+    /// When, and at which offset, the part file was last flushed (the resume point a restart
+    /// comes back to).
+    flushed: (Instant, u64),
 }
 
 /// The slot of an upload in the session map: `None` while a request holds the session.
@@ -71,6 +84,15 @@ pub(super) async fn handle(t: &Arc<Transfers>, id: &str, req: Request<Incoming>)
             return text(StatusCode::FORBIDDEN, &e.to_string());
         }
     };
+    if let Some(me) = &t.vm_id
+        && !ticket.vm_id.is_empty()
+        && &ticket.vm_id != me
+    {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this upload is for another storage VM",
+        );
+    }
     if ticket.store_url.parse::<crate::store::StoreUrl>().ok().as_ref() != Some(t.agent.store_url()) {
         return text(
             StatusCode::MISDIRECTED_REQUEST,
@@ -107,7 +129,12 @@ fn too_large(ticket: &UploadTicket) -> String {
 }
 
 /// Creates the upload's job, once per id.
-async fn begin(t: &Transfers, ticket: &UploadTicket, total: u64) -> Result<JobRecord, Response<Body>> {
+async fn begin(
+    t: &Transfers,
+    ticket: &UploadTicket,
+    total: u64,
+    resumable: bool,
+) -> Result<JobRecord, Response<Body>> {
     let d = t.agent.downloader_now();
     let _serial = t.agent.serial().await;
     match d.journal.load(&ticket.id).await {
@@ -127,6 +154,7 @@ async fn begin(t: &Transfers, ticket: &UploadTicket, total: u64) -> Result<JobRe
         checksum: ticket.checksum.clone(),
         description: ticket.description.clone(),
         upload: true,
+        resumable,
     };
     if let Err(e) = spec.validate() {
         return Err(text(StatusCode::BAD_REQUEST, &format!("{e:#}")));
@@ -198,7 +226,7 @@ async fn single(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) ->
             "too many uploads at once; retry later",
         );
     };
-    let mut record = match begin(t, ticket, len).await {
+    let mut record = match begin(t, ticket, len, false).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -302,7 +330,7 @@ async fn create(t: &Transfers, ticket: &UploadTicket, h: &HeaderMap) -> Response
     if total > ticket.max_bytes {
         return text(StatusCode::PAYLOAD_TOO_LARGE, &too_large(ticket));
     }
-    let mut record = match begin(t, ticket, total).await {
+    let mut record = match begin(t, ticket, total, true).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -320,6 +348,7 @@ async fn create(t: &Transfers, ticket: &UploadTicket, h: &HeaderMap) -> Response
                     file,
                     dir,
                     expected,
+                    flushed: (Instant::now(), 0),
                 }),
             );
             let mut resp = empty(StatusCode::CREATED);
@@ -443,6 +472,7 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
                 file,
                 dir,
                 expected,
+                flushed: (Instant::now(), 0),
             }),
     };
     let mut session = match session {
@@ -459,8 +489,19 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
         t.sessions().insert(ticket.id.clone(), Some(session));
         return conflict(written, "Upload-Offset is not the upload's offset");
     }
+    // The last PATCH, or one a second or FLUSH_BYTES after the last flush, makes its bytes the
+    // resume point; the others leave that to the next (a restart re-sends at most that much).
+    let end = content_length(h).map_or(total, |n| at.saturating_add(n));
+    let flush = end >= total
+        || session.flushed.0.elapsed() >= FLUSH_EVERY
+        || end.saturating_sub(session.flushed.1) >= FLUSH_BYTES;
     let fetch = fetch(&d, ticket, &mut session.state, total);
-    let feed = Feed::spawn(body_stream(req.into_body()), fetch, Some(total), false, false);
+    let mut feed = Feed::spawn(body_stream(req.into_body()), fetch, Some(total), false, false);
+    if flush {
+        session.flushed = (Instant::now(), end);
+    } else {
+        feed = feed.without_final_flush();
+    }
     let pumped = d
         .pump(
             &mut record,

@@ -132,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             checksum: Some(expected.to_string()),
             description: "benchmark".into(),
             upload: false,
+            resumable: false,
         };
         let mut record = JobRecord::new(&format!("bench-{run}-{}", std::process::id()), spec, &cli.store);
         let t_pipe = time(|| async {
