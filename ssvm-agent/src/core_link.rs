@@ -129,6 +129,12 @@ pub fn connect_with(agent: Arc<Agent>, link: &CoreLink, options: LinkOptions) ->
         }
         loop {
             match started.recv().await {
+                // A job that already ended (an expired upload) is reported once; others watched.
+                Ok(record) if record.state.is_final() => {
+                    for_started
+                        .outbox
+                        .send(AgentMessage::JobProgress(progress_of(&record)));
+                }
                 Ok(record) => for_started.watch(&record),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -51,6 +51,14 @@ pub struct DownloadSpec {
     /// agent ends it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resumable: bool,
+    /// Uploads: Unix seconds after which the upload can no longer be continued (its ticket's
+    /// expiry); an unfinished upload is failed then. 0 = no expiry.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DownloadSpec {
@@ -488,6 +496,7 @@ mod tests {
             description: String::new(),
             upload: false,
             resumable: false,
+            expires: 0,
         }
     }
 

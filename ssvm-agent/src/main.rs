@@ -271,6 +271,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 description,
                 upload: false,
                 resumable: false,
+                expires: 0,
             };
             spec.validate()?;
             let store_args = store;

@@ -142,6 +142,7 @@ fn spec(url: String, format: &str, checksum: Option<String>) -> DownloadSpec {
         description: String::new(),
         upload: false,
         resumable: false,
+        expires: 0,
     }
 }
 

@@ -47,6 +47,7 @@ fn spec(url: String, path: &str, checksum: Option<String>) -> DownloadSpec {
         description: "e2e".into(),
         upload: false,
         resumable: false,
+        expires: 0,
     }
 }
 

@@ -297,6 +297,7 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
     core.ok(&["updateConfiguration", "name=upload.operation.timeout", "value=1"])
         .await;
     let short = params(&core, false, "short-lived", &[]).await;
+    let short_tus = params(&core, false, "short-lived-tus", &[]).await;
     core.ok(&["updateConfiguration", "name=upload.operation.timeout", "value=60"])
         .await;
     let expiry_started = Instant::now();
@@ -328,6 +329,37 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
     assert_eq!(t["isready"], true, "{t}");
     assert_eq!(t["status"], "Upload Complete", "{t}");
     assert_eq!(installed_sha(&store, &up.id), sha);
+    // A tus upload left half done: its ticket expires at the end of the test.
+    let tus_auth = |up: &Up, extra: &[(&str, String)]| {
+        let mut h = up.headers();
+        h.push(("Tus-Resumable".into(), "1.0.0".into()));
+        h.extend(extra.iter().map(|(n, v)| ((*n).to_owned(), v.clone())));
+        h
+    };
+    let created = request(
+        &short_tus.post_url,
+        "POST",
+        &tus_auth(&short_tus, &[("Upload-Length", data.len().to_string())]),
+        b"",
+        None,
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let half_done = request(
+        &short_tus.post_url,
+        "PATCH",
+        &tus_auth(
+            &short_tus,
+            &[
+                ("Upload-Offset", "0".into()),
+                ("Content-Type", "application/offset+octet-stream".into()),
+            ],
+        ),
+        &data[..data.len() / 2],
+        None,
+    )
+    .await;
+    assert_eq!(half_done.status, 204, "{}", half_done.text());
     let again = post(&up, &[("files[]", Some("up.qcow2"), &data)]).await;
     assert_eq!(again.status, 409, "{}", again.text());
     assert!(again.text().contains("already used"), "{}", again.text());
@@ -686,6 +718,30 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
     let a = post(&short, &[("files[]", Some("up.qcow2"), &data)]).await;
     assert_eq!(a.status, 403, "{}", a.text());
     assert!(a.text().contains("expired"), "{}", a.text());
+    // Left unfinished past its expiry: failed by the storage VM, its partial file removed.
+    let start = Instant::now();
+    loop {
+        let t = listed(&core, &short_tus.id, false).await;
+        if t["downloaddetails"][0]["downloadState"] == "UPLOAD_ERROR" {
+            assert!(
+                t["status"].as_str().unwrap_or_default().contains("expired"),
+                "{t}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "unfinished upload not failed: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        install_files(&store, &short_tus.id)
+            .iter()
+            .all(|(n, _)| !n.ends_with(".part")),
+        "the partial file is gone: {:?}",
+        install_files(&store, &short_tus.id)
+    );
     // Never used before its expiry: abandoned, saying why.
     let start = Instant::now();
     loop {

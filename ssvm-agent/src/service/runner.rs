@@ -71,6 +71,7 @@ impl Submit {
                 description,
                 upload: false,
                 resumable: false,
+                expires: 0,
             },
             epoch,
         )
@@ -379,6 +380,17 @@ impl Agent {
         );
         let _ = self.started.send(record.clone());
         (live, cancel)
+    }
+
+    /// Whether a request is driving the job now.
+    pub(crate) fn is_tracked(&self, id: &str) -> bool {
+        self.running().contains_key(id)
+    }
+
+    /// Tells core's progress watcher about a job that changed outside a submission (an upload
+    /// that ended without a request, e.g. expired).
+    pub(crate) fn announce(&self, record: &JobRecord) {
+        let _ = self.started.send(record.clone());
     }
 
     /// The job is no longer driven (the request ended).
@@ -1005,6 +1017,7 @@ mod tests {
             description: String::new(),
             upload: false,
             resumable: false,
+            expires: 0,
         };
         let record = |id: &str, file: &str, state| {
             let mut r = JobRecord::new(&format!("j{id}"), spec(id), &agent.store_url().to_string());

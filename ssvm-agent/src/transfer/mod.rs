@@ -15,8 +15,9 @@
 //!   a download link), checked before any byte is written or read; without keys from core
 //!   nothing is served (503); a forged, altered or expired credential gets 403;
 //! * nothing is listed: any other path is 404, and a link names one file of this agent's store;
-//! * connections are capped ([`MAX_CONNECTIONS`]) and each request's headers arrive under a
-//!   deadline; uploads run at most [`MAX_UPLOADS`] at once;
+//! * connections are capped ([`MAX_CONNECTIONS`], [`MAX_PER_ADDRESS`] from one address) and each
+//!   request's headers arrive under a deadline; uploads run at most [`MAX_UPLOADS`] at once; an
+//!   unfinished upload whose ticket expired is failed and its partial file removed;
 //! * a 500 never carries internal detail (it is logged);
 //! * with the operator's certificate (core's `uploadCustomCertificate`), a connection that opens
 //!   with a TLS handshake is served over TLS on the same port; a new certificate applies to the
@@ -136,7 +137,18 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     info!(addr = %listener.local_addr()?, "Transfer server listening");
+    let sweeper = {
+        let transfers = transfers.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                upload::sweep_expired(&transfers).await;
+            }
+        })
+    };
+    let _sweeper = AbortOnDrop(sweeper);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => accepted.context("accept failed")?,
@@ -144,6 +156,10 @@ pub async fn serve(
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             warn!(%peer, "Transfer server full, refusing a connection");
+            continue;
+        };
+        let Some(address_slot) = AddressSlot::take(&per_address, peer.ip()) else {
+            warn!(%peer, "Too many connections from one address, refusing one");
             continue;
         };
         let transfers = transfers.clone();
@@ -160,9 +176,54 @@ pub async fn serve(
                 serve_connection(transfers, TokioIo::new(tcp), peer).await;
             }
             drop(permit);
+            drop(address_slot);
         });
     }
     Ok(())
+}
+
+/// Unfinished uploads whose tickets expired are failed this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Most connections at once from one client address.
+pub const MAX_PER_ADDRESS: usize = 64;
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One connection's place under [`MAX_PER_ADDRESS`]; given back when dropped.
+struct AddressSlot {
+    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    fn take(map: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>, ip: std::net::IpAddr) -> Option<Self> {
+        let mut m = map.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { map: map.clone(), ip })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn serve_connection<I>(transfers: Arc<Transfers>, io: I, peer: std::net::SocketAddr)

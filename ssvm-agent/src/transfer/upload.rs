@@ -155,6 +155,7 @@ async fn begin(
         description: ticket.description.clone(),
         upload: true,
         resumable,
+        expires: ticket.expires,
     };
     if let Err(e) = spec.validate() {
         return Err(text(StatusCode::BAD_REQUEST, &format!("{e:#}")));
@@ -553,6 +554,40 @@ async fn patch(t: &Transfers, ticket: &UploadTicket, req: Request<Incoming>) -> 
         resp.headers_mut().remove(header::CONTENT_TYPE);
     }
     resp
+}
+
+/// Fails the unfinished uploads whose tickets expired (no request can continue them any more):
+/// their part files go, and core hears why. Uploads a request is writing are left alone (a
+/// one-shot POST that began in time may finish).
+pub(super) async fn sweep_expired(t: &Transfers) {
+    let now = crate::job::now();
+    let records = match t.agent.list().await {
+        Ok(r) => r,
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "Upload sweep could not read the journal");
+            return;
+        }
+    };
+    let d = t.agent.downloader_now();
+    for mut record in records {
+        let spec = &record.spec;
+        if !spec.upload || record.state.is_final() || spec.expires == 0 || now < spec.expires {
+            continue;
+        }
+        if t.agent.is_tracked(&record.id) {
+            continue;
+        }
+        t.sessions().remove(&record.id);
+        record.state = JobState::Failed;
+        record.error = Some("the upload's parameters expired before it completed; ask for new ones".into());
+        d.discard_part(&mut record).await;
+        if record.epoch > 0 && record.epoch_recorded {
+            let _ = crate::fence::forget(&d.store, record.spec.path.trim_matches('/'), record.epoch).await;
+        }
+        d.save(&record).await;
+        info!(upload = %record.id, "Unfinished upload expired; its partial file removed");
+        t.agent.announce(&record);
+    }
 }
 
 fn conflict(offset: u64, msg: &str) -> Response<Body> {

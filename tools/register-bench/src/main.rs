@@ -133,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             description: "benchmark".into(),
             upload: false,
             resumable: false,
+            expires: 0,
         };
         let mut record = JobRecord::new(&format!("bench-{run}-{}", std::process::id()), spec, &cli.store);
         let t_pipe = time(|| async {
