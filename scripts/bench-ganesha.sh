@@ -1,6 +1,19 @@
-# Sourced by the benchmark scripts: starts nfs-ganesha on a throwaway export under $work (its
-# portmapper stub beside it) and sets $store to the export's store URL. The caller's EXIT trap
-# kills what is in $pids and removes $work.
+# Sourced by the benchmark scripts, with $out (results folder) and $need (MiB of free space the run
+# needs) set: checks the free space, makes the run's folder $work (removed at exit, with every
+# process in $pids), starts nfs-ganesha on a throwaway export in it (its portmapper stub beside
+# it) and sets $store to the export's store URL.
+free=$(df -Pm target | awk 'NR==2 {print $4}')
+if [ "$free" -lt "$need" ]; then
+  echo "$(basename "$0"): needs ~${need} MiB free in target/, has ${free} MiB" >&2; exit 1
+fi
+work=$(mktemp -d "$PWD/$out/run.XXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 nfs_port=$(free_port); mnt_port=$(free_port)
 mkdir -p "$work/export"

@@ -13,22 +13,9 @@ out=target/bench/register
 mkdir -p "$out"
 
 need=$(( size_mib * 4 + 512 ))
-free=$(df -Pm target | awk 'NR==2 {print $4}')
-if [ "$free" -lt "$need" ]; then
-  echo "bench-register: needs ~${need} MiB free in target/, has ${free} MiB" >&2; exit 1
-fi
 
 scripts/deps.sh test
 cargo build --release --locked -p register-bench
-
-work=$(mktemp -d "$PWD/$out/run.XXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
 
 source scripts/bench-ganesha.sh
 

@@ -15,22 +15,10 @@ out=target/bench/upload
 mkdir -p "$out"
 
 need=$(( size_mib * 2 + 512 ))
-free=$(df -Pm target | awk 'NR==2 {print $4}')
-if [ "$free" -lt "$need" ]; then
-  echo "bench-upload: needs ~${need} MiB free in target/, has ${free} MiB" >&2; exit 1
-fi
 
 scripts/deps.sh test
 cargo build --release --locked -p upload-bench
 
-work=$(mktemp -d "$PWD/$out/run.XXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
 source scripts/bench-ganesha.sh
 
 target/release/upload-bench --store "$store" --size-mib "$size_mib" --chunk-mib "$chunk_mib" \

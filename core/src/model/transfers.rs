@@ -36,18 +36,11 @@ pub struct IssuedUpload {
     pub signature: String,
 }
 
-/// CloudStack's `expires` text: `yyyy-MM-dd'T'HH:mm:ssZ` in UTC (`2026-12-02T10:00:00+0000`).
+/// CloudStack's `expires` text: `yyyy-MM-dd'T'HH:mm:ss+0000` in UTC (`2026-12-02T10:00:00+0000`).
 pub fn expires_text(unix: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}+0000",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
+    crate::util::format_cs(
+        time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
     )
 }
 

@@ -311,7 +311,8 @@ impl Agent {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn spawn(self: &Arc<Self>, mut record: JobRecord) {
+    /// Enters a job in the running set: its live progress and its cancellation.
+    fn enter_running(&self, record: &JobRecord) -> (Arc<LiveProgress>, CancellationToken) {
         let live = Arc::new(LiveProgress::default());
         live.epoch
             .store(record.epoch, std::sync::atomic::Ordering::Relaxed);
@@ -324,6 +325,11 @@ impl Agent {
                 dir: record.spec.path.trim_matches('/').to_owned(),
             },
         );
+        (live, cancel)
+    }
+
+    fn spawn(self: &Arc<Self>, mut record: JobRecord) {
+        let (live, cancel) = self.enter_running(&record);
         let agent = self.clone();
         tokio::spawn(async move {
             let permit = tokio::select! {
@@ -366,20 +372,9 @@ impl Agent {
     /// Registers a job driven from outside the runner (an upload request) as running: deletes of
     /// its install fence it, and its live progress is reported. Tells core's progress watcher.
     pub(crate) fn track(&self, record: &JobRecord) -> (Arc<LiveProgress>, CancellationToken) {
-        let live = Arc::new(LiveProgress::default());
-        live.epoch
-            .store(record.epoch, std::sync::atomic::Ordering::Relaxed);
-        let cancel = CancellationToken::new();
-        self.running().insert(
-            record.id.clone(),
-            Running {
-                live: live.clone(),
-                cancel: cancel.clone(),
-                dir: record.spec.path.trim_matches('/').to_owned(),
-            },
-        );
+        let entered = self.enter_running(record);
         let _ = self.started.send(record.clone());
-        (live, cancel)
+        entered
     }
 
     /// Whether a request is driving the job now.
