@@ -341,7 +341,13 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
     if let Err(error) = systemvms::mark_up(&state.db, &vm_id, Some(&hello.software_version), None).await {
         tracing::error!(%error, "Failed to record the agent as Up");
     }
-    if let Some(endpoint) = &hello.endpoint
+    // A storage VM without a transfer server reports none: its old URL must not be handed out.
+    let endpoint = match (&hello.endpoint, hello.role) {
+        (Some(e), _) => Some(e.as_str()),
+        (None, AgentRole::SecStorage) => Some(""),
+        (None, AgentRole::ConsoleProxy) => None,
+    };
+    if let Some(endpoint) = endpoint
         && let Err(error) = systemvms::set_endpoint(&state.db.pool, &vm_id, endpoint).await
     {
         tracing::error!(%error, "Failed to record the agent's endpoint");

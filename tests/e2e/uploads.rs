@@ -488,6 +488,11 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
     assert_eq!(a.status, 413, "{}", a.text());
     assert!(a.text().contains("max.template.iso.size"), "{}", a.text());
     nothing_installed(&store, &huge.id);
+    // The account shows its limit and what its templates use.
+    let a = core.ok(&["listAccounts", "name=admin"]).await;
+    let acct = &a["account"][0];
+    assert_eq!(acct["secondarystoragelimit"], "400", "{a}");
+    assert!(acct["secondarystoragetotal"].as_f64().unwrap_or(0.0) > 0.0, "{a}");
     // The account's secondary-storage limit: no parameters when nothing is left.
     core.ok(&[
         "updateConfiguration",

@@ -189,6 +189,15 @@ async fn account_json(state: &State, row: &sqlx::any::AnyRow) -> Result<Value, s
     let id: String = row.try_get("id")?;
     let role = Role::by_id(&row.try_get::<String, _>("role_id")?).unwrap_or(Role::ReadOnlyUser);
     let unlimited = "Unlimited";
+    let (used, limit) = crate::model::transfers::account_storage(state, &id).await?;
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    let (storage_limit, storage_available) = match limit {
+        Some(l) => (
+            format!("{}", l >> 30),
+            format!("{:.2}", gib(l.saturating_sub(used))),
+        ),
+        None => (unlimited.to_owned(), unlimited.to_owned()),
+    };
     Ok(json!({
         "id": id,
         "name": row.try_get::<String, _>("name")?,
@@ -206,7 +215,8 @@ async fn account_json(state: &State, row: &sqlx::any::AnyRow) -> Result<Value, s
         "iscleanuprequired": false,
         "vmlimit": unlimited, "vmtotal": 0, "vmavailable": unlimited,
         "templatelimit": unlimited, "templateavailable": unlimited,
-        "secondarystoragelimit": unlimited, "secondarystorageavailable": unlimited,
+        "secondarystoragelimit": storage_limit, "secondarystorageavailable": storage_available,
+        "secondarystoragetotal": (gib(used) * 100.0).round() / 100.0,
         "user": users_of(state, &id).await?,
     }))
 }

@@ -75,6 +75,10 @@ pub const ACCOUNT: Fields = &with_limits!(
     ("isdefault", "true if account is default, false otherwise"),
     ("iscleanuprequired", "true if the account requires cleanup"),
     ("user", "the list of users associated with account"),
+    (
+        "secondarystoragetotal",
+        "the total secondary storage space (in GiB) owned by account"
+    ),
 );
 
 /// A domain.

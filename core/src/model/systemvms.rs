@@ -561,11 +561,12 @@ pub async fn mark_up(
     .map(|_| ())
 }
 
-/// A console proxy's public URL (`Hello.endpoint`).
+/// The URL browsers reach an agent at (`Hello.endpoint`): a console proxy's, or a storage VM's
+/// transfer server; empty clears it (a storage VM now without one).
 pub async fn set_endpoint(pool: &sqlx::AnyPool, id: &str, endpoint: &str) -> Result<(), sqlx::Error> {
     exec(
         sqlx::query("UPDATE system_vms SET endpoint = $1 WHERE id = $2")
-            .bind(endpoint.to_owned())
+            .bind((!endpoint.is_empty()).then(|| endpoint.to_owned()))
             .bind(id.to_owned()),
         pool,
     )

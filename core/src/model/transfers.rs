@@ -83,22 +83,26 @@ async fn transfer_vm(
     }
 }
 
-/// Bytes the account may still add to secondary storage, `None` when unlimited.
-async fn account_room(state: &State, account_id: &str) -> DomainResult<Option<u64>> {
+/// An account's secondary storage: bytes its templates and ISOs use, and its limit in bytes
+/// (`max.account.secondary.storage`; `None` when unlimited).
+pub async fn account_storage(state: &State, account_id: &str) -> Result<(u64, Option<u64>), sqlx::Error> {
     let limit_gib = settings::int(state, &settings::ACCOUNT_SECONDARY_LIMIT).await;
-    if limit_gib < 0 {
-        return Ok(None);
-    }
-    let used: Option<i64> = sqlx::query_scalar(
-        "SELECT SUM(COALESCE(physical_size, size, 0)) FROM templates WHERE account_id = $1 AND removed IS NULL",
+    // PostgreSQL sums BIGINTs as NUMERIC: cast back so both databases answer a BIGINT.
+    let used: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(COALESCE(physical_size, size, 0)), 0) AS BIGINT) FROM templates WHERE account_id = $1 AND removed IS NULL",
     )
     .bind(account_id.to_owned())
     .fetch_one(&state.db.pool)
     .await?;
-    let limit = u64::try_from(limit_gib).unwrap_or(0).saturating_mul(1 << 30);
-    Ok(Some(
-        limit.saturating_sub(u64::try_from(used.unwrap_or(0)).unwrap_or(0)),
-    ))
+    let used = u64::try_from(used).unwrap_or(0);
+    let limit = u64::try_from(limit_gib).ok().map(|g| g.saturating_mul(1 << 30));
+    Ok((used, limit))
+}
+
+/// Bytes the account may still add to secondary storage, `None` when unlimited.
+async fn account_room(state: &State, account_id: &str) -> DomainResult<Option<u64>> {
+    let (used, limit) = account_storage(state, account_id).await?;
+    Ok(limit.map(|l| l.saturating_sub(used)))
 }
 
 /// Records a template or ISO that a browser will upload and seals its upload parameters.
