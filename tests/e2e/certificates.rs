@@ -108,6 +108,32 @@ async fn upload_cert(core: &Core, args: &[String]) -> (bool, Value) {
     core.cs_raw(&refs).await
 }
 
+/// CloudStack's order: the chain first (the CA, id 2), then the server certificate (id 1) with its
+/// key; returns the second answer.
+async fn install(core: &Core, ca: &TestCa, cert: &str, key: &str) -> Value {
+    let (ok, v) = upload_cert(
+        core,
+        &[
+            "id=2".into(),
+            "name=root".into(),
+            format!("certificate={}", ca.cert.pem()),
+        ],
+    )
+    .await;
+    assert!(ok, "{v}");
+    let (ok, v) = upload_cert(
+        core,
+        &[
+            "id=1".into(),
+            format!("certificate={cert}"),
+            format!("privatekey={key}"),
+        ],
+    )
+    .await;
+    assert!(ok, "{v}");
+    v
+}
+
 /// An NSS database trusting only `ca` in a fresh HOME, for Chromium.
 fn chromium_home(ca: &TestCa, dir: &std::path::Path) -> std::path::PathBuf {
     let home = dir.join("chromium-home");
@@ -162,26 +188,7 @@ async fn a_custom_certificate_reaches_the_system_vms_and_a_swap_keeps_sessions_a
     let (ok, v) = upload_cert(&core, &[format!("certificate={cert1}"), "id=1".into()]).await;
     assert!(!ok, "{v}");
     // CloudStack's order: the chain first (id 2), then the server certificate with its key.
-    let (ok, v) = upload_cert(
-        &core,
-        &[
-            "id=2".into(),
-            "name=root".into(),
-            format!("certificate={}", ca.cert.pem()),
-        ],
-    )
-    .await;
-    assert!(ok, "{v}");
-    let (ok, v) = upload_cert(
-        &core,
-        &[
-            "id=1".into(),
-            format!("certificate={cert1}"),
-            format!("privatekey={key1}"),
-        ],
-    )
-    .await;
-    assert!(ok, "{v}");
+    let v = install(&core, &ca, &cert1, &key1).await;
     assert!(
         !v.to_string().contains("PRIVATE KEY"),
         "the key is never echoed: {v}"
@@ -316,22 +323,7 @@ async fn a_custom_certificate_reaches_the_system_vms_and_a_swap_keeps_sessions_a
     patch.flush().await.expect("flush");
 
     let (cert2, key2, der2) = ca.leaf();
-    let (ok, v) = upload_cert(
-        &core,
-        &[
-            "id=2".into(),
-            "name=root".into(),
-            format!("certificate={}", ca.cert.pem()),
-        ],
-    )
-    .await;
-    assert!(ok, "{v}");
-    let (ok, v) = upload_cert(
-        &core,
-        &[format!("certificate={cert2}"), format!("privatekey={key2}")],
-    )
-    .await;
-    assert!(ok, "{v}");
+    install(&core, &ca, &cert2, &key2).await;
     presents(&ca, ssvm_port, &der2).await;
     presents(&ca, proxy_port, &der2).await;
 

@@ -403,25 +403,11 @@ impl Core {
         let _ = s.write_all(body).await;
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf).await;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .unwrap_or_default()
-            .split(' ')
-            .nth(1)
-            .unwrap_or("0")
-            .parse()
-            .unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-            .collect();
+        let (status, headers, body) = crate::support::parse_response(&buf);
         Raw {
             status,
             headers,
-            json: serde_json::from_str(body).unwrap_or(Value::Null),
+            json: serde_json::from_slice(&body).unwrap_or(Value::Null),
         }
     }
 

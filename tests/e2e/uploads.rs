@@ -107,29 +107,12 @@ pub(crate) async fn request(
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).await.expect("write head");
     let _ = s.write_all(body).await;
-    if content_length.is_some_and(|l| l < body.len() as u64)
-        || content_length.is_some_and(|l| l > body.len() as u64)
-    {
+    if content_length.is_some_and(|l| l != body.len() as u64) {
         let _ = s.shutdown().await;
     }
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await;
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(buf.len());
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let body = buf.get(split + 4..).unwrap_or_default().to_vec();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap_or_default()
-        .split(' ')
-        .nth(1)
-        .unwrap_or("0")
-        .parse()
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
+    let (status, headers, body) = crate::support::parse_response(&buf);
     Answer {
         status,
         headers,
