@@ -121,6 +121,7 @@ async fn serve_with_core_gets_keys_from_welcome() {
         config: Default::default(),
         transfer_keys: None,
         certificate: None,
+        peer_identity: None,
     });
     ws.send(&welcome).await.unwrap();
     let AgentMessage::Heartbeat(hb) = ws.recv(Duration::from_secs(10)).await.unwrap() else {
@@ -251,6 +252,7 @@ async fn links_are_claimed_from_core_only_once_their_session_is_accepted() {
         config: Default::default(),
         transfer_keys: None,
         certificate: None,
+        peer_identity: None,
     }))
     .await
     .unwrap();

@@ -299,6 +299,7 @@ async fn idle_timeout_from_core_applies_to_new_and_running_sessions() {
         config: timeout("1500"),
         transfer_keys: None,
         certificate: None,
+        peer_identity: None,
     }))
     .await
     .unwrap();

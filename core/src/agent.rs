@@ -331,6 +331,19 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
             None
         }
     };
+    let peer_identity = match hello.role {
+        AgentRole::SecStorage => match state.ca.issue_peer(&systemvm_proto::agent::peer_name(&vm_id)) {
+            Ok((chain_pem, key_pem)) => Some(systemvm_proto::agent::PeerIdentity {
+                chain_pem,
+                key_pem: systemvm_proto::Secret(key_pem),
+            }),
+            Err(error) => {
+                tracing::error!(%error, "Could not issue a storage VM's peer certificate");
+                None
+            }
+        },
+        AgentRole::ConsoleProxy => None,
+    };
     let config = settings::agent_config(&state, &zone, hello.role).await;
     let (conn_id, mut replaced, mut outgoing) = state.agents.register(&vm_id, hello.role, hello.version);
     let from = From {
@@ -359,6 +372,7 @@ async fn session(mut ws: Ws, hello: Hello, state: State, mut stop: watch::Receiv
         config,
         transfer_keys,
         certificate,
+        peer_identity,
     });
     tracing::info!(version = hello.version, software_version = %hello.software_version, "Agent connected");
     let ended = if send(&mut ws, &welcome).await.is_err() {

@@ -204,7 +204,34 @@ impl Ca {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+
+    /// Issues a storage VM's peer certificate for `name` ([`systemvm_proto::agent::peer_name`]):
+    /// client and server authentication, valid [`PEER_CERT_DAYS`] days (a storage VM gets a new
+    /// one at every connection). Returns the certificate and its key, PEM; the key is never
+    /// stored.
+    pub fn issue_peer(&self, name: &str) -> Result<(String, String), CaError> {
+        let mut p = CertificateParams::new(vec![name.to_owned()])?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(PEER_CERT_DAYS);
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::new(ca_params()?, &self.key);
+        let cert = p.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
+
+/// How long a storage VM's peer certificate is valid.
+pub const PEER_CERT_DAYS: i64 = 30;
 
 /// The `core_keys` row of the CA key.
 const KEY_ROW: &str = "ca_key";

@@ -46,6 +46,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (12, "updates", include_str!("../migrations/0012_updates.sql")),
     (13, "tags", include_str!("../migrations/0013_tags.sql")),
     (14, "uploads", include_str!("../migrations/0014_uploads.sql")),
+    (
+        15,
+        "template_copies",
+        include_str!("../migrations/0015_template_copies.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

@@ -1,5 +1,5 @@
 //! The download dispatcher (a background part, on the lease holder): hands queued template and
-//! ISO downloads to connected storage VMs.
+//! ISO downloads, and cross-zone copies, to connected storage VMs.
 //!
 //! Invariants: a download is dispatched only to a storage VM that is connected and reports
 //! serving the template's image store, with a fresh fencing epoch, and only that connection may
@@ -12,7 +12,7 @@ use std::time::Duration;
 use systemvm_proto::agent::{AgentCommand, JobPhase, JobProgress};
 use tokio::sync::watch;
 
-use crate::model::{stores, templates};
+use crate::model::{copies, stores, templates};
 use crate::state::State;
 
 /// How often the dispatcher looks for downloads to hand out.
@@ -39,7 +39,9 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
 }
 
 async fn dispatch_pending(state: &State) -> Result<(), sqlx::Error> {
-    for pending in templates::pending_downloads(state).await? {
+    let mut all = templates::pending_downloads(state).await?;
+    all.extend(copies::pending(state).await?);
+    for mut pending in all {
         let id = pending.command.job_id.clone();
         if state.dispatched_live(&id) {
             continue;
@@ -59,6 +61,21 @@ async fn dispatch_pending(state: &State) -> Result<(), sqlx::Error> {
         let Some(conn) = state.agents.connection(&agent) else {
             continue;
         };
+        // A copy: a fresh link on a storage VM that holds the template, sealed for this one.
+        match copies::source_for(state, &mut pending, &agent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(waiting)) => {
+                if pending.status != waiting {
+                    templates::set_waiting_status(state, &id, &waiting).await?;
+                }
+                continue;
+            }
+            Err(crate::model::DomainError::Db(e)) => return Err(e),
+            Err(error) => {
+                tracing::warn!(copy = %id, %error, "Could not prepare the source of a copy");
+                continue;
+            }
+        }
         let mut download = pending.command;
         download.epoch = templates::next_epoch(state, &id).await?;
         // Recorded before sending: progress that comes before the answer is this connection's.

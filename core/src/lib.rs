@@ -415,11 +415,14 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
     let transfer_keys = model::keyrings::load(&db.pool, &secrets, model::keyrings::Ring::Transfer)
         .await
         .context("failed to load the transfer keys")?;
-    let ca = ca::Ca::load_shared(&config.data_dir, &db.pool, &secrets)
-        .await
-        .context("failed to set up the agent CA")?;
+    let ca = Arc::new(
+        ca::Ca::load_shared(&config.data_dir, &db.pool, &secrets)
+            .await
+            .context("failed to set up the agent CA")?,
+    );
     let state: State = Arc::new(Shared {
         db,
+        ca: ca.clone(),
         settings: RwLock::new(settings),
         settings_changed: tokio::sync::Notify::new(),
         jobs_wakeup: tokio::sync::Notify::new(),
@@ -568,7 +571,7 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         integration_addr,
         credentials_path,
         agent_addr,
-        ca_path: ca.cert_path,
+        ca_path: ca.cert_path.clone(),
         secrets_key_path,
         state,
         tasks,

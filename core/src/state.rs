@@ -56,6 +56,8 @@ impl Caller {
 pub struct Shared {
     /// The database.
     pub db: Db,
+    /// Core's CA (it issues the storage VMs' peer certificates).
+    pub ca: Arc<crate::ca::Ca>,
     /// Setting values by name (cache of the `configurations` table over the defaults).
     pub settings: RwLock<HashMap<String, String>>,
     /// Wakes the settings follower (a setting was updated on this core).

@@ -71,6 +71,8 @@ pub struct LinkOptions {
     pub endpoint: Option<String>,
     /// Receives the operator's certificate (`Welcome`, `CertificateUpdate`).
     pub cert: Arc<systemvm_agent_client::tls::ServerCert>,
+    /// Receives this storage VM's peer certificate (`Welcome`), for copies between zones.
+    pub peers: Option<Arc<crate::peer::Peers>>,
 }
 
 /// Starts the link (no transfer server).
@@ -143,7 +145,16 @@ pub fn connect_with(agent: Arc<Agent>, link: &CoreLink, options: LinkOptions) ->
     });
     let keys = options.keys;
     let cert = options.cert;
+    let peers = options.peers;
     let hooks = Hooks {
+        peer_identity: Arc::new(move |identity| {
+            if let Some(peers) = &peers {
+                match peers.set(&identity) {
+                    Ok(()) => tracing::info!("Installed the peer certificate from core"),
+                    Err(error) => tracing::warn!(%error, "Refused the peer certificate from core"),
+                }
+            }
+        }),
         certificate: Arc::new(
             move |c| match cert.set_pem(&c.chain_pem, c.key_pem.expose(), c.serial) {
                 Ok(true) => {
@@ -266,6 +277,7 @@ impl Runner {
                         checksum: d.checksum,
                         description: d.description,
                         epoch: d.epoch,
+                        peer: d.peer,
                     };
                     match self.agent.submit(submit).await {
                         Ok((_, record)) => {

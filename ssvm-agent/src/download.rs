@@ -158,7 +158,15 @@ pub struct Downloader {
     pub settings: DownloadSettings,
     /// Internal ranges allowed by configuration (checked again on the initial URL).
     pub allow_internal: Arc<Vec<ipnet::IpNet>>,
+    /// The channel to other storage VMs, for copies ([`crate::peer`]).
+    pub peers: Arc<crate::peer::Peers>,
 }
+
+/// Time to connect to another storage VM.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Retries of a copy from another storage VM (that VM may be restarting meanwhile), at least.
+pub const PEER_RETRIES: u32 = 20;
 
 /// Live view of a running job, for progress reporting.
 #[derive(Debug, Default)]
@@ -174,6 +182,8 @@ pub struct LiveProgress {
     pub epoch: AtomicU64,
     /// Set (before the job is cancelled) when a delete of the install fenced the job off.
     pub fenced: AtomicBool,
+    /// A copy's newer source (core re-sent the job with a fresh link): taken at the next attempt.
+    pub source: std::sync::Mutex<Option<(String, systemvm_proto::agent::PeerSource)>>,
 }
 
 impl Downloader {
@@ -191,12 +201,15 @@ impl Downloader {
         self.save(record).await;
         let mut attempt = 0u32;
         let mut backoff = self.settings.backoff;
+        let retries = if record.spec.peer.is_some() {
+            self.settings.retries.max(PEER_RETRIES)
+        } else {
+            self.settings.retries
+        };
         let outcome = loop {
             match self.attempt(record, live, cancel).await {
                 Ok(installed) => break Ok(installed),
-                Err(DownloadError::Transient(msg))
-                    if attempt < self.settings.retries && !cancel.is_cancelled() =>
-                {
+                Err(DownloadError::Transient(msg)) if attempt < retries && !cancel.is_cancelled() => {
                     attempt += 1;
                     warn!(job.id = %record.id, attempt, error = %msg, "Download attempt failed, retrying");
                     record.error = Some(format!("retrying after: {msg}"));
@@ -229,9 +242,7 @@ impl Downloader {
                     JobState::Failed
                 };
                 let msg = match e {
-                    DownloadError::Transient(m) => {
-                        format!("{m} (gave up after {} retries)", self.settings.retries)
-                    }
+                    DownloadError::Transient(m) => format!("{m} (gave up after {retries} retries)"),
                     other => other.to_string(),
                 };
                 warn!(job.id = %record.id, error = %msg, "Download failed");
@@ -276,15 +287,37 @@ impl Downloader {
         live: &LiveProgress,
         cancel: &CancellationToken,
     ) -> Result<Installed, DownloadError> {
+        let fresh = live
+            .source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((url, peer)) = fresh {
+            record.spec.url = url;
+            record.spec.peer = Some(peer);
+            self.save(record).await;
+        }
         let url: reqwest::Url = record
             .spec
             .url
             .parse()
             .map_err(|e| permanent(format!("invalid URL: {e}")))?;
-        crate::fetch::check_url(&url, &self.allow_internal).map_err(permanent)?;
+        // A copy dials the storage VM core named (mutual TLS on core's CA); anything else is a
+        // download from outside, through the SSRF guard.
+        let client = match &record.spec.peer {
+            Some(peer) => self
+                .peers
+                .client(peer, PEER_CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| DownloadError::Transient(format!("{e:#}")))?,
+            None => {
+                crate::fetch::check_url(&url, &self.allow_internal).map_err(permanent)?;
+                self.http.clone()
+            }
+        };
         let (dir, file, mut state, expected) = self.prepare(record, live, cancel).await?;
         let offset = state.written;
-        let mut request = self.http.get(url.clone());
+        let mut request = client.get(url.clone());
         if offset > 0
             && let Some(v) = &record.validator
         {

@@ -55,6 +55,29 @@ pub struct DownloadSpec {
     /// expiry); an unfinished upload is failed then. 0 = no expiry.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub expires: u64,
+    /// The bytes come from another storage VM (a cross-zone copy, [`crate::peer`]): `url` names
+    /// it by its peer name, the connection goes to this source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<systemvm_proto::agent::PeerSource>,
+}
+
+impl DownloadSpec {
+    /// Whether `other` is the same job: the same spec, or for copies the same but for where the
+    /// bytes come from (core issues a fresh link, maybe on another source, at each dispatch).
+    pub fn same_job(&self, other: &DownloadSpec) -> bool {
+        if self == other {
+            return true;
+        }
+        if self.peer.is_none() || other.peer.is_none() {
+            return false;
+        }
+        let strip = |s: &DownloadSpec| DownloadSpec {
+            url: String::new(),
+            peer: None,
+            ..s.clone()
+        };
+        strip(self) == strip(other)
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -497,7 +520,37 @@ mod tests {
             upload: false,
             resumable: false,
             expires: 0,
+            peer: None,
         }
+    }
+
+    #[test]
+    fn a_copy_resent_with_a_new_source_is_the_same_job() {
+        let peer = |vm: &str| systemvm_proto::agent::PeerSource {
+            address: "10.0.0.2:8090".into(),
+            vm_id: vm.into(),
+        };
+        let a = DownloadSpec {
+            peer: Some(peer("a")),
+            ..spec()
+        };
+        let b = DownloadSpec {
+            url: "https://other/link".into(),
+            peer: Some(peer("b")),
+            ..spec()
+        };
+        assert!(a.same_job(&b));
+        assert!(!a.same_job(&DownloadSpec {
+            path: "template/tmpl/2/999".into(),
+            ..b.clone()
+        }));
+        // A download (no peer) is the same job only with the same spec.
+        assert!(spec().same_job(&spec()));
+        assert!(!spec().same_job(&DownloadSpec {
+            url: "http://elsewhere/x.qcow2".into(),
+            ..spec()
+        }));
+        assert!(!spec().same_job(&a));
     }
 
     #[test]

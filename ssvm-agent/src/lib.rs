@@ -13,6 +13,7 @@
 //! - [`service`]: `ssvm-agent serve`: background jobs and the local JSON job API.
 //! - [`transfer`]: the transfer server browsers reach: signed uploads (multipart and tus) and
 //!   download links.
+//! - [`peer`]: the mutual-TLS channel between storage VMs (cross-zone copies).
 //! - [`settings`]: core's settings for this agent (internal sites, size cap) over the command line.
 //! - [`core_link`]: the link to systemvm-core: heartbeats, commands, settings.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod fetch;
 pub use systemvm_inspect as inspect;
 pub mod inventory;
 pub mod job;
+pub mod peer;
 pub mod properties;
 pub mod service;
 pub mod settings;

@@ -242,6 +242,7 @@ fn downloader(
             ..DownloadSettings::default()
         },
         allow_internal: Arc::new(net.allow_internal.clone()),
+        peers: ssvm_agent::peer::Peers::none(),
     })
 }
 
@@ -272,6 +273,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 upload: false,
                 resumable: false,
                 expires: 0,
+                peer: None,
             };
             spec.validate()?;
             let store_args = store;
@@ -338,7 +340,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let store = open_store(&store_args).await?;
             let journal = open_journal(&store_args, &store, link.as_ref().map(|l| l.vm_id.as_str())).await?;
             let allow = AllowList::default();
-            let downloader = downloader(store, journal, &net, &allow)?;
+            let mut downloader = downloader(store, journal, &net, &allow)?;
+            // Copies between zones: this VM's side of the channel between storage VMs.
+            let peers = match &link {
+                Some(l) => ssvm_agent::peer::Peers::new(&l.vm_id, &l.ca)?,
+                None => ssvm_agent::peer::Peers::none(),
+            };
+            downloader.peers = peers.clone();
             let agent = ssvm_agent::service::Agent::with_allow_list(downloader, allow, concurrent_jobs);
             let listener = ssvm_agent::service::bind(listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "Storage agent API listening");
@@ -369,6 +377,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         agent.clone(),
                         keys.clone(),
                         cert.clone(),
+                        peers.clone(),
                         vm_id,
                     )?;
                     let stopped = stop.clone().cancelled_owned();
@@ -382,7 +391,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(link) => Some(ssvm_agent::core_link::connect_with(
                     agent.clone(),
                     link,
-                    ssvm_agent::core_link::LinkOptions { keys, endpoint, cert },
+                    ssvm_agent::core_link::LinkOptions {
+                        keys,
+                        endpoint,
+                        cert,
+                        peers: Some(peers),
+                    },
                 )?),
                 None => None,
             };

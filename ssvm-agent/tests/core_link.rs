@@ -59,6 +59,7 @@ async fn download(ws: &mut AgentConn, store: &std::path::Path, job_id: &str, url
             checksum: None,
             description: String::new(),
             epoch: 1,
+            peer: None,
         }),
     );
     ws.send(&CoreMessage::Command(command)).await.unwrap();
@@ -114,6 +115,7 @@ async fn config_update_from_core_changes_the_internal_sites_without_a_restart() 
         config: [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "1".to_owned())].into(),
         transfer_keys: None,
         certificate: None,
+        peer_identity: None,
     }))
     .await
     .unwrap();
@@ -208,6 +210,7 @@ async fn serve_with_core_reports_storage_load() {
         config: Default::default(),
         transfer_keys: None,
         certificate: None,
+        peer_identity: None,
     });
     ws.send(&welcome).await.unwrap();
     let mut last = None;

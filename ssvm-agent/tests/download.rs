@@ -116,6 +116,7 @@ async fn env(name: &str, settings: DownloadSettings, allow_loopback: bool) -> En
         journal: Journal::open(&root.join("state")).unwrap(),
         settings,
         allow_internal: Arc::new(allow),
+        peers: ssvm_agent::peer::Peers::none(),
     };
     Env {
         http: HttpFixture::start().unwrap(),
@@ -143,6 +144,7 @@ fn spec(url: String, format: &str, checksum: Option<String>) -> DownloadSpec {
         upload: false,
         resumable: false,
         expires: 0,
+        peer: None,
     }
 }
 

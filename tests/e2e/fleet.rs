@@ -80,6 +80,7 @@ async fn storage_agent(core: &Core, state_dir: &Path) -> ssvm_agent::core_link::
         journal: Journal::open(state_dir).expect("journal"),
         settings: DownloadSettings::default(),
         allow_internal: Arc::new(allow),
+        peers: ssvm_agent::peer::Peers::none(),
     };
     let agent = ssvm_agent::service::Agent::new(downloader, 2);
     let running = ssvm_agent::core_link::connect(agent, &link(core, &id, &secret)).expect("storage link");

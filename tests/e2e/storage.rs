@@ -35,6 +35,7 @@ fn downloader(store: Store, state: &Path, settings: DownloadSettings) -> Downloa
         journal: Journal::open(state).expect("journal"),
         settings,
         allow_internal: Arc::new(allow),
+        peers: ssvm_agent::peer::Peers::none(),
     }
 }
 
@@ -48,6 +49,7 @@ fn spec(url: String, path: &str, checksum: Option<String>) -> DownloadSpec {
         upload: false,
         resumable: false,
         expires: 0,
+        peer: None,
     }
 }
 
@@ -311,6 +313,7 @@ async fn agent_on(store: &Store, id: &str, settings: DownloadSettings) -> Arc<ss
         journal: Journal::on_store(store, id).await.expect("journal on the store"),
         settings,
         allow_internal: Arc::new(allow),
+        peers: ssvm_agent::peer::Peers::none(),
     };
     ssvm_agent::service::Agent::new(downloader, 2)
 }
@@ -324,6 +327,7 @@ fn fenced_submit(id: &str, url: String, path: &str, epoch: u64) -> ssvm_agent::s
         checksum: None,
         description: "fenced".into(),
         epoch,
+        peer: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod catalogue;
 pub mod certificates;
 pub mod configs;
 pub mod consoles;
+pub mod copies;
 pub mod domains;
 pub mod events;
 pub mod fields;
@@ -86,6 +87,7 @@ static TABLES: &[&[Command]] = &[
     virtual_machines::COMMANDS,
     tags::COMMANDS,
     transfers::COMMANDS,
+    copies::COMMANDS,
     certificates::COMMANDS,
     COMMANDS,
 ];

@@ -195,7 +195,11 @@ pub const LIST_ISOS: &[ParamSpec] = &[
 /// `deleteTemplate` / `deleteIso` parameters.
 pub const DELETE_TEMPLATE: &[ParamSpec] = &[
     req("id", Ty::Uuid, "Template or ISO id"),
-    opt("zoneid", Ty::Uuid, "Zone id (templates live in one zone here)"),
+    opt(
+        "zoneid",
+        Ty::Uuid,
+        "Zone id: delete only the install in that zone (default: every zone)",
+    ),
     opt(
         "forced",
         Ty::Boolean,
@@ -287,10 +291,16 @@ pub async fn register_iso(state: State, caller: Caller, p: Params) -> Result<Val
     register(state, caller, p, true).await
 }
 
-/// The columns [`template_json`] reads.
-pub(crate) const TEMPLATE_SELECT: &str = "SELECT t.id, t.name, t.display_text, t.is_iso, t.format, t.hypervisor, t.url, t.checksum, t.zone_id, z.name AS zone_name, t.store_id, st.name AS store_name, t.account_id, a.name AS account_name, t.is_public, t.is_featured, t.is_extractable, t.bootable, t.os_type_id, t.download_state, t.download_percent, t.status, t.size, t.physical_size, t.created, t.removed, t.password_enabled, t.sshkey_enabled, t.dynamically_scalable, t.requires_hvm, d.id AS domain_id, d.name AS domain_name, d.path AS domain_path \
-     FROM templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
-const TEMPLATE_FROM: &str = "templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+/// The columns [`template_json`] reads: one row per template and zone.
+pub(crate) const TEMPLATE_SELECT: &str = "SELECT t.id, t.name, t.display_text, t.is_iso, t.format, t.hypervisor, t.url, t.checksum, p.zone_id, z.name AS zone_name, p.store_id, st.name AS store_name, t.account_id, a.name AS account_name, t.is_public, t.is_featured, t.is_extractable, t.bootable, t.os_type_id, p.download_state, p.download_percent, p.status, p.size, p.physical_size, t.created, t.removed, t.password_enabled, t.sshkey_enabled, t.dynamically_scalable, t.requires_hvm, d.id AS domain_id, d.name AS domain_name, d.path AS domain_path \
+     FROM templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, download_percent, status, size, physical_size, created FROM templates \
+       UNION ALL SELECT template_id, zone_id, store_id, download_state, download_percent, status, size, physical_size, created FROM template_copies) p ON p.template_id = t.id \
+     JOIN zones z ON z.id = p.zone_id JOIN image_stores st ON st.id = p.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+/// What [`TEMPLATE_SELECT`] reads from: one row per template and zone (its own zone, then one
+/// per cross-zone copy, [`crate::model::copies`]), as CloudStack lists them.
+const TEMPLATE_FROM: &str = "templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, created FROM templates \
+       UNION ALL SELECT template_id, zone_id, store_id, download_state, created FROM template_copies) p ON p.template_id = t.id \
+     JOIN zones z ON z.id = p.zone_id JOIN image_stores st ON st.id = p.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 
 /// Fills the `tags` of template and ISO answers (one query for all of them).
 pub(crate) async fn with_tags(state: &State, mut items: Vec<Value>) -> Result<Vec<Value>, sqlx::Error> {
@@ -303,9 +313,10 @@ pub(crate) async fn with_tags(state: &State, mut items: Vec<Value>) -> Result<Ve
             .filter_map(|v| v["id"].as_str().map(str::to_owned))
             .collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let mut tags = crate::api::tags::tags_of(state, t, &ids).await?;
+        let tags = crate::api::tags::tags_of(state, t, &ids).await?;
         for v in items.iter_mut().filter(|v| (v["format"] == "ISO") == iso) {
-            if let Some(list) = v["id"].as_str().and_then(|id| tags.remove(id)) {
+            // A template listed in several zones carries its tags in each.
+            if let Some(list) = v["id"].as_str().and_then(|id| tags.get(id).cloned()) {
                 v["tags"] = Value::Array(list);
             }
         }
@@ -428,7 +439,7 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
         f.eq("t.name", v);
     }
     if let Some(v) = p.non_empty("zoneid") {
-        f.eq("t.zone_id", v);
+        f.eq("p.zone_id", v);
     }
     if let Some(v) = p.non_empty("hypervisor") {
         f.eq("LOWER(t.hypervisor)", &v.to_ascii_lowercase());
@@ -443,7 +454,7 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
         ),
     };
     if ready_only {
-        f.eq("t.download_state", download_state::DOWNLOADED);
+        f.eq("p.download_state", download_state::DOWNLOADED);
     }
     if iso && let Some(v) = p.non_empty("bootable") {
         f.flag("t.bootable", v.eq_ignore_ascii_case("true"));
@@ -456,7 +467,7 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
         .rows(
             &state.db.pool,
             TEMPLATE_SELECT,
-            &format!(" ORDER BY t.created, t.name{}", page.sql()),
+            &format!(" ORDER BY t.created, t.name, p.created{}", page.sql()),
         )
         .await?;
     let items = with_tags(
@@ -480,7 +491,16 @@ pub async fn list_isos(state: State, caller: Caller, p: Params) -> Result<Value,
 async fn delete(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
     let id = p.non_empty("id").unwrap_or_default();
     let what = if iso { "ISO" } else { "template" };
-    match templates::delete(&state, &caller, id, iso, flag(&p, "forced", false)).await? {
+    match templates::delete(
+        &state,
+        &caller,
+        id,
+        iso,
+        p.non_empty("zoneid"),
+        flag(&p, "forced", false),
+    )
+    .await?
+    {
         Deleted::Everything => Ok(success()),
         Deleted::RecordOnly(place) => Ok(
             json!({ "success": true, "displaytext": format!("{what} removed; its files remain on {place}") }),

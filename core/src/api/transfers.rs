@@ -61,7 +61,11 @@ pub const UPLOAD_ISO: &[ParamSpec] = &without_url::<{ REGISTER_ISO.len() - 1 }>(
 pub const EXTRACT: &[ParamSpec] = &[
     req("id", Ty::Uuid, "Template or ISO id"),
     req("mode", Ty::String, "HTTP_DOWNLOAD (FTP_UPLOAD is not supported)"),
-    opt("zoneid", Ty::Uuid, "Zone id (templates live in one zone here)"),
+    opt(
+        "zoneid",
+        Ty::Uuid,
+        "Zone to extract from (default: the template's first zone)",
+    ),
     opt("url", Ty::String, "FTP_UPLOAD only: not supported"),
 ];
 
@@ -199,7 +203,7 @@ async fn extract(state: State, caller: Caller, p: Params, iso: bool) -> Result<V
         )));
     }
     let id = p.non_empty("id").unwrap_or_default();
-    let e = transfers::extract(&state, &caller, id, iso).await?;
+    let e = transfers::extract(&state, &caller, id, iso, p.non_empty("zoneid")).await?;
     let key = if iso { "iso" } else { "template" };
     Ok(json!({
         key: {

@@ -19,6 +19,7 @@
 
 pub mod certificates;
 pub mod consoles;
+pub mod copies;
 pub mod directory;
 pub mod events;
 pub mod guest_os;

@@ -47,6 +47,40 @@ pub mod download_state {
     pub const UPLOAD_ERROR: &str = "UPLOAD_ERROR";
 }
 
+/// Which row holds an install's state: the template's own (its first zone) or a cross-zone copy
+/// ([`crate::model::copies`]). Both share the download columns, so progress, epochs and waiting
+/// texts are written the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// `templates`: the install in the template's own zone (the id is the template's).
+    Template,
+    /// `template_copies`: a copy in another zone (the id is the copy's).
+    Copy,
+}
+
+impl Record {
+    /// The table.
+    pub(crate) fn table(self) -> &'static str {
+        match self {
+            Record::Template => "templates",
+            Record::Copy => "template_copies",
+        }
+    }
+
+    /// The row an install id names (a copy's id, else a template's).
+    pub async fn of(pool: &sqlx::AnyPool, id: &str) -> Result<Record, sqlx::Error> {
+        let copy: Option<String> = sqlx::query_scalar("SELECT id FROM template_copies WHERE id = $1")
+            .bind(id.to_owned())
+            .fetch_optional(pool)
+            .await?;
+        Ok(if copy.is_some() {
+            Record::Copy
+        } else {
+            Record::Template
+        })
+    }
+}
+
 /// Formats accepted by `registerTemplate` (what the storage agent installs).
 pub const TEMPLATE_FORMATS: &[&str] = &["QCOW2", "RAW", "VHD", "OVA"];
 
@@ -234,22 +268,25 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
 
 /// Applies a storage VM's progress report to its template.
 pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Result<(), sqlx::Error> {
+    let table = Record::of(&state.db.pool, &p.id).await?.table();
     if let Some(epoch) = p.epoch {
-        let current: Option<i64> = sqlx::query_scalar("SELECT dispatch_epoch FROM templates WHERE id = $1")
-            .bind(p.id.clone())
-            .fetch_optional(&state.db.pool)
-            .await?;
+        let current: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT dispatch_epoch FROM {table} WHERE id = $1"))
+                .bind(p.id.clone())
+                .fetch_optional(&state.db.pool)
+                .await?;
         if current.is_some_and(|c| i64::try_from(epoch).unwrap_or(i64::MAX) < c) {
             tracing::warn!(template = %p.id, epoch, "Progress of a fenced (older) run of a download, skipped");
             return Ok(());
         }
     }
     let phase = p.state.unwrap_or(JobPhase::Running);
-    let upload: bool = sqlx::query_scalar::<_, String>("SELECT download_state FROM templates WHERE id = $1")
-        .bind(p.id.clone())
-        .fetch_optional(&state.db.pool)
-        .await?
-        .is_some_and(|s| s == download_state::NOT_UPLOADED || s == download_state::UPLOAD_IN_PROGRESS);
+    let upload: bool =
+        sqlx::query_scalar::<_, String>(&format!("SELECT download_state FROM {table} WHERE id = $1"))
+            .bind(p.id.clone())
+            .fetch_optional(&state.db.pool)
+            .await?
+            .is_some_and(|s| s == download_state::NOT_UPLOADED || s == download_state::UPLOAD_IN_PROGRESS);
     let (done_text, verb, error_state, busy_state) = if upload {
         (
             "Upload Complete",
@@ -287,11 +324,11 @@ pub async fn apply_progress(state: &State, vm_id: &str, p: &JobProgress) -> Resu
         ),
     };
     let installed = p.installed.as_ref().filter(|_| phase == JobPhase::Completed);
-    let done = sqlx::query(
-        "UPDATE templates SET download_state = $1, status = $2, download_percent = $3, agent_id = $4, \
+    let done = sqlx::query(&format!(
+        "UPDATE {table} SET download_state = $1, status = $2, download_percent = $3, agent_id = $4, \
          size = COALESCE($5, size), physical_size = COALESCE($6, physical_size), installed_file = COALESCE($7, installed_file), installed_sha256 = COALESCE($8, installed_sha256) \
          WHERE id = $9 AND removed IS NULL AND download_state IN ($10, $11, $12, $13)",
-    )
+    ))
     .bind(dl_state)
     .bind(status.clone())
     .bind(percent)
@@ -327,6 +364,9 @@ pub struct PendingDownload {
     pub store_name: String,
     /// Its current status text.
     pub status: String,
+    /// A cross-zone copy of this template: the command's source (URL, peer) is filled in at
+    /// dispatch ([`crate::model::copies::source_for`]).
+    pub copy_of: Option<String>,
 }
 
 /// Templates not installed yet, oldest first.
@@ -351,10 +391,12 @@ pub async fn pending_downloads(state: &State) -> Result<Vec<PendingDownload>, sq
                     checksum: row.try_get("checksum")?,
                     description: row.try_get("display_text")?,
                     epoch: 0,
+                    peer: None,
                 },
                 zone_id: row.try_get("zone_id")?,
                 store_name: row.try_get("store_name")?,
                 status: row.try_get("status")?,
+                copy_of: None,
             })
         })
         .collect()
@@ -364,11 +406,14 @@ pub async fn pending_downloads(state: &State) -> Result<Vec<PendingDownload>, sq
 /// and every delete gets a higher epoch than anything sent before, so a storage VM still running
 /// an older one is fenced off.
 pub async fn next_epoch(state: &State, id: &str) -> Result<u64, sqlx::Error> {
-    sqlx::query("UPDATE templates SET dispatch_epoch = dispatch_epoch + 1 WHERE id = $1")
-        .bind(id.to_owned())
-        .execute(&state.db.pool)
-        .await?;
-    let e: i64 = sqlx::query_scalar("SELECT dispatch_epoch FROM templates WHERE id = $1")
+    let table = Record::of(&state.db.pool, id).await?.table();
+    sqlx::query(&format!(
+        "UPDATE {table} SET dispatch_epoch = dispatch_epoch + 1 WHERE id = $1"
+    ))
+    .bind(id.to_owned())
+    .execute(&state.db.pool)
+    .await?;
+    let e: i64 = sqlx::query_scalar(&format!("SELECT dispatch_epoch FROM {table} WHERE id = $1"))
         .bind(id.to_owned())
         .fetch_one(&state.db.pool)
         .await?;
@@ -377,14 +422,17 @@ pub async fn next_epoch(state: &State, id: &str) -> Result<u64, sqlx::Error> {
 
 /// Sets the status text of a template still waiting for its download.
 pub async fn set_waiting_status(state: &State, id: &str, status: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE templates SET status = $1 WHERE id = $2 AND download_state IN ($3, $4)")
-        .bind(status.to_owned())
-        .bind(id.to_owned())
-        .bind(download_state::NOT_DOWNLOADED)
-        .bind(download_state::IN_PROGRESS)
-        .execute(&state.db.pool)
-        .await
-        .map(|_| ())
+    let table = Record::of(&state.db.pool, id).await?.table();
+    sqlx::query(&format!(
+        "UPDATE {table} SET status = $1 WHERE id = $2 AND download_state IN ($3, $4)"
+    ))
+    .bind(status.to_owned())
+    .bind(id.to_owned())
+    .bind(download_state::NOT_DOWNLOADED)
+    .bind(download_state::IN_PROGRESS)
+    .execute(&state.db.pool)
+    .await
+    .map(|_| ())
 }
 
 async fn mark_removed(state: &State, id: &str) -> Result<(), sqlx::Error> {
@@ -416,6 +464,7 @@ pub async fn delete(
     caller: &Caller,
     id: &str,
     iso: bool,
+    zone: Option<&str>,
     forced: bool,
 ) -> DomainResult<Deleted> {
     let what = if iso { "ISO" } else { "template" };
@@ -435,6 +484,40 @@ pub async fn delete(
         )));
     }
     let zone_id: String = row.try_get("zone_id")?;
+    let copies = crate::model::copies::zones_of(state, id).await?;
+    match zone {
+        // A copy in another zone: only that copy goes.
+        Some(z) if z != zone_id => {
+            if !copies.iter().any(|c| c == z) {
+                return Err(DomainError::NotFound(format!(
+                    "The {what} {id} is not in zone {z}"
+                )));
+            }
+            return crate::model::copies::delete(state, id, z, forced).await;
+        }
+        // Its own zone while copies exist: a ready copy takes over, so one must be ready.
+        Some(_) if !copies.is_empty() => {
+            let ready: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM template_copies WHERE template_id = $1 AND download_state = $2 LIMIT 1",
+            )
+            .bind(id.to_owned())
+            .bind(download_state::DOWNLOADED)
+            .fetch_optional(&state.db.pool)
+            .await?;
+            if ready.is_none() {
+                return Err(DomainError::InUse(format!(
+                    "The {what} {id} is being copied to other zones: wait for the copies, or delete them first"
+                )));
+            }
+        }
+        Some(_) => {}
+        // Everywhere: the copies first.
+        None => {
+            for z in &copies {
+                crate::model::copies::delete(state, id, z, forced).await?;
+            }
+        }
+    }
     let path: String = row.try_get("install_path")?;
     let store_url: String = row.try_get("store_url")?;
     let store_name: String = row.try_get("store_name")?;
@@ -445,7 +528,9 @@ pub async fn delete(
                 "No storage VM serving image store {store_name} is connected, so the {what}'s files can't be deleted; retry when one is Up, or pass forced=true to remove the record and leave the files"
             )));
         }
-        mark_removed(state, id).await?;
+        if zone.is_none() || !crate::model::copies::promote(state, id).await? {
+            mark_removed(state, id).await?;
+        }
         tracing::warn!(%id, %path, "Removed a template record; its files stay on the store (forced, no storage VM)");
         return Ok(Deleted::RecordOnly(format!("{store_name} at {path}")));
     };
@@ -498,6 +583,10 @@ pub async fn delete(
             "Failed to delete the {what}'s files: {}",
             answer.error.unwrap_or_else(|| "no reason given".into())
         )));
+    }
+    if zone.is_some() && crate::model::copies::promote(state, id).await? {
+        tracing::info!(%id, %path, zone = %zone_id, "Deleted a template's files in its own zone; a copy took over");
+        return Ok(Deleted::Everything);
     }
     mark_removed(state, id).await?;
     tracing::info!(%id, %path, "Deleted a template and its files");

@@ -89,7 +89,9 @@ pub async fn account_storage(state: &State, account_id: &str) -> Result<(u64, Op
     let limit_gib = settings::int(state, &settings::ACCOUNT_SECONDARY_LIMIT).await;
     // PostgreSQL sums BIGINTs as NUMERIC: cast back so both databases answer a BIGINT.
     let used: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(COALESCE(physical_size, size, 0)), 0) AS BIGINT) FROM templates WHERE account_id = $1 AND removed IS NULL",
+        "SELECT CAST(COALESCE(SUM(COALESCE(x.physical_size, x.size, 0)), 0) AS BIGINT) FROM templates t JOIN \
+         (SELECT id AS template_id, physical_size, size FROM templates UNION ALL SELECT template_id, physical_size, size FROM template_copies) x \
+         ON x.template_id = t.id WHERE t.account_id = $1 AND t.removed IS NULL",
     )
     .bind(account_id.to_owned())
     .fetch_one(&state.db.pool)
@@ -231,17 +233,32 @@ pub struct Extracted {
 }
 
 /// Makes a download link of an installed template or ISO (`extractTemplate`, `extractIso`).
-pub async fn extract(state: &State, caller: &Caller, id: &str, iso: bool) -> DomainResult<Extracted> {
+pub async fn extract(
+    state: &State,
+    caller: &Caller,
+    id: &str,
+    iso: bool,
+    zone: Option<&str>,
+) -> DomainResult<Extracted> {
     let what = if iso { "ISO" } else { "template" };
+    // The install in `zone` (its own row or a copy's), else the template's own.
     let row = sqlx::query(
-        "SELECT t.name, t.account_id, t.is_public, t.is_extractable, t.download_state, t.installed_file, t.format, t.zone_id, z.name AS zone_name, st.url AS store_url, st.name AS store_name \
-         FROM templates t JOIN zones z ON z.id = t.zone_id JOIN image_stores st ON st.id = t.store_id WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL",
+        "SELECT t.name, t.account_id, t.is_public, t.is_extractable, x.download_state, x.installed_file, x.installed_sha256, t.format, x.zone_id, z.name AS zone_name, st.url AS store_url, st.name AS store_name \
+         FROM templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 0 AS copy FROM templates \
+           UNION ALL SELECT template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 1 AS copy FROM template_copies) x ON x.template_id = t.id \
+         JOIN zones z ON z.id = x.zone_id JOIN image_stores st ON st.id = x.store_id \
+         WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL AND (x.zone_id = $3 OR ($4 = '' AND x.copy = 0))",
     )
     .bind(id.to_owned())
     .bind(i64::from(iso))
+    .bind(zone.unwrap_or_default().to_owned())
+    .bind(zone.unwrap_or_default().to_owned())
     .fetch_optional(&state.db.pool)
     .await?
-    .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
+    .ok_or_else(|| match zone {
+        Some(z) => DomainError::NotFound(format!("Unable to find {what} {id} in zone {z}")),
+        None => DomainError::NotFound(format!("Unable to find {what} by id {id}")),
+    })?;
     let owner: String = row.try_get("account_id")?;
     let mine = crate::model::directory::may_manage(state, caller, &owner).await?;
     let public = row.try_get::<i64, _>("is_public")? != 0;
@@ -283,6 +300,8 @@ pub async fn extract(state: &State, caller: &Caller, id: &str, iso: bool) -> Dom
         file,
         name: file_name.clone(),
         expires: now() + seconds,
+        peer: None,
+        sha256: row.try_get("installed_sha256")?,
     };
     let keys = keyrings::current(state, Ring::Transfer).await?;
     let token = link

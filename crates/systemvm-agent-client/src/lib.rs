@@ -272,6 +272,8 @@ pub struct Hooks {
     pub transfer_keys: Arc<dyn Fn(ConsoleKeys) + Send + Sync>,
     /// Called with the operator's certificate from `Welcome` and `CertificateUpdate`.
     pub certificate: Arc<dyn Fn(systemvm_proto::agent::ServerCertificate) + Send + Sync>,
+    /// Called with the storage VM's peer certificate from `Welcome` (storage VMs).
+    pub peer_identity: Arc<dyn Fn(systemvm_proto::agent::PeerIdentity) + Send + Sync>,
     /// Called with the agent's settings from `Welcome` and `ConfigUpdate` (core's setting names,
     /// `systemvm_proto::agent::config_keys`).
     pub config: Arc<dyn Fn(std::collections::BTreeMap<String, String>) + Send + Sync>,
@@ -395,6 +397,7 @@ impl Default for Hooks {
             keys: Arc::new(|_| {}),
             transfer_keys: Arc::new(|_| {}),
             certificate: Arc::new(|_| {}),
+            peer_identity: Arc::new(|_| {}),
             config: Arc::new(|_| {}),
             command: Arc::new(|c| {
                 let answer = unsupported(&c);
@@ -670,6 +673,9 @@ async fn session(
     }
     if let Some(cert) = welcome.certificate {
         (hooks.certificate)(cert);
+    }
+    if let Some(identity) = welcome.peer_identity {
+        (hooks.peer_identity)(identity);
     }
     (hooks.config)(welcome.config);
     let _ = status.send(Status::Up(url.url.clone()));

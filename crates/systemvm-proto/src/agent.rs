@@ -192,6 +192,34 @@ pub struct Welcome {
     /// The operator's certificate for the agent's browser-facing server, when one was uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<ServerCertificate>,
+    /// The storage VM's identity toward other storage VMs (storage VMs only): a certificate from
+    /// core's CA for [`peer_name`] of its id, good for client and server authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<PeerIdentity>,
+}
+
+/// A storage VM's certificate for the channel between storage VMs (cross-zone copies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerIdentity {
+    /// The certificate, PEM (issued by core's CA, the one agents verify core with).
+    pub chain_pem: String,
+    /// Its private key, PEM (never logged: [`Secret`]).
+    pub key_pem: Secret,
+}
+
+/// The name in a storage VM's peer certificate: `<vm id>.peer.systemvm.invalid` (lower case; the
+/// `.invalid` top-level domain never resolves, so the name is only ever a TLS identity).
+pub fn peer_name(vm_id: &str) -> String {
+    format!("{}.peer.systemvm.invalid", vm_id.to_ascii_lowercase())
+}
+
+/// Where a download's bytes come from when they come from another storage VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSource {
+    /// The source storage VM's transfer server, `host:port`.
+    pub address: String,
+    /// The source storage VM's id: its certificate must carry [`peer_name`] of it.
+    pub vm_id: String,
 }
 
 /// A TLS certificate for the browser-facing servers of console proxies and storage VMs.
@@ -409,6 +437,11 @@ pub struct DownloadCommand {
     /// install) stops writing and reporting it; 0 from cores that do not fence.
     #[serde(default)]
     pub epoch: u64,
+    /// The bytes come from another storage VM (a cross-zone copy): `url` names the source by its
+    /// [`peer_name`], the connection goes to `peer.address` over TLS verified against core's CA
+    /// in both directions; else `url` is fetched as any download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerSource>,
 }
 
 /// The result of a command.
@@ -654,6 +687,7 @@ mod tests {
             config: BTreeMap::from([("a".into(), "b".into())]),
             transfer_keys: Some(keys()),
             certificate: None,
+            peer_identity: None,
         }));
         round_trip_core(CoreMessage::CertificateUpdate(CertificateUpdate {
             certificate: ServerCertificate {
@@ -686,6 +720,10 @@ mod tests {
                 checksum: None,
                 description: "d".into(),
                 epoch: 2,
+                peer: Some(PeerSource {
+                    address: "10.0.0.2:8090".into(),
+                    vm_id: "b".into(),
+                }),
             }),
             AgentCommand::CancelJob { job_id: "t1".into() },
             AgentCommand::DeleteInstall {

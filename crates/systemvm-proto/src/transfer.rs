@@ -76,6 +76,14 @@ pub struct ExtractLink {
     pub name: String,
     /// Expiry, Unix seconds.
     pub expires: u64,
+    /// The storage VM the link is for (cross-zone copies): only a client presenting that VM's
+    /// peer certificate ([`crate::agent::peer_name`]) may use it; `None`: any browser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The file's SHA-256 (hex), when core knows it: served as the strong `ETag`, so an
+    /// interrupted download resumes with `If-Range` only on the same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// The bytes an upload signature covers: `metadata ‖ postURL ‖ expires`, CloudStack's order.
@@ -246,6 +254,8 @@ mod tests {
             file: "template/tmpl/a/t1/x.qcow2".into(),
             name: "x.qcow2".into(),
             expires: 100,
+            peer: None,
+            sha256: None,
         };
         let token = link.seal(&keys).unwrap();
         assert_eq!(ExtractLink::open(&keys, &token, 99), Some(link));

@@ -48,6 +48,9 @@ pub struct Submit {
     /// Fencing epoch (core's `DownloadCommand::epoch`); 0 = not fenced.
     #[serde(default)]
     pub epoch: u64,
+    /// A copy from another storage VM (core's `DownloadCommand::peer`; never from the local API).
+    #[serde(skip)]
+    pub peer: Option<systemvm_proto::agent::PeerSource>,
 }
 
 impl Submit {
@@ -60,6 +63,7 @@ impl Submit {
             checksum,
             description,
             epoch,
+            peer,
         } = self;
         (
             id,
@@ -72,6 +76,7 @@ impl Submit {
                 upload: false,
                 resumable: false,
                 expires: 0,
+                peer,
             },
             epoch,
         )
@@ -420,7 +425,10 @@ impl Agent {
         // INVARIANT: looking the id up and starting its job happen under one lock.
         let _serial = self.submit_lock.lock().await;
         match self.downloader.journal.load(&id).await {
-            Ok(Some(mut existing)) if existing.spec == spec => {
+            Ok(Some(mut existing)) if existing.spec.same_job(&spec) => {
+                if existing.spec != spec {
+                    self.adopt_source(&mut existing, spec).await.map_err(internal)?;
+                }
                 self.adopt_epoch(&mut existing, epoch).await.map_err(internal)?;
                 return Ok((StatusCode::OK, self.with_live(existing)));
             }
@@ -439,6 +447,26 @@ impl Agent {
         info!(job.id = %id, url = %record.spec.url, epoch, "Job submitted");
         self.spawn(record.clone());
         Ok((StatusCode::CREATED, record))
+    }
+
+    /// A known copy was submitted again with a fresh source (link): a running job takes it at
+    /// its next attempt, one that is not running has it journalled.
+    async fn adopt_source(&self, existing: &mut JobRecord, spec: DownloadSpec) -> anyhow::Result<()> {
+        let Some(peer) = spec.peer.clone() else {
+            return Ok(());
+        };
+        let live = self.running().get(&existing.id).map(|r| r.live.clone());
+        match live {
+            Some(live) => {
+                *live.source.lock().unwrap_or_else(PoisonError::into_inner) = Some((spec.url, peer));
+            }
+            None if !existing.state.is_final() => {
+                existing.spec = spec;
+                self.downloader.journal.save(existing).await?;
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// A known job was submitted again with `epoch`: a higher one becomes the job's (the running
@@ -664,6 +692,7 @@ mod tests {
                 ..DownloadSettings::default()
             },
             allow_internal: Arc::new(allow),
+            peers: crate::peer::Peers::none(),
         }
     }
 
@@ -757,6 +786,7 @@ mod tests {
                 ..Settings::default()
             },
             allow_internal: Arc::new(allow),
+            peers: crate::peer::Peers::none(),
         };
         Agent::new(downloader, 4)
     }
@@ -793,6 +823,7 @@ mod tests {
             checksum: None,
             description: String::new(),
             epoch,
+            peer: None,
         }
     }
 
@@ -1013,6 +1044,7 @@ mod tests {
             upload: false,
             resumable: false,
             expires: 0,
+            peer: None,
         };
         let record = |id: &str, file: &str, state| {
             let mut r = JobRecord::new(&format!("j{id}"), spec(id), &agent.store_url().to_string());

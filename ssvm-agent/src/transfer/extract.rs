@@ -2,8 +2,10 @@
 //! installed file the sealed link names, whole or one `Range`, streamed from the store in 1 MiB
 //! reads.
 //!
-//! Invariant: the link is opened (authentic, unexpired, for this agent's store) before the
-//! store is touched; the name in the URL is cosmetic (the link decides the file).
+//! Invariants: the link is opened (authentic, unexpired, for this agent's store, and for a link
+//! sealed for a storage VM, on that VM's mutual-TLS connection) before the store is touched; the
+//! name in the URL is cosmetic (the link decides the file). With the file's SHA-256 in the link,
+//! it is the strong `ETag`, and a `Range` under a different `If-Range` gets the whole file.
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, StreamBody};
@@ -27,7 +29,12 @@ pub(super) fn content_type(name: &str) -> &'static str {
     }
 }
 
-pub(super) async fn handle(t: &Transfers, rest: &str, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn handle(
+    t: &Transfers,
+    rest: &str,
+    req: Request<Incoming>,
+    client: Option<&rustls::pki_types::CertificateDer<'static>>,
+) -> Response<Body> {
     let token = rest.split_once('/').map_or(rest, |(token, _)| token);
     let Some(keys) = t.keys.get() else {
         return text(
@@ -44,6 +51,12 @@ pub(super) async fn handle(t: &Transfers, rest: &str, req: Request<Incoming>) ->
     let Some(link) = ExtractLink::open(&keys, token, crate::job::now()) else {
         return forbidden();
     };
+    // A link sealed for a storage VM serves only that VM's connection (its certificate).
+    if let Some(vm) = &link.peer
+        && !client.is_some_and(|c| crate::peer::presented(c, vm))
+    {
+        return forbidden();
+    }
     let store = t.agent.downloader_now().store;
     if link.store_url.parse::<crate::store::StoreUrl>().ok().as_ref() != Some(store.url()) {
         return forbidden();
@@ -53,7 +66,17 @@ pub(super) async fn handle(t: &Transfers, rest: &str, req: Request<Incoming>) ->
         Err(e) if e.is_not_found() => return text(StatusCode::NOT_FOUND, "the file of this link is gone"),
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let asked = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok());
+    let etag = link.sha256.as_ref().map(|sha| format!("\"{sha}\""));
+    // `If-Range`: the range only while the file is still the one the client has part of.
+    let range_valid = match req.headers().get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(v) => etag.as_deref() == Some(v),
+    };
+    let asked = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| range_valid);
     let (status, start, end) = match range::parse(asked, size) {
         Range::Full => (StatusCode::OK, 0, size),
         Range::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
@@ -79,6 +102,9 @@ pub(super) async fn handle(t: &Transfers, rest: &str, req: Request<Incoming>) ->
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(v) = etag.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+        h.insert(header::ETAG, v);
+    }
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, no-store"),

@@ -10,6 +10,10 @@
 //! | `PATCH /upload/<id>` | tus: bytes at `Upload-Offset` |
 //! | `GET`/`HEAD /download/<token>/<name>` | an installed template or ISO, with `Range` |
 //!
+//! Another storage VM copying a template (`copyTemplate`) reaches the same port over mutual TLS
+//! ([`crate::peer`]): its handshake names this VM's peer name, and its connection serves
+//! `/download/` links sealed for that VM only.
+//!
 //! Invariants:
 //! * every request is authorized by what core sealed with the transfer keys (an upload ticket,
 //!   a download link), checked before any byte is written or read; without keys from core
@@ -89,6 +93,9 @@ pub struct Transfers {
     /// TLS with it (plain HTTP stays for labs, `use.https.to.upload=false`).
     cert: Arc<ServerCert>,
     tls: Arc<rustls::ServerConfig>,
+    /// The channel to other storage VMs: a handshake for this VM's peer name gets mutual TLS
+    /// on core's CA, and serves copies only.
+    peers: Arc<crate::peer::Peers>,
     /// This storage VM's id (with core): tickets for another VM are refused.
     vm_id: Option<String>,
     uploads: Arc<Semaphore>,
@@ -98,11 +105,13 @@ pub struct Transfers {
 
 impl Transfers {
     /// The server's state over `agent`, opening credentials with `keys`, serving TLS with `cert`
-    /// once it holds one; `vm_id` is this storage VM's (tickets name the VM they are for).
+    /// once it holds one (and to other storage VMs with `peers`); `vm_id` is this storage VM's
+    /// (tickets name the VM they are for).
     pub fn new(
         agent: Arc<Agent>,
         keys: TransferKeys,
         cert: Arc<ServerCert>,
+        peers: Arc<crate::peer::Peers>,
         vm_id: Option<String>,
     ) -> anyhow::Result<Arc<Self>> {
         let tls = cert.server_config().context("failed to set up TLS")?;
@@ -111,6 +120,7 @@ impl Transfers {
             keys,
             cert,
             tls,
+            peers,
             vm_id,
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
             sessions: Mutex::new(HashMap::new()),
@@ -164,16 +174,18 @@ pub async fn serve(
         };
         let transfers = transfers.clone();
         tokio::spawn(async move {
-            let tls = transfers.cert.is_set() && is_tls(&tcp, HEADER_TIMEOUT).await;
+            let tls =
+                (transfers.cert.is_set() || transfers.peers.is_ready()) && is_tls(&tcp, HEADER_TIMEOUT).await;
             if tls {
-                let acceptor = tokio_rustls::TlsAcceptor::from(transfers.tls.clone());
-                match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(transfers, TokioIo::new(stream), peer).await,
+                match tokio::time::timeout(HEADER_TIMEOUT, handshake(&transfers, tcp)).await {
+                    Ok(Ok((stream, client))) => {
+                        serve_connection(transfers, TokioIo::new(stream), peer, client).await;
+                    }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             } else {
-                serve_connection(transfers, TokioIo::new(tcp), peer).await;
+                serve_connection(transfers, TokioIo::new(tcp), peer, None).await;
             }
             drop(permit);
             drop(address_slot);
@@ -226,13 +238,48 @@ impl Drop for AddressSlot {
     }
 }
 
-async fn serve_connection<I>(transfers: Arc<Transfers>, io: I, peer: std::net::SocketAddr)
+/// The verified client certificate of a connection from another storage VM.
+pub(crate) type PeerClient = Option<Arc<rustls::pki_types::CertificateDer<'static>>>;
+
+/// The TLS handshake: this VM's peer name gets the peer configuration (a client certificate
+/// from core's CA required), any other name the operator's certificate.
+async fn handshake(
+    transfers: &Transfers,
+    tcp: tokio::net::TcpStream,
+) -> std::io::Result<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, PeerClient)> {
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    if let Some(config) = transfers.peers.server_config_for(sni.as_deref()) {
+        let stream = start.into_stream(config).await?;
+        let client = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| Arc::new(c.clone().into_owned()));
+        if client.is_none() {
+            return Err(std::io::Error::other(
+                "a peer connection without a client certificate",
+            ));
+        }
+        return Ok((stream, client));
+    }
+    if !transfers.cert.is_set() {
+        return Err(std::io::Error::other(
+            "TLS for another name than this VM's peer name, without a certificate",
+        ));
+    }
+    Ok((start.into_stream(transfers.tls.clone()).await?, None))
+}
+
+async fn serve_connection<I>(transfers: Arc<Transfers>, io: I, peer: std::net::SocketAddr, client: PeerClient)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let transfers = transfers.clone();
-        async move { Ok::<_, Infallible>(route(transfers, req).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(route(transfers, req, client).await) }
     });
     if let Err(error) = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -244,9 +291,12 @@ where
     }
 }
 
-async fn route(t: Arc<Transfers>, req: Request<Incoming>) -> Response<Body> {
+async fn route(t: Arc<Transfers>, req: Request<Incoming>, client: PeerClient) -> Response<Body> {
     let path = req.uri().path().to_owned();
-    let mut resp = if let Some(id) = path.strip_prefix("/upload/") {
+    let mut resp = if client.is_some() && !path.starts_with("/download/") {
+        // Another storage VM's connection serves copies only.
+        text(StatusCode::NOT_FOUND, "not found")
+    } else if let Some(id) = path.strip_prefix("/upload/") {
         let id = id.trim_end_matches('/').to_owned();
         if !crate::job::valid_job_id(&id) {
             text(StatusCode::NOT_FOUND, "no such upload")
@@ -259,7 +309,7 @@ async fn route(t: Arc<Transfers>, req: Request<Incoming>) -> Response<Body> {
         }
     } else if let Some(rest) = path.strip_prefix("/download/") {
         match *req.method() {
-            Method::GET | Method::HEAD => extract::handle(&t, rest, req).await,
+            Method::GET | Method::HEAD => extract::handle(&t, rest, req, client.as_deref()).await,
             Method::OPTIONS => preflight(),
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         }

@@ -156,6 +156,7 @@ async fn begin(
         upload: true,
         resumable,
         expires: ticket.expires,
+        peer: None,
     };
     if let Err(e) = spec.validate() {
         return Err(text(StatusCode::BAD_REQUEST, &format!("{e:#}")));

@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         journal: Journal::open(&state)?,
         settings: settings.clone(),
         allow_internal: Arc::new(allow),
+        peers: ssvm_agent::peer::Peers::none(),
     };
     let expected = {
         let mut h = Hasher::new(ChecksumAlgo::Sha256);
@@ -134,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
             upload: false,
             resumable: false,
             expires: 0,
+            peer: None,
         };
         let mut record = JobRecord::new(&format!("bench-{run}-{}", std::process::id()), spec, &cli.store);
         let t_pipe = time(|| async {

@@ -244,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
             ..DownloadSettings::default()
         },
         allow_internal: Arc::new(Vec::new()),
+        peers: ssvm_agent::peer::Peers::none(),
     };
     let agent = ssvm_agent::service::Agent::new(downloader, 4);
     let keys = KeySet::generate().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -253,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         agent,
         transfer_keys,
         systemvm_agent_client::tls::ServerCert::new(),
+        ssvm_agent::peer::Peers::none(),
         None,
     )?;
     let listener = ssvm_agent::transfer::bind("127.0.0.1:0".parse()?).await?;
