@@ -130,7 +130,7 @@ fn find_error(v: &Value) -> Option<&Value> {
 }
 
 /// Runs `cs` expecting a failure; returns (errorcode, errortext).
-async fn cs_err(core: &Core, args: &[&str]) -> (i64, String) {
+pub(crate) async fn cs_err(core: &Core, args: &[&str]) -> (i64, String) {
     let (ok, json) = core.cs_raw(args).await;
     assert!(!ok, "cs {args:?} should fail: {json}");
     let e = find_error(&json).unwrap_or_else(|| panic!("no error in {json}"));

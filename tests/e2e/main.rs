@@ -6,6 +6,7 @@ mod ansible;
 mod browser_uploads;
 mod certificates;
 mod console;
+mod copies;
 mod core_api;
 mod deploy;
 mod directory;

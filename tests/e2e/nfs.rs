@@ -647,6 +647,24 @@ impl RestartableGanesha {
         drop(guard);
     }
 
+    /// Stops the server process (SIGSTOP) until the returned guard is dropped (SIGCONT), also
+    /// when a test panics: its sockets stay open but nothing answers.
+    pub(crate) fn paused(&self) -> PausedRestartable<'_> {
+        self.signal("STOP");
+        PausedRestartable(self)
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.running.lock().expect("lock").as_ref().map(|(pid, _)| *pid);
+        let pid = pid.expect("ganesha is not running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
     /// Stops the server and starts it again on the same export and ports.
     pub(crate) fn restart(&self) {
         self.stop();
@@ -667,6 +685,15 @@ impl RestartableGanesha {
                 log_tail(&self.log)
             ),
         }
+    }
+}
+
+/// Resumes a paused [`RestartableGanesha`] when dropped.
+pub(crate) struct PausedRestartable<'a>(&'a RestartableGanesha);
+
+impl Drop for PausedRestartable<'_> {
+    fn drop(&mut self) {
+        self.0.signal("CONT");
     }
 }
 
