@@ -116,6 +116,44 @@ fn copy_jobs(dir: &Path) -> Vec<Value> {
     out
 }
 
+/// A GET on the source over TLS for its peer name, verified against core's CA but without a
+/// client certificate: `Err` when the source refuses the connection (no HTTP answer).
+async fn peer_without_certificate(ca: &Path, address: &str, vm: &str, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pem = std::fs::read(ca).expect("core's CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        roots.add(c.expect("CA")).expect("CA");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("tls")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = systemvm_proto::agent::peer_name(vm);
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let server = rustls::pki_types::ServerName::try_from(name.clone()).expect("name");
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(server, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET /{path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    if buf.is_empty() {
+        return Err("closed without an answer".into());
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 fn sha_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
@@ -255,6 +293,10 @@ async fn templates_and_isos_copy_between_zones_and_survive_restarts() {
             .to_owned();
         let plain = request(&format!("http://{address}/{path}"), "GET", &[], b"", None).await;
         assert_eq!(plain.status, 403, "{}", plain.text());
+        // …and TLS for the source's peer name without the destination's certificate gets no
+        // answer at all.
+        let refused = peer_without_certificate(&core.running().ca_path, &address, &ssvm_a, &path).await;
+        assert!(refused.is_err(), "{refused:?}");
         let paused = b_nfs.paused();
         tokio::time::sleep(Duration::from_millis(300)).await;
         kill9(&ssvm_b);
