@@ -6,7 +6,7 @@
 //! * only core's CA (the `--ca` file the agent verifies core with) is trusted on this channel, in
 //!   both directions; no system roots, no way to turn verification off;
 //! * the transfer server answers a handshake for this VM's peer name with the peer certificate
-//!   and requires a client certificate from core's CA ([`Peers::server_config`]); a download link
+//!   and requires a client certificate from core's CA ([`Peers::server_config_for`]); a download link
 //!   sealed for a peer ([`systemvm_proto::transfer::ExtractLink::peer`]) is served only to a
 //!   client whose certificate carries that peer's name ([`presented`]);
 //! * the client side dials the address core named, verifies the server's certificate for the
