@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::api::templates::{TEMPLATE_SELECT, template_json, with_tags};
+use crate::api::templates::{TEMPLATE_SELECT, answers};
 use crate::command::{Command, ParamSpec, Ty, opt, req};
 use crate::error::ApiError;
 use crate::model::copies;
@@ -116,11 +116,7 @@ async fn copy(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
         .bind(zones[0].clone())
         .fetch_all(&state.db.pool)
         .await?;
-    let items = with_tags(
-        &state,
-        rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?,
-    )
-    .await?;
+    let items = answers(&state, &rows).await?;
     let item = items.into_iter().next().unwrap_or(Value::Null);
     let key = if iso { "iso" } else { "template" };
     Ok(json!({ key: item }))

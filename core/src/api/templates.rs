@@ -272,11 +272,7 @@ async fn register(state: State, caller: Caller, p: Params, iso: bool) -> Result<
         .bind(id)
         .fetch_all(&state.db.pool)
         .await?;
-    let items = with_tags(
-        &state,
-        rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?,
-    )
-    .await?;
+    let items = answers(&state, &rows).await?;
     let key = if iso { "iso" } else { "template" };
     Ok(json!({ "count": items.len(), key: items }))
 }
@@ -301,6 +297,12 @@ pub(crate) const TEMPLATE_SELECT: &str = "SELECT t.id, t.name, t.display_text, t
 const TEMPLATE_FROM: &str = "templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, created FROM templates \
        UNION ALL SELECT template_id, zone_id, store_id, download_state, created FROM template_copies) p ON p.template_id = t.id \
      JOIN zones z ON z.id = p.zone_id JOIN image_stores st ON st.id = p.store_id LEFT JOIN accounts a ON a.id = t.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+
+/// Template and ISO rows (read with [`TEMPLATE_SELECT`]) as answers, with their tags.
+pub(crate) async fn answers(state: &State, rows: &[sqlx::any::AnyRow]) -> Result<Vec<Value>, ApiError> {
+    let items = rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?;
+    Ok(with_tags(state, items).await?)
+}
 
 /// Fills the `tags` of template and ISO answers (one query for all of them).
 pub(crate) async fn with_tags(state: &State, mut items: Vec<Value>) -> Result<Vec<Value>, sqlx::Error> {
@@ -470,11 +472,7 @@ async fn list(state: State, caller: Caller, p: Params, iso: bool) -> Result<Valu
             &format!(" ORDER BY t.created, t.name, p.created{}", page.sql()),
         )
         .await?;
-    let items = with_tags(
-        &state,
-        rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?,
-    )
-    .await?;
+    let items = answers(&state, &rows).await?;
     Ok(list_response(if iso { "iso" } else { "template" }, total, items))
 }
 

@@ -95,12 +95,7 @@ pub async fn request(
     .await?
     .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if !crate::model::directory::may_manage(state, caller, &owner).await? {
-        return Err(DomainError::Denied(format!(
-            "Account {} does not own {what} {id}",
-            caller.account_name
-        )));
-    }
+    crate::model::templates::ensure_manages(state, caller, &owner, what, id).await?;
     if dest_zones.is_empty() {
         return Err(DomainError::Invalid(
             "Either destzoneid or destzoneids parameters have to be specified.".into(),

@@ -61,12 +61,7 @@ async fn owned(state: &State, caller: &Caller, id: &str, iso: bool) -> DomainRes
     .await?
     .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if !crate::model::directory::may_manage(state, caller, &owner).await? {
-        return Err(DomainError::Denied(format!(
-            "Account {} does not own {what} {id}",
-            caller.account_name
-        )));
-    }
+    crate::model::templates::ensure_manages(state, caller, &owner, what, id).await?;
     Ok((
         owner,
         row.try_get("format")?,

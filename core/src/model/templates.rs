@@ -457,6 +457,24 @@ pub enum Deleted {
     RecordOnly(String),
 }
 
+/// Refuses a caller that may not manage `owner`'s template or ISO `id` (`what`: "template" or "ISO").
+pub(crate) async fn ensure_manages(
+    state: &State,
+    caller: &Caller,
+    owner: &str,
+    what: &str,
+    id: &str,
+) -> DomainResult<()> {
+    if crate::model::directory::may_manage(state, caller, owner).await? {
+        Ok(())
+    } else {
+        Err(DomainError::Denied(format!(
+            "Account {} does not own {what} {id}",
+            caller.account_name
+        )))
+    }
+}
+
 /// Deletes a template or ISO: its download, its files (through a storage VM), its record. Runs
 /// on the lease holder (it needs the storage VM's connection).
 pub async fn delete(
@@ -477,12 +495,7 @@ pub async fn delete(
     .await?
     .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
     let owner: String = row.try_get("account_id")?;
-    if !crate::model::directory::may_manage(state, caller, &owner).await? {
-        return Err(DomainError::Denied(format!(
-            "Account {} does not own {what} {id}",
-            caller.account_name
-        )));
-    }
+    crate::model::templates::ensure_manages(state, caller, &owner, what, id).await?;
     let zone_id: String = row.try_get("zone_id")?;
     let copies = crate::model::copies::zones_of(state, id).await?;
     match zone {
