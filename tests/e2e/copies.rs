@@ -2,7 +2,7 @@
 //! each zone's image store on its own nfs-ganesha export: the per-zone state in `listTemplates`,
 //! the bytes checked on the destination export, copies that survive a `kill -9` of the
 //! destination's storage VM and of the source's in the middle of the transfer, the peer link
-//! refused to anyone but the destination storage VM, per-zone extract and delete.
+//! refused to anyone but the destination storage VM, per-zone extract and delete; on PostgreSQL.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,8 +11,9 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use systemvm_tests::http::HttpFixture;
 
+use crate::core_api::Backend;
 use crate::core_api::Core;
-use crate::deploy::{kill9, start, vms, wait_fleet};
+use crate::deploy::{kill9, start_on, vms, wait_fleet};
 use crate::fleet::cs_err;
 use crate::nfs::RestartableGanesha;
 use crate::uploads::{install_files, installed_sha, request};
@@ -160,7 +161,12 @@ fn sha_hex(data: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_and_isos_copy_between_zones_and_survive_restarts() {
-    let (core, _guard) = start(&[("secstorage.allowed.internal.sites", "127.0.0.0/8")]).await;
+    // On PostgreSQL (the rest of the template tests run on SQLite too).
+    let (core, _guard) = start_on(
+        Backend::Postgres,
+        &[("secstorage.allowed.internal.sites", "127.0.0.0/8")],
+    )
+    .await;
     let a_nfs = RestartableGanesha::start("copy-a");
     let b_nfs = RestartableGanesha::start("copy-b");
     let zone_a = core.ok(&["listZones"]).await["zone"][0]["id"]

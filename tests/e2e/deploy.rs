@@ -52,7 +52,12 @@ fn pids_with(needle: &str) -> Vec<u32> {
 }
 
 pub(crate) async fn start(adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
-    let core = Core::start_with(Backend::Sqlite, |c| {
+    start_on(Backend::Sqlite, adjust).await
+}
+
+/// [`start`] on `backend`.
+pub(crate) async fn start_on(backend: Backend, adjust: &[(&str, &str)]) -> (Core, KillOnDrop) {
+    let core = Core::start_with(backend, |c| {
         c.agent_listen = Some("127.0.0.1:0".parse().expect("addr"));
         c.driver = Some(DriverKind::Process);
     })

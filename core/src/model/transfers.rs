@@ -244,10 +244,10 @@ pub async fn extract(
     // The install in `zone` (its own row or a copy's), else the template's own.
     let row = sqlx::query(
         "SELECT t.name, t.account_id, t.is_public, t.is_extractable, x.download_state, x.installed_file, x.installed_sha256, t.format, x.zone_id, z.name AS zone_name, st.url AS store_url, st.name AS store_name \
-         FROM templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 0 AS copy FROM templates \
-           UNION ALL SELECT template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 1 AS copy FROM template_copies) x ON x.template_id = t.id \
+         FROM templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 0 AS is_copy FROM templates \
+           UNION ALL SELECT template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 1 AS is_copy FROM template_copies) x ON x.template_id = t.id \
          JOIN zones z ON z.id = x.zone_id JOIN image_stores st ON st.id = x.store_id \
-         WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL AND (x.zone_id = $3 OR ($4 = '' AND x.copy = 0))",
+         WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL AND (x.zone_id = $3 OR ($4 = '' AND x.is_copy = 0))",
     )
     .bind(id.to_owned())
     .bind(i64::from(iso))
