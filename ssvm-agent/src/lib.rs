@@ -13,6 +13,7 @@
 //! - [`service`]: `ssvm-agent serve`: background jobs and the local JSON job API.
 //! - [`transfer`]: the transfer server browsers reach: signed uploads (multipart and tus) and
 //!   download links.
+//! - [`nbd`]: an NBD client (libvirt's pull-mode backup exports) over the no-I/O `systemvm-nbd`.
 //! - [`peer`]: the mutual-TLS channel between storage VMs (cross-zone copies).
 //! - [`settings`]: core's settings for this agent (internal sites, size cap) over the command line.
 //! - [`core_link`]: the link to systemvm-core: heartbeats, commands, settings.
@@ -26,6 +27,7 @@ pub mod fetch;
 pub use systemvm_inspect as inspect;
 pub mod inventory;
 pub mod job;
+pub mod nbd;
 pub mod peer;
 pub mod properties;
 pub mod service;

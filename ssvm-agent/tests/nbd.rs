@@ -1,0 +1,162 @@
+//! The storage VM's NBD client against a real server: `qemu-nbd` exporting a qcow2 image with
+//! known data and a persistent dirty bitmap (what libvirt's pull-mode backup exports are). The
+//! allocation map and the dirty extents must be exactly what was written, reads byte-exact.
+//! A missing qemu-nbd fails the test (scripts/deps.sh installs qemu-utils).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ssvm_agent::nbd::NbdClient;
+use systemvm_nbd::{STATE_DIRTY, STATE_HOLE};
+
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/deps.sh test)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `qemu-nbd` serving `img` read-only as export `vda` with bitmap `b0`, once it listens.
+fn serve(img: &std::path::Path) -> (Server, String) {
+    let port = free_port();
+    let child = Command::new("qemu-nbd")
+        .args([
+            "-r",
+            "-f",
+            "qcow2",
+            "-x",
+            "vda",
+            "-b",
+            "127.0.0.1",
+            "-t",
+            "-e",
+            "4",
+            "-B",
+            "b0",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-nbd not found: run scripts/deps.sh test (qemu-utils)");
+    let addr = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Server(child), addr)
+}
+
+#[tokio::test]
+async fn reads_allocation_dirty_extents_and_data_from_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    // Before the bitmap: 2 MiB at 1 MiB and 64 KiB at 40 MiB; after it: 128 KiB at 20 MiB.
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xaa 1M 2M",
+            "-c",
+            "write -P 0xbb 40M 64k",
+        ])
+        .arg(&img));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("b0"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xcc 20M 128k"])
+        .arg(&img));
+    let (_server, addr) = serve(&img);
+
+    let timeout = Duration::from_secs(10);
+    let mut c = NbdClient::connect(
+        &addr,
+        "vda",
+        &["base:allocation", "qemu:dirty-bitmap:b0"],
+        timeout,
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.export().size, 64 * MIB);
+    assert!(c.export().structured);
+    let size = c.export().size;
+
+    let alloc = c.extents("base:allocation", 0, size).await.unwrap();
+    let total: u64 = alloc.iter().map(|e| e.1).sum();
+    assert_eq!(total, size, "{alloc:?}");
+    let data: Vec<(u64, u64)> = alloc
+        .iter()
+        .filter(|e| e.2 & STATE_HOLE == 0)
+        .map(|e| (e.0, e.1))
+        .collect();
+    assert_eq!(
+        data,
+        [(MIB, 2 * MIB), (20 * MIB, 128 << 10), (40 * MIB, 64 << 10)],
+        "{alloc:?}"
+    );
+
+    let dirty: Vec<(u64, u64)> = c
+        .extents("qemu:dirty-bitmap:b0", 0, size)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.2 & STATE_DIRTY != 0)
+        .map(|e| (e.0, e.1))
+        .collect();
+    assert_eq!(dirty, [(20 * MIB, 128 << 10)]);
+
+    // Reads: data byte-exact, holes as zeroes, across the edge of an allocated extent.
+    let a = c.read(MIB, 2 * MIB as u32).await.unwrap();
+    assert!(a.iter().all(|b| *b == 0xaa));
+    let edge = c.read(3 * MIB - 4096, 8192).await.unwrap();
+    assert!(edge[..4096].iter().all(|b| *b == 0xaa) && edge[4096..].iter().all(|b| *b == 0));
+    let hole = c.read(50 * MIB, 1 << 16).await.unwrap();
+    assert!(hole.iter().all(|b| *b == 0));
+    let max = c.export().max_read();
+    assert!(c.read(0, max + 1).await.is_err(), "over the server's block size");
+    assert!(c.read(size, 1).await.is_err(), "past the end");
+    c.disconnect().await;
+
+    // An unknown bitmap is refused at the handshake with the server's reason.
+    let e = NbdClient::connect(&addr, "vda", &["qemu:dirty-bitmap:nope"], timeout)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("context"), "{e:#}");
+    let e = NbdClient::connect(&addr, "nope", &[], timeout).await.unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e:#}");
+}
