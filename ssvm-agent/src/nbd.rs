@@ -145,7 +145,7 @@ impl NbdClient {
         let mut out: Vec<Extent> = Vec::new();
         let mut at = offset;
         while at < end {
-            let ask = u32::try_from(end - at).unwrap_or(u32::MAX & !0xfff);
+            let ask = u32::try_from(end - at).unwrap_or(0xffff_f000);
             let cookie = self.send(Request::BlockStatus { offset: at, len: ask }).await?;
             let mut raw = Vec::new();
             self.replies(cookie, |chunk| {
