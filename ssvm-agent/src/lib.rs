@@ -14,6 +14,8 @@
 //! - [`transfer`]: the transfer server browsers reach: signed uploads (multipart and tus) and
 //!   download links.
 //! - [`nbd`]: an NBD client (libvirt's pull-mode backup exports) over the no-I/O `systemvm-nbd`.
+//! - [`snapshot`]: snapshot backups from an NBD export into the store as sparse qcow2 images
+//!   (full: the allocated extents; incremental: the dirty ones over the previous image).
 //! - [`peer`]: the mutual-TLS channel between storage VMs (cross-zone copies).
 //! - [`settings`]: core's settings for this agent (internal sites, size cap) over the command line.
 //! - [`core_link`]: the link to systemvm-core: heartbeats, commands, settings.
@@ -32,5 +34,6 @@ pub mod peer;
 pub mod properties;
 pub mod service;
 pub mod settings;
+pub mod snapshot;
 pub mod store;
 pub mod transfer;

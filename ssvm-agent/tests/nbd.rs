@@ -159,3 +159,109 @@ async fn reads_allocation_dirty_extents_and_data_from_qemu_nbd() {
     let e = NbdClient::connect(&addr, "nope", &[], timeout).await.unwrap_err();
     assert!(e.to_string().contains("refused"), "{e:#}");
 }
+
+/// `qemu-img compare` of two images (each with its backing chain): identical contents.
+fn identical(a: &std::path::Path, b: &std::path::Path) {
+    run(Command::new("qemu-img").arg("compare").arg(a).arg(b));
+}
+
+#[tokio::test]
+async fn snapshot_backups_copy_allocated_then_dirty_extents_into_qcow2_chains() {
+    use ssvm_agent::snapshot::{Extents, backup};
+    use ssvm_agent::store::{Store, StoreOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("1G"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 3M",
+            "-c",
+            "write -P 0x22 700M 1M",
+            "-c",
+            "write -P 0x33 1023M 1M",
+        ])
+        .arg(&img));
+    let store_dir = dir.path().join("secondary");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let url = format!("file://{}", store_dir.display()).parse().unwrap();
+    let store = Store::open(&url, StoreOptions::default()).await.unwrap();
+    let snaps = "snapshots/2/vol-1";
+
+    // Full: the 5 MiB allocated, not the 1 GiB disk.
+    let first = dir.path().join("first.qcow2");
+    std::fs::copy(&img, &first).unwrap();
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("b0"));
+    let (server, addr) = serve(&img);
+    let spec = |extents, name: &str| ssvm_agent::snapshot::BackupSpec {
+        nbd: addr.clone(),
+        export: "vda".into(),
+        extents,
+        dir: snaps.into(),
+        name: name.into(),
+    };
+    let full = backup(&store, &spec(Extents::Allocated, "s1.qcow2"))
+        .await
+        .unwrap();
+    assert_eq!(full.virtual_size, 1 << 30);
+    assert_eq!(full.bytes_read, 5 * MIB, "{full:?}");
+    let full_path = store_dir.join(&full.file);
+    run(Command::new("qemu-img").arg("check").arg(&full_path));
+    identical(&full_path, &first);
+    let on_disk = std::fs::read(&full_path).unwrap();
+    assert_eq!(on_disk.len() as u64, full.physical_size);
+    assert_eq!(
+        hex::encode(sha2::Digest::finalize(
+            <sha2::Sha256 as sha2::Digest>::new_with_prefix(&on_disk)
+        )),
+        full.sha256
+    );
+    assert!(full.physical_size < 6 * MIB, "{full:?}");
+    drop(server);
+
+    // About 1 % changes (10 MiB of the 1 GiB); the incremental reads only that, over s1.
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 1M 64k",
+            "-c",
+            "write -P 0x55 200M 10M",
+        ])
+        .arg(&img));
+    let (_server, addr2) = serve(&img);
+    let mut inc_spec = spec(
+        Extents::Dirty {
+            context: "qemu:dirty-bitmap:b0".into(),
+            backing: "s1.qcow2".into(),
+        },
+        "s2.qcow2",
+    );
+    inc_spec.nbd = addr2;
+    let inc = backup(&store, &inc_spec).await.unwrap();
+    assert_eq!(inc.bytes_read, 10 * MIB + (64 << 10), "{inc:?}");
+    let inc_path = store_dir.join(&inc.file);
+    run(Command::new("qemu-img").arg("check").arg(&inc_path));
+    identical(&inc_path, &img);
+    // The first snapshot still restores the disk as it was.
+    identical(&full_path, &first);
+    assert!(!store_dir.join(format!("{}.part", inc.file)).exists());
+
+    // An export that is not there: a clear failure, nothing left that looks like a snapshot.
+    let mut gone = spec(Extents::Allocated, "s3.qcow2");
+    gone.nbd = format!("127.0.0.1:{}", free_port());
+    let e = backup(&store, &gone).await.unwrap_err();
+    assert!(format!("{e:#}").contains("failed to"), "{e:#}");
+    assert!(!store_dir.join(snaps).join("s3.qcow2").exists());
+    assert!(!store_dir.join(snaps).join("s3.qcow2.part").exists());
+}
