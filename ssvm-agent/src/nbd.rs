@@ -40,7 +40,7 @@ impl NbdClient {
             .with_context(|| format!("failed to connect to the NBD server {addr}"))?;
         stream.set_nodelay(true)?;
         let mut handshake = ClientHandshake::new(export, contexts);
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 1 << 20];
         let export = loop {
             let n = tokio::time::timeout(timeout, stream.read(&mut buf))
                 .await
@@ -132,6 +132,116 @@ impl NbdClient {
             "the NBD server answered {filled} of {len} bytes"
         );
         Ok(out.freeze())
+    }
+
+    /// Reads `ranges` (offset, length each at most [`Export::max_read`]) with up to `depth`
+    /// requests in flight, sending each range's bytes to `out` in the order of `ranges` (holes as
+    /// zeroes). Returns the bytes read; stops at the first error, or when `out` is closed.
+    pub async fn read_ranges(
+        &mut self,
+        ranges: &[(u64, u32)],
+        depth: usize,
+        out: &tokio::sync::mpsc::Sender<Bytes>,
+    ) -> anyhow::Result<u64> {
+        use std::collections::{HashMap, VecDeque};
+        // Per request in flight: its buffer, where it starts, the bytes filled, whether done.
+        struct Pending {
+            len: usize,
+            offset: u64,
+            filled: u64,
+            /// Data chunks (offset, bytes); holes stay zeroes.
+            parts: Vec<(u64, Bytes)>,
+            done: bool,
+        }
+        impl Pending {
+            /// The request's bytes: the one chunk that covers it, else the chunks over zeroes.
+            fn assemble(mut self) -> Bytes {
+                if let [(at, data)] = self.parts.as_slice()
+                    && *at == self.offset
+                    && data.len() == self.len
+                {
+                    return self.parts.pop().map(|(_, d)| d).unwrap_or_default();
+                }
+                let mut buf = BytesMut::zeroed(self.len);
+                for (at, data) in self.parts {
+                    let start = (at - self.offset) as usize;
+                    buf[start..start + data.len()].copy_from_slice(&data);
+                }
+                buf.freeze()
+            }
+        }
+        let depth = depth.max(1);
+        let mut next = 0usize;
+        let mut order: VecDeque<u64> = VecDeque::new();
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        let mut total = 0u64;
+        while next < ranges.len() || !order.is_empty() {
+            while next < ranges.len() && order.len() < depth {
+                let (offset, len) = ranges[next];
+                let cookie = self.send(Request::Read { offset, len }).await?;
+                order.push_back(cookie);
+                pending.insert(
+                    cookie,
+                    Pending {
+                        len: len as usize,
+                        offset,
+                        filled: 0,
+                        parts: Vec::new(),
+                        done: false,
+                    },
+                );
+                next += 1;
+            }
+            // Hand over what is complete, in order.
+            while let Some(p) = order.front().and_then(|c| pending.get(c)).filter(|p| p.done) {
+                anyhow::ensure!(
+                    p.filled == p.len as u64,
+                    "the NBD server answered {} of {} bytes at {}",
+                    p.filled,
+                    p.len,
+                    p.offset
+                );
+                let Some(cookie) = order.pop_front() else { break };
+                let Some(p) = pending.remove(&cookie) else { break };
+                total += p.len as u64;
+                if out.send(p.assemble()).await.is_err() {
+                    return Ok(total);
+                }
+            }
+            if order.is_empty() {
+                continue;
+            }
+            let n = tokio::time::timeout(self.timeout, self.stream.read(&mut self.buf))
+                .await
+                .context("the NBD server did not answer in time")??;
+            if n == 0 {
+                anyhow::bail!("the NBD server closed the connection");
+            }
+            for reply in self.proto.feed(&self.buf[..n])? {
+                let p = pending
+                    .get_mut(&reply.cookie)
+                    .context("a reply to a request not in flight")?;
+                match reply.chunk {
+                    Some(Chunk::Data { offset: at, data }) => {
+                        p.filled += data.len() as u64;
+                        p.parts.push((at, data));
+                    }
+                    Some(Chunk::Hole { len, .. }) => p.filled += u64::from(len),
+                    Some(Chunk::Error { code, message }) => {
+                        anyhow::bail!(
+                            "the NBD server failed a read at {}: error {code} {message}",
+                            p.offset
+                        )
+                    }
+                    Some(other) => anyhow::bail!("unexpected reply to a read: {other:?}"),
+                    None => {}
+                }
+                if reply.done {
+                    p.done = true;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// The extents of context `context` over `len` bytes from `offset` (several requests when the

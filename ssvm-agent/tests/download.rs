@@ -48,7 +48,10 @@ fn run(cmd: &mut Command) {
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("ssvm-images-{}", std::process::id()));
+        // One directory under the target dir, replaced by every run (a static is never dropped,
+        // so a per-process directory in /tmp would stay behind after each run).
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ssvm-images");
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         // A 24 MiB qcow2 of noise: big enough to interrupt.
         systemvm_tests::images::qcow2_of_noise(&dir, "big.qcow2", 24, 0x2545_f491_4f6c_dd1d).unwrap();

@@ -562,6 +562,7 @@ impl Transmission {
             _ => 0,
         };
         if self.input.len() < 16 + data_len {
+            self.input.reserve(16 + data_len - self.input.len());
             return Ok(None);
         }
         self.input.advance(16);
@@ -598,6 +599,8 @@ impl Transmission {
         }
         let len = len as usize;
         if self.input.len() < 20 + len {
+            // Room for the whole chunk at once (its length is capped above), not by doubling.
+            self.input.reserve(20 + len - self.input.len());
             return Ok(None);
         }
         self.input.advance(20);

@@ -119,7 +119,15 @@ pub async fn backup(store: &Store, spec: &BackupSpec) -> anyhow::Result<Backup> 
     })
 }
 
-/// Writes the image into `part`: metadata, then each run of clusters read from the export.
+/// NBD reads in flight at once.
+const READ_DEPTH: usize = 8;
+/// Store writes in flight at once.
+const WRITE_DEPTH: usize = 4;
+/// Size of each read and write.
+const BLOCK: u64 = 4 << 20;
+
+/// Writes the image into `part`: metadata, then each run of clusters read from the export,
+/// reads pipelined on the connection, hashing in file order, writes several at a time.
 async fn write(
     store: &Store,
     nbd: &mut NbdClient,
@@ -128,33 +136,68 @@ async fn write(
     size: u64,
 ) -> anyhow::Result<(u64, String)> {
     let f = store.create(part).await?;
-    let mut sha = sha2::Sha256::new();
-    let meta = Bytes::from(layout.metadata());
-    sha.update(&meta);
-    store.write_at(&f, 0, meta).await?;
-    let max = u64::from(nbd.export().max_read()).min(8 << 20) / qcow2::CLUSTER * qcow2::CLUSTER;
-    let mut read = 0u64;
+    let max = u64::from(nbd.export().max_read()).min(BLOCK) / qcow2::CLUSTER * qcow2::CLUSTER;
+    // (guest offset, length) to read and the host offset each goes to, in file order.
+    let mut ranges: Vec<(u64, u32)> = Vec::new();
+    let mut hosts: Vec<u64> = Vec::new();
     for (first, count, host) in layout.runs() {
         let start = first * qcow2::CLUSTER;
         let end = (start + count * qcow2::CLUSTER).min(size);
         let mut at = start;
         while at < end {
             let len = (end - at).min(max);
-            let data = nbd.read(at, u32::try_from(len).unwrap_or(u32::MAX)).await?;
-            read += data.len() as u64;
-            let mut block = data.to_vec();
-            // The last cluster of a disk whose size is not a cluster multiple is padded.
-            block.resize(
-                usize::try_from(len.div_ceil(qcow2::CLUSTER) * qcow2::CLUSTER).unwrap_or(0),
-                0,
-            );
-            sha.update(&block);
-            store
-                .write_at(&f, host + (at - start), Bytes::from(block))
-                .await?;
+            ranges.push((at, u32::try_from(len).unwrap_or(u32::MAX)));
+            hosts.push(host + (at - start));
             at += len;
         }
     }
-    store.flush(&f).await?;
-    Ok((read, hex::encode(sha.finalize())))
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(READ_DEPTH);
+    let writer = {
+        let store = store.clone();
+        let f = f.clone();
+        let meta = Bytes::from(layout.metadata());
+        async move {
+            let mut sha = sha2::Sha256::new();
+            sha.update(&meta);
+            store.write_at(&f, 0, meta).await?;
+            let mut writes = tokio::task::JoinSet::new();
+            for host in hosts {
+                let Some(data) = rx.recv().await else {
+                    anyhow::bail!("the export's data ended early");
+                };
+                // The last cluster of a disk whose size is not a cluster multiple is padded.
+                let padded = (data.len() as u64).div_ceil(qcow2::CLUSTER) * qcow2::CLUSTER;
+                let block = if padded == data.len() as u64 {
+                    data
+                } else {
+                    let mut b = data.to_vec();
+                    b.resize(usize::try_from(padded).unwrap_or(0), 0);
+                    Bytes::from(b)
+                };
+                while writes.len() >= WRITE_DEPTH {
+                    if let Some(r) = writes.join_next().await {
+                        r??;
+                    }
+                }
+                // The write goes first; the hash runs while it is in flight.
+                let (store, f, bytes) = (store.clone(), f.clone(), block.clone());
+                writes.spawn(async move { store.write_at(&f, host, bytes).await });
+                sha.update(&block);
+            }
+            while let Some(r) = writes.join_next().await {
+                r??;
+            }
+            store.flush(&f).await?;
+            Ok::<_, anyhow::Error>(hex::encode(sha.finalize()))
+        }
+    };
+    let (read, sha) = tokio::join!(
+        async {
+            let r = nbd.read_ranges(&ranges, READ_DEPTH, &tx).await;
+            drop(tx);
+            r
+        },
+        writer
+    );
+    Ok((read?, sha?))
 }
