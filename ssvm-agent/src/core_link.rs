@@ -305,8 +305,54 @@ impl Runner {
                     .map(|removed| serde_json::json!({ "removed": removed })),
                 Err(e) => Err(e),
             },
+            AgentCommand::SnapshotBackup(cmd) => match self.check_store(&cmd.store_url) {
+                Ok(()) => self.snapshot(cmd).await,
+                Err(e) => Err(e),
+            },
         };
         Self::answer(&c, r)
+    }
+
+    /// Runs a snapshot backup into this agent's store (`snapshots/…` only).
+    async fn snapshot(
+        &self,
+        cmd: systemvm_proto::agent::SnapshotCommand,
+    ) -> anyhow::Result<serde_json::Value> {
+        let plain = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
+        let dir = cmd.dir.trim_matches('/');
+        anyhow::ensure!(
+            dir.starts_with("snapshots/") && dir.split('/').all(plain),
+            "snapshot directory {:?} is not under snapshots/",
+            cmd.dir
+        );
+        anyhow::ensure!(plain(&cmd.name), "invalid snapshot file name {:?}", cmd.name);
+        let extents = match cmd.incremental {
+            None => crate::snapshot::Extents::Allocated,
+            Some(i) => {
+                anyhow::ensure!(plain(&i.backing), "invalid backing file name {:?}", i.backing);
+                crate::snapshot::Extents::Dirty {
+                    context: i.context,
+                    backing: i.backing,
+                }
+            }
+        };
+        let spec = crate::snapshot::BackupSpec {
+            nbd: cmd.nbd,
+            export: cmd.export,
+            extents,
+            dir: dir.to_owned(),
+            name: cmd.name,
+        };
+        let store = self.agent.downloader_now().store;
+        let b = crate::snapshot::backup(&store, &spec).await?;
+        tracing::info!(file = %b.file, bytes_read = b.bytes_read, "Snapshot backed up");
+        Ok(serde_json::to_value(systemvm_proto::agent::SnapshotBackedUp {
+            file: b.file,
+            virtual_size: b.virtual_size,
+            physical_size: b.physical_size,
+            bytes_read: b.bytes_read,
+            sha256: b.sha256,
+        })?)
     }
 
     /// Sends the job's progress to core until it ends (one watcher per job).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use systemvm_proto::agent::{
     AgentCommand, AgentMessage, AgentRole, Command as AgentCmd, ConfigUpdate, CoreMessage, DownloadCommand,
-    JobPhase, JobProgress, Welcome, config_keys,
+    IncrementalFrom, JobPhase, JobProgress, SnapshotBackedUp, SnapshotCommand, Welcome, config_keys,
 };
 use systemvm_tests::http::HttpFixture;
 use systemvm_tests::standin_core::{AgentConn, StandinCore};
@@ -240,4 +240,117 @@ async fn serve_with_core_reports_storage_load() {
         started.elapsed()
     );
     drop(ws);
+}
+
+/// Sends a command and returns its answer (heartbeats and progress skipped).
+async fn answer_of(ws: &mut AgentConn, id: &str, command: &AgentCommand) -> systemvm_proto::agent::Answer {
+    ws.send(&CoreMessage::Command(AgentCmd::new(id.to_owned(), command)))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no answer to {id}");
+        if let AgentMessage::Answer(a) = ws.recv(Duration::from_secs(30)).await.unwrap()
+            && a.id == id
+        {
+            return a;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_backups_run_as_core_commands() {
+    use systemvm_tests::nbd::{QemuNbd, run};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let img = dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("256M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 4M 3M"])
+        .arg(&img));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("b0"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x6b 100M 1M"])
+        .arg(&img));
+    let nbd = QemuNbd::serve(&img);
+
+    let core = StandinCore::start(dir.path()).await.unwrap();
+    let _agent = serve(dir.path(), &store, &core.url("localhost"), &core.ca_pem);
+    let (mut ws, _) = core
+        .accept(Duration::from_secs(20))
+        .await
+        .expect("the agent did not dial in");
+    ws.send(&CoreMessage::Welcome(Welcome {
+        version: 2,
+        heartbeat_interval_secs: 1,
+        console_keys: None,
+        config: Default::default(),
+        transfer_keys: None,
+        certificate: None,
+        peer_identity: None,
+    }))
+    .await
+    .unwrap();
+    let store_url = format!("file://{}", store.display());
+    let command = |name: &str, dir: &str, incremental: Option<IncrementalFrom>| {
+        AgentCommand::SnapshotBackup(SnapshotCommand {
+            store_url: store_url.clone(),
+            nbd: nbd.addr.clone(),
+            export: "vda".into(),
+            dir: dir.into(),
+            name: name.into(),
+            incremental,
+        })
+    };
+    let inc = || IncrementalFrom {
+        context: "qemu:dirty-bitmap:b0".into(),
+        backing: "s1.qcow2".into(),
+    };
+
+    // An incremental before its predecessor exists: refused with the reason, nothing written.
+    let a = answer_of(&mut ws, "c0", &command("s2.qcow2", "snapshots/2/v1", Some(inc()))).await;
+    assert!(
+        !a.ok
+            && a.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("previous snapshot"),
+        "{a:?}"
+    );
+    let full = answer_of(&mut ws, "c1", &command("s1.qcow2", "snapshots/2/v1", None)).await;
+    assert!(full.ok, "{full:?}");
+    let full: SnapshotBackedUp = serde_json::from_value(full.body).unwrap();
+    assert_eq!(full.bytes_read, 4 << 20, "{full:?}");
+    assert_eq!(full.file, "snapshots/2/v1/s1.qcow2");
+    let incr = answer_of(&mut ws, "c2", &command("s2.qcow2", "snapshots/2/v1", Some(inc()))).await;
+    assert!(incr.ok, "{incr:?}");
+    let incr: SnapshotBackedUp = serde_json::from_value(incr.body).unwrap();
+    assert_eq!(incr.bytes_read, 1 << 20, "{incr:?}");
+    run(Command::new("qemu-img")
+        .arg("compare")
+        .arg(store.join(&incr.file))
+        .arg(&img));
+
+    // Paths outside snapshots/ and another store are refused.
+    for (id, c) in [
+        ("c3", command("x.qcow2", "template/tmpl/2", None)),
+        ("c4", command("x.qcow2", "snapshots/../etc", None)),
+        ("c5", command("../x.qcow2", "snapshots/2/v1", None)),
+    ] {
+        let a = answer_of(&mut ws, id, &c).await;
+        assert!(!a.ok, "{id}: {a:?}");
+    }
+    let mut other = command("y.qcow2", "snapshots/2/v1", None);
+    if let AgentCommand::SnapshotBackup(c) = &mut other {
+        c.store_url = "nfs://elsewhere/export".into();
+    }
+    assert!(!answer_of(&mut ws, "c6", &other).await.ok);
+    assert!(!store.join("snapshots/2/v1/y.qcow2").exists());
 }

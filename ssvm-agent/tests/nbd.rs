@@ -3,33 +3,14 @@
 //! allocation map and the dirty extents must be exactly what was written, reads byte-exact.
 //! A missing qemu-nbd fails the test (scripts/deps.sh installs qemu-utils).
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use ssvm_agent::nbd::NbdClient;
 use systemvm_nbd::{STATE_DIRTY, STATE_HOLE};
+use systemvm_tests::nbd::{QemuNbd, run};
 
 const MIB: u64 = 1 << 20;
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/deps.sh test)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -38,40 +19,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `qemu-nbd` serving `img` read-only as export `vda` with bitmap `b0`, once it listens.
-fn serve(img: &std::path::Path) -> (Server, String) {
-    let port = free_port();
-    let child = Command::new("qemu-nbd")
-        .args([
-            "-r",
-            "-f",
-            "qcow2",
-            "-x",
-            "vda",
-            "-b",
-            "127.0.0.1",
-            "-t",
-            "-e",
-            "4",
-            "-B",
-            "b0",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-nbd not found: run scripts/deps.sh test (qemu-utils)");
-    let addr = format!("127.0.0.1:{port}");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "qemu-nbd did not listen on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Server(child), addr)
+/// `qemu-nbd` serving `img` as `vda` with bitmap `b0`.
+fn serve(img: &std::path::Path) -> (QemuNbd, String) {
+    let s = QemuNbd::serve(img);
+    let addr = s.addr.clone();
+    (s, addr)
 }
 
 #[tokio::test]

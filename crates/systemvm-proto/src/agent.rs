@@ -410,6 +410,53 @@ pub enum AgentCommand {
         #[serde(default)]
         epoch: u64,
     },
+    /// Storage VMs: back a disk up from an NBD export into the store (a snapshot). Answered when
+    /// the image is complete with a [`SnapshotBackedUp`] body, or with the reason it failed (no
+    /// file is left then).
+    SnapshotBackup(SnapshotCommand),
+}
+
+/// A snapshot backup: which export to read and where the image goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCommand {
+    /// The store to write into; the agent refuses a store it does not serve.
+    pub store_url: String,
+    /// The NBD server, `host:port` (libvirt's pull-mode backup of the disk).
+    pub nbd: String,
+    /// The export name (the disk's target, e.g. `vda`).
+    pub export: String,
+    /// Directory in the store: `snapshots/<account>/<volume>`.
+    pub dir: String,
+    /// The image's file name (`<snapshot>.qcow2`).
+    pub name: String,
+    /// An incremental backup: the dirty-bitmap context and the previous image's file name (in
+    /// `dir`) it is backed by; `None`: a full backup of the allocated extents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<IncrementalFrom>,
+}
+
+/// What an incremental backup builds on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncrementalFrom {
+    /// The metadata context of the dirty extents (`qemu:dirty-bitmap:backup-vda`).
+    pub context: String,
+    /// The previous snapshot's file name.
+    pub backing: String,
+}
+
+/// A finished snapshot backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotBackedUp {
+    /// The image's path in the store.
+    pub file: String,
+    /// The disk's virtual size.
+    pub virtual_size: u64,
+    /// The image's size.
+    pub physical_size: u64,
+    /// Bytes read from the export.
+    pub bytes_read: u64,
+    /// SHA-256 of the image (hex).
+    pub sha256: String,
 }
 
 /// A download into the store.
@@ -726,6 +773,17 @@ mod tests {
                 }),
             }),
             AgentCommand::CancelJob { job_id: "t1".into() },
+            AgentCommand::SnapshotBackup(SnapshotCommand {
+                store_url: "nfs://h/e".into(),
+                nbd: "10.0.0.9:10809".into(),
+                export: "vda".into(),
+                dir: "snapshots/a/v".into(),
+                name: "s2.qcow2".into(),
+                incremental: Some(IncrementalFrom {
+                    context: "qemu:dirty-bitmap:backup-vda".into(),
+                    backing: "s1.qcow2".into(),
+                }),
+            }),
             AgentCommand::DeleteInstall {
                 store_url: "nfs://h/e".into(),
                 path: "template/tmpl/a/t1".into(),

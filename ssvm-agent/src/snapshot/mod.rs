@@ -75,7 +75,15 @@ const NBD_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn backup(store: &Store, spec: &BackupSpec) -> anyhow::Result<Backup> {
     let context = match &spec.extents {
         Extents::Allocated => "base:allocation".to_owned(),
-        Extents::Dirty { context, .. } => context.clone(),
+        Extents::Dirty { context, backing } => {
+            // An incremental without its predecessor would restore nothing.
+            let prev = format!("{}/{backing}", spec.dir.trim_end_matches('/'));
+            anyhow::ensure!(
+                store.metadata(&prev).await?.is_some(),
+                "the previous snapshot's image {prev} is not in the store"
+            );
+            context.clone()
+        }
     };
     let mut nbd = NbdClient::connect(&spec.nbd, &spec.export, &[&context], NBD_TIMEOUT)
         .await
