@@ -502,12 +502,13 @@ fn killed_agent_resumes_the_same_job() {
     let (store, state) = (root.join("store"), root.join("state"));
     std::fs::create_dir_all(&store).unwrap();
     let http = HttpFixture::start().unwrap();
-    // About 4.8 s for the whole file: long enough to kill the agent after a checkpoint.
+    // About 9.6 s for the whole file: long enough to kill the agent after a checkpoint, also on a
+    // loaded machine.
     http.route(
         "/big.qcow2",
         Route::File {
             data: data.clone().into(),
-            pace: Some(Duration::from_millis(50)),
+            pace: Some(Duration::from_millis(100)),
             faults: Faults::default(),
             ranges: true,
         },
@@ -539,6 +540,10 @@ fn killed_agent_resumes_the_same_job() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "agent finished before it could be killed"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(offset < data.len() as u64);
