@@ -130,9 +130,14 @@ pub async fn delete(state: &State, id: &str) -> DomainResult<()> {
             .bind(id.to_owned())
             .fetch_one(&state.db.pool)
             .await?;
-    if used > 0 {
+    let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM template_copies WHERE store_id = $1")
+        .bind(id.to_owned())
+        .fetch_one(&state.db.pool)
+        .await?;
+    if used + copies > 0 {
         return Err(DomainError::InUse(format!(
-            "Cannot delete image store {id}: it holds {used} template(s) or ISO(s); delete them first"
+            "Cannot delete image store {id}: it holds {} template(s) or ISO(s); delete them first",
+            used + copies
         )));
     }
     // Removed templates only remain as records; they go with their store.
