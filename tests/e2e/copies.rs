@@ -324,6 +324,9 @@ async fn templates_and_isos_copy_between_zones_and_survive_restarts() {
         .filter_map(|v| v["zoneid"].as_str())
         .collect();
     assert_eq!(zones, [zone_a.as_str(), zone_b.as_str()], "{both}");
+    // Zone B cannot be deleted while it holds the copy (the refusal says so).
+    let (_, text) = cs_err(&core, &["deleteZone", &format!("id={zone_b}")]).await;
+    assert!(text.contains("1 copied template(s) or ISO(s)"), "{text}");
     // A second copy request for a zone that holds it changes nothing.
     let again = core.ok(&copy_refs).await;
     assert_eq!(again["template"]["isready"], true, "{again}");
