@@ -51,6 +51,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "template_copies",
         include_str!("../migrations/0015_template_copies.sql"),
     ),
+    (
+        16,
+        "primary_storage",
+        include_str!("../migrations/0016_primary_storage.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

@@ -20,3 +20,4 @@ mod resources;
 mod storage;
 mod support;
 mod uploads;
+mod volumes;

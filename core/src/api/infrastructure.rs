@@ -1,7 +1,7 @@
 //! The infrastructure views the UI's dashboard and menus read: `listInfrastructure`,
-//! `listZonesMetrics`, `listAlerts`, and `listPods`, `listClusters`, `listHosts`,
-//! `listStoragePools`, `listRouters`, which answer empty (this suite models no pods, clusters,
-//! hypervisor hosts, primary storage or virtual routers yet).
+//! `listZonesMetrics`, `listAlerts`, and `listPods`, `listClusters`, `listHosts`, `listRouters`,
+//! which answer empty (this suite models no pods, clusters, hypervisor hosts or virtual routers
+//! yet; primary storage is `api::volumes`).
 //!
 //! Invariants: `listAlerts` is computed from the fleet's state at the time of the call (a system
 //! VM in Error, an agent disconnected), never stored, so an alert disappears with its cause;
@@ -91,13 +91,6 @@ pub static COMMANDS: &[Command] = &[
         handler!(empty),
     ),
     Command::new(
-        "listStoragePools",
-        "Lists primary storage pools (none modelled)",
-        Access::INFRA,
-        LIST_EMPTY,
-        handler!(empty),
-    ),
-    Command::new(
         "listRouters",
         "Lists virtual routers (none)",
         Access::ADMINS,
@@ -124,7 +117,8 @@ async fn list_infrastructure(state: State, _caller: Caller, _p: Params) -> Resul
     .await?;
     Ok(json!({ "infrastructure": {
         "zones": count(&state, "SELECT COUNT(*) FROM zones").await?,
-        "pods": 0, "clusters": 0, "hosts": 0, "storagepools": 0,
+        "pods": 0, "clusters": 0, "hosts": 0,
+        "storagepools": count(&state, "SELECT COUNT(*) FROM storage_pools").await?,
         "imagestores": count(&state, "SELECT COUNT(*) FROM image_stores").await?,
         "objectstores": 0,
         "systemvms": count(&state, "SELECT COUNT(*) FROM system_vms").await?,

@@ -31,6 +31,7 @@ pub mod transfers;
 pub mod upload_page;
 pub mod users;
 pub mod virtual_machines;
+pub mod volumes;
 pub mod zones;
 
 pub use crate::model::Filter;
@@ -88,6 +89,7 @@ static TABLES: &[&[Command]] = &[
     tags::COMMANDS,
     transfers::COMMANDS,
     copies::COMMANDS,
+    volumes::COMMANDS,
     certificates::COMMANDS,
     COMMANDS,
 ];

@@ -1,7 +1,6 @@
 //! `listVirtualMachines` over the VMs core knows — its console targets (a VNC endpoint, or a
 //! guest domain on a `--guest-libvirt` host) — so the UI shows their console button and Ansible's
-//! `cs_instance_info` finds them; and `listVolumes`, which lists none until volumes are modelled
-//! (`cs_instance_info` calls it for every VM).
+//! `cs_instance_info` finds them (its `listVolumes` call is answered by `api::volumes`).
 //!
 //! Invariants: a caller lists the VMs of its scope (`model::directory::Scope`); the state is
 //! `Running` (core opens their consoles; it does not run them); no address or password of the
@@ -36,37 +35,16 @@ const LIST_VMS: &[ParamSpec] = &[
     opt("page", Ty::Integer, "Page number"),
     opt("pagesize", Ty::Integer, "Page size"),
 ];
-const LIST_VOLUMES: &[ParamSpec] = &[
-    opt("id", Ty::Uuid, "Volume id"),
-    opt("virtualmachineid", Ty::Uuid, "Volumes of this VM"),
-    opt("zoneid", Ty::Uuid, "Volumes of this zone"),
-    opt("account", Ty::String, "Volumes of this account"),
-    opt("domainid", Ty::Uuid, "Volumes of accounts in this domain"),
-    opt("projectid", Ty::Uuid, "Accepted for compatibility"),
-    opt("keyword", Ty::String, "Substring of the name"),
-    opt("listall", Ty::Boolean, "Accepted for compatibility"),
-    opt("page", Ty::Integer, "Page number"),
-    opt("pagesize", Ty::Integer, "Page size"),
-];
 
-/// The VM and volume list commands.
-pub static COMMANDS: &[Command] = &[
-    Command::new(
-        "listVirtualMachines",
-        "Lists the VMs whose consoles core opens",
-        Access::ALL,
-        LIST_VMS,
-        handler!(list_virtual_machines),
-    )
-    .returns(crate::api::fields::VIRTUAL_MACHINE),
-    Command::new(
-        "listVolumes",
-        "Lists volumes (none modelled yet)",
-        Access::ALL,
-        LIST_VOLUMES,
-        handler!(list_volumes),
-    ),
-];
+/// The VM list command.
+pub static COMMANDS: &[Command] = &[Command::new(
+    "listVirtualMachines",
+    "Lists the VMs whose consoles core opens",
+    Access::ALL,
+    LIST_VMS,
+    handler!(list_virtual_machines),
+)
+.returns(crate::api::fields::VIRTUAL_MACHINE)];
 
 const SELECT: &str = "SELECT c.id, c.name, c.zone_id, z.name AS zone_name, c.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, c.hypervisor_ref, c.created FROM console_targets c JOIN zones z ON z.id = c.zone_id LEFT JOIN accounts a ON a.id = c.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 const FROM: &str = "console_targets c JOIN zones z ON z.id = c.zone_id LEFT JOIN accounts a ON a.id = c.account_id LEFT JOIN domains d ON d.id = a.domain_id";
@@ -142,9 +120,4 @@ async fn list_virtual_machines(state: State, caller: Caller, p: Params) -> Resul
         .await?;
     let items = rows.iter().map(vm_json).collect::<Result<Vec<_>, _>>()?;
     Ok(list_response("virtualmachine", total, items))
-}
-
-/// `listVolumes`: none yet.
-async fn list_volumes(_state: State, _caller: Caller, _p: Params) -> Result<Value, ApiError> {
-    Ok(json!({}))
 }

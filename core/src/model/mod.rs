@@ -32,6 +32,7 @@ pub mod tags;
 pub mod template_properties;
 pub mod templates;
 pub mod transfers;
+pub mod volumes;
 pub mod zones;
 
 /// Why a domain operation did not happen.

@@ -5,7 +5,7 @@
 //!
 //! Invariants:
 //! * a zone is deleted only when nothing is left in it: no system VM (but destroyed ones), image
-//!   store, template or ISO (nor a copy of one), console target; otherwise the refusal is [`DomainError::InUse`]
+//!   store, template or ISO (nor a copy of one), storage pool, console target; otherwise the refusal is [`DomainError::InUse`]
 //!   naming what is left, never a database error;
 //! * the records of destroyed system VMs go with their zone (they are history: not listed, and
 //!   nothing can act on them); its zone-scoped settings go by `ON DELETE CASCADE`;
@@ -31,6 +31,10 @@ const LEFT: &[(&str, &str)] = &[
     (
         "copied template(s) or ISO(s)",
         "SELECT COUNT(*) FROM template_copies WHERE zone_id = $1",
+    ),
+    (
+        "storage pool(s)",
+        "SELECT COUNT(*) FROM storage_pools WHERE zone_id = $1",
     ),
     (
         "console target(s)",
