@@ -80,6 +80,17 @@ impl NbdClient {
         Ok(cookie)
     }
 
+    /// Reads once from the server and returns the reply pieces that completes.
+    async fn receive(&mut self) -> anyhow::Result<Vec<systemvm_nbd::Reply>> {
+        let n = tokio::time::timeout(self.timeout, self.stream.read(&mut self.buf))
+            .await
+            .context("the NBD server did not answer in time")??;
+        if n == 0 {
+            anyhow::bail!("the NBD server closed the connection");
+        }
+        Ok(self.proto.feed(&self.buf[..n])?)
+    }
+
     /// The reply chunks of `cookie` until its last one.
     async fn replies(
         &mut self,
@@ -87,13 +98,7 @@ impl NbdClient {
         mut each: impl FnMut(Chunk) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         loop {
-            let n = tokio::time::timeout(self.timeout, self.stream.read(&mut self.buf))
-                .await
-                .context("the NBD server did not answer in time")??;
-            if n == 0 {
-                anyhow::bail!("the NBD server closed the connection");
-            }
-            for reply in self.proto.feed(&self.buf[..n])? {
+            for reply in self.receive().await? {
                 anyhow::ensure!(reply.cookie == cookie, "a reply to another request");
                 if let Some(chunk) = reply.chunk {
                     if let Chunk::Error { code, message } = &chunk {
@@ -110,28 +115,9 @@ impl NbdClient {
 
     /// Reads `len` bytes at `offset` (at most [`Export::max_read`]).
     pub async fn read(&mut self, offset: u64, len: u32) -> anyhow::Result<Bytes> {
-        let cookie = self.send(Request::Read { offset, len }).await?;
-        let mut out = BytesMut::zeroed(len as usize);
-        let mut filled = 0u64;
-        self.replies(cookie, |chunk| {
-            match chunk {
-                Chunk::Data { offset: at, data } => {
-                    let start = (at - offset) as usize;
-                    out[start..start + data.len()].copy_from_slice(&data);
-                    filled += data.len() as u64;
-                }
-                // Zeroes are there already.
-                Chunk::Hole { len, .. } => filled += u64::from(len),
-                other => anyhow::bail!("unexpected reply to a read: {other:?}"),
-            }
-            Ok(())
-        })
-        .await?;
-        anyhow::ensure!(
-            filled == u64::from(len),
-            "the NBD server answered {filled} of {len} bytes"
-        );
-        Ok(out.freeze())
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        self.read_ranges(&[(offset, len)], 1, &tx).await?;
+        rx.recv().await.context("the read ended without data")
     }
 
     /// Reads `ranges` (offset, length each at most [`Export::max_read`]) with up to `depth`
@@ -211,13 +197,7 @@ impl NbdClient {
             if order.is_empty() {
                 continue;
             }
-            let n = tokio::time::timeout(self.timeout, self.stream.read(&mut self.buf))
-                .await
-                .context("the NBD server did not answer in time")??;
-            if n == 0 {
-                anyhow::bail!("the NBD server closed the connection");
-            }
-            for reply in self.proto.feed(&self.buf[..n])? {
+            for reply in self.receive().await? {
                 let p = pending
                     .get_mut(&reply.cookie)
                     .context("a reply to a request not in flight")?;

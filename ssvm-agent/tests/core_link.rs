@@ -46,6 +46,19 @@ fn serve(dir: &std::path::Path, store: &std::path::Path, core_url: &str, ca: &st
     )
 }
 
+/// Core's `Welcome` of protocol `version` with agent settings `config` (heartbeats every second).
+fn welcome(version: u32, config: std::collections::BTreeMap<String, String>) -> CoreMessage {
+    CoreMessage::Welcome(Welcome {
+        version,
+        heartbeat_interval_secs: 1,
+        console_keys: None,
+        config,
+        transfer_keys: None,
+        certificate: None,
+        peer_identity: None,
+    })
+}
+
 /// Sends a download command and waits for the job's final progress (heartbeats skipped).
 async fn download(ws: &mut AgentConn, store: &std::path::Path, job_id: &str, url: &str) -> JobProgress {
     let command = AgentCmd::new(
@@ -108,15 +121,10 @@ async fn config_update_from_core_changes_the_internal_sites_without_a_restart() 
         .accept(Duration::from_secs(20))
         .await
         .expect("the agent did not dial in");
-    ws.send(&CoreMessage::Welcome(Welcome {
-        version: 2,
-        heartbeat_interval_secs: 1,
-        console_keys: None,
-        config: [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "1".to_owned())].into(),
-        transfer_keys: None,
-        certificate: None,
-        peer_identity: None,
-    }))
+    ws.send(&welcome(
+        2,
+        [(config_keys::MAX_TEMPLATE_SIZE_GB.to_owned(), "1".to_owned())].into(),
+    ))
     .await
     .unwrap();
 
@@ -203,16 +211,7 @@ async fn serve_with_core_reports_storage_load() {
     assert_eq!(hello.role, AgentRole::SecStorage);
     assert_eq!(hello.vm_id, "ssvm-1");
     assert_eq!(hello.secret.expose(), "s3cret");
-    let welcome = CoreMessage::Welcome(Welcome {
-        version: 1,
-        heartbeat_interval_secs: 1,
-        console_keys: None,
-        config: Default::default(),
-        transfer_keys: None,
-        certificate: None,
-        peer_identity: None,
-    });
-    ws.send(&welcome).await.unwrap();
+    ws.send(&welcome(1, Default::default())).await.unwrap();
     let mut last = None;
     for _ in 0..6 {
         let AgentMessage::Heartbeat(hb) = ws.recv(Duration::from_secs(5)).await.unwrap() else {
@@ -287,17 +286,7 @@ async fn snapshot_backups_run_as_core_commands() {
         .accept(Duration::from_secs(20))
         .await
         .expect("the agent did not dial in");
-    ws.send(&CoreMessage::Welcome(Welcome {
-        version: 2,
-        heartbeat_interval_secs: 1,
-        console_keys: None,
-        config: Default::default(),
-        transfer_keys: None,
-        certificate: None,
-        peer_identity: None,
-    }))
-    .await
-    .unwrap();
+    ws.send(&welcome(2, Default::default())).await.unwrap();
     let store_url = format!("file://{}", store.display());
     let command = |name: &str, dir: &str, incremental: Option<IncrementalFrom>| {
         AgentCommand::SnapshotBackup(SnapshotCommand {

@@ -86,16 +86,7 @@ pub async fn request(
     dest_zones: &[String],
 ) -> DomainResult<()> {
     let what = if iso { "ISO" } else { "template" };
-    let row = sqlx::query(
-        "SELECT account_id, zone_id, store_id FROM templates WHERE id = $1 AND is_iso = $2 AND removed IS NULL",
-    )
-    .bind(id.to_owned())
-    .bind(i64::from(iso))
-    .fetch_optional(&state.db.pool)
-    .await?
-    .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
-    let owner: String = row.try_get("account_id")?;
-    crate::model::templates::ensure_manages(state, caller, &owner, what, id).await?;
+    let row = crate::model::templates::managed_row(state, caller, id, iso, "SELECT account_id, zone_id, store_id FROM templates WHERE id = $1 AND is_iso = $2 AND removed IS NULL").await?;
     if dest_zones.is_empty() {
         return Err(DomainError::Invalid(
             "Either destzoneid or destzoneids parameters have to be specified.".into(),

@@ -51,19 +51,9 @@ pub struct PropertyUpdate<'a> {
 
 /// The owner and format of a live template or ISO the caller may change.
 async fn owned(state: &State, caller: &Caller, id: &str, iso: bool) -> DomainResult<(String, String, bool)> {
-    let what = if iso { "ISO" } else { "template" };
-    let row = sqlx::query(
-        "SELECT account_id, format, is_public FROM templates WHERE id = $1 AND is_iso = $2 AND removed IS NULL",
-    )
-    .bind(id.to_owned())
-    .bind(i64::from(iso))
-    .fetch_optional(&state.db.pool)
-    .await?
-    .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
-    let owner: String = row.try_get("account_id")?;
-    crate::model::templates::ensure_manages(state, caller, &owner, what, id).await?;
+    let row = crate::model::templates::managed_row(state, caller, id, iso, "SELECT account_id, format, is_public FROM templates WHERE id = $1 AND is_iso = $2 AND removed IS NULL").await?;
     Ok((
-        owner,
+        row.try_get("account_id")?,
         row.try_get("format")?,
         row.try_get::<i64, _>("is_public")? != 0,
     ))

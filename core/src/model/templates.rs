@@ -457,6 +457,27 @@ pub enum Deleted {
     RecordOnly(String),
 }
 
+/// The row `query` reads (`$1` = id, `$2` = is_iso; it selects `account_id`) of a live template
+/// or ISO the caller may manage: `NotFound` without one, `Denied` when it is another's.
+pub(crate) async fn managed_row(
+    state: &State,
+    caller: &Caller,
+    id: &str,
+    iso: bool,
+    query: &str,
+) -> DomainResult<sqlx::any::AnyRow> {
+    let what = if iso { "ISO" } else { "template" };
+    let row = sqlx::query(query)
+        .bind(id.to_owned())
+        .bind(i64::from(iso))
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
+    let owner: String = row.try_get("account_id")?;
+    ensure_manages(state, caller, &owner, what, id).await?;
+    Ok(row)
+}
+
 /// Refuses a caller that may not manage `owner`'s template or ISO `id` (`what`: "template" or "ISO").
 pub(crate) async fn ensure_manages(
     state: &State,
@@ -486,16 +507,7 @@ pub async fn delete(
     forced: bool,
 ) -> DomainResult<Deleted> {
     let what = if iso { "ISO" } else { "template" };
-    let row = sqlx::query(
-        "SELECT t.account_id, t.zone_id, t.install_path, t.download_state, st.url AS store_url, st.name AS store_name FROM templates t JOIN image_stores st ON st.id = t.store_id WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL",
-    )
-    .bind(id.to_owned())
-    .bind(i64::from(iso))
-    .fetch_optional(&state.db.pool)
-    .await?
-    .ok_or_else(|| DomainError::NotFound(format!("Unable to find {what} by id {id}")))?;
-    let owner: String = row.try_get("account_id")?;
-    crate::model::templates::ensure_manages(state, caller, &owner, what, id).await?;
+    let row = crate::model::templates::managed_row(state, caller, id, iso, "SELECT t.account_id, t.zone_id, t.install_path, t.download_state, st.url AS store_url, st.name AS store_name FROM templates t JOIN image_stores st ON st.id = t.store_id WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL").await?;
     let zone_id: String = row.try_get("zone_id")?;
     let copies = crate::model::copies::zones_of(state, id).await?;
     match zone {

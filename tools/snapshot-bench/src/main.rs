@@ -6,8 +6,8 @@
 //! incremental backup (dirty extents over the full one). Medians, ratios and bytes read.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -64,49 +64,6 @@ fn spread(img: &Path, size: u64, total_mib: u64, seed: u8, shift: u64) -> anyhow
     run(cmd.arg(img))
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(img: &Path) -> anyhow::Result<(Server, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let child = Command::new("qemu-nbd")
-        .args([
-            "-r",
-            "-f",
-            "qcow2",
-            "-x",
-            "vda",
-            "-b",
-            "127.0.0.1",
-            "-t",
-            "-e",
-            "4",
-            "-B",
-            "b0",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(img)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("qemu-nbd (qemu-utils)")?;
-    let addr = format!("127.0.0.1:{port}");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "qemu-nbd did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((Server(child), addr))
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -131,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
         .arg("b0"))?;
     let change_mib = ((size as f64 * args.change_pct / 100.0) / MIB as f64).round() as u64;
     spread(&img, size, change_mib.max(1), 101, 8 * MIB)?;
-    let (_server, addr) = serve(&img)?;
+    let server = systemvm_tests::nbd::QemuNbd::serve(&img);
+    let addr = server.addr.clone();
     let url = format!("file://{}", std::fs::canonicalize(&store_dir)?.display()).parse()?;
     let store = Store::open(&url, StoreOptions::default()).await?;
     let spec = |extents, name: &str| BackupSpec {
