@@ -56,6 +56,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "primary_storage",
         include_str!("../migrations/0016_primary_storage.sql"),
     ),
+    (17, "snapshots", include_str!("../migrations/0017_snapshots.sql")),
 ];
 
 /// Opening or migrating the database failed.

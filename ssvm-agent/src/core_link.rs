@@ -21,6 +21,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use systemvm_agent_client::{AgentClient, AnswerFuture, ClientConfig, Hooks, Outbox, unsupported};
 use systemvm_proto::agent::{
     AgentCommand, AgentMessage, AgentRole, Answer, Command, InstalledImage, JobPhase, JobProgress, Load,
@@ -309,6 +311,11 @@ impl Runner {
                 Ok(()) => self.snapshot(cmd).await,
                 Err(e) => Err(e),
             },
+            AgentCommand::SnapshotRestore(cmd) => self.restore(cmd).await,
+            AgentCommand::DeleteSnapshot { store_url, path } => match self.check_store(&store_url) {
+                Ok(()) => self.delete_snapshot(&path).await,
+                Err(e) => Err(e),
+            },
         };
         Self::answer(&c, r)
     }
@@ -336,16 +343,103 @@ impl Runner {
                 }
             }
         };
-        let spec = crate::snapshot::BackupSpec {
-            nbd: cmd.nbd,
-            export: cmd.export,
-            extents,
-            dir: dir.to_owned(),
-            name: cmd.name,
-        };
         let store = self.agent.downloader_now().store;
-        let b = crate::snapshot::backup(&store, &spec).await?;
+        let b = if let Some(file) = cmd.file {
+            anyhow::ensure!(
+                extents == crate::snapshot::Extents::Allocated,
+                "an image file is backed up in full only"
+            );
+            let (source, path) = self.image_store(&file).await?;
+            let mut chain =
+                crate::snapshot::Chain::open(&source, &path, crate::snapshot::Format::parse(&file.format)?)
+                    .await?;
+            crate::snapshot::copy_image(&mut chain, &store, dir, &cmd.name, crate::snapshot::Format::Qcow2)
+                .await?
+        } else {
+            let spec = crate::snapshot::BackupSpec {
+                nbd: cmd.nbd,
+                export: cmd.export,
+                extents,
+                dir: dir.to_owned(),
+                name: cmd.name,
+            };
+            crate::snapshot::backup(&store, &spec).await?
+        };
         tracing::info!(file = %b.file, bytes_read = b.bytes_read, "Snapshot backed up");
+        Ok(serde_json::to_value(systemvm_proto::agent::SnapshotBackedUp {
+            file: b.file,
+            virtual_size: b.virtual_size,
+            physical_size: b.physical_size,
+            bytes_read: b.bytes_read,
+            sha256: b.sha256,
+        })?)
+    }
+
+    /// The store an image lives on and its checked path: this agent's own store, or another
+    /// NFS export (primary storage), opened for this command.
+    async fn image_store(
+        &self,
+        image: &systemvm_proto::agent::ImageRef,
+    ) -> anyhow::Result<(crate::store::Store, String)> {
+        let path = image.path.trim_matches('/');
+        anyhow::ensure!(
+            !path.is_empty()
+                && path
+                    .split('/')
+                    .all(|s| !s.is_empty() && s != "." && s != ".." && !s.chars().any(char::is_control)),
+            "invalid image path {:?}",
+            image.path
+        );
+        let url: StoreUrl = image
+            .store_url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid store URL {:?}: {e}", image.store_url))?;
+        if &url == self.agent.store_url() {
+            return Ok((self.agent.downloader_now().store, path.to_owned()));
+        }
+        anyhow::ensure!(
+            url.is_nfs(),
+            "{} is neither this storage VM's store nor an NFS export",
+            image.store_url
+        );
+        let store = crate::store::Store::open(&url, crate::store::StoreOptions::default())
+            .await
+            .with_context(|| format!("cannot reach {}", image.store_url))?;
+        Ok((store, path.to_owned()))
+    }
+
+    /// Removes a snapshot's image, and its directory when that leaves it empty.
+    async fn delete_snapshot(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let plain = |s: &str| !s.is_empty() && s != "." && s != "..";
+        anyhow::ensure!(
+            path.starts_with("snapshots/") && path.split('/').all(plain) && path.split('/').count() >= 3,
+            "snapshot path {path:?} is not under snapshots/"
+        );
+        let store = self.agent.downloader_now().store;
+        let removed = match store.remove_file(path).await {
+            Ok(()) => true,
+            Err(e) if e.is_not_found() => false,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some((dir, _)) = path.rsplit_once('/')
+            && store.list_dir(dir).await.is_ok_and(|d| d.is_empty())
+        {
+            let _ = store.remove_dir(dir).await;
+        }
+        tracing::info!(path, removed, "Snapshot image deleted");
+        Ok(serde_json::json!({ "removed": removed }))
+    }
+
+    /// Writes an image and its backing chain, flattened, to another file (a restore).
+    async fn restore(&self, cmd: systemvm_proto::agent::RestoreCommand) -> anyhow::Result<serde_json::Value> {
+        let from_format = crate::snapshot::Format::parse(&cmd.from.format)?;
+        let to_format = crate::snapshot::Format::parse(&cmd.to.format)?;
+        let (source, from) = self.image_store(&cmd.from).await?;
+        let (dest, to) = self.image_store(&cmd.to).await?;
+        let mut chain = crate::snapshot::Chain::open(&source, &from, from_format).await?;
+        let (dir, name) = to.rsplit_once('/').unwrap_or(("", to.as_str()));
+        let b = crate::snapshot::copy_image(&mut chain, &dest, dir, name, to_format).await?;
+        tracing::info!(from = %from, to = %b.file, bytes_read = b.bytes_read, "Snapshot restored");
         Ok(serde_json::to_value(systemvm_proto::agent::SnapshotBackedUp {
             file: b.file,
             virtual_size: b.virtual_size,

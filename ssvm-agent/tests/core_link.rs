@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use systemvm_proto::agent::{
     AgentCommand, AgentMessage, AgentRole, Command as AgentCmd, ConfigUpdate, CoreMessage, DownloadCommand,
-    IncrementalFrom, JobPhase, JobProgress, SnapshotBackedUp, SnapshotCommand, Welcome, config_keys,
+    ImageRef, IncrementalFrom, JobPhase, JobProgress, RestoreCommand, SnapshotBackedUp, SnapshotCommand,
+    Welcome, config_keys,
 };
 use systemvm_tests::http::HttpFixture;
 use systemvm_tests::standin_core::{AgentConn, StandinCore};
@@ -296,6 +297,7 @@ async fn snapshot_backups_run_as_core_commands() {
             dir: dir.into(),
             name: name.into(),
             incremental,
+            file: None,
         })
     };
     let inc = || IncrementalFrom {
@@ -327,6 +329,137 @@ async fn snapshot_backups_run_as_core_commands() {
         .arg(store.join(&incr.file))
         .arg(&img));
 
+    // Restores: the chain flattened into a raw file and a self-contained qcow2, both the disk.
+    let image = |path: &str, format: &str| ImageRef {
+        store_url: store_url.clone(),
+        path: path.into(),
+        format: format.into(),
+    };
+    let restore = |from: ImageRef, to: ImageRef| AgentCommand::SnapshotRestore(RestoreCommand { from, to });
+    for (id, to) in [
+        ("r1", image("restored/v.raw", "RAW")),
+        ("r2", image("restored/v.qcow2", "QCOW2")),
+    ] {
+        let a = answer_of(&mut ws, id, &restore(image(&incr.file, "QCOW2"), to.clone())).await;
+        assert!(a.ok, "{id}: {a:?}");
+        let done: SnapshotBackedUp = serde_json::from_value(a.body).unwrap();
+        assert_eq!(done.virtual_size, 256 << 20);
+        assert!(done.bytes_read <= full.bytes_read + incr.bytes_read && done.bytes_read >= incr.bytes_read);
+        let written = store.join(&to.path);
+        assert_eq!(
+            done.sha256,
+            sha256_of(&written),
+            "{id}: the answered hash is the file's"
+        );
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", &to.format.to_lowercase(), "-F", "qcow2"])
+            .arg(&written)
+            .arg(&img));
+        assert!(!store.join(format!("{}.part", to.path)).exists());
+    }
+    run(Command::new("qemu-img")
+        .arg("check")
+        .arg(store.join("restored/v.qcow2")));
+    // A qcow2 file backed up as a volume no guest runs: its data clusters only.
+    let mut from_file = command("f1.qcow2", "snapshots/2/v2", None);
+    if let AgentCommand::SnapshotBackup(c) = &mut from_file {
+        c.file = Some(image("restored/v.qcow2", "QCOW2"));
+    }
+    let a = answer_of(&mut ws, "f1", &from_file).await;
+    assert!(a.ok, "{a:?}");
+    let f1: SnapshotBackedUp = serde_json::from_value(a.body).unwrap();
+    assert!(f1.bytes_read <= 5 << 20, "{f1:?}");
+    run(Command::new("qemu-img")
+        .arg("compare")
+        .arg(store.join(&f1.file))
+        .arg(&img));
+
+    // Chains qemu-img made: a raw base under a 2 MiB-cluster qcow2 under a 64 KiB one, restored.
+    let vols = store.join("vols");
+    std::fs::create_dir_all(&vols).unwrap();
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(vols.join("base.raw"))
+        .arg("64M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 8M"])
+        .arg(vols.join("base.raw")));
+    run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+        ])
+        .arg(vols.join("mid.qcow2")));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x22 1M 3M", "-c", "write -z 6M 1M"])
+        .arg(vols.join("mid.qcow2")));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(vols.join("mid.qcow2"))
+        .arg(vols.join("top.qcow2")));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 2M 64k",
+            "-c",
+            "write -P 0x44 40M 1M",
+        ])
+        .arg(vols.join("top.qcow2")));
+    let a = answer_of(
+        &mut ws,
+        "r3",
+        &restore(image("vols/top.qcow2", "QCOW2"), image("restored/top.raw", "RAW")),
+    )
+    .await;
+    assert!(a.ok, "{a:?}");
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(store.join("restored/top.raw"))
+        .arg(vols.join("top.qcow2")));
+    // A chain that leaves its directory, and a missing image: refused, nothing written.
+    let a = answer_of(
+        &mut ws,
+        "r4",
+        &restore(image("vols/../x", "QCOW2"), image("restored/x.raw", "RAW")),
+    )
+    .await;
+    assert!(!a.ok);
+    let a = answer_of(
+        &mut ws,
+        "r5",
+        &restore(image("vols/none.qcow2", "QCOW2"), image("restored/y.raw", "RAW")),
+    )
+    .await;
+    assert!(!a.ok && !store.join("restored/y.raw").exists(), "{a:?}");
+
+    // Deleting an image: removed once, then nothing to remove.
+    let del = AgentCommand::DeleteSnapshot {
+        store_url: store_url.clone(),
+        path: f1.file.clone(),
+    };
+    let a = answer_of(&mut ws, "d1", &del).await;
+    assert_eq!(a.body["removed"], true, "{a:?}");
+    assert!(
+        !store.join("snapshots/2/v2").exists(),
+        "the emptied volume directory stays"
+    );
+    assert_eq!(answer_of(&mut ws, "d2", &del).await.body["removed"], false);
+    let outside = AgentCommand::DeleteSnapshot {
+        store_url: store_url.clone(),
+        path: "restored/v.raw".into(),
+    };
+    assert!(!answer_of(&mut ws, "d3", &outside).await.ok);
+
     // Paths outside snapshots/ and another store are refused.
     for (id, c) in [
         ("c3", command("x.qcow2", "template/tmpl/2", None)),
@@ -342,4 +475,12 @@ async fn snapshot_backups_run_as_core_commands() {
     }
     assert!(!answer_of(&mut ws, "c6", &other).await.ok);
     assert!(!store.join("snapshots/2/v1/y.qcow2").exists());
+}
+
+/// SHA-256 of a file (hex).
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(
+        std::fs::read(path).expect("read the written file"),
+    ))
 }

@@ -315,6 +315,61 @@ pub const USE_HTTPS_TO_UPLOAD: Setting = Setting {
     agent: None,
     description: "With a custom certificate, upload and download URLs use https (false: plain http, for labs); without one they are plain http",
 };
+/// `snapshot.backup.to.secondary`.
+pub const SNAPSHOT_TO_SECONDARY: Setting = Setting {
+    name: "snapshot.backup.to.secondary",
+    category: "Snapshots",
+    default: "true",
+    kind: Kind::String,
+    dynamic: true,
+    zone: true,
+    agent: None,
+    description: "Volume snapshots are backed up to secondary storage by the storage VM; false refuses new snapshots (this suite keeps no snapshot on primary storage alone)",
+};
+/// `kvm.snapshot.enabled`.
+pub const KVM_SNAPSHOT_ENABLED: Setting = Setting {
+    name: "kvm.snapshot.enabled",
+    category: "Snapshots",
+    default: "true",
+    kind: Kind::String,
+    dynamic: true,
+    zone: true,
+    agent: None,
+    description: "Whether volumes of running KVM guests may be snapshotted (a libvirt pull-mode backup: point in time, the guest keeps running); false refuses them",
+};
+/// `kvm.incremental.snapshot`.
+pub const KVM_INCREMENTAL_SNAPSHOT: Setting = Setting {
+    name: "kvm.incremental.snapshot",
+    category: "Snapshots",
+    default: "true",
+    kind: Kind::String,
+    dynamic: true,
+    zone: true,
+    agent: None,
+    description: "Snapshots of a running KVM guest's volume copy only what changed since the previous one (a libvirt checkpoint); false makes every snapshot a full copy",
+};
+/// `snapshot.delta.max`.
+pub const SNAPSHOT_DELTA_MAX: Setting = Setting {
+    name: "snapshot.delta.max",
+    category: "Snapshots",
+    default: "16",
+    kind: Kind::Integer(0, 1024),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Most incremental snapshots after a full one; the next snapshot is full again",
+};
+/// `backup.snapshot.wait`.
+pub const SNAPSHOT_WAIT: Setting = Setting {
+    name: "backup.snapshot.wait",
+    category: "Storage",
+    default: "21600",
+    kind: Kind::Integer(60, 604_800),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Seconds a snapshot backup, restore or copy may take before it fails",
+};
 
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
@@ -341,6 +396,11 @@ pub const SETTINGS: &[&Setting] = &[
     &PROXY_URL_DOMAIN,
     &SSVM_CERT_DOMAIN,
     &USE_HTTPS_TO_UPLOAD,
+    &SNAPSHOT_TO_SECONDARY,
+    &KVM_SNAPSHOT_ENABLED,
+    &KVM_INCREMENTAL_SNAPSHOT,
+    &SNAPSHOT_DELTA_MAX,
+    &SNAPSHOT_WAIT,
 ];
 
 /// Finds a setting definition.

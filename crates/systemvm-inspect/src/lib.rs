@@ -32,6 +32,9 @@
 //! matches the declared one (polyglots are refused), and images of formats CloudStack does
 //! not register here (VMDK, VHDX, VDI, QED, LUKS) are refused whatever the declared format.
 //!
+//! [`qcow2_map`] decodes QCOW2 mapping tables (header, L1, L2) for the storage VM's snapshot
+//! reader: there a backing file is part of the image.
+//!
 //! One module per format: `qcow2` (header checks), `vhd` (footers, fixed and dynamic disks),
 //! `iso9660` (the volume descriptor signature), `raw` (what carries no signature), `ova` (the
 //! streaming tar walk and the OVF descriptor); this module holds the format names, the errors,
@@ -53,6 +56,7 @@
 mod iso9660;
 mod ova;
 mod qcow2;
+pub mod qcow2_map;
 mod raw;
 #[cfg(test)]
 mod testutil;

@@ -414,6 +414,39 @@ pub enum AgentCommand {
     /// the image is complete with a [`SnapshotBackedUp`] body, or with the reason it failed (no
     /// file is left then).
     SnapshotBackup(SnapshotCommand),
+    /// Storage VMs: write an image (a snapshot with its backing chain) to a file, flattened: a
+    /// volume on primary storage (`createVolume`, `revertSnapshot`) or a template. Answered when
+    /// the file is complete with a [`SnapshotBackedUp`] body (the written file), or with the
+    /// reason it failed (an existing file at `to` is replaced only when the new one is complete).
+    SnapshotRestore(RestoreCommand),
+    /// Storage VMs: remove a snapshot's image (`snapshots/…` only), and its volume's directory
+    /// once empty. Answered with `{"removed": bool}`; a file that does not exist is not an error.
+    DeleteSnapshot {
+        /// The store the image lives on.
+        store_url: String,
+        /// The image's path.
+        path: String,
+    },
+}
+
+/// An image file on a store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The store: this storage VM's image store, or an NFS export (primary storage).
+    pub store_url: String,
+    /// Path relative to the store's root.
+    pub path: String,
+    /// `QCOW2` or `RAW`.
+    pub format: String,
+}
+
+/// A restore: which image to read and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreCommand {
+    /// The image read, with its backing chain (beside it on the same store).
+    pub from: ImageRef,
+    /// The file written, in its `format`.
+    pub to: ImageRef,
 }
 
 /// A snapshot backup: which export to read and where the image goes.
@@ -421,10 +454,16 @@ pub enum AgentCommand {
 pub struct SnapshotCommand {
     /// The store to write into; the agent refuses a store it does not serve.
     pub store_url: String,
-    /// The NBD server, `host:port` (libvirt's pull-mode backup of the disk).
+    /// The NBD server, `host:port` (libvirt's pull-mode backup of the disk); unused with `file`.
+    #[serde(default)]
     pub nbd: String,
-    /// The export name (the disk's target, e.g. `vda`).
+    /// The export name (the disk's target, e.g. `vda`); unused with `file`.
+    #[serde(default)]
     pub export: String,
+    /// Back up this image file instead of an export (a volume on primary storage that no
+    /// running guest has attached): its data clusters through its backing chain; full only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<ImageRef>,
     /// Directory in the store: `snapshots/<account>/<volume>`.
     pub dir: String,
     /// The image's file name (`<snapshot>.qcow2`).
@@ -783,11 +822,41 @@ mod tests {
                     context: "qemu:dirty-bitmap:backup-vda".into(),
                     backing: "s1.qcow2".into(),
                 }),
+                file: None,
+            }),
+            AgentCommand::SnapshotBackup(SnapshotCommand {
+                store_url: "nfs://h/e".into(),
+                nbd: String::new(),
+                export: String::new(),
+                dir: "snapshots/a/v".into(),
+                name: "s3.qcow2".into(),
+                incremental: None,
+                file: Some(ImageRef {
+                    store_url: "nfs://p/primary".into(),
+                    path: "vm/root.qcow2".into(),
+                    format: "QCOW2".into(),
+                }),
+            }),
+            AgentCommand::SnapshotRestore(RestoreCommand {
+                from: ImageRef {
+                    store_url: "nfs://h/e".into(),
+                    path: "snapshots/a/v/s2.qcow2".into(),
+                    format: "QCOW2".into(),
+                },
+                to: ImageRef {
+                    store_url: "nfs://p/primary".into(),
+                    path: "restored/v2.qcow2".into(),
+                    format: "RAW".into(),
+                },
             }),
             AgentCommand::DeleteInstall {
                 store_url: "nfs://h/e".into(),
                 path: "template/tmpl/a/t1".into(),
                 epoch: 3,
+            },
+            AgentCommand::DeleteSnapshot {
+                store_url: "nfs://h/e".into(),
+                path: "snapshots/a/v/s1.qcow2".into(),
             },
         ];
         for c in cmds {
