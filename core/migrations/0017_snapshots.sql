@@ -7,6 +7,7 @@ CREATE TABLE volumes_new (
     pool_id TEXT REFERENCES storage_pools(id),
     vm_id TEXT,
     device TEXT,
+    vol_type TEXT NOT NULL DEFAULT 'DATADISK',
     account_id TEXT NOT NULL,
     path TEXT NOT NULL,
     format TEXT NOT NULL,

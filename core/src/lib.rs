@@ -49,6 +49,7 @@ use tokio::sync::{Mutex, RwLock};
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod ca;
 pub mod cli;
 pub mod command;
@@ -535,6 +536,8 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         tasks.spawn("agent-monitor", |s| agent::monitor(st, s.receiver()));
         let st = state.clone();
         tasks.spawn("dispatcher", |s| dispatch::run(st, s.receiver()));
+        let st = state.clone();
+        tasks.spawn("snapshot-runner", |s| backup::run(st, s.receiver()));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
         if let Some(kind) = &config.driver {
             let Some(driver) = driver.clone() else {

@@ -78,7 +78,8 @@ enum Layer {
     Handlers,
     /// The domain layer: `model/`.
     Domain,
-    /// Background parts: the agent endpoint, the fleet, the dispatcher, the follower.
+    /// Background parts: the agent endpoint, the fleet, the dispatcher, the follower, the
+    /// snapshot runner.
     Background,
     /// Shared infrastructure and entry points (database, state, hub, CLI, `up`, `lib`): not checked.
     Shared,
@@ -89,7 +90,7 @@ fn layer_of_module(module: &str) -> Layer {
     match module {
         "api" | "server" | "command" | "params" | "paging" | "error" => Layer::Handlers,
         "model" => Layer::Domain,
-        "agent" | "dispatch" | "follow" | "fleet" => Layer::Background,
+        "agent" | "dispatch" | "follow" | "fleet" | "backup" => Layer::Background,
         _ => Layer::Shared,
     }
 }

@@ -19,15 +19,15 @@ use crate::core_api::{Backend, Core};
 use crate::fleet::{linked_proxy, screen_through, ws_url};
 use crate::support::{which, workspace};
 
-const URI: &str = "qemu:///system";
+pub(crate) const URI: &str = "qemu:///system";
 
 /// libvirtd (and virtlogd) for this test binary: an already running one is used, else both are
 /// started in the foreground under a shell that stops them when this process ends.
-struct Libvirtd {
+pub(crate) struct Libvirtd {
     _guard: Option<Child>,
 }
 
-fn virsh_ok(args: &[&str]) -> bool {
+pub(crate) fn virsh_ok(args: &[&str]) -> bool {
     Command::new("virsh")
         .arg("-c")
         .arg(URI)
@@ -38,7 +38,7 @@ fn virsh_ok(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn libvirtd() -> &'static Libvirtd {
+pub(crate) fn libvirtd() -> &'static Libvirtd {
     static D: OnceLock<Libvirtd> = OnceLock::new();
     D.get_or_init(|| {
         let virsh =
@@ -79,7 +79,7 @@ fn libvirtd() -> &'static Libvirtd {
 }
 
 /// Destroys and undefines the named domains when dropped (also when a test fails).
-struct Domains(Vec<String>);
+pub(crate) struct Domains(pub(crate) Vec<String>);
 
 impl Drop for Domains {
     fn drop(&mut self) {

@@ -17,6 +17,7 @@ mod layout;
 mod libvirt;
 mod nfs;
 mod resources;
+mod snapshots;
 mod storage;
 mod support;
 mod uploads;

@@ -23,6 +23,7 @@ pub mod image_stores;
 pub mod infrastructure;
 pub mod job_runner;
 pub mod jobs;
+pub mod snapshots;
 pub mod systemvms;
 pub mod tags;
 pub mod template_properties;
@@ -90,6 +91,7 @@ static TABLES: &[&[Command]] = &[
     transfers::COMMANDS,
     copies::COMMANDS,
     volumes::COMMANDS,
+    snapshots::COMMANDS,
     certificates::COMMANDS,
     COMMANDS,
 ];

@@ -257,22 +257,24 @@ pub async fn delete_storage_pool(state: State, _caller: Caller, p: Params) -> Re
     Ok(success())
 }
 
-const VOLUME_SELECT: &str = "SELECT v.id, v.name, v.zone_id, z.name AS zone_name, v.pool_id, p.name AS pool_name, v.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, v.path, v.format, v.size, v.created \
-     FROM volumes v JOIN zones z ON z.id = v.zone_id JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN accounts a ON a.id = v.account_id LEFT JOIN domains d ON d.id = a.domain_id";
-const VOLUME_FROM: &str = "volumes v JOIN zones z ON z.id = v.zone_id JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN accounts a ON a.id = v.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+pub(crate) const VOLUME_SELECT: &str = "SELECT v.id, v.name, v.zone_id, z.name AS zone_name, v.pool_id, p.name AS pool_name, v.vm_id, c.name AS vm_name, v.device, v.vol_type, v.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, v.path, v.format, v.size, v.created \
+     FROM volumes v JOIN zones z ON z.id = v.zone_id LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id LEFT JOIN accounts a ON a.id = v.account_id LEFT JOIN domains d ON d.id = a.domain_id";
+const VOLUME_FROM: &str = "volumes v JOIN zones z ON z.id = v.zone_id LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id LEFT JOIN accounts a ON a.id = v.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 
-fn volume_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
-    Ok(json!({
+pub(crate) fn volume_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
+    let vm: Option<String> = row.try_get("vm_id")?;
+    let device: Option<String> = row.try_get("device")?;
+    let mut v = json!({
         "id": row.try_get::<String, _>("id")?,
         "name": row.try_get::<String, _>("name")?,
         "zoneid": row.try_get::<String, _>("zone_id")?,
         "zonename": row.try_get::<String, _>("zone_name")?,
-        "type": "DATADISK",
+        "type": row.try_get::<String, _>("vol_type")?,
         "state": "Ready",
         "size": row.try_get::<i64, _>("size")?,
-        "storageid": row.try_get::<String, _>("pool_id")?,
-        "storage": row.try_get::<String, _>("pool_name")?,
-        "storagetype": "shared",
+        "storageid": row.try_get::<Option<String>, _>("pool_id")?,
+        "storage": row.try_get::<Option<String>, _>("pool_name")?,
+        "storagetype": if vm.is_some() && row.try_get::<Option<String>, _>("pool_id")?.is_none() { "local" } else { "shared" },
         "path": row.try_get::<String, _>("path")?,
         "format": row.try_get::<String, _>("format")?,
         "account": row.try_get::<Option<String>, _>("account_name")?.unwrap_or_default(),
@@ -281,7 +283,27 @@ fn volume_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error> {
         "created": row.try_get::<String, _>("created")?,
         "hypervisor": "KVM",
         "hasannotations": false,
-    }))
+    });
+    if let (Some(vm), Some(o)) = (vm, v.as_object_mut()) {
+        o.insert("virtualmachineid".into(), json!(vm));
+        o.insert(
+            "vmname".into(),
+            json!(row.try_get::<Option<String>, _>("vm_name")?),
+        );
+        o.insert(
+            "vmdisplayname".into(),
+            json!(row.try_get::<Option<String>, _>("vm_name")?),
+        );
+        o.insert("vmstate".into(), json!("Running"));
+        o.insert("attached".into(), json!(row.try_get::<String, _>("created")?));
+        // vda → 0, vdb → 1, …
+        let id = device
+            .as_deref()
+            .and_then(|d| d.bytes().last())
+            .map_or(0, |b| i64::from(b.saturating_sub(b'a')));
+        o.insert("deviceid".into(), json!(id));
+    }
+    Ok(v)
 }
 
 /// `importVolume`.
@@ -313,6 +335,10 @@ pub async fn import_volume(state: State, caller: Caller, p: Params) -> Result<Va
 /// `listVolumes`.
 pub async fn list_volumes(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     let page = Page::from_params(&p, crate::model::settings::page_size(&state).await)?;
+    // The disks of the guests core knows, as their hosts describe them now.
+    if let Err(error) = crate::backup::sync_guest_volumes(&state).await {
+        tracing::warn!(%error, "Could not read the guests' disks");
+    }
     let mut f = Filter::default();
     Scope::of(&caller).restrict(&mut f, "v.account_id", "d.path");
     for (param, col) in [
@@ -320,17 +346,14 @@ pub async fn list_volumes(state: State, caller: Caller, p: Params) -> Result<Val
         ("name", "v.name"),
         ("zoneid", "v.zone_id"),
         ("storageid", "v.pool_id"),
+        ("virtualmachineid", "v.vm_id"),
     ] {
         if let Some(v) = p.non_empty(param) {
             f.eq(col, v);
         }
     }
-    // Imported volumes are data disks attached to nothing.
-    if p.non_empty("type")
-        .is_some_and(|t| !t.eq_ignore_ascii_case("DATADISK"))
-        || p.non_empty("virtualmachineid").is_some()
-    {
-        return Ok(list_response("volume", 0, Vec::new()));
+    if let Some(t) = p.non_empty("type") {
+        f.eq("v.vol_type", &t.to_ascii_uppercase());
     }
     if let Some(k) = p.non_empty("keyword") {
         f.keyword(&["v.name"], k);

@@ -95,6 +95,51 @@ pub enum DriverError {
     },
 }
 
+/// A disk of a guest VM, as its hypervisor describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDisk {
+    /// The disk's target (`vda`).
+    pub device: String,
+    /// The image file on the host.
+    pub path: String,
+    /// `QCOW2` or `RAW`.
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+}
+
+/// A pull-mode backup to begin on a guest's host.
+#[derive(Debug, Clone)]
+pub struct BackupRequest<'a> {
+    /// The guest (domain name).
+    pub guest: &'a str,
+    /// The disk's target.
+    pub device: &'a str,
+    /// Scratch file for the point-in-time view (must not exist).
+    pub scratch: &'a str,
+    /// TCP port the export listens on.
+    pub port: u16,
+    /// The checkpoint this backup creates.
+    pub checkpoint: &'a str,
+    /// The checkpoint an incremental backup starts from; `None`: full.
+    pub incremental_from: Option<&'a str>,
+}
+
+/// Where a backup's export is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdExport {
+    /// `host:port`, as the storage VM reaches it.
+    pub address: String,
+    /// The export name.
+    pub export: String,
+    /// The dirty-bitmap metadata context of an incremental backup.
+    pub dirty_context: Option<String>,
+}
+
+fn unsupported(what: &str) -> DriverError {
+    DriverError::Unavailable(format!("{what} is not supported by this driver"))
+}
+
 /// One way of running system VMs.
 pub trait Driver: Send + Sync + std::fmt::Debug {
     /// `process` | `qemu` | `libvirt`.
@@ -126,5 +171,46 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     ) -> DriverFuture<'a, Result<Option<VncEndpoint>, DriverError>> {
         let _ = guest;
         Box::pin(async { Ok(None) })
+    }
+
+    /// The disks of a guest VM and whether it runs; `Ok(None)` when this driver has no such VM.
+    fn guest_disks<'a>(
+        &'a self,
+        guest: &'a str,
+    ) -> DriverFuture<'a, Result<Option<(Vec<GuestDisk>, bool)>, DriverError>> {
+        let _ = guest;
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Begins a pull-mode backup of a running guest's disk (a point-in-time NBD export and a new
+    /// checkpoint).
+    fn backup_begin<'a>(
+        &'a self,
+        req: &'a BackupRequest<'a>,
+    ) -> DriverFuture<'a, Result<NbdExport, DriverError>> {
+        let _ = req;
+        Box::pin(async { Err(unsupported("a guest backup")) })
+    }
+
+    /// Ends the guest's backup job (also one that failed); ending none is not an error.
+    fn backup_end<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<(), DriverError>> {
+        let _ = guest;
+        Box::pin(async { Err(unsupported("a guest backup")) })
+    }
+
+    /// The guest's checkpoints, by name.
+    fn checkpoints<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<Vec<String>, DriverError>> {
+        let _ = guest;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Deletes a checkpoint of the guest (its changes merge into the one before).
+    fn delete_checkpoint<'a>(
+        &'a self,
+        guest: &'a str,
+        name: &'a str,
+    ) -> DriverFuture<'a, Result<(), DriverError>> {
+        let _ = (guest, name);
+        Box::pin(async { Err(unsupported("a checkpoint")) })
     }
 }

@@ -35,7 +35,7 @@ pub struct LibvirtDriver {
 }
 
 /// Escapes text for an XML attribute or element.
-fn xml_escape(s: &str) -> String {
+pub(super) fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -152,13 +152,13 @@ impl LibvirtDriver {
     }
 }
 
-fn not_found(e: &DriverError) -> bool {
+pub(super) fn not_found(e: &DriverError) -> bool {
     let t = e.to_string();
     t.contains("failed to get domain") || t.contains("Domain not found") || t.contains("no domain with")
 }
 
 /// The value of attribute `name` in the tag text `tag` (`<graphics type='vnc' port='5900' …>`).
-fn attr(tag: &str, name: &str) -> Option<String> {
+pub(super) fn attr(tag: &str, name: &str) -> Option<String> {
     let mut rest = tag;
     while let Some(i) = rest.find(name) {
         let before = rest[..i].chars().last();
@@ -359,6 +359,36 @@ impl Driver for LibvirtDriver {
             }
             super::process::remove_vm_dir(&self.vm_dir(id))
         })
+    }
+
+    fn guest_disks<'a>(
+        &'a self,
+        guest: &'a str,
+    ) -> DriverFuture<'a, Result<Option<(Vec<super::GuestDisk>, bool)>, DriverError>> {
+        Box::pin(self.disks_of(guest))
+    }
+
+    fn backup_begin<'a>(
+        &'a self,
+        req: &'a super::BackupRequest<'a>,
+    ) -> DriverFuture<'a, Result<super::NbdExport, DriverError>> {
+        Box::pin(self.begin_backup(req))
+    }
+
+    fn backup_end<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<(), DriverError>> {
+        Box::pin(self.end_backup(guest))
+    }
+
+    fn checkpoints<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<Vec<String>, DriverError>> {
+        Box::pin(self.checkpoint_names(guest))
+    }
+
+    fn delete_checkpoint<'a>(
+        &'a self,
+        guest: &'a str,
+        name: &'a str,
+    ) -> DriverFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { self.virsh(&["checkpoint-delete", guest, name]).await.map(|_| ()) })
     }
 
     fn console_of<'a>(

@@ -34,6 +34,7 @@
 pub mod driver;
 pub mod lease;
 pub mod libvirt;
+pub mod libvirt_backup;
 pub mod lifecycle;
 pub mod manager;
 pub mod process;
@@ -45,7 +46,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use driver::{Driver, DriverError, Placement, VmSpec, VncEndpoint};
+pub use driver::{BackupRequest, Driver, DriverError, GuestDisk, NbdExport, Placement, VmSpec, VncEndpoint};
 pub use lifecycle::{create_vm, start_vm, stop_vm, wait_up};
 pub use manager::run;
 

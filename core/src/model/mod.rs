@@ -26,6 +26,7 @@ pub mod guest_os;
 pub mod keyrings;
 pub mod sessions;
 pub mod settings;
+pub mod snapshots;
 pub mod stores;
 pub mod systemvms;
 pub mod tags;

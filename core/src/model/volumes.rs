@@ -179,6 +179,220 @@ pub async fn unmanage(state: &State, caller: &Caller, id: &str) -> DomainResult<
     Ok(())
 }
 
+/// A volume, with what reaching its file takes.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Zone.
+    pub zone_id: String,
+    /// Owner.
+    pub account_id: String,
+    /// The pool holding the file, and its URL; `None` for a guest disk outside any pool.
+    pub pool: Option<(String, String)>,
+    /// The guest whose disk it is: console target id, its libvirt domain, the disk's target.
+    pub guest: Option<(String, String, String)>,
+    /// Path in the pool, or on the guest's host.
+    pub path: String,
+    /// `QCOW2` or `RAW`.
+    pub format: String,
+    /// Virtual size.
+    pub size: u64,
+}
+
+/// Volume `id`.
+pub async fn get(state: &State, id: &str) -> DomainResult<Volume> {
+    let row = sqlx::query(
+        "SELECT v.id, v.name, v.zone_id, v.account_id, v.pool_id, p.url AS pool_url, v.vm_id, c.hypervisor_ref, v.device, v.path, v.format, v.size \
+         FROM volumes v LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id WHERE v.id = $1",
+    )
+    .bind(id.to_owned())
+    .fetch_optional(&state.db.pool)
+    .await?
+    .ok_or_else(|| DomainError::NotFound(format!("Unable to find volume by id {id}")))?;
+    let pool = match (
+        row.try_get::<Option<String>, _>("pool_id")?,
+        row.try_get::<Option<String>, _>("pool_url")?,
+    ) {
+        (Some(p), Some(u)) => Some((p, u)),
+        _ => None,
+    };
+    let guest = match (
+        row.try_get::<Option<String>, _>("vm_id")?,
+        row.try_get::<Option<String>, _>("hypervisor_ref")?,
+        row.try_get::<Option<String>, _>("device")?,
+    ) {
+        (Some(v), Some(d), Some(dev)) => Some((v, d, dev)),
+        _ => None,
+    };
+    Ok(Volume {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        zone_id: row.try_get("zone_id")?,
+        account_id: row.try_get("account_id")?,
+        pool,
+        guest,
+        path: row.try_get("path")?,
+        format: row.try_get("format")?,
+        size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
+    })
+}
+
+/// A disk of a guest VM core knows (a console target on a `--guest-libvirt` host).
+#[derive(Debug, Clone)]
+pub struct GuestVolume<'a> {
+    /// The console target.
+    pub vm_id: &'a str,
+    /// The disk's target (`vda`).
+    pub device: &'a str,
+    /// The image on the host.
+    pub host_path: &'a str,
+    /// `QCOW2` or `RAW`.
+    pub format: &'a str,
+    /// Virtual size.
+    pub size: u64,
+    /// The guest's first disk (its root volume).
+    pub root: bool,
+}
+
+/// Records (or refreshes) a guest's disk as a volume of the guest's account. A file under
+/// `/mnt/<pool id>/` (where KVM hosts mount primary storage, as CloudStack's agent does) is on
+/// that pool, so the storage VM can reach it.
+pub async fn sync_guest_disk(state: &State, d: &GuestVolume<'_>) -> DomainResult<()> {
+    let Some(target) = sqlx::query("SELECT zone_id, account_id, name FROM console_targets WHERE id = $1")
+        .bind(d.vm_id.to_owned())
+        .fetch_optional(&state.db.pool)
+        .await?
+    else {
+        return Ok(());
+    };
+    let zone: String = target.try_get("zone_id")?;
+    let account: String = target.try_get("account_id")?;
+    let vm_name: String = target.try_get("name")?;
+    let mut pool_id: Option<String> = None;
+    let mut path = d.host_path.to_owned();
+    if let Some(rest) = d.host_path.strip_prefix("/mnt/")
+        && let Some((pool, inside)) = rest.split_once('/')
+        && check_path(inside).is_ok()
+    {
+        let known: Option<String> =
+            sqlx::query_scalar("SELECT id FROM storage_pools WHERE id = $1 AND zone_id = $2")
+                .bind(pool.to_owned())
+                .bind(zone.clone())
+                .fetch_optional(&state.db.pool)
+                .await?;
+        if known.is_some() {
+            pool_id = known;
+            path = inside.to_owned();
+        }
+    }
+    let kind = if d.root { "ROOT" } else { "DATADISK" };
+    let size = i64::try_from(d.size).unwrap_or(i64::MAX);
+    let updated = sqlx::query(
+        "UPDATE volumes SET pool_id = $1, path = $2, format = $3, size = $4, vol_type = $5 WHERE vm_id = $6 AND device = $7",
+    )
+    .bind(pool_id.clone())
+    .bind(path.clone())
+    .bind(d.format.to_owned())
+    .bind(size)
+    .bind(kind)
+    .bind(d.vm_id.to_owned())
+    .bind(d.device.to_owned())
+    .execute(&state.db.pool)
+    .await?;
+    if updated.rows_affected() > 0 {
+        return Ok(());
+    }
+    // A file imported by hand earlier becomes the guest's disk.
+    if let Some(pool) = &pool_id {
+        let linked = sqlx::query(
+            "UPDATE volumes SET vm_id = $1, device = $2, vol_type = $3 WHERE pool_id = $4 AND path = $5 AND vm_id IS NULL",
+        )
+        .bind(d.vm_id.to_owned())
+        .bind(d.device.to_owned())
+        .bind(kind)
+        .bind(pool.clone())
+        .bind(path.clone())
+        .execute(&state.db.pool)
+        .await?;
+        if linked.rows_affected() > 0 {
+            return Ok(());
+        }
+    }
+    let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO volumes (id, name, zone_id, pool_id, vm_id, device, vol_type, account_id, path, format, size, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(id.clone())
+    .bind(format!("{kind}-{vm_name}-{}", d.device))
+    .bind(zone)
+    .bind(pool_id)
+    .bind(d.vm_id.to_owned())
+    .bind(d.device.to_owned())
+    .bind(kind)
+    .bind(account)
+    .bind(path)
+    .bind(d.format.to_owned())
+    .bind(size)
+    .bind(now_cs())
+    .execute(&state.db.pool)
+    .await?;
+    tracing::info!(%id, vm = d.vm_id, device = d.device, "Found a guest disk");
+    Ok(())
+}
+
+/// Records a volume written on a pool by core (a volume created from a snapshot) for
+/// `account_id`; returns its id (`id`, chosen before the file was written).
+pub async fn record_created(
+    state: &State,
+    id: &str,
+    account_id: &str,
+    v: &NewVolume<'_>,
+) -> DomainResult<()> {
+    let zone: String = sqlx::query_scalar("SELECT zone_id FROM storage_pools WHERE id = $1")
+        .bind(v.pool_id.to_owned())
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| DomainError::NotFound(format!("Unable to find storage pool by id {}", v.pool_id)))?;
+    sqlx::query(
+        "INSERT INTO volumes (id, name, zone_id, pool_id, account_id, path, format, size, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(id.to_owned())
+    .bind(v.name.unwrap_or(id).to_owned())
+    .bind(zone)
+    .bind(v.pool_id.to_owned())
+    .bind(account_id.to_owned())
+    .bind(v.path.to_owned())
+    .bind(v.format.to_owned())
+    .bind(i64::try_from(v.size).unwrap_or(i64::MAX))
+    .bind(now_cs())
+    .execute(&state.db.pool)
+    .await?;
+    tracing::info!(%id, path = v.path, "Created a volume from a snapshot");
+    Ok(())
+}
+
+/// The first pool of a zone.
+pub async fn first_pool_of_zone(state: &State, zone_id: &str) -> DomainResult<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM storage_pools WHERE zone_id = $1 ORDER BY created, name LIMIT 1")
+            .bind(zone_id.to_owned())
+            .fetch_optional(&state.db.pool)
+            .await?,
+    )
+}
+
+/// The URL of pool `id`.
+pub async fn pool_url(state: &State, id: &str) -> DomainResult<String> {
+    sqlx::query_scalar("SELECT url FROM storage_pools WHERE id = $1")
+        .bind(id.to_owned())
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| DomainError::NotFound(format!("Unable to find storage pool by id {id}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

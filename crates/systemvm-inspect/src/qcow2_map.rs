@@ -147,7 +147,10 @@ pub fn parse_header(head: &[u8]) -> Result<Header, MapError> {
     if u64::from(l1_entries) * 8 > MAX_L1_BYTES {
         return Err(MapError::Unsupported("L1 table larger than 32 MiB"));
     }
-    if !l1_offset.is_multiple_of(cluster) || l1_offset & !OFFSET_MASK != 0 || (l1_entries > 0 && l1_offset == 0) {
+    if !l1_offset.is_multiple_of(cluster)
+        || l1_offset & !OFFSET_MASK != 0
+        || (l1_entries > 0 && l1_offset == 0)
+    {
         return Err(MapError::Invalid("L1 table offset"));
     }
     let header_len = if version == 3 {
