@@ -108,6 +108,9 @@ pub struct GuestDisk {
     pub size: u64,
 }
 
+/// A guest's disks and whether it runs; `None` when the driver has no such guest.
+pub type GuestDisks = Option<(Vec<GuestDisk>, bool)>;
+
 /// A pull-mode backup to begin on a guest's host.
 #[derive(Debug, Clone)]
 pub struct BackupRequest<'a> {
@@ -177,7 +180,7 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn guest_disks<'a>(
         &'a self,
         guest: &'a str,
-    ) -> DriverFuture<'a, Result<Option<(Vec<GuestDisk>, bool)>, DriverError>> {
+    ) -> DriverFuture<'a, Result<GuestDisks, DriverError>> {
         let _ = guest;
         Box::pin(async { Ok(None) })
     }

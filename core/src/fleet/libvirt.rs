@@ -364,7 +364,7 @@ impl Driver for LibvirtDriver {
     fn guest_disks<'a>(
         &'a self,
         guest: &'a str,
-    ) -> DriverFuture<'a, Result<Option<(Vec<super::GuestDisk>, bool)>, DriverError>> {
+    ) -> DriverFuture<'a, Result<super::driver::GuestDisks, DriverError>> {
         Box::pin(self.disks_of(guest))
     }
 

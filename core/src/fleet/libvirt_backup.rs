@@ -83,7 +83,7 @@ impl LibvirtDriver {
         uri_host(&self.uri).unwrap_or_else(|| "127.0.0.1".into())
     }
 
-    pub(super) async fn disks_of(&self, guest: &str) -> Result<Option<(Vec<GuestDisk>, bool)>, DriverError> {
+    pub(super) async fn disks_of(&self, guest: &str) -> Result<super::driver::GuestDisks, DriverError> {
         let xml = match self.virsh(&["dumpxml", guest]).await {
             Ok(x) => x,
             Err(e) if not_found(&e) => return Ok(None),
