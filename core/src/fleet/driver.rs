@@ -177,10 +177,7 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     }
 
     /// The disks of a guest VM and whether it runs; `Ok(None)` when this driver has no such VM.
-    fn guest_disks<'a>(
-        &'a self,
-        guest: &'a str,
-    ) -> DriverFuture<'a, Result<GuestDisks, DriverError>> {
+    fn guest_disks<'a>(&'a self, guest: &'a str) -> DriverFuture<'a, Result<GuestDisks, DriverError>> {
         let _ = guest;
         Box::pin(async { Ok(None) })
     }

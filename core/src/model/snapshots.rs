@@ -330,11 +330,12 @@ pub async fn delete_plan(state: &State, id: &str) -> DomainResult<Vec<Snapshot>>
     while let Some(s) = at.take() {
         // Children other than the one removed just before (it goes with this plan).
         let removed_child = out.last().map(|c| c.id.clone()).unwrap_or_default();
-        let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE parent_id = $1 AND id <> $2")
-            .bind(s.id.clone())
-            .bind(removed_child)
-            .fetch_one(&state.db.pool)
-            .await?;
+        let children: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE parent_id = $1 AND id <> $2")
+                .bind(s.id.clone())
+                .bind(removed_child)
+                .fetch_one(&state.db.pool)
+                .await?;
         if children > 0 {
             sqlx::query("UPDATE snapshots SET state = $1 WHERE id = $2")
                 .bind(state::DESTROYED)
