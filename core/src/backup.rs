@@ -13,7 +13,7 @@
 //! changes since it) and a successful one deletes its predecessor's (one checkpoint per chain);
 //! a snapshot's file is removed from the store before its row, so no row points at nothing.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,8 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut running: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
-    let active: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+    // Volume id → the snapshot being backed up on this core.
+    let active: Arc<std::sync::Mutex<HashMap<String, String>>> = Arc::default();
     let mut was_leader = false;
     loop {
         tokio::select! {
@@ -56,7 +57,7 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
         }
         let result = async {
             if !was_leader {
-                let ids: Vec<String> = lock(&active).iter().cloned().collect();
+                let ids: Vec<String> = lock(&active).values().cloned().collect();
                 snapshots::requeue_running(&state, &ids).await?;
                 was_leader = true;
             }
@@ -76,14 +77,14 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
                 }
             }
             for snap in snapshots::queued(&state).await? {
-                let volume_busy = lock(&active).iter().any(|v| v == &snap.volume_id);
+                let volume_busy = lock(&active).contains_key(&snap.volume_id);
                 if volume_busy || running.len() >= PARALLEL {
                     continue;
                 }
                 if !snapshots::start(&state, &snap.id).await? {
                     continue;
                 }
-                lock(&active).insert(snap.volume_id.clone());
+                lock(&active).insert(snap.volume_id.clone(), snap.id.clone());
                 let (st, act) = (state.clone(), active.clone());
                 running.spawn(async move {
                     let (id, volume) = (snap.id.clone(), snap.volume_id.clone());
@@ -220,8 +221,7 @@ async fn back_up(state: &State, snap: &Snapshot) -> DomainResult<()> {
                 snap,
                 &vol,
                 driver.as_ref(),
-                domain,
-                &disk.path,
+                (domain, device, &disk.path),
                 &vm,
                 &dir,
                 &name,
@@ -259,8 +259,7 @@ async fn back_up_running(
     snap: &Snapshot,
     vol: &Volume,
     driver: &dyn Driver,
-    domain: &str,
-    disk_path: &str,
+    (domain, device, disk_path): (&str, &str, &str),
     vm: &str,
     dir: &str,
     name: &str,
@@ -290,14 +289,13 @@ async fn back_up_running(
         domain,
         snap.id
     );
-    let device = vol.guest.as_ref().map(|g| g.2.clone()).unwrap_or_default();
     // A port in use on the host fails the begin: the next one is tried.
     let mut export = None;
     let mut last = None;
     for port in NBD_PORT_BASE..NBD_PORT_BASE + 8 {
         let req = BackupRequest {
             guest: domain,
-            device: &device,
+            device,
             scratch: &scratch,
             port,
             checkpoint: &checkpoint,

@@ -366,13 +366,9 @@ impl Runner {
             crate::snapshot::backup(&store, &spec).await?
         };
         tracing::info!(file = %b.file, bytes_read = b.bytes_read, "Snapshot backed up");
-        Ok(serde_json::to_value(systemvm_proto::agent::SnapshotBackedUp {
-            file: b.file,
-            virtual_size: b.virtual_size,
-            physical_size: b.physical_size,
-            bytes_read: b.bytes_read,
-            sha256: b.sha256,
-        })?)
+        Ok(serde_json::to_value(
+            systemvm_proto::agent::SnapshotBackedUp::from(b),
+        )?)
     }
 
     /// The store an image lives on and its checked path: this agent's own store, or another
@@ -440,13 +436,9 @@ impl Runner {
         let (dir, name) = to.rsplit_once('/').unwrap_or(("", to.as_str()));
         let b = crate::snapshot::copy_image(&mut chain, &dest, dir, name, to_format).await?;
         tracing::info!(from = %from, to = %b.file, bytes_read = b.bytes_read, "Snapshot restored");
-        Ok(serde_json::to_value(systemvm_proto::agent::SnapshotBackedUp {
-            file: b.file,
-            virtual_size: b.virtual_size,
-            physical_size: b.physical_size,
-            bytes_read: b.bytes_read,
-            sha256: b.sha256,
-        })?)
+        Ok(serde_json::to_value(
+            systemvm_proto::agent::SnapshotBackedUp::from(b),
+        )?)
     }
 
     /// Sends the job's progress to core until it ends (one watcher per job).

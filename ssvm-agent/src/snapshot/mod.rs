@@ -76,6 +76,18 @@ pub struct Backup {
     pub sha256: String,
 }
 
+impl From<Backup> for systemvm_proto::agent::SnapshotBackedUp {
+    fn from(b: Backup) -> Self {
+        Self {
+            file: b.file,
+            virtual_size: b.virtual_size,
+            physical_size: b.physical_size,
+            bytes_read: b.bytes_read,
+            sha256: b.sha256,
+        }
+    }
+}
+
 /// Deadline of each NBD read.
 const NBD_TIMEOUT: Duration = Duration::from_secs(60);
 
