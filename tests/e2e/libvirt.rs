@@ -38,6 +38,10 @@ pub(crate) fn virsh_ok(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Held by each test that runs guests under this libvirtd: TCG guests booting side by side on
+/// two cores miss their deadlines.
+pub(crate) static GUESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub(crate) fn libvirtd() -> &'static Libvirtd {
     static D: OnceLock<Libvirtd> = OnceLock::new();
     D.get_or_init(|| {
@@ -126,6 +130,7 @@ fn kernel() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_driver_runs_a_domain_and_core_opens_a_guest_console() {
     libvirtd();
+    let _one_at_a_time = GUESTS.lock().await;
     let tmp = std::env::temp_dir().join(format!("systemvm-e2e-libvirt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).expect("tmp");

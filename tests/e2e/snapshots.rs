@@ -112,6 +112,7 @@ fn n(v: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_volumes_back_up_in_full_then_incrementally_and_restore_byte_identical() {
     libvirtd();
+    let _one_at_a_time = crate::libvirt::GUESTS.lock().await;
     let sec = RestartableGanesha::start("snap-sec");
     let pri = RestartableGanesha::start("snap-pri");
     let driver = systemvm_core::fleet::libvirt::LibvirtDriver::guests_only(URI);
