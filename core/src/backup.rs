@@ -11,7 +11,10 @@
 //! Invariants: one backup per volume at a time; a backup job is ended on the host after every
 //! attempt; a failed backup deletes the checkpoint it made (so the previous one still covers all
 //! changes since it) and a successful one deletes its predecessor's (one checkpoint per chain);
-//! a snapshot's file is removed from the store before its row, so no row points at nothing.
+//! a snapshot's file is removed from the store before its row, so no row points at nothing; a
+//! command whose storage VM went away goes again to the next one serving the store (the
+//! libvirt export stays up meanwhile, and the agent continues its image from its journal), at
+//! most [`RESENDS`] times; a failed backup's leftovers are removed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use systemvm_proto::agent::{AgentCommand, ImageRef, IncrementalFrom, SnapshotBac
 use tokio::sync::watch;
 
 use crate::fleet::{BackupRequest, Driver};
+use crate::hub::CallError;
 use crate::model::snapshots::{self, Snapshot};
 use crate::model::volumes::{self, Volume};
 use crate::model::{DomainError, DomainResult, settings, stores};
@@ -89,6 +93,7 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
                 running.spawn(async move {
                     let (id, volume) = (snap.id.clone(), snap.volume_id.clone());
                     if let Err(e) = back_up(&st, &snap).await {
+                        discard_leftovers(&st, &snap).await;
                         let _ = snapshots::failed(&st, &id, &e.to_string()).await;
                     } else if let Some(policy) = &snap.policy_id {
                         retain(&st, policy).await;
@@ -175,14 +180,46 @@ async fn storage_vm(state: &State, zone: &str, store_url: &str) -> DomainResult<
         })
 }
 
-/// Sends `cmd` to `vm` and reads the written image from its answer.
-async fn call_image(state: &State, vm: &str, cmd: &AgentCommand) -> DomainResult<SnapshotBackedUp> {
+/// How long a command interrupted by its storage VM going away waits for one to serve the store
+/// again (the fleet restarts a VM that died).
+pub const RECONNECT_WAIT: Duration = Duration::from_secs(180);
+/// How many times such a command is sent again.
+pub const RESENDS: u32 = 3;
+
+/// Sends `cmd` to a storage VM serving `store_url` in `zone` and reads the written image from
+/// its answer. When the storage VM goes away before answering, the same command goes to the
+/// next one serving the store (the agent continues the image from its journal).
+async fn call_image(
+    state: &State,
+    (zone, store_url): (&str, &str),
+    cmd: &AgentCommand,
+) -> DomainResult<SnapshotBackedUp> {
     let wait = Duration::from_secs(settings::uint(state, &settings::SNAPSHOT_WAIT).await);
-    let answer = state
-        .agents
-        .call(vm, cmd, wait)
-        .await
-        .map_err(|e| DomainError::Unavailable(e.to_string()))?;
+    let mut vm = storage_vm(state, zone, store_url).await?;
+    let mut resends = 0;
+    let answer = loop {
+        match state.agents.call(&vm, cmd, wait).await {
+            Ok(a) => break a,
+            Err(e @ (CallError::Lost(_) | CallError::NotConnected(_))) if resends < RESENDS => {
+                resends += 1;
+                tracing::warn!(error = %e, store_url, "A storage VM went away during a snapshot command; it goes to the next one serving the store");
+                let until = tokio::time::Instant::now() + RECONNECT_WAIT;
+                vm = loop {
+                    if let Some(v) = stores::connected_storage_vm(state, zone, store_url).await? {
+                        break v;
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        return Err(DomainError::Unavailable(format!(
+                            "{e}, and no storage VM serving {store_url} came back within {}s",
+                            RECONNECT_WAIT.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+            }
+            Err(e) => return Err(DomainError::Unavailable(e.to_string())),
+        }
+    };
     if !answer.ok {
         return Err(DomainError::Unavailable(
             answer
@@ -204,7 +241,10 @@ fn snapshot_place(snap: &Snapshot) -> (String, String) {
 
 async fn back_up(state: &State, snap: &Snapshot) -> DomainResult<()> {
     let vol = volumes::get(state, &snap.volume_id).await?;
-    let vm = storage_vm(state, &snap.zone_id, &snap.store_url).await?;
+    // Fails early when no storage VM serves the store.
+    storage_vm(state, &snap.zone_id, &snap.store_url).await?;
+    let max_rate =
+        Some(settings::zone_uint(state, &snap.zone_id, &settings::SNAPSHOT_RATE).await).filter(|r| *r > 0);
     let (dir, name) = snapshot_place(snap);
     if let Some((_, domain, device)) = &vol.guest {
         let Some((driver, disks, running)) = guest_host(state, domain).await? else {
@@ -222,9 +262,8 @@ async fn back_up(state: &State, snap: &Snapshot) -> DomainResult<()> {
                 &vol,
                 driver.as_ref(),
                 (domain, device, &disk.path),
-                &vm,
-                &dir,
-                &name,
+                (&dir, &name),
+                max_rate,
             )
             .await;
         }
@@ -248,21 +287,20 @@ async fn back_up(state: &State, snap: &Snapshot) -> DomainResult<()> {
             path: vol.path.clone(),
             format: vol.format.clone(),
         }),
+        max_rate,
     });
-    let b = call_image(state, &vm, &cmd).await?;
+    let b = call_image(state, (&snap.zone_id, &snap.store_url), &cmd).await?;
     record(state, snap, &b, None, None).await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn back_up_running(
     state: &State,
     snap: &Snapshot,
     vol: &Volume,
     driver: &dyn Driver,
     (domain, device, disk_path): (&str, &str, &str),
-    vm: &str,
-    dir: &str,
-    name: &str,
+    (dir, name): (&str, &str),
+    max_rate: Option<u64>,
 ) -> DomainResult<()> {
     let (enabled, incremental_ok, delta_max) = snapshots::guest_policy(state, vol).await;
     if !enabled {
@@ -283,6 +321,12 @@ async fn back_up_running(
         _ => None,
     };
     let checkpoint = format!("snap-{}", snap.id);
+    if checkpoints.contains(&checkpoint) {
+        // An earlier attempt of this snapshot on a core that stopped: its job and checkpoint
+        // go, and the backup begins again.
+        driver.backup_end(domain).await.map_err(err)?;
+        driver.delete_checkpoint(domain, &checkpoint).await.map_err(err)?;
+    }
     let scratch = format!(
         "{}/.{}-{}.scratch",
         disk_path.rsplit_once('/').map_or(".", |(d, _)| d),
@@ -338,8 +382,9 @@ async fn back_up_running(
             _ => None,
         },
         file: None,
+        max_rate,
     });
-    let result = call_image(state, vm, &cmd).await;
+    let result = call_image(state, (&snap.zone_id, &snap.store_url), &cmd).await;
     if let Err(error) = driver.backup_end(domain).await {
         tracing::warn!(%error, domain, "Ending a backup job failed");
     }
@@ -392,6 +437,22 @@ async fn record(
     .await
 }
 
+/// Removes what a failed backup may have left in the store (a part file an agent that died
+/// could not remove), best effort.
+async fn discard_leftovers(state: &State, snap: &Snapshot) {
+    let (dir, name) = snapshot_place(snap);
+    let Ok(vm) = storage_vm(state, &snap.zone_id, &snap.store_url).await else {
+        return;
+    };
+    let cmd = AgentCommand::DeleteSnapshot {
+        store_url: snap.store_url.clone(),
+        path: format!("{dir}/{name}"),
+    };
+    if let Err(error) = state.agents.call(&vm, &cmd, Duration::from_secs(60)).await {
+        tracing::warn!(%error, id = %snap.id, "The leftovers of a failed backup were not removed");
+    }
+}
+
 /// Deletes a policy's snapshots beyond its `maxsnaps`.
 async fn retain(state: &State, policy: &str) {
     match snapshots::beyond_retention(state, policy).await {
@@ -437,7 +498,6 @@ pub async fn restore(state: &State, snap: &Snapshot, to: ImageRef) -> DomainResu
         .file
         .clone()
         .ok_or_else(|| DomainError::Invalid(format!("Snapshot {} is not backed up", snap.id)))?;
-    let vm = storage_vm(state, &snap.zone_id, &snap.store_url).await?;
     let cmd = AgentCommand::SnapshotRestore(systemvm_proto::agent::RestoreCommand {
         from: ImageRef {
             store_url: snap.store_url.clone(),
@@ -446,7 +506,7 @@ pub async fn restore(state: &State, snap: &Snapshot, to: ImageRef) -> DomainResu
         },
         to,
     });
-    call_image(state, &vm, &cmd).await
+    call_image(state, (&snap.zone_id, &snap.store_url), &cmd).await
 }
 
 /// Whether the volume's guest runs (a volume of no guest never does).

@@ -5,7 +5,8 @@
 //! Invariants: one current connection per system VM (a newer one replaces, and closes, the
 //! older); command ids are random (unguessable), and an answer completes a command only when it
 //! comes from the very connection the command was sent on (another VM, or a later connection of
-//! the same VM, cannot answer it); sends never block (a full queue is a failed send).
+//! the same VM, cannot answer it); a command whose connection ends fails at once
+//! ([`CallError::Lost`]); sends never block (a full queue is a failed send).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,21 +86,33 @@ impl Hub {
             role,
             version,
         };
-        if let Some(old) = self.conns().insert(vm_id.to_owned(), conn) {
+        let old = self.conns().insert(vm_id.to_owned(), conn);
+        if let Some(old) = old {
             let _ = old.close.send(());
+            self.lose(Some((vm_id, old.id)));
         }
         (id, closed, rx)
+    }
+
+    /// Drops the commands waiting on connection `conn` (all of them: `None`): their callers get
+    /// [`CallError::Lost`] at once instead of waiting out their timeouts.
+    fn lose(&self, conn: Option<(&str, u64)>) {
+        self.pending().retain(|_, p| match conn {
+            Some((vm, id)) => !(p.vm_id == vm && p.conn == id),
+            None => false,
+        });
     }
 
     /// Forgets connection `id` of `vm_id`; false when a newer connection replaced it.
     pub(crate) fn unregister(&self, vm_id: &str, id: u64) -> bool {
         let mut conns = self.conns();
-        if conns.get(vm_id).is_some_and(|c| c.id == id) {
+        let current = conns.get(vm_id).is_some_and(|c| c.id == id);
+        if current {
             conns.remove(vm_id);
-            true
-        } else {
-            false
         }
+        drop(conns);
+        self.lose(Some((vm_id, id)));
+        current
     }
 
     /// The id of `vm_id`'s current connection.
@@ -185,6 +198,7 @@ impl Hub {
         for (_, c) in self.conns().drain() {
             let _ = c.close.send(());
         }
+        self.lose(None);
     }
 
     /// An answer came on connection `conn` of `vm_id`: it completes the command only when that
@@ -239,5 +253,41 @@ mod tests {
         hub.answered("vm-a", conn_a, answer(true));
         let got = call.await.expect("join").expect("answered");
         assert!(got.ok, "the answer of the connection it went to wins");
+    }
+
+    #[tokio::test]
+    async fn a_command_fails_as_soon_as_its_connection_ends() {
+        let hub = std::sync::Arc::new(Hub::default());
+        let (conn, _closed, mut rx) = hub.register("vm-a", AgentRole::SecStorage, 2);
+        let h = hub.clone();
+        let call = tokio::spawn(async move {
+            h.call(
+                "vm-a",
+                &AgentCommand::CancelJob { job_id: "j".into() },
+                Duration::from_secs(600),
+            )
+            .await
+        });
+        assert!(matches!(rx.recv().await, Some(CoreMessage::Command(_))));
+        let started = std::time::Instant::now();
+        assert!(hub.unregister("vm-a", conn));
+        let got = call.await.expect("join");
+        assert_eq!(got, Err(CallError::Lost("vm-a".into())));
+        assert!(started.elapsed() < Duration::from_secs(5), "not its timeout");
+
+        // A newer connection replacing the VM's ends the older one's commands too.
+        let (_old, _c, mut rx_old) = hub.register("vm-b", AgentRole::SecStorage, 2);
+        let h = hub.clone();
+        let call = tokio::spawn(async move {
+            h.call(
+                "vm-b",
+                &AgentCommand::CancelJob { job_id: "k".into() },
+                Duration::from_secs(600),
+            )
+            .await
+        });
+        assert!(matches!(rx_old.recv().await, Some(CoreMessage::Command(_))));
+        let _new = hub.register("vm-b", AgentRole::SecStorage, 2);
+        assert_eq!(call.await.expect("join"), Err(CallError::Lost("vm-b".into())));
     }
 }

@@ -353,8 +353,14 @@ impl Runner {
             let mut chain =
                 crate::snapshot::Chain::open(&source, &path, crate::snapshot::Format::parse(&file.format)?)
                     .await?;
-            crate::snapshot::copy_image(&mut chain, &store, dir, &cmd.name, crate::snapshot::Format::Qcow2)
-                .await?
+            crate::snapshot::copy_image(
+                &mut chain,
+                &store,
+                (dir, &cmd.name),
+                crate::snapshot::Format::Qcow2,
+                cmd.max_rate,
+            )
+            .await?
         } else {
             let spec = crate::snapshot::BackupSpec {
                 nbd: cmd.nbd,
@@ -362,10 +368,11 @@ impl Runner {
                 extents,
                 dir: dir.to_owned(),
                 name: cmd.name,
+                max_rate: cmd.max_rate,
             };
             crate::snapshot::backup(&store, &spec).await?
         };
-        tracing::info!(file = %b.file, bytes_read = b.bytes_read, "Snapshot backed up");
+        tracing::info!(file = %b.file, bytes_read = b.bytes_read, resumed = b.resumed, "Snapshot backed up");
         Ok(serde_json::to_value(
             systemvm_proto::agent::SnapshotBackedUp::from(b),
         )?)
@@ -412,6 +419,10 @@ impl Runner {
             "snapshot path {path:?} is not under snapshots/"
         );
         let store = self.agent.downloader_now().store;
+        // What an interrupted backup of it left, too.
+        for leftover in [format!("{path}.part.journal"), format!("{path}.part")] {
+            let _ = store.remove_file(&leftover).await;
+        }
         let removed = match store.remove_file(path).await {
             Ok(()) => true,
             Err(e) if e.is_not_found() => false,
@@ -434,7 +445,7 @@ impl Runner {
         let (dest, to) = self.image_store(&cmd.to).await?;
         let mut chain = crate::snapshot::Chain::open(&source, &from, from_format).await?;
         let (dir, name) = to.rsplit_once('/').unwrap_or(("", to.as_str()));
-        let b = crate::snapshot::copy_image(&mut chain, &dest, dir, name, to_format).await?;
+        let b = crate::snapshot::copy_image(&mut chain, &dest, (dir, name), to_format, None).await?;
         tracing::info!(from = %from, to = %b.file, bytes_read = b.bytes_read, "Snapshot restored");
         Ok(serde_json::to_value(
             systemvm_proto::agent::SnapshotBackedUp::from(b),

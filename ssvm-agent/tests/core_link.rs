@@ -298,6 +298,7 @@ async fn snapshot_backups_run_as_core_commands() {
             name: name.into(),
             incremental,
             file: None,
+            max_rate: None,
         })
     };
     let inc = || IncrementalFrom {

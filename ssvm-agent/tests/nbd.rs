@@ -160,6 +160,7 @@ async fn snapshot_backups_copy_allocated_then_dirty_extents_into_qcow2_chains() 
         extents,
         dir: snaps.into(),
         name: name.into(),
+        max_rate: None,
     };
     let full = backup(&store, &spec(Extents::Allocated, "s1.qcow2"))
         .await
@@ -216,4 +217,84 @@ async fn snapshot_backups_copy_allocated_then_dirty_extents_into_qcow2_chains() 
     assert!(format!("{e:#}").contains("failed to"), "{e:#}");
     assert!(!store_dir.join(snaps).join("s3.qcow2").exists());
     assert!(!store_dir.join(snaps).join("s3.qcow2.part").exists());
+}
+
+#[tokio::test]
+async fn an_interrupted_backup_continues_from_its_journal_to_the_same_image() {
+    use ssvm_agent::snapshot::{Extents, backup};
+    use ssvm_agent::store::{Store, StoreOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("256M"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x61 0 8M",
+            "-c",
+            "write -P 0x62 100M 8M",
+        ])
+        .arg(&img));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("b0"));
+    let store_dir = dir.path().join("secondary");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let url = format!("file://{}", store_dir.display()).parse().unwrap();
+    let store = Store::open(&url, StoreOptions::default()).await.unwrap();
+    let (_server, addr) = serve(&img);
+    let spec = |name: &str, max_rate| ssvm_agent::snapshot::BackupSpec {
+        nbd: addr.clone(),
+        export: "vda".into(),
+        extents: Extents::Allocated,
+        dir: "snapshots/2/v".into(),
+        name: name.into(),
+        max_rate,
+    };
+    let whole = backup(&store, &spec("whole.qcow2", None)).await.unwrap();
+    assert_eq!(whole.resumed, 0);
+
+    // 16 MiB at 4 MiB/s: stopped after 2.5 s, as a storage VM killed mid-backup stops.
+    let slow = spec("s1.qcow2", Some(4 * MIB));
+    let cut = tokio::time::timeout(Duration::from_millis(2500), backup(&store, &slow)).await;
+    assert!(cut.is_err(), "the backup finished before it was interrupted");
+    let journal = store_dir.join("snapshots/2/v/s1.qcow2.part.journal");
+    assert!(journal.exists(), "no journal after 2.5 s");
+    assert!(!store_dir.join("snapshots/2/v/s1.qcow2").exists());
+
+    let again = backup(&store, &spec("s1.qcow2", None)).await.unwrap();
+    assert!(again.resumed >= 4 * MIB, "{again:?}");
+    assert!(again.bytes_read < 16 * MIB, "read again: {again:?}");
+    assert_eq!(
+        again.sha256, whole.sha256,
+        "the same image as an uninterrupted backup"
+    );
+    let path = store_dir.join(&again.file);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(store_dir.join(&whole.file)).unwrap()
+    );
+    run(Command::new("qemu-img").arg("check").arg(&path));
+    identical(&path, &img);
+    assert!(!journal.exists() && !store_dir.join("snapshots/2/v/s1.qcow2.part").exists());
+
+    // A journal for another layout (the disk changed) is not trusted: the backup starts over.
+    let stale = spec("s2.qcow2", Some(4 * MIB));
+    let _ = tokio::time::timeout(Duration::from_millis(2500), backup(&store, &stale)).await;
+    drop(_server);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x63 200M 1M"])
+        .arg(&img));
+    let (_server2, addr2) = serve(&img);
+    let mut fresh = spec("s2.qcow2", None);
+    fresh.nbd = addr2;
+    let b = backup(&store, &fresh).await.unwrap();
+    assert_eq!((b.resumed, b.bytes_read), (0, 17 * MIB), "{b:?}");
+    identical(&store_dir.join(&b.file), &img);
 }

@@ -7,7 +7,9 @@
 //! `createVolume` from each is `qemu-img compare`-identical to the disk at that moment and boots;
 //! `revertSnapshot` is refused while the guest runs and restores the disk once it is stopped; a
 //! snapshot of the stopped guest is read from the pool through NFS; deletion keeps an image a
-//! later snapshot builds on; policies are created, updated in place, listed and deleted.
+//! later snapshot builds on; policies are created, updated in place, listed and deleted. Faults:
+//! the storage VM killed mid-backup (the backup resumes on its restart), the NBD export
+//! vanishing (a clean failure, no image, the next incremental still complete).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -395,6 +397,132 @@ async fn guest_volumes_back_up_in_full_then_incrementally_and_restore_byte_ident
             .get("snapshotpolicy")
             .is_none()
     );
+
+    // Faults, with the guest running again and backups held to 4 MiB/s so each lasts seconds.
+    driver
+        .virsh(&["start", &guest])
+        .await
+        .expect("start the guest again");
+    core.ok(&[
+        "updateConfiguration",
+        "name=snapshot.backup.rate",
+        &format!("value={}", 4 << 20),
+    ])
+    .await;
+    let ssvm = crate::deploy::vms(&core, "secondarystoragevm").await[0]["id"]
+        .as_str()
+        .expect("storage VM")
+        .to_owned();
+    let find = |suffix: &'static str| {
+        let dir = sec.dir.clone();
+        async move {
+            let until = Instant::now() + Duration::from_secs(60);
+            while !walk(&dir).iter().any(|p| p.to_string_lossy().ends_with(suffix)) {
+                assert!(Instant::now() < until, "no {suffix} file in the store");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let no_job = || async {
+        let info = driver.virsh(&["domjobinfo", &guest]).await.expect("domjobinfo");
+        assert!(info.contains("None"), "the backup job was not ended: {info}");
+    };
+
+    // The storage VM killed mid-backup: the fleet restarts it, core sends the backup again,
+    // the agent continues its image from its journal (it reads less than the whole), and the
+    // snapshot restores identical.
+    let args = [
+        "createSnapshot".to_owned(),
+        format!("volumeid={volume}"),
+        "name=s4".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (s4, ()) = tokio::join!(core.cs(&args), async {
+        // A few of the 4 MiB blocks committed, then the kill.
+        find(".part.journal").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        crate::deploy::kill9(&ssvm);
+    });
+    assert!(s4.ok, "{}\n{}", s4.stderr, s4.json);
+    let read4 = n(&s4.json["snapshot"]["bytesread"]);
+    assert!(
+        read4 > 0 && read4 <= 28 << 20,
+        "the resumed backup read {read4} bytes (the whole is 32 MiB)"
+    );
+    no_job().await;
+    let s4 = id(&s4.json, "snapshot");
+    let v = core
+        .ok(&["createVolume", &format!("snapshotid={s4}"), "name=after-kill"])
+        .await;
+    identical(&pri.dir.join(v["volume"]["path"].as_str().expect("path")), &ref1);
+    assert!(
+        !walk(&sec.dir)
+            .iter()
+            .any(|p| p.to_string_lossy().contains(".part")),
+        "no part file is left"
+    );
+
+    // The NBD export vanishing mid-backup (the host's job aborted): a clear failure, nothing
+    // that looks complete, and the checkpoint it made gone, so the next incremental still
+    // covers every change since s4.
+    driver
+        .virsh(&[
+            "qemu-monitor-command",
+            &guest,
+            "--hmp",
+            "qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend \"write -P 0x77 500M 16M\"",
+        ])
+        .await
+        .expect("write into the running guest's disk");
+    let ref3 = refs.join("ref3.qcow2");
+    std::fs::copy(&ref1, &ref3).expect("ref3");
+    qemu_io(&ref3, &["write -P 0x77 500M 16M"]);
+    let args = [
+        "createSnapshot".to_owned(),
+        format!("volumeid={volume}"),
+        "name=s5".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (s5, ()) = tokio::join!(core.cs(&args), async {
+        find(".part").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        driver
+            .virsh(&["domjobabort", &guest])
+            .await
+            .expect("abort the backup job");
+    });
+    assert!(!s5.ok, "{}", s5.json);
+    let listed = core
+        .ok(&["listSnapshots", &format!("volumeid={volume}"), "name=s5"])
+        .await;
+    let s5v = &listed["snapshot"][0];
+    assert_eq!(s5v["state"], "Error", "{listed}");
+    let s5 = s5v["id"].as_str().expect("id").to_owned();
+    assert!(file_of(&s5).is_none(), "no image of the failed snapshot");
+    assert!(
+        !walk(&sec.dir)
+            .iter()
+            .any(|p| p.to_string_lossy().contains(".part")),
+        "no part file is left"
+    );
+    let checkpoints = driver
+        .virsh(&["checkpoint-list", &guest, "--name"])
+        .await
+        .expect("checkpoints");
+    assert!(!checkpoints.contains(&s5), "{checkpoints}");
+    no_job().await;
+    core.ok(&["updateConfiguration", "name=snapshot.backup.rate", "value=0"])
+        .await;
+    let s6 = core
+        .ok(&["createSnapshot", &format!("volumeid={volume}"), "name=s6"])
+        .await;
+    assert_eq!(n(&s6["snapshot"]["bytesread"]), 16 << 20, "{s6}");
+    let s6 = id(&s6, "snapshot");
+    let v = core
+        .ok(&["createVolume", &format!("snapshotid={s6}"), "name=after-abort"])
+        .await;
+    identical(&pri.dir.join(v["volume"]["path"].as_str().expect("path")), &ref3);
+    core.ok(&["deleteSnapshot", &format!("id={s5}")]).await;
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

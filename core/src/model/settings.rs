@@ -371,6 +371,18 @@ pub const SNAPSHOT_WAIT: Setting = Setting {
     description: "Seconds a snapshot backup, restore or copy may take before it fails",
 };
 
+/// Bytes a second one snapshot backup reads from its volume (ours).
+pub const SNAPSHOT_RATE: Setting = Setting {
+    name: "snapshot.backup.rate",
+    category: "Snapshots",
+    default: "0",
+    kind: Kind::Integer(0, 1 << 40),
+    dynamic: true,
+    zone: true,
+    agent: None,
+    description: "Bytes per second one snapshot backup may read from its volume, so backups leave primary storage to the guests (0: no limit)",
+};
+
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
     &PROXY_SESSION_MAX,
@@ -401,6 +413,7 @@ pub const SETTINGS: &[&Setting] = &[
     &KVM_INCREMENTAL_SNAPSHOT,
     &SNAPSHOT_DELTA_MAX,
     &SNAPSHOT_WAIT,
+    &SNAPSHOT_RATE,
 ];
 
 /// Finds a setting definition.

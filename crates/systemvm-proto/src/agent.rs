@@ -472,6 +472,10 @@ pub struct SnapshotCommand {
     /// `dir`) it is backed by; `None`: a full backup of the allocated extents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incremental: Option<IncrementalFrom>,
+    /// At most this many bytes per second are read from the source (`snapshot.backup.rate`,
+    /// so a backup leaves primary storage to its guests); `None`: as fast as it goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
 }
 
 /// What an incremental backup builds on.
@@ -492,8 +496,12 @@ pub struct SnapshotBackedUp {
     pub virtual_size: u64,
     /// The image's size.
     pub physical_size: u64,
-    /// Bytes read from the export.
+    /// Bytes read from the source by this attempt.
     pub bytes_read: u64,
+    /// Bytes of the image kept from an interrupted attempt of the same command (its journal
+    /// matched): not read again.
+    #[serde(default)]
+    pub resumed: u64,
     /// SHA-256 of the image (hex).
     pub sha256: String,
 }
@@ -823,6 +831,7 @@ mod tests {
                     backing: "s1.qcow2".into(),
                 }),
                 file: None,
+                max_rate: Some(4 << 20),
             }),
             AgentCommand::SnapshotBackup(SnapshotCommand {
                 store_url: "nfs://h/e".into(),
@@ -836,6 +845,7 @@ mod tests {
                     path: "vm/root.qcow2".into(),
                     format: "QCOW2".into(),
                 }),
+                max_rate: None,
             }),
             AgentCommand::SnapshotRestore(RestoreCommand {
                 from: ImageRef {

@@ -14,6 +14,9 @@
 //!   `<name>.part`, hashed as it is written, flushed, and renamed to its name only when complete;
 //!   a failure removes the part file, so nothing that looks complete is left half written (a
 //!   restore over an existing volume replaces it only at that rename);
+//! * a part file is continued only when its journal (`<name>.part.journal`, brought up to date
+//!   at most every second, after the data below it is committed) was written for the same
+//!   layout: a command sent again after the agent restarted resumes, anything else starts over;
 //! * an incremental image names its predecessor by file name only: the chain lives in one
 //!   directory (`snapshots/<account>/<volume>/`), and a restore reads the chain from there.
 
@@ -59,6 +62,8 @@ pub struct BackupSpec {
     pub dir: String,
     /// The image's file name (`<snapshot>.qcow2`).
     pub name: String,
+    /// At most this many bytes a second from the export.
+    pub max_rate: Option<u64>,
 }
 
 /// A finished backup or restore.
@@ -72,6 +77,8 @@ pub struct Backup {
     pub physical_size: u64,
     /// Bytes read from the source.
     pub bytes_read: u64,
+    /// Bytes of the image kept from an interrupted attempt (read back, not from the source).
+    pub resumed: u64,
     /// SHA-256 of the image (hex).
     pub sha256: String,
 }
@@ -83,6 +90,7 @@ impl From<Backup> for systemvm_proto::agent::SnapshotBackedUp {
             virtual_size: b.virtual_size,
             physical_size: b.physical_size,
             bytes_read: b.bytes_read,
+            resumed: b.resumed,
             sha256: b.sha256,
         }
     }
@@ -156,9 +164,9 @@ async fn write_image(
     store: &Store,
     source: &mut Source<'_>,
     output: &Output,
-    dir: &str,
-    name: &str,
+    (dir, name): (&str, &str),
     size: u64,
+    max_rate: Option<u64>,
 ) -> anyhow::Result<Backup> {
     let dir = dir.trim_end_matches('/');
     if !dir.is_empty() {
@@ -170,13 +178,17 @@ async fn write_image(
         format!("{dir}/{name}")
     };
     let part = format!("{file}.part");
-    let (bytes_read, sha256) = match write(store, source, output, &part, size).await {
+    let journal = journal_of(&part);
+    let written = match write(store, source, output, &part, size, max_rate).await {
         Ok(r) => r,
         Err(e) => {
+            let _ = store.remove_file(&journal).await;
             let _ = store.remove_file(&part).await;
             return Err(e);
         }
     };
+    // Without its journal a part is never resumed; so the journal goes first.
+    let _ = store.remove_file(&journal).await;
     if let Err(e) = store.rename(&part, &file).await {
         let _ = store.remove_file(&part).await;
         return Err(e.into());
@@ -185,8 +197,9 @@ async fn write_image(
         file,
         virtual_size: size,
         physical_size: output.file_size(size),
-        bytes_read,
-        sha256,
+        bytes_read: written.bytes_read,
+        resumed: written.resumed,
+        sha256: written.sha256,
     })
 }
 
@@ -229,9 +242,9 @@ pub async fn backup(store: &Store, spec: &BackupSpec) -> anyhow::Result<Backup> 
         store,
         &mut Source::Nbd(&mut nbd),
         &output,
-        &spec.dir,
-        &spec.name,
+        (&spec.dir, &spec.name),
         size,
+        spec.max_rate,
     )
     .await;
     nbd.disconnect().await;
@@ -244,9 +257,9 @@ pub async fn backup(store: &Store, spec: &BackupSpec) -> anyhow::Result<Backup> 
 pub async fn copy_image(
     chain: &mut Chain,
     store: &Store,
-    dir: &str,
-    name: &str,
+    (dir, name): (&str, &str),
     format: Format,
+    max_rate: Option<u64>,
 ) -> anyhow::Result<Backup> {
     let size = chain.virtual_size();
     let runs = chain.runs().await?;
@@ -255,7 +268,15 @@ pub async fn copy_image(
         Format::Qcow2 => Output::Qcow2(qcow2::Layout::new(size, clusters, None)?),
         Format::Raw => Output::Raw { clusters },
     };
-    write_image(store, &mut Source::Image(chain, &runs), &output, dir, name, size).await
+    write_image(
+        store,
+        &mut Source::Image(chain, &runs),
+        &output,
+        (dir, name),
+        size,
+        max_rate,
+    )
+    .await
 }
 
 /// NBD reads in flight at once.
@@ -265,16 +286,43 @@ const WRITE_DEPTH: usize = 4;
 /// Size of each read and write.
 const BLOCK: u64 = 4 << 20;
 
-/// Writes the image into `part`: metadata, then each run of clusters read from the export,
-/// reads pipelined on the connection, hashing in file order, writes several at a time.
+/// Progress of a part file, beside it as `<part>.journal`: the part's bytes below `done` are
+/// written and committed, for the layout whose fingerprint this is. A command sent again after
+/// the agent restarted (core does so for an interrupted backup) resumes from there.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Journal {
+    fingerprint: String,
+    done: u64,
+}
+
+/// How often, at most, the journal is brought up to date.
+const JOURNAL_EVERY: Duration = Duration::from_secs(1);
+
+/// The journal of part file `part`.
+fn journal_of(part: &str) -> String {
+    format!("{part}.journal")
+}
+
+/// What a finished [`write`] did.
+struct Written {
+    bytes_read: u64,
+    resumed: u64,
+    sha256: String,
+}
+
+/// Writes the image into `part`: metadata, then each run of clusters read from the source,
+/// reads pipelined (one at a time, each when due, under `max_rate` bytes a second), hashing in
+/// file order, writes several at a time and completed in file order (so the journal can say
+/// "everything below here").
+/// A part file whose journal matches this layout is continued, not started again.
 async fn write(
     store: &Store,
     source: &mut Source<'_>,
     output: &Output,
     part: &str,
     size: u64,
-) -> anyhow::Result<(u64, String)> {
-    let f = store.create(part).await?;
+    max_rate: Option<u64>,
+) -> anyhow::Result<Written> {
     let max = source.max_read().min(BLOCK) / qcow2::CLUSTER * qcow2::CLUSTER;
     let raw = matches!(output, Output::Raw { .. });
     // (guest offset, length) to read and the host offset each goes to, in file order.
@@ -291,26 +339,68 @@ async fn write(
             at += len;
         }
     }
+    let meta = match output {
+        Output::Qcow2(layout) => Bytes::from(layout.metadata()),
+        Output::Raw { .. } => Bytes::new(),
+    };
+    let fingerprint = {
+        let mut h = sha2::Sha256::new();
+        h.update(if raw { b"raw" } else { b"q2v" });
+        h.update(size.to_le_bytes());
+        for ((at, len), host) in ranges.iter().zip(&hosts) {
+            h.update(at.to_le_bytes());
+            h.update(len.to_le_bytes());
+            h.update(host.to_le_bytes());
+        }
+        h.update(&meta);
+        hex::encode(h.finalize())
+    };
+    let journal = journal_of(part);
+    let mut sha = sha2::Sha256::new();
+    let (f, done) = match resumable(store, part, &journal, &fingerprint).await {
+        Some((f, done)) => {
+            // The hash of what is kept, read back.
+            let mut at = 0;
+            while at < done {
+                let n = usize::try_from((done - at).min(BLOCK)).unwrap_or(0);
+                let data = store.read_at(&f, at, n).await?;
+                anyhow::ensure!(!data.is_empty(), "the part file {part} ended early");
+                sha.update(&data);
+                at += data.len() as u64;
+            }
+            tracing::info!(part, done, "Resuming an interrupted image");
+            (f, done)
+        }
+        None => {
+            let _ = store.remove_file(&journal).await;
+            (store.create(part).await?, 0)
+        }
+    };
+    // What is still to come: the ranges at or past the kept part (a kept part ends at a range).
+    let keep = hosts.iter().take_while(|&&h| h < done).count();
+    let (ranges, hosts) = (&ranges[keep..], hosts[keep..].to_vec());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(READ_DEPTH);
     let writer = {
-        let store = store.clone();
-        let f = f.clone();
-        let meta = match output {
-            Output::Qcow2(layout) => Bytes::from(layout.metadata()),
-            Output::Raw { .. } => Bytes::new(),
-        };
+        let (store, f, journal) = (store.clone(), f.clone(), journal.clone());
         async move {
-            let mut sha = sha2::Sha256::new();
             // Raw: the file offset hashed up to (data blocks come in file order).
-            let mut hashed = 0u64;
-            sha.update(&meta);
-            if !meta.is_empty() {
-                store.write_at(&f, 0, meta).await?;
+            let mut hashed = done;
+            if done == 0 {
+                sha.update(&meta);
+                if !meta.is_empty() {
+                    store.write_at(&f, 0, meta.clone()).await?;
+                }
             }
-            let mut writes = tokio::task::JoinSet::new();
+            let mut last_journal = (tokio::time::Instant::now(), done.max(meta.len() as u64));
+            // Writes in flight, oldest first, with the file offset each ends at.
+            let mut writes: std::collections::VecDeque<(
+                u64,
+                tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+            )> = std::collections::VecDeque::new();
+            let mut frontier = last_journal.1;
             for host in hosts {
                 let Some(data) = rx.recv().await else {
-                    anyhow::bail!("the export's data ended early");
+                    anyhow::bail!("the source's data ended early");
                 };
                 // The last cluster of a disk whose size is not a cluster multiple is padded.
                 let padded = (data.len() as u64).div_ceil(qcow2::CLUSTER) * qcow2::CLUSTER;
@@ -321,23 +411,37 @@ async fn write(
                     b.resize(usize::try_from(padded).unwrap_or(0), 0);
                     Bytes::from(b)
                 };
-                while writes.len() >= WRITE_DEPTH {
-                    if let Some(r) = writes.join_next().await {
-                        r??;
+                while writes.len() >= WRITE_DEPTH || writes.front().is_some_and(|(_, w)| w.is_finished()) {
+                    if let Some((end, w)) = writes.pop_front() {
+                        w.await??;
+                        frontier = end;
                     }
                 }
+                if frontier > last_journal.1 && last_journal.0.elapsed() >= JOURNAL_EVERY {
+                    store.flush(&f).await?;
+                    let j = serde_json::to_vec(&Journal {
+                        fingerprint: fingerprint.clone(),
+                        done: frontier,
+                    })?;
+                    store.write_file_atomic(&journal, &j).await?;
+                    last_journal = (tokio::time::Instant::now(), frontier);
+                }
                 // The write goes first; the hash runs while it is in flight.
-                let (store, f, bytes) = (store.clone(), f.clone(), block.clone());
-                writes.spawn(async move { store.write_at(&f, host, bytes).await });
+                let (st, fw, bytes) = (store.clone(), f.clone(), block.clone());
+                let end = host + block.len() as u64;
+                writes.push_back((
+                    end,
+                    tokio::spawn(async move { st.write_at(&fw, host, bytes).await }),
+                ));
                 if raw {
                     // The holes between a raw file's data read as zeroes: hashed as such.
                     hash_zeroes(&mut sha, host.saturating_sub(hashed));
-                    hashed = host + block.len() as u64;
+                    hashed = end;
                 }
                 sha.update(&block);
             }
-            while let Some(r) = writes.join_next().await {
-                r??;
+            for (_, w) in writes {
+                w.await??;
             }
             if raw && hashed < size {
                 // The file is the disk's size even when its end is a hole.
@@ -350,13 +454,53 @@ async fn write(
     };
     let (read, sha) = tokio::join!(
         async {
-            let r = source.read_ranges(&ranges, &tx).await;
+            let r = match max_rate.filter(|r| *r > 0) {
+                None => source.read_ranges(ranges, &tx).await,
+                // Held to the rate: each read starts when the bytes before it are due.
+                Some(rate) => {
+                    let started = tokio::time::Instant::now();
+                    let mut read = 0u64;
+                    let mut r = Ok(0);
+                    for range in ranges {
+                        let due = Duration::from_secs_f64(read as f64 / rate as f64);
+                        tokio::time::sleep_until(started + due).await;
+                        match source.read_ranges(std::slice::from_ref(range), &tx).await {
+                            Ok(n) => read += n,
+                            Err(e) => {
+                                r = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    r.map(|_| read)
+                }
+            };
             drop(tx);
             r
         },
         writer
     );
-    Ok((read?, sha?))
+    let (bytes_read, sha256) = (read?, sha?);
+    Ok(Written {
+        bytes_read,
+        resumed: done,
+        sha256,
+    })
+}
+
+/// The part file to continue and how much of it is kept, when its journal is for this layout.
+async fn resumable(
+    store: &Store,
+    part: &str,
+    journal: &str,
+    fingerprint: &str,
+) -> Option<(crate::store::FileId, u64)> {
+    let j: Journal = serde_json::from_slice(&store.read_file(journal, 4096).await.ok()?).ok()?;
+    if j.fingerprint != fingerprint {
+        return None;
+    }
+    let (f, len) = store.open_file(part).await.ok()?;
+    (len >= j.done).then_some((f, j.done))
 }
 
 /// Feeds `n` zero bytes to `sha`.

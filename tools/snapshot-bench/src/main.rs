@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         extents,
         dir: "snapshots/bench/vol".into(),
         name: name.into(),
+        max_rate: None,
     };
     let (mut full_t, mut conv_t, mut inc_t) = (Vec::new(), Vec::new(), Vec::new());
     let (mut full_read, mut inc_read, mut full_size, mut inc_size, mut conv_size) = (0, 0, 0, 0, 0);
