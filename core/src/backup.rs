@@ -20,7 +20,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use systemvm_proto::agent::{AgentCommand, ImageRef, IncrementalFrom, SnapshotBackedUp, SnapshotCommand};
+use systemvm_proto::agent::{
+    AgentCommand, ImageRef, IncrementalFrom, SnapshotBackedUp, SnapshotCommand, TemplateInstall,
+};
 use tokio::sync::watch;
 
 use crate::fleet::{BackupRequest, Driver};
@@ -492,21 +494,37 @@ pub async fn delete(state: &State, id: &str) -> DomainResult<()> {
     Ok(())
 }
 
-/// Writes snapshot `snap` (with its chain), flattened, to `to` through a storage VM of its store.
-pub async fn restore(state: &State, snap: &Snapshot, to: ImageRef) -> DomainResult<SnapshotBackedUp> {
+/// Writes snapshot `snap` (with its chain), flattened, to `to` through a storage VM of its store
+/// (`template`: `to` is a template's image on that store).
+pub async fn restore(
+    state: &State,
+    snap: &Snapshot,
+    to: ImageRef,
+    template: Option<TemplateInstall>,
+) -> DomainResult<SnapshotBackedUp> {
     let file = snap
         .file
         .clone()
         .ok_or_else(|| DomainError::Invalid(format!("Snapshot {} is not backed up", snap.id)))?;
-    let cmd = AgentCommand::SnapshotRestore(systemvm_proto::agent::RestoreCommand {
-        from: ImageRef {
-            store_url: snap.store_url.clone(),
-            path: file,
-            format: "QCOW2".into(),
-        },
-        to,
-    });
-    call_image(state, (&snap.zone_id, &snap.store_url), &cmd).await
+    let from = ImageRef {
+        store_url: snap.store_url.clone(),
+        path: file,
+        format: "QCOW2".into(),
+    };
+    copy(state, (&snap.zone_id, &snap.store_url), from, to, template).await
+}
+
+/// Writes image `from` (with its chain), flattened, to `to` through a storage VM serving
+/// `store_url` in `zone` (`createTemplate` from a volume: `from` is on a primary pool).
+pub async fn copy(
+    state: &State,
+    (zone, store_url): (&str, &str),
+    from: ImageRef,
+    to: ImageRef,
+    template: Option<TemplateInstall>,
+) -> DomainResult<SnapshotBackedUp> {
+    let cmd = AgentCommand::SnapshotRestore(systemvm_proto::agent::RestoreCommand { from, to, template });
+    call_image(state, (zone, store_url), &cmd).await
 }
 
 /// Whether the volume's guest runs (a volume of no guest never does).

@@ -445,7 +445,53 @@ impl Runner {
         let (dest, to) = self.image_store(&cmd.to).await?;
         let mut chain = crate::snapshot::Chain::open(&source, &from, from_format).await?;
         let (dir, name) = to.rsplit_once('/').unwrap_or(("", to.as_str()));
+        if let Some(t) = &cmd.template {
+            let own = cmd.to.store_url.parse::<StoreUrl>().ok().as_ref() == Some(self.agent.store_url());
+            let parts: Vec<&str> = dir.split('/').collect();
+            anyhow::ensure!(
+                own && parts.len() == 4
+                    && parts[..2] == ["template", "tmpl"]
+                    && parts[3] == t.id
+                    && crate::job::install_ids(dir).is_ok(),
+                "a template is written into this storage VM's store under template/tmpl/<account>/{}/, not {to:?}",
+                t.id
+            );
+        }
         let b = crate::snapshot::copy_image(&mut chain, &dest, (dir, name), to_format, None).await?;
+        if let Some(t) = &cmd.template {
+            let account = dir.split('/').nth(2).unwrap_or_default();
+            let properties = crate::properties::TemplateProperties {
+                id: t.id.clone(),
+                unique_name: format!("{}-{account}-{}", t.id, t.id),
+                description: t.description.clone(),
+                format: match to_format {
+                    crate::snapshot::Format::Qcow2 => crate::inspect::ImageFormat::Qcow2,
+                    crate::snapshot::Format::Raw => crate::inspect::ImageFormat::Raw,
+                },
+                filename: name.to_owned(),
+                size: b.physical_size,
+                virtual_size: b.virtual_size,
+                checksum: crate::checksum::Checksum::new(crate::checksum::ChecksumAlgo::Sha256, &b.sha256)
+                    .ok(),
+                hvm: true,
+                public: t.public,
+            };
+            let text = properties.to_java_properties(&format!(
+                "written by ssvm-agent at unix time {}",
+                crate::job::now()
+            ));
+            if let Err(e) = dest
+                .write_file_atomic(
+                    &format!("{dir}/{}", crate::properties::TEMPLATE_PROPERTIES),
+                    text.as_bytes(),
+                )
+                .await
+            {
+                // Without its properties the image is not an install: it goes.
+                let _ = dest.remove_file(&b.file).await;
+                return Err(e.into());
+            }
+        }
         tracing::info!(from = %from, to = %b.file, bytes_read = b.bytes_read, "Snapshot restored");
         Ok(serde_json::to_value(
             systemvm_proto::agent::SnapshotBackedUp::from(b),

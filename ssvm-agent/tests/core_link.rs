@@ -336,7 +336,13 @@ async fn snapshot_backups_run_as_core_commands() {
         path: path.into(),
         format: format.into(),
     };
-    let restore = |from: ImageRef, to: ImageRef| AgentCommand::SnapshotRestore(RestoreCommand { from, to });
+    let restore = |from: ImageRef, to: ImageRef| {
+        AgentCommand::SnapshotRestore(RestoreCommand {
+            from,
+            to,
+            template: None,
+        })
+    };
     for (id, to) in [
         ("r1", image("restored/v.raw", "RAW")),
         ("r2", image("restored/v.qcow2", "QCOW2")),
@@ -361,6 +367,50 @@ async fn snapshot_backups_run_as_core_commands() {
     run(Command::new("qemu-img")
         .arg("check")
         .arg(store.join("restored/v.qcow2")));
+    // A template from the snapshot (createTemplate): the image, then its template.properties,
+    // which the store's inventory reads as a complete install.
+    let tmpl = |path: &str, id: &str| {
+        AgentCommand::SnapshotRestore(RestoreCommand {
+            from: image(&incr.file, "QCOW2"),
+            to: image(path, "QCOW2"),
+            template: Some(systemvm_proto::agent::TemplateInstall {
+                id: id.into(),
+                description: "from a snapshot".into(),
+                public: false,
+            }),
+        })
+    };
+    let a = answer_of(&mut ws, "t1", &tmpl("template/tmpl/2/t-1/t-1.qcow2", "t-1")).await;
+    assert!(a.ok, "{a:?}");
+    let t1: SnapshotBackedUp = serde_json::from_value(a.body).unwrap();
+    let props = std::fs::read_to_string(store.join("template/tmpl/2/t-1/template.properties")).unwrap();
+    let props = ssvm_agent::properties::TemplateProperties::from_java_properties(&props).unwrap();
+    assert_eq!(
+        (
+            props.id.as_str(),
+            props.filename.as_str(),
+            props.size,
+            props.virtual_size
+        ),
+        ("t-1", "t-1.qcow2", t1.physical_size, 256 << 20)
+    );
+    assert_eq!(props.checksum.map(|c| c.hex), Some(t1.sha256.clone()));
+    run(Command::new("qemu-img")
+        .args(["compare", "-F", "qcow2"])
+        .arg(store.join("template/tmpl/2/t-1/t-1.qcow2"))
+        .arg(&img));
+    // Anywhere else, or under another template's id: refused before anything is written.
+    for (id, path) in [
+        ("t2", "restored/t-2.qcow2"),
+        ("t3", "template/tmpl/2/t-9/t-3.qcow2"),
+    ] {
+        let a = answer_of(&mut ws, id, &tmpl(path, "t-3")).await;
+        assert!(
+            !a.ok && a.error.as_deref().unwrap_or("").contains("template/tmpl"),
+            "{a:?}"
+        );
+        assert!(!store.join(path).exists());
+    }
     // A qcow2 file backed up as a volume no guest runs: its data clusters only.
     let mut from_file = command("f1.qcow2", "snapshots/2/v2", None);
     if let AgentCommand::SnapshotBackup(c) = &mut from_file {

@@ -293,10 +293,98 @@ async fn guest_volumes_back_up_in_full_then_incrementally_and_restore_byte_ident
     let o = core.cs(&["revertSnapshot", &format!("id={s1}")]).await;
     assert_eq!(errorcode(&o.json), Some(431), "{o:?}");
     assert!(o.json.to_string().contains("not in the shutdown state"), "{o:?}");
+    let os = core.ok(&["listOsTypes"]).await["ostype"][0]["id"]
+        .as_str()
+        .expect("an OS type")
+        .to_owned();
+    let from_volume = [
+        "createTemplate".to_owned(),
+        "name=from-volume".to_owned(),
+        format!("ostypeid={os}"),
+        format!("volumeid={volume}"),
+    ];
+    let from_volume: Vec<&str> = from_volume.iter().map(String::as_str).collect();
+    let o = core.cs(&from_volume).await;
+    assert_eq!(errorcode(&o.json), Some(431), "a running guest's volume: {o:?}");
+    let o = core
+        .cs(&[
+            "extractVolume",
+            &format!("id={volume}"),
+            &format!("zoneid={zone}"),
+            "mode=HTTP_DOWNLOAD",
+        ])
+        .await;
+    assert_eq!(errorcode(&o.json), Some(431), "a running guest's volume: {o:?}");
+
+    // A template from a snapshot: on the image store with its template.properties, ready,
+    // the disk at that moment.
+    let t = core
+        .ok(&[
+            "createTemplate",
+            "name=from-s2",
+            "displaytext=the guest at s2",
+            &format!("ostypeid={os}"),
+            &format!("snapshotid={s2}"),
+        ])
+        .await;
+    let tv = &t["template"];
+    assert_eq!(
+        (
+            tv["isready"].as_bool(),
+            tv["format"].as_str(),
+            tv["ostypeid"].as_str()
+        ),
+        (Some(true), Some("QCOW2"), Some(os.as_str())),
+        "{t}"
+    );
+    let tid = tv["id"].as_str().expect("template id").to_owned();
+    let tdir = walk(&sec.dir)
+        .into_iter()
+        .find(|p| p.ends_with(format!("{tid}/{tid}.qcow2")))
+        .unwrap_or_else(|| panic!("no image of template {tid}"));
+    identical(&tdir, &ref2);
+    let props = std::fs::read_to_string(tdir.with_file_name("template.properties")).expect("properties");
+    assert!(
+        props.contains(&format!("id={tid}")) && props.contains("qcow2=true"),
+        "{props}"
+    );
+    let listed = core
+        .ok(&["listTemplates", "templatefilter=self", &format!("id={tid}")])
+        .await;
+    assert_eq!(listed["template"][0]["isready"], true, "{listed}");
+    let o = core
+        .cs(&["createTemplate", "name=x", &format!("ostypeid={os}")])
+        .await;
+    assert_eq!(errorcode(&o.json), Some(431), "neither source: {o:?}");
+
     driver.virsh(&["destroy", &guest]).await.expect("stop the guest");
     let r = core.ok(&["revertSnapshot", &format!("id={s1}")]).await;
     assert_eq!(r["snapshot"]["id"], s1.as_str(), "{r}");
     identical(&disk, &ref1);
+
+    // The stopped guest's volume: a template of it, and a download link of it.
+    let t = core.ok(&from_volume).await;
+    let tid = t["template"]["id"].as_str().expect("template id").to_owned();
+    let timg = walk(&sec.dir)
+        .into_iter()
+        .find(|p| p.ends_with(format!("{tid}/{tid}.qcow2")))
+        .unwrap_or_else(|| panic!("no image of template {tid}"));
+    identical(&timg, &ref1);
+    let e = core
+        .ok(&[
+            "extractVolume",
+            &format!("id={volume}"),
+            &format!("zoneid={zone}"),
+            "mode=HTTP_DOWNLOAD",
+        ])
+        .await;
+    assert_eq!(e["volume"]["state"], "DOWNLOAD_URL_CREATED", "{e}");
+    let url = e["volume"]["url"].as_str().expect("url");
+    let got = crate::uploads::request(url, "GET", &[], b"", None).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let downloaded = core.dir().join("extracted.qcow2");
+    std::fs::write(&downloaded, &got.body).expect("write the download");
+    identical(&downloaded, &ref1);
 
     // The stopped guest's disk is read from the pool through NFS: its data clusters.
     let s3 = core

@@ -16,6 +16,7 @@ pub mod certificates;
 pub mod configs;
 pub mod consoles;
 pub mod copies;
+pub mod created_templates;
 pub mod domains;
 pub mod events;
 pub mod fields;
@@ -92,6 +93,7 @@ static TABLES: &[&[Command]] = &[
     copies::COMMANDS,
     volumes::COMMANDS,
     snapshots::COMMANDS,
+    created_templates::COMMANDS,
     certificates::COMMANDS,
     COMMANDS,
 ];

@@ -441,6 +441,7 @@ pub async fn revert_snapshot(state: State, caller: Caller, p: Params) -> Result<
             path: vol.path.clone(),
             format: vol.format.clone(),
         },
+        None,
     )
     .await?;
     tracing::info!(snapshot = %id, volume = %vol.id, "Volume reverted to a snapshot");
@@ -481,6 +482,7 @@ pub async fn create_volume(state: State, caller: Caller, p: Params) -> Result<Va
             path: id.clone(),
             format: "QCOW2".into(),
         },
+        None,
     )
     .await?;
     let name = p

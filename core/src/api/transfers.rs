@@ -69,6 +69,14 @@ pub const EXTRACT: &[ParamSpec] = &[
     opt("url", Ty::String, "FTP_UPLOAD only: not supported"),
 ];
 
+/// `extractVolume` parameters.
+pub const EXTRACT_VOLUME: &[ParamSpec] = &[
+    req("id", Ty::Uuid, "Volume id"),
+    req("zoneid", Ty::Uuid, "The volume's zone"),
+    req("mode", Ty::String, "HTTP_DOWNLOAD (FTP_UPLOAD is not supported)"),
+    opt("url", Ty::String, "FTP_UPLOAD only: not supported"),
+];
+
 /// The response fields of the upload commands.
 pub const UPLOAD_FIELDS: crate::api::fields::Fields = &[
     ("id", "the template/volume ID"),
@@ -151,6 +159,16 @@ pub static COMMANDS: &[Command] = &[
     .asynchronous()
     .returns(EXTRACT_FIELDS),
     Command::new(
+        "extractVolume",
+        "Copies a volume (its guest stopped) to secondary storage as a self-contained qcow2 and makes a signed, expiring download link of it",
+        Access::ALL,
+        EXTRACT_VOLUME,
+        crate::handler!(extract_volume),
+    )
+    .asynchronous()
+    .on_leader()
+    .returns(EXTRACT_FIELDS),
+    Command::new(
         "rotateTransferKeys",
         "Adds a new transfer key (upload parameters, download links), makes it primary, retires keys older than the previous one, and pushes the set to every connected storage VM",
         Access::ADMIN,
@@ -195,13 +213,18 @@ pub async fn upload_iso(state: State, caller: Caller, p: Params) -> Result<Value
     upload(state, caller, p, true).await
 }
 
-async fn extract(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
+fn http_download_only(p: &Params) -> Result<(), ApiError> {
     let mode = p.non_empty("mode").unwrap_or_default();
     if !mode.eq_ignore_ascii_case("HTTP_DOWNLOAD") {
         return Err(ApiError::param(format!(
             "Extraction mode {mode:?} is not supported: use HTTP_DOWNLOAD"
         )));
     }
+    Ok(())
+}
+
+async fn extract(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
+    http_download_only(&p)?;
     let id = p.non_empty("id").unwrap_or_default();
     let e = transfers::extract(&state, &caller, id, iso, p.non_empty("zoneid")).await?;
     let key = if iso { "iso" } else { "template" };
@@ -231,4 +254,87 @@ pub async fn extract_template(state: State, caller: Caller, p: Params) -> Result
 /// `extractIso`.
 pub async fn extract_iso(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
     extract(state, caller, p, true).await
+}
+
+/// `extractVolume`: the volume's file, read by a storage VM from its pool through NFS (its
+/// data clusters through its backing chain), written to `volumes/<account>/<volume>/` on the
+/// zone's image store, then a download link of that copy.
+pub async fn extract_volume(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    use crate::model::{stores, templates, volumes};
+    http_download_only(&p)?;
+    let id = p.non_empty("id").unwrap_or_default();
+    let vol = volumes::get(&state, id).await?;
+    templates::ensure_manages(&state, &caller, &vol.account_id, "volume", id).await?;
+    if p.non_empty("zoneid") != Some(vol.zone_id.as_str()) {
+        return Err(ApiError::param(format!(
+            "Volume {id} is not in zone {}",
+            p.non_empty("zoneid").unwrap_or_default()
+        )));
+    }
+    if crate::backup::guest_running(&state, &vol).await? {
+        return Err(ApiError::param(format!(
+            "Invalid state of the volume with ID: {id}. It should be either detached or the VM should be in stopped state."
+        )));
+    }
+    let Some((_, pool_url)) = &vol.pool else {
+        return Err(ApiError::param(format!(
+            "Volume {id} is on no primary storage pool the storage VM reaches: snapshot it and create a volume from the snapshot first"
+        )));
+    };
+    let store_url = stores::first_url_of_zone(&state.db.pool, &vol.zone_id)
+        .await?
+        .ok_or_else(|| ApiError::param(format!("Zone {} has no image store", vol.zone_id)))?;
+    let (store_name, zone_name): (String, String) = sqlx::query_as(
+        "SELECT s.name, z.name FROM image_stores s JOIN zones z ON z.id = s.zone_id WHERE s.url = $1 AND s.zone_id = $2",
+    )
+    .bind(store_url.clone())
+    .bind(vol.zone_id.clone())
+    .fetch_one(&state.db.pool)
+    .await?;
+    let file = format!("volumes/{}/{}/{}.qcow2", vol.account_id, vol.id, vol.id);
+    let written = crate::backup::copy(
+        &state,
+        (&vol.zone_id, &store_url),
+        systemvm_proto::agent::ImageRef {
+            store_url: pool_url.clone(),
+            path: vol.path.clone(),
+            format: vol.format.clone(),
+        },
+        systemvm_proto::agent::ImageRef {
+            store_url: store_url.clone(),
+            path: file.clone(),
+            format: "QCOW2".into(),
+        },
+        None,
+    )
+    .await?;
+    let url = transfers::seal_link(
+        &state,
+        &transfers::LinkTo {
+            id,
+            zone: &vol.zone_id,
+            store: (&store_url, &store_name),
+            file: &file,
+            format: "QCOW2",
+            sha256: Some(written.sha256.clone()),
+        },
+    )
+    .await?;
+    tracing::info!(volume = %id, %file, "Volume extracted; download link issued");
+    Ok(json!({
+        "volume": {
+            "id": id,
+            "name": vol.name,
+            "extractId": id,
+            "accountid": vol.account_id,
+            "state": "DOWNLOAD_URL_CREATED",
+            "status": "DOWNLOAD URL CREATED",
+            "uploadpercentage": 100,
+            "url": url,
+            "zoneid": vol.zone_id,
+            "zonename": zone_name,
+            "extractMode": "HTTP_DOWNLOAD",
+            "created": now_cs(),
+        }
+    }))
 }

@@ -45,6 +45,8 @@ pub mod download_state {
     pub const UPLOAD_IN_PROGRESS: &str = "UPLOAD_IN_PROGRESS";
     /// The upload failed; `status` says why.
     pub const UPLOAD_ERROR: &str = "UPLOAD_ERROR";
+    /// Being written from a volume or a snapshot (`createTemplate`).
+    pub const CREATING: &str = "CREATING";
 }
 
 /// Which row holds an install's state: the template's own (its first zone) or a cross-zone copy
@@ -167,11 +169,104 @@ pub struct NewTemplate<'a> {
 
 /// Checks and records a template; the dispatcher sends its download. Returns its id.
 pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> DomainResult<String> {
-    if t.name.len() > 255 {
-        return Err(DomainError::Invalid("name is longer than 255 characters".into()));
-    }
     if !t.upload {
         check_source_url(t.url)?;
+    }
+    let (dl_state, status) = if t.upload {
+        (download_state::NOT_UPLOADED, "Waiting for the upload")
+    } else {
+        (download_state::NOT_DOWNLOADED, "Waiting for a storage VM")
+    };
+    let (id, _) = insert(state, caller, t, (dl_state, status)).await?;
+    if t.upload {
+        tracing::info!(%id, name = t.name, iso = t.iso, "Registered a template; waiting for its upload");
+    } else {
+        tracing::info!(%id, name = t.name, url = t.url, iso = t.iso, "Registered a template; download queued");
+        state.dispatch_wakeup.notify_one();
+    }
+    Ok(id)
+}
+
+/// Where a template being created goes: its id, the image's path and the store's URL.
+#[derive(Debug, Clone)]
+pub struct Creating {
+    /// The template's id.
+    pub id: String,
+    /// `template/tmpl/<account>/<id>/<id>.qcow2`.
+    pub file: String,
+    /// The image store's URL.
+    pub store_url: String,
+    /// The zone.
+    pub zone_id: String,
+}
+
+/// What a created template's image came to.
+#[derive(Debug, Clone)]
+pub struct Created<'a> {
+    /// Its virtual size.
+    pub virtual_size: u64,
+    /// The file's size.
+    pub physical_size: u64,
+    /// SHA-256 of the file (hex).
+    pub sha256: &'a str,
+}
+
+/// Checks and records a template to be written from a volume or a snapshot (`createTemplate`):
+/// `CREATING`, which no dispatcher sends anywhere, until [`created`] or [`creation_failed`].
+pub async fn begin_created(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> DomainResult<Creating> {
+    let (id, store_id) = insert(state, caller, t, (download_state::CREATING, "Creating")).await?;
+    let (store_url, zone_id): (String, String) =
+        sqlx::query_as("SELECT url, zone_id FROM image_stores WHERE id = $1")
+            .bind(store_id)
+            .fetch_one(&state.db.pool)
+            .await?;
+    Ok(Creating {
+        file: format!("template/tmpl/{}/{id}/{id}.qcow2", caller.account_id),
+        id,
+        store_url,
+        zone_id,
+    })
+}
+
+/// The template's image is written: it is ready.
+pub async fn created(state: &State, c: &Creating, written: &Created<'_>) -> DomainResult<()> {
+    sqlx::query(
+        "UPDATE templates SET download_state = $1, status = $2, download_percent = 100, size = $3, physical_size = $4, installed_file = $5, installed_sha256 = $6 WHERE id = $7 AND download_state = $8",
+    )
+    .bind(download_state::DOWNLOADED)
+    .bind("Download Complete")
+    .bind(i64::try_from(written.virtual_size).unwrap_or(i64::MAX))
+    .bind(i64::try_from(written.physical_size).unwrap_or(i64::MAX))
+    .bind(c.file.clone())
+    .bind(written.sha256.to_owned())
+    .bind(c.id.clone())
+    .bind(download_state::CREATING)
+    .execute(&state.db.pool)
+    .await?;
+    tracing::info!(id = %c.id, file = %c.file, "Template created");
+    Ok(())
+}
+
+/// Writing the template's image failed: the template goes (CloudStack removes it too).
+pub async fn creation_failed(state: &State, c: &Creating) -> DomainResult<()> {
+    sqlx::query("DELETE FROM templates WHERE id = $1 AND download_state = $2")
+        .bind(c.id.clone())
+        .bind(download_state::CREATING)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Checks a new template and inserts its row in `initial` (download state, status); returns its
+/// id and store.
+async fn insert(
+    state: &State,
+    caller: &Caller,
+    t: &NewTemplate<'_>,
+    (dl_state, status): (&str, &str),
+) -> DomainResult<(String, String)> {
+    if t.name.len() > 255 {
+        return Err(DomainError::Invalid("name is longer than 255 characters".into()));
     }
     if !t.iso && !TEMPLATE_FORMATS.contains(&t.format) {
         return Err(DomainError::Invalid(format!(
@@ -232,7 +327,7 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     .bind(t.url.to_owned())
     .bind(t.checksum.map(str::to_owned))
     .bind(zone_id)
-    .bind(store_id)
+    .bind(store_id.clone())
     .bind(caller.account_id.clone())
     .bind(i64::from(t.public))
     .bind(i64::from(t.featured))
@@ -240,16 +335,8 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     .bind(i64::from(t.bootable))
     .bind(t.os_type_id.map(str::to_owned))
     .bind(install_path)
-    .bind(if t.upload {
-        download_state::NOT_UPLOADED
-    } else {
-        download_state::NOT_DOWNLOADED
-    })
-    .bind(if t.upload {
-        "Waiting for the upload"
-    } else {
-        "Waiting for a storage VM"
-    })
+    .bind(dl_state.to_owned())
+    .bind(status.to_owned())
     .bind(now_cs())
     .bind(i64::from(t.flags.password_enabled))
     .bind(i64::from(t.flags.sshkey_enabled))
@@ -257,13 +344,7 @@ pub async fn register(state: &State, caller: &Caller, t: &NewTemplate<'_>) -> Do
     .bind(i64::from(t.flags.requires_hvm))
     .execute(&state.db.pool)
     .await?;
-    if t.upload {
-        tracing::info!(%id, name = t.name, iso = t.iso, "Registered a template; waiting for its upload");
-    } else {
-        tracing::info!(%id, name = t.name, url = t.url, iso = t.iso, "Registered a template; download queued");
-        state.dispatch_wakeup.notify_one();
-    }
-    Ok(id)
+    Ok((id, store_id))
 }
 
 /// Applies a storage VM's progress report to its template.

@@ -285,35 +285,70 @@ pub async fn extract(
     let zone: String = row.try_get("zone_id")?;
     let store_url: String = row.try_get("store_url")?;
     let store_name: String = row.try_get("store_name")?;
-    let (_, endpoint) = transfer_vm(state, &zone, &store_url, &store_name).await?;
     let format: String = row.try_get("format")?;
-    let file_name = file.rsplit('/').next().unwrap_or("image").to_owned();
+    let url = seal_link(
+        state,
+        &LinkTo {
+            id,
+            zone: &zone,
+            store: (&store_url, &store_name),
+            file: &file,
+            format: &format,
+            sha256: row.try_get("installed_sha256")?,
+        },
+    )
+    .await?;
+    tracing::info!(template = %id, "Download link issued");
+    Ok(Extracted {
+        url,
+        name: row.try_get("name")?,
+        zone: (zone, row.try_get("zone_name")?),
+        account_id: owner,
+    })
+}
+
+/// A file on an image store to make a download link of.
+#[derive(Debug, Clone)]
+pub struct LinkTo<'a> {
+    /// What the link is of (a template's or a volume's id).
+    pub id: &'a str,
+    /// The store's zone.
+    pub zone: &'a str,
+    /// The store's URL and name.
+    pub store: (&'a str, &'a str),
+    /// The file's path in the store.
+    pub file: &'a str,
+    /// Its format (the file name's extension when it has none).
+    pub format: &'a str,
+    /// The file's SHA-256 (hex), when known: the link's strong ETag.
+    pub sha256: Option<String>,
+}
+
+/// Seals a download link of a file on an image store, served by a storage VM of that store for
+/// `extract.url.expiration.interval` seconds; returns its URL.
+pub async fn seal_link(state: &State, to: &LinkTo<'_>) -> DomainResult<String> {
+    let (_, endpoint) = transfer_vm(state, to.zone, to.store.0, to.store.1).await?;
+    let file_name = to.file.rsplit('/').next().unwrap_or("image").to_owned();
     let file_name = if file_name.contains('.') {
         file_name
     } else {
-        format!("{file_name}.{}", format.to_ascii_lowercase())
+        format!("{file_name}.{}", to.format.to_ascii_lowercase())
     };
     let seconds = settings::uint(state, &settings::EXTRACT_URL_EXPIRATION).await;
     let link = ExtractLink {
-        id: id.to_owned(),
-        store_url,
-        file,
+        id: to.id.to_owned(),
+        store_url: to.store.0.to_owned(),
+        file: to.file.to_owned(),
         name: file_name.clone(),
         expires: now() + seconds,
         peer: None,
-        sha256: row.try_get("installed_sha256")?,
+        sha256: to.sha256.clone(),
     };
     let keys = keyrings::current(state, Ring::Transfer).await?;
     let token = link
         .seal(&keys)
         .map_err(|e| DomainError::Internal(e.to_string()))?;
-    tracing::info!(template = %id, expires = link.expires, "Download link issued");
-    Ok(Extracted {
-        url: format!("{endpoint}/download/{token}/{file_name}"),
-        name: row.try_get("name")?,
-        zone: (zone, row.try_get("zone_name")?),
-        account_id: owner,
-    })
+    Ok(format!("{endpoint}/download/{token}/{file_name}"))
 }
 
 #[cfg(test)]

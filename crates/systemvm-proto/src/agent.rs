@@ -447,6 +447,23 @@ pub struct RestoreCommand {
     pub from: ImageRef,
     /// The file written, in its `format`.
     pub to: ImageRef,
+    /// The file written is a template's image (`createTemplate`): `to` is on this storage VM's
+    /// own store, in `template/tmpl/<account>/<template id>/`, and `template.properties` is
+    /// written beside it once the image is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateInstall>,
+}
+
+/// The template a restore installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInstall {
+    /// The template's id (`id`, and the directory's name).
+    pub id: String,
+    /// Its display text (`description`).
+    pub description: String,
+    /// Public (`public`).
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// A snapshot backup: which export to read and where the image goes.
@@ -858,6 +875,24 @@ mod tests {
                     path: "restored/v2.qcow2".into(),
                     format: "RAW".into(),
                 },
+                template: None,
+            }),
+            AgentCommand::SnapshotRestore(RestoreCommand {
+                from: ImageRef {
+                    store_url: "nfs://h/e".into(),
+                    path: "snapshots/a/v/s2.qcow2".into(),
+                    format: "QCOW2".into(),
+                },
+                to: ImageRef {
+                    store_url: "nfs://h/e".into(),
+                    path: "template/tmpl/a/t9/t9.qcow2".into(),
+                    format: "QCOW2".into(),
+                },
+                template: Some(TemplateInstall {
+                    id: "t9".into(),
+                    description: "from s2".into(),
+                    public: true,
+                }),
             }),
             AgentCommand::DeleteInstall {
                 store_url: "nfs://h/e".into(),
