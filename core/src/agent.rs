@@ -452,7 +452,15 @@ async fn on_message(state: &State, from: &From, text: &str) -> Option<CoreMessag
                 tracing::warn!(job = %p.id, role = from.role.as_str(), "Progress for a job not dispatched to this connection, skipped");
                 return None;
             }
-            if let Err(error) = templates::apply_progress(state, vm_id, &p).await {
+            let applied = if crate::model::volume_uploads::is_volume_upload(state, &p.id)
+                .await
+                .unwrap_or(false)
+            {
+                crate::model::volume_uploads::apply_progress(state, &p).await
+            } else {
+                templates::apply_progress(state, vm_id, &p).await
+            };
+            if let Err(error) = applied {
                 tracing::error!(%error, template = %p.id, "Failed to record download progress");
             }
             None

@@ -270,8 +270,8 @@ async fn back_up(state: &State, snap: &Snapshot) -> DomainResult<()> {
             .await;
         }
     }
-    // Not attached to a running guest: the file on its pool.
-    let Some((_, pool_url)) = &vol.pool else {
+    // Not attached to a running guest: the file on its pool (or an uploaded volume's).
+    let Some(file) = vol.file() else {
         return Err(DomainError::Invalid(format!(
             "Volume {} is on no primary storage pool and its guest is not running: nothing can read it",
             vol.name
@@ -284,11 +284,7 @@ async fn back_up(state: &State, snap: &Snapshot) -> DomainResult<()> {
         dir,
         name,
         incremental: None,
-        file: Some(ImageRef {
-            store_url: pool_url.clone(),
-            path: vol.path.clone(),
-            format: vol.format.clone(),
-        }),
+        file: Some(file),
         max_rate,
     });
     let b = call_image(state, (&snap.zone_id, &snap.store_url), &cmd).await?;

@@ -57,6 +57,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0016_primary_storage.sql"),
     ),
     (17, "snapshots", include_str!("../migrations/0017_snapshots.sql")),
+    (
+        18,
+        "volume_uploads",
+        include_str!("../migrations/0018_volume_uploads.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

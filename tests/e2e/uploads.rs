@@ -752,3 +752,109 @@ async fn uploads_are_signed_checked_resumable_and_extractable() {
     assert_eq!(gone.status, 403, "an expired link");
     core.shutdown_with_system_vms().await;
 }
+
+/// `getUploadParamsForVolume` through `cs`, the browser's POST to the storage VM: the volume
+/// is `Uploaded` on the image store once the file is in; it is extracted and made a template of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_uploads_land_on_the_image_store_and_are_usable() {
+    let (core, _guard, _ssvm, store) = core_with_store(None).await;
+    let zone = core.ok(&["listZones"]).await["zone"][0]["id"]
+        .as_str()
+        .expect("zone")
+        .to_owned();
+    let img =
+        systemvm_tests::images::qcow2_of_noise(&core.dir().join("vol"), "vol.qcow2", 8, 5).expect("qcow2");
+    let data = std::fs::read(&img).expect("read");
+    let ask = |format: &str| {
+        [
+            "getUploadParamsForVolume".to_owned(),
+            "name=uploaded-disk".to_owned(),
+            format!("zoneid={zone}"),
+            format!("format={format}"),
+        ]
+    };
+    let bad = ask("VHD");
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let o = core.cs(&bad).await;
+    assert_eq!(crate::support::errorcode(&o.json), Some(431), "{o:?}");
+
+    let args = ask("QCOW2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = core.ok(&args).await;
+    let p = &v["getuploadparams"];
+    let s = |k: &str| p[k].as_str().unwrap_or_else(|| panic!("{k} in {v}")).to_owned();
+    let up = Up {
+        id: s("id"),
+        post_url: s("postURL"),
+        metadata: s("metadata"),
+        expires: s("expires"),
+        signature: s("signature"),
+    };
+    let before = volume_state(&core, &up.id).await;
+    assert_eq!(before["state"], "NotUploaded", "{before}");
+    let o = core.cs(&["createSnapshot", &format!("volumeid={}", up.id)]).await;
+    assert_eq!(
+        crate::support::errorcode(&o.json),
+        Some(431),
+        "not uploaded yet: {o:?}"
+    );
+
+    transfer_up(&up).await;
+    let a = post(&up, &[("files[]", Some("vol.qcow2"), &data)]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let start = Instant::now();
+    let vol = loop {
+        let v = volume_state(&core, &up.id).await;
+        if v["state"] == "Uploaded" || v["state"] == "UploadError" {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "not uploaded: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(vol["state"], "Uploaded", "{vol}");
+    assert_eq!(vol["size"], 8 << 20, "the virtual size: {vol}");
+    let path = vol["path"].as_str().expect("path");
+    assert!(path.starts_with("volumes/"), "{vol}");
+    assert_eq!(std::fs::read(store.join(path)).expect("the uploaded file"), data);
+    let again = post(&up, &[("files[]", Some("vol.qcow2"), &data)]).await;
+    assert_ne!(again.status, 200, "the parameters make one upload");
+
+    // Usable: a download link of it, and a template of it.
+    let e = core
+        .ok(&[
+            "extractVolume",
+            &format!("id={}", up.id),
+            &format!("zoneid={zone}"),
+            "mode=HTTP_DOWNLOAD",
+        ])
+        .await;
+    let got = request(e["volume"]["url"].as_str().expect("url"), "GET", &[], b"", None).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let back = core.dir().join("vol-back.qcow2");
+    std::fs::write(&back, &got.body).expect("write");
+    let cmp = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&back)
+        .arg(&img)
+        .output()
+        .expect("qemu-img");
+    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stdout));
+    let os = core.ok(&["listOsTypes"]).await["ostype"][0]["id"]
+        .as_str()
+        .expect("os")
+        .to_owned();
+    let t = core
+        .ok(&[
+            "createTemplate",
+            "name=from-upload",
+            &format!("ostypeid={os}"),
+            &format!("volumeid={}", up.id),
+        ])
+        .await;
+    assert_eq!(t["template"]["isready"], true, "{t}");
+}
+
+async fn volume_state(core: &Core, id: &str) -> Value {
+    let l = core.ok(&["listVolumes", &format!("id={id}")]).await;
+    l["volume"][0].clone()
+}

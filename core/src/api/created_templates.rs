@@ -105,9 +105,9 @@ async fn source(state: &State, caller: &Caller, p: &Params) -> Result<Source, Ap
                     vol.name
                 )));
             }
-            let Some((_, pool_url)) = &vol.pool else {
+            let Some(from) = vol.file() else {
                 return Err(ApiError::param(format!(
-                    "Volume {} is on no primary storage pool the storage VM reaches: snapshot it and create the template from the snapshot",
+                    "Volume {} is on no primary storage pool the storage VM reaches (or not uploaded yet): snapshot it and create the template from the snapshot",
                     vol.name
                 )));
             };
@@ -115,11 +115,7 @@ async fn source(state: &State, caller: &Caller, p: &Params) -> Result<Source, Ap
                 .await?
                 .ok_or_else(|| ApiError::param(format!("Zone {} has no image store", vol.zone_id)))?;
             Ok(Source {
-                from: ImageRef {
-                    store_url: pool_url.clone(),
-                    path: vol.path.clone(),
-                    format: vol.format.clone(),
-                },
+                from,
                 store_url,
                 zone_id: vol.zone_id,
             })

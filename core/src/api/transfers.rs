@@ -69,6 +69,27 @@ pub const EXTRACT: &[ParamSpec] = &[
     opt("url", Ty::String, "FTP_UPLOAD only: not supported"),
 ];
 
+/// `getUploadParamsForVolume` parameters.
+pub const UPLOAD_VOLUME: &[ParamSpec] = &[
+    req("name", Ty::String, "The volume's name"),
+    req("zoneid", Ty::Uuid, "The zone the volume goes to"),
+    req("format", Ty::String, "QCOW2 or RAW"),
+    opt(
+        "checksum",
+        Ty::String,
+        "Checksum of the uploaded bytes ({ALGO}hex; MD5 without a prefix)",
+    ),
+    opt(
+        "imagestoreuuid",
+        Ty::Uuid,
+        "Image store (default: the zone's first)",
+    ),
+    opt("diskofferingid", Ty::Uuid, "Accepted for compatibility"),
+    opt("account", Ty::String, "Accepted for compatibility"),
+    opt("domainid", Ty::Uuid, "Accepted for compatibility"),
+    opt("projectid", Ty::Uuid, "Accepted for compatibility"),
+];
+
 /// `extractVolume` parameters.
 pub const EXTRACT_VOLUME: &[ParamSpec] = &[
     req("id", Ty::Uuid, "Volume id"),
@@ -158,6 +179,15 @@ pub static COMMANDS: &[Command] = &[
     )
     .asynchronous()
     .returns(EXTRACT_FIELDS),
+    Command::new(
+        "getUploadParamsForVolume",
+        "Records a volume to upload from a browser and returns the signed parameters of the POST to a storage VM",
+        Access::ALL,
+        UPLOAD_VOLUME,
+        crate::handler!(upload_volume),
+    )
+    .answers_as("postuploadvolumeresponse")
+    .returns(UPLOAD_FIELDS),
     Command::new(
         "extractVolume",
         "Copies a volume (its guest stopped) to secondary storage as a self-contained qcow2 and makes a signed, expiring download link of it",
@@ -256,6 +286,31 @@ pub async fn extract_iso(state: State, caller: Caller, p: Params) -> Result<Valu
     extract(state, caller, p, true).await
 }
 
+/// `getUploadParamsForVolume`: the volume is recorded `NotUploaded` on the zone's image store.
+pub async fn upload_volume(state: State, caller: Caller, p: Params) -> Result<Value, ApiError> {
+    let u = crate::model::volume_uploads::begin(
+        &state,
+        &caller,
+        &crate::model::volume_uploads::NewUpload {
+            name: p.non_empty("name").unwrap_or_default(),
+            zone_id: p.non_empty("zoneid").unwrap_or_default(),
+            format: p.non_empty("format").unwrap_or_default(),
+            checksum: p.non_empty("checksum"),
+            store_id: p.non_empty("imagestoreuuid"),
+        },
+    )
+    .await?;
+    Ok(json!({
+        "getuploadparams": {
+            "id": u.id,
+            "postURL": u.post_url,
+            "metadata": u.metadata,
+            "expires": u.expires,
+            "signature": u.signature,
+        }
+    }))
+}
+
 /// `extractVolume`: the volume's file, read by a storage VM from its pool through NFS (its
 /// data clusters through its backing chain), written to `volumes/<account>/<volume>/` on the
 /// zone's image store, then a download link of that copy.
@@ -276,9 +331,9 @@ pub async fn extract_volume(state: State, caller: Caller, p: Params) -> Result<V
             "Invalid state of the volume with ID: {id}. It should be either detached or the VM should be in stopped state."
         )));
     }
-    let Some((_, pool_url)) = &vol.pool else {
+    let Some(from) = vol.file() else {
         return Err(ApiError::param(format!(
-            "Volume {id} is on no primary storage pool the storage VM reaches: snapshot it and create a volume from the snapshot first"
+            "Volume {id} is on no primary storage pool the storage VM reaches (or not uploaded yet): snapshot it and create a volume from the snapshot first"
         )));
     };
     let store_url = stores::first_url_of_zone(&state.db.pool, &vol.zone_id)
@@ -295,11 +350,7 @@ pub async fn extract_volume(state: State, caller: Caller, p: Params) -> Result<V
     let written = crate::backup::copy(
         &state,
         (&vol.zone_id, &store_url),
-        systemvm_proto::agent::ImageRef {
-            store_url: pool_url.clone(),
-            path: vol.path.clone(),
-            format: vol.format.clone(),
-        },
+        from,
         systemvm_proto::agent::ImageRef {
             store_url: store_url.clone(),
             path: file.clone(),

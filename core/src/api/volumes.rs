@@ -257,7 +257,7 @@ pub async fn delete_storage_pool(state: State, _caller: Caller, p: Params) -> Re
     Ok(success())
 }
 
-pub(crate) const VOLUME_SELECT: &str = "SELECT v.id, v.name, v.zone_id, z.name AS zone_name, v.pool_id, p.name AS pool_name, v.vm_id, c.name AS vm_name, v.device, v.vol_type, v.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, v.path, v.format, v.size, v.created \
+pub(crate) const VOLUME_SELECT: &str = "SELECT v.id, v.name, v.zone_id, z.name AS zone_name, v.pool_id, p.name AS pool_name, v.vm_id, c.name AS vm_name, v.device, v.vol_type, v.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, v.path, v.format, v.size, v.created, v.state, v.status \
      FROM volumes v JOIN zones z ON z.id = v.zone_id LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id LEFT JOIN accounts a ON a.id = v.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 const VOLUME_FROM: &str = "volumes v JOIN zones z ON z.id = v.zone_id LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id LEFT JOIN accounts a ON a.id = v.account_id LEFT JOIN domains d ON d.id = a.domain_id";
 
@@ -270,7 +270,7 @@ pub(crate) fn volume_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error>
         "zoneid": row.try_get::<String, _>("zone_id")?,
         "zonename": row.try_get::<String, _>("zone_name")?,
         "type": row.try_get::<String, _>("vol_type")?,
-        "state": "Ready",
+        "state": row.try_get::<String, _>("state")?,
         "size": row.try_get::<i64, _>("size")?,
         "storageid": row.try_get::<Option<String>, _>("pool_id")?,
         "storage": row.try_get::<Option<String>, _>("pool_name")?,
@@ -284,6 +284,9 @@ pub(crate) fn volume_json(row: &sqlx::any::AnyRow) -> Result<Value, sqlx::Error>
         "hypervisor": "KVM",
         "hasannotations": false,
     });
+    if let (Some(status), Some(o)) = (row.try_get::<Option<String>, _>("status")?, v.as_object_mut()) {
+        o.insert("status".into(), json!(status));
+    }
     if let (Some(vm), Some(o)) = (vm, v.as_object_mut()) {
         o.insert("virtualmachineid".into(), json!(vm));
         o.insert(

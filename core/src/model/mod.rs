@@ -33,6 +33,7 @@ pub mod tags;
 pub mod template_properties;
 pub mod templates;
 pub mod transfers;
+pub mod volume_uploads;
 pub mod volumes;
 pub mod zones;
 

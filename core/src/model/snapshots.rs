@@ -104,6 +104,15 @@ pub async fn request(
 ) -> DomainResult<String> {
     let vol = crate::model::volumes::get(state, volume_id).await?;
     crate::model::templates::ensure_manages(state, caller, &vol.account_id, "volume", volume_id).await?;
+    {
+        use crate::model::volume_uploads::state::{READY, UPLOADED};
+        if vol.state != READY && vol.state != UPLOADED {
+            return Err(DomainError::Invalid(format!(
+                "Volume {} is {}: it can be snapshotted once it is uploaded",
+                vol.name, vol.state
+            )));
+        }
+    }
     if !is_true(state, &vol.zone_id, &settings::SNAPSHOT_TO_SECONDARY).await {
         return Err(DomainError::Invalid(
             "snapshot.backup.to.secondary is false: snapshots are kept on secondary storage only, so none can be taken".into(),

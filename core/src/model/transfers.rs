@@ -133,10 +133,62 @@ async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<Issued
     .bind(id.to_owned())
     .fetch_one(&state.db.pool)
     .await?;
-    let zone: String = row.try_get("zone_id")?;
-    let store_url: String = row.try_get("store_url")?;
-    let store_name: String = row.try_get("store_name")?;
-    let (vm, endpoint) = transfer_vm(state, &zone, &store_url, &store_name).await?;
+    let epoch = templates::next_epoch(state, id).await?;
+    let (issued, vm, expires) = seal_ticket(
+        state,
+        caller,
+        &TicketFor {
+            id,
+            zone: row.try_get("zone_id")?,
+            store: (row.try_get("store_url")?, row.try_get("store_name")?),
+            path: row.try_get("install_path")?,
+            format: row.try_get("format")?,
+            checksum: row.try_get("checksum")?,
+            description: row.try_get("display_text")?,
+            epoch,
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE templates SET agent_id = $1, upload_expires_ms = $2 WHERE id = $3")
+        .bind(vm.clone())
+        .bind(i64::try_from(expires.saturating_mul(1000)).unwrap_or(i64::MAX))
+        .bind(id.to_owned())
+        .execute(&state.db.pool)
+        .await?;
+    tracing::info!(template = %id, storage_vm = %vm, "Upload parameters issued");
+    Ok(issued)
+}
+
+/// What one browser upload goes into.
+#[derive(Debug, Clone)]
+pub struct TicketFor<'a> {
+    /// The template's or volume's id (the upload's job id).
+    pub id: &'a str,
+    /// The store's zone.
+    pub zone: String,
+    /// The store's URL and name.
+    pub store: (String, String),
+    /// The install directory in the store.
+    pub path: String,
+    /// The declared format.
+    pub format: String,
+    /// The expected checksum, `{ALGO}hex`.
+    pub checksum: Option<String>,
+    /// The description `template.properties` gets.
+    pub description: String,
+    /// The install's fencing epoch.
+    pub epoch: u64,
+}
+
+/// Seals the upload parameters of `t` for a storage VM serving its store, with the size limit
+/// (`max.template.iso.size`, or what the account's limit leaves) and the expiry
+/// (`upload.operation.timeout`); returns them with that VM and the expiry (Unix seconds).
+pub async fn seal_ticket(
+    state: &State,
+    caller: &Caller,
+    t: &TicketFor<'_>,
+) -> DomainResult<(IssuedUpload, String, u64)> {
+    let (vm, endpoint) = transfer_vm(state, &t.zone, &t.store.0, &t.store.1).await?;
     let max_template = settings::uint(state, &settings::MAX_TEMPLATE_SIZE)
         .await
         .saturating_mul(1 << 30);
@@ -154,46 +206,42 @@ async fn ticket(state: &State, caller: &Caller, id: &str) -> DomainResult<Issued
     }
     let minutes = settings::uint(state, &settings::UPLOAD_TIMEOUT).await;
     let expires = now() + minutes.saturating_mul(60);
-    let epoch = templates::next_epoch(state, id).await?;
     let ticket = UploadTicket {
-        id: id.to_owned(),
-        post_url: format!("{endpoint}/upload/{id}"),
-        store_url,
-        path: row.try_get("install_path")?,
-        format: row.try_get("format")?,
-        checksum: row.try_get("checksum")?,
-        description: row.try_get("display_text")?,
+        id: t.id.to_owned(),
+        post_url: format!("{endpoint}/upload/{}", t.id),
+        store_url: t.store.0.clone(),
+        path: t.path.clone(),
+        format: t.format.clone(),
+        checksum: t.checksum.clone(),
+        description: t.description.clone(),
         max_bytes,
         limit_reason,
         expires,
         expires_text: expires_text(expires),
-        epoch,
+        epoch: t.epoch,
         vm_id: vm.clone(),
     };
     let keys = keyrings::current(state, Ring::Transfer).await?;
     let (metadata, signature) = ticket
         .seal(&keys)
         .map_err(|e| DomainError::Internal(e.to_string()))?;
-    sqlx::query("UPDATE templates SET agent_id = $1, upload_expires_ms = $2 WHERE id = $3")
-        .bind(vm.clone())
-        .bind(i64::try_from(expires.saturating_mul(1000)).unwrap_or(i64::MAX))
-        .bind(id.to_owned())
-        .execute(&state.db.pool)
-        .await?;
-    tracing::info!(template = %id, storage_vm = %vm, max_bytes, "Upload parameters issued");
-    Ok(IssuedUpload {
-        id: id.to_owned(),
-        post_url: ticket.post_url,
-        metadata,
-        expires: ticket.expires_text,
-        signature,
-    })
+    Ok((
+        IssuedUpload {
+            id: t.id.to_owned(),
+            post_url: ticket.post_url,
+            metadata,
+            expires: ticket.expires_text,
+            signature,
+        },
+        vm,
+        expires,
+    ))
 }
 
-/// The lease holder, every few seconds: templates whose upload never started before their
+/// The lease holder, every few seconds: templates (and volumes) whose upload never started before their
 /// parameters expired are abandoned (CloudStack's "Upload operation timed out"). Returns how many.
 pub async fn abandon_expired(pool: &sqlx::AnyPool) -> Result<u64, sqlx::Error> {
-    sqlx::query(
+    let n = sqlx::query(
         "UPDATE templates SET download_state = $1, status = $2 WHERE download_state = $3 AND removed IS NULL AND upload_expires_ms IS NOT NULL AND upload_expires_ms < $4",
     )
     .bind(download_state::ABANDONED)
@@ -201,8 +249,9 @@ pub async fn abandon_expired(pool: &sqlx::AnyPool) -> Result<u64, sqlx::Error> {
     .bind(download_state::NOT_UPLOADED)
     .bind(crate::util::now_ms())
     .execute(pool)
-    .await
-    .map(|r| r.rows_affected())
+    .await?
+    .rows_affected();
+    Ok(n + crate::model::volume_uploads::abandon_expired(pool).await?)
 }
 
 /// Whether `vm_id` is the storage VM an upload of `template_id` goes to (its reports count on
@@ -213,10 +262,13 @@ pub async fn is_upload_to(state: &State, template_id: &str, vm_id: &str) -> Resu
             .bind(template_id.to_owned())
             .fetch_optional(&state.db.pool)
             .await?;
-    Ok(row.is_some_and(|(s, agent)| {
+    if row.is_some_and(|(s, agent)| {
         (s == download_state::NOT_UPLOADED || s == download_state::UPLOAD_IN_PROGRESS)
             && agent.as_deref() == Some(vm_id)
-    }))
+    }) {
+        return Ok(true);
+    }
+    crate::model::volume_uploads::is_upload_to(state, template_id, vm_id).await
 }
 
 /// A download link.

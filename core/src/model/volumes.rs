@@ -200,13 +200,35 @@ pub struct Volume {
     pub format: String,
     /// Virtual size.
     pub size: u64,
+    /// The image store holding the file (an uploaded volume), by URL.
+    pub store: Option<String>,
+    /// CloudStack's volume state (`Ready`; an upload's: `crate::model::volume_uploads::state`).
+    pub state: String,
+}
+
+impl Volume {
+    /// Where the volume's file is for a storage VM to read it: its pool's file, or an uploaded
+    /// volume's file on its image store; `None` for a guest disk outside any pool and for an
+    /// upload not complete.
+    pub fn file(&self) -> Option<systemvm_proto::agent::ImageRef> {
+        let store_url = match (&self.pool, &self.store) {
+            (Some((_, url)), _) => url.clone(),
+            (None, Some(url)) if self.state == crate::model::volume_uploads::state::UPLOADED => url.clone(),
+            _ => return None,
+        };
+        Some(systemvm_proto::agent::ImageRef {
+            store_url,
+            path: self.path.clone(),
+            format: self.format.clone(),
+        })
+    }
 }
 
 /// Volume `id`.
 pub async fn get(state: &State, id: &str) -> DomainResult<Volume> {
     let row = sqlx::query(
-        "SELECT v.id, v.name, v.zone_id, v.account_id, v.pool_id, p.url AS pool_url, v.vm_id, c.hypervisor_ref, v.device, v.path, v.format, v.size \
-         FROM volumes v LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id WHERE v.id = $1",
+        "SELECT v.id, v.name, v.zone_id, v.account_id, v.pool_id, p.url AS pool_url, v.vm_id, c.hypervisor_ref, v.device, v.path, v.format, v.size, v.state, s.url AS store_url \
+         FROM volumes v LEFT JOIN storage_pools p ON p.id = v.pool_id LEFT JOIN console_targets c ON c.id = v.vm_id LEFT JOIN image_stores s ON s.id = v.store_id WHERE v.id = $1",
     )
     .bind(id.to_owned())
     .fetch_optional(&state.db.pool)
@@ -237,6 +259,8 @@ pub async fn get(state: &State, id: &str) -> DomainResult<Volume> {
         path: row.try_get("path")?,
         format: row.try_get("format")?,
         size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
+        store: row.try_get("store_url")?,
+        state: row.try_get("state")?,
     })
 }
 
