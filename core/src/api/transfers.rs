@@ -218,11 +218,9 @@ pub async fn rotate_transfer_keys(state: State, _caller: Caller, _p: Params) -> 
     Ok(json!({ "transferkeys": v }))
 }
 
-async fn upload(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
-    let format = format_of(&p, iso);
-    let t = new_template(&p, iso, &format, true);
-    let u = transfers::begin_upload(&state, &caller, &t).await?;
-    Ok(json!({
+/// CloudStack's `getuploadparams` object.
+fn upload_answer(u: &transfers::IssuedUpload) -> Value {
+    json!({
         "getuploadparams": {
             "id": u.id,
             "postURL": u.post_url,
@@ -230,7 +228,14 @@ async fn upload(state: State, caller: Caller, p: Params, iso: bool) -> Result<Va
             "expires": u.expires,
             "signature": u.signature,
         }
-    }))
+    })
+}
+
+async fn upload(state: State, caller: Caller, p: Params, iso: bool) -> Result<Value, ApiError> {
+    let format = format_of(&p, iso);
+    let t = new_template(&p, iso, &format, true);
+    let u = transfers::begin_upload(&state, &caller, &t).await?;
+    Ok(upload_answer(&u))
 }
 
 /// `getUploadParamsForTemplate`.
@@ -300,15 +305,7 @@ pub async fn upload_volume(state: State, caller: Caller, p: Params) -> Result<Va
         },
     )
     .await?;
-    Ok(json!({
-        "getuploadparams": {
-            "id": u.id,
-            "postURL": u.post_url,
-            "metadata": u.metadata,
-            "expires": u.expires,
-            "signature": u.signature,
-        }
-    }))
+    Ok(upload_answer(&u))
 }
 
 /// `extractVolume`: the volume's file, read by a storage VM from its pool through NFS (its
