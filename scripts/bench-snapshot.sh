@@ -6,6 +6,7 @@
 # times each in one run (the peer first in every other run); medians.
 #
 #   scripts/bench-snapshot.sh
+#   CHANGE_PCT=0.125 JSON=target/bench/snapshot/snapshot-small-change.json scripts/bench-snapshot.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/bench/snapshot
@@ -13,5 +14,5 @@ mkdir -p "$out"
 scripts/deps.sh test
 cargo build --release --locked -p snapshot-bench
 target/release/snapshot-bench --size-gib "${SIZE_GIB:-8}" --allocated-mib "${ALLOCATED_MIB:-1024}" \
-  --change-pct "${CHANGE_PCT:-1}" --runs "${RUNS:-5}" --json "$out/snapshot.json"
-echo "bench-snapshot: results in $out/snapshot.json" >&2
+  --change-pct "${CHANGE_PCT:-1}" --runs "${RUNS:-5}" --json "${JSON:-$out/snapshot.json}"
+echo "bench-snapshot: results in ${JSON:-$out/snapshot.json}" >&2

@@ -13,6 +13,9 @@ use systemvm_nbd::{Chunk, ClientHandshake, Export, Request, Transmission};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+/// Room made for each read from the server (more when a reply chunk is longer).
+const READ_AHEAD: usize = 256 << 10;
+
 /// An extent: (offset, length, status flags of its context).
 pub type Extent = (u64, u64, u32);
 
@@ -21,7 +24,6 @@ pub type Extent = (u64, u64, u32);
 pub struct NbdClient {
     stream: TcpStream,
     proto: Transmission,
-    buf: Vec<u8>,
     /// Deadline of each read and write on the connection.
     pub timeout: Duration,
 }
@@ -40,7 +42,7 @@ impl NbdClient {
             .with_context(|| format!("failed to connect to the NBD server {addr}"))?;
         stream.set_nodelay(true)?;
         let mut handshake = ClientHandshake::new(export, contexts);
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; 64 << 10];
         let export = loop {
             let n = tokio::time::timeout(timeout, stream.read(&mut buf))
                 .await
@@ -62,7 +64,6 @@ impl NbdClient {
         Ok(NbdClient {
             stream,
             proto: Transmission::new(export),
-            buf,
             timeout,
         })
     }
@@ -82,13 +83,15 @@ impl NbdClient {
 
     /// Reads once from the server and returns the reply pieces that completes.
     async fn receive(&mut self) -> anyhow::Result<Vec<systemvm_nbd::Reply>> {
-        let n = tokio::time::timeout(self.timeout, self.stream.read(&mut self.buf))
+        // Straight into the decoder's buffer: a reply's data is not copied on its way.
+        let input = self.proto.input(READ_AHEAD);
+        let n = tokio::time::timeout(self.timeout, self.stream.read_buf(input))
             .await
             .context("the NBD server did not answer in time")??;
         if n == 0 {
             anyhow::bail!("the NBD server closed the connection");
         }
-        Ok(self.proto.feed(&self.buf[..n])?)
+        Ok(self.proto.replies()?)
     }
 
     /// The reply chunks of `cookie` until its last one.

@@ -1483,7 +1483,7 @@ async fn delete_zone_in_use(backend: Backend) {
 
 impl Core {
     /// The core's database, opened beside it.
-    async fn db(&self) -> systemvm_core::db::Db {
+    pub(crate) async fn db(&self) -> systemvm_core::db::Db {
         systemvm_core::db::Db::open(self.config.database_url.as_deref(), self.dir())
             .await
             .unwrap()

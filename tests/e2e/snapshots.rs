@@ -9,7 +9,8 @@
 //! snapshot of the stopped guest is read from the pool through NFS; deletion keeps an image a
 //! later snapshot builds on; policies are created, updated in place, listed and deleted. Faults:
 //! the storage VM killed mid-backup (the backup resumes on its restart), the NBD export
-//! vanishing (a clean failure, no image, the next incremental still complete).
+//! vanishing (a clean failure, no image, the next incremental still complete). A policy keeping
+//! two, run three times by the backup runner, keeps the newest two.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -611,6 +612,81 @@ async fn guest_volumes_back_up_in_full_then_incrementally_and_restore_byte_ident
         .await;
     identical(&pri.dir.join(v["volume"]["path"].as_str().expect("path")), &ref3);
     core.ok(&["deleteSnapshot", &format!("id={s5}")]).await;
+
+    // A policy keeping two, made due three times: each run takes a RECURRING snapshot through
+    // the runner, and retention leaves the newest two (the oldest gone from the list).
+    let policy = core
+        .ok(&[
+            "createSnapshotPolicy",
+            &format!("volumeid={volume}"),
+            "intervaltype=HOURLY",
+            "schedule=0",
+            "timezone=UTC",
+            "maxsnaps=2",
+        ])
+        .await;
+    let policy = id(&policy, "snapshotpolicy");
+    let db = core.db().await;
+    let recurring = || async {
+        let l = core
+            .ok(&[
+                "listSnapshots",
+                &format!("volumeid={volume}"),
+                "snapshottype=RECURRING",
+            ])
+            .await;
+        l.get("snapshot")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut taken: Vec<String> = Vec::new();
+    for run in 1..=3 {
+        sqlx::query("UPDATE snapshot_policies SET next_run_ms = 0 WHERE id = $1")
+            .bind(policy.clone())
+            .execute(&db.pool)
+            .await
+            .expect("make the policy due");
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            let l = recurring().await;
+            let fresh = l
+                .iter()
+                .find(|s| !taken.iter().any(|t| s["id"] == t.as_str()) && s["state"] == "BackedUp");
+            let expected = run.min(2);
+            if let Some(f) = fresh
+                && l.len() == expected
+            {
+                assert_eq!(f["intervaltype"], "HOURLY", "{f}");
+                taken.push(f["id"].as_str().expect("id").to_owned());
+                break;
+            }
+            assert!(Instant::now() < until, "run {run} of the policy: {l:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let kept: Vec<String> = recurring()
+        .await
+        .iter()
+        .map(|s| s["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(!kept.contains(&taken[0]), "the oldest is gone: {kept:?}");
+    assert!(
+        kept.contains(&taken[1]) && kept.contains(&taken[2]),
+        "{kept:?} {taken:?}"
+    );
+    // The newest of the chain restores identical to the disk now (the guest writes nothing).
+    let v = core
+        .ok(&[
+            "createVolume",
+            &format!("snapshotid={}", taken[2]),
+            "name=from-policy",
+        ])
+        .await;
+    identical(&pri.dir.join(v["volume"]["path"].as_str().expect("path")), &ref3);
+    core.ok(&["deleteSnapshotPolicies", &format!("id={policy}")])
+        .await;
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

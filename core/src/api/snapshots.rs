@@ -378,7 +378,7 @@ pub async fn list_snapshots(state: State, caller: Caller, p: Params) -> Result<V
     if let Some(i) = p.non_empty("intervaltype") {
         let i = i.to_ascii_uppercase();
         if !snapshots::INTERVALS.contains(&i.as_str()) {
-            return Err(ApiError::param(format!("Unsupported snapstho interval type {i}")));
+            return Err(ApiError::param(format!("Unsupported snapshot interval type {i}")));
         }
         f.eq("s.interval_type", &i);
     }

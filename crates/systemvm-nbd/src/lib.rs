@@ -517,6 +517,19 @@ impl Transmission {
     /// Takes bytes from the server and returns the reply pieces they complete.
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<Reply>, NbdError> {
         self.input.extend_from_slice(data);
+        self.replies()
+    }
+
+    /// Where bytes from the server go without a copy: a reader appends to this buffer (it has
+    /// room for at least `want` more bytes, and for a whole reply chunk once its header is in),
+    /// then calls [`Transmission::replies`].
+    pub fn input(&mut self, want: usize) -> &mut BytesMut {
+        self.input.reserve(want);
+        &mut self.input
+    }
+
+    /// The reply pieces completed by the bytes appended to [`Transmission::input`].
+    pub fn replies(&mut self) -> Result<Vec<Reply>, NbdError> {
         let mut out = Vec::new();
         while let Some(reply) = self.next_reply()? {
             if reply.done {

@@ -295,6 +295,15 @@ struct Journal {
     done: u64,
 }
 
+/// What the hash thread is given, in file order.
+enum Hashed {
+    Data(Bytes),
+    Zeroes(u64),
+}
+
+/// Blocks queued for the hash thread.
+const HASH_DEPTH: usize = 8;
+
 /// How often, at most, the journal is brought up to date.
 const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 
@@ -380,24 +389,47 @@ async fn write(
     let keep = hosts.iter().take_while(|&&h| h < done).count();
     let (ranges, hosts) = (&ranges[keep..], hosts[keep..].to_vec());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(READ_DEPTH);
+    // The hash runs on its own thread, off the write path; it sees the file's bytes in order.
+    let (htx, mut hrx) = tokio::sync::mpsc::channel::<Hashed>(HASH_DEPTH);
+    let hasher = tokio::task::spawn_blocking(move || {
+        while let Some(item) = hrx.blocking_recv() {
+            match item {
+                Hashed::Data(d) => sha.update(&d),
+                Hashed::Zeroes(n) => hash_zeroes(&mut sha, n),
+            }
+        }
+        hex::encode(sha.finalize())
+    });
     let writer = {
         let (store, f, journal) = (store.clone(), f.clone(), journal.clone());
         async move {
+            let hash = |item| {
+                let htx = htx.clone();
+                async move {
+                    htx.send(item)
+                        .await
+                        .map_err(|_| anyhow::anyhow!("the hash ended early"))
+                }
+            };
             // Raw: the file offset hashed up to (data blocks come in file order).
             let mut hashed = done;
             if done == 0 {
-                sha.update(&meta);
+                hash(Hashed::Data(meta.clone())).await?;
                 if !meta.is_empty() {
                     store.write_at(&f, 0, meta.clone()).await?;
                 }
             }
-            let mut last_journal = (tokio::time::Instant::now(), done.max(meta.len() as u64));
+            // The journal is brought up to date beside the writes (flush, then the journal), one
+            // update at a time, each for writes already complete.
+            let mut journaled = tokio::time::Instant::now();
+            let mut journaling: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
             // Writes in flight, oldest first, with the file offset each ends at.
             let mut writes: std::collections::VecDeque<(
                 u64,
                 tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
             )> = std::collections::VecDeque::new();
-            let mut frontier = last_journal.1;
+            let mut frontier = done.max(meta.len() as u64);
+            let mut in_journal = frontier;
             for host in hosts {
                 let Some(data) = rx.recv().await else {
                     anyhow::bail!("the source's data ended early");
@@ -417,42 +449,54 @@ async fn write(
                         frontier = end;
                     }
                 }
-                if frontier > last_journal.1 && last_journal.0.elapsed() >= JOURNAL_EVERY {
-                    store.flush(&f).await?;
+                if journaling.as_ref().is_some_and(|j| j.is_finished())
+                    && let Some(j) = journaling.take()
+                {
+                    j.await??;
+                }
+                if journaling.is_none() && frontier > in_journal && journaled.elapsed() >= JOURNAL_EVERY {
+                    let (st, fj, path) = (store.clone(), f.clone(), journal.clone());
                     let j = serde_json::to_vec(&Journal {
                         fingerprint: fingerprint.clone(),
                         done: frontier,
                     })?;
-                    store.write_file_atomic(&journal, &j).await?;
-                    last_journal = (tokio::time::Instant::now(), frontier);
+                    journaling = Some(tokio::spawn(async move {
+                        st.flush(&fj).await?;
+                        st.write_file_atomic(&path, &j).await?;
+                        Ok(())
+                    }));
+                    (journaled, in_journal) = (tokio::time::Instant::now(), frontier);
                 }
-                // The write goes first; the hash runs while it is in flight.
                 let (st, fw, bytes) = (store.clone(), f.clone(), block.clone());
                 let end = host + block.len() as u64;
                 writes.push_back((
                     end,
                     tokio::spawn(async move { st.write_at(&fw, host, bytes).await }),
                 ));
-                if raw {
+                if raw && host > hashed {
                     // The holes between a raw file's data read as zeroes: hashed as such.
-                    hash_zeroes(&mut sha, host.saturating_sub(hashed));
-                    hashed = end;
+                    hash(Hashed::Zeroes(host - hashed)).await?;
                 }
-                sha.update(&block);
+                hashed = end;
+                hash(Hashed::Data(block)).await?;
             }
             for (_, w) in writes {
                 w.await??;
             }
+            if let Some(j) = journaling {
+                j.await??;
+            }
             if raw && hashed < size {
                 // The file is the disk's size even when its end is a hole.
-                hash_zeroes(&mut sha, size - hashed);
+                hash(Hashed::Zeroes(size - hashed)).await?;
                 store.write_at(&f, size - 1, Bytes::from_static(&[0])).await?;
             }
+            drop(htx);
             store.flush(&f).await?;
-            Ok::<_, anyhow::Error>(hex::encode(sha.finalize()))
+            Ok::<_, anyhow::Error>(())
         }
     };
-    let (read, sha) = tokio::join!(
+    let (read, wrote) = tokio::join!(
         async {
             let r = match max_rate.filter(|r| *r > 0) {
                 None => source.read_ranges(ranges, &tx).await,
@@ -480,7 +524,10 @@ async fn write(
         },
         writer
     );
-    let (bytes_read, sha256) = (read?, sha?);
+    let bytes_read = read?;
+    // A failed write ends the hash early; its error is the one that matters.
+    wrote?;
+    let sha256 = hasher.await.context("the hash failed")?;
     Ok(Written {
         bytes_read,
         resumed: done,

@@ -64,6 +64,20 @@ fn spread(img: &Path, size: u64, total_mib: u64, seed: u8, shift: u64) -> anyhow
     run(cmd.arg(img))
 }
 
+/// CPU seconds (user + system) of this process and of its waited-for children, from
+/// `/proc/self/stat` (clock ticks of 1/100 s).
+fn cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let at = |i: usize| f.get(i - 3).copied().unwrap_or(0.0) / 100.0;
+    (at(14) + at(15), at(16) + at(17))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -101,25 +115,32 @@ async fn main() -> anyhow::Result<()> {
         max_rate: None,
     };
     let (mut full_t, mut conv_t, mut inc_t) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds of the backup (this process) and of qemu-img (its child), per run.
+    let (mut full_cpu, conv_cpu) = (Vec::new(), std::cell::RefCell::new(Vec::new()));
     let (mut full_read, mut inc_read, mut full_size, mut inc_size, mut conv_size) = (0, 0, 0, 0, 0);
     for r in 0..args.runs {
         let out = store_dir.join(format!("convert-{r}.qcow2"));
         let convert = |out: &Path| -> anyhow::Result<f64> {
+            let (_, c0) = cpu();
             let t = Instant::now();
             run(Command::new("qemu-img")
                 .args(["convert", "-f", "raw", "-O", "qcow2"])
                 .arg(format!("nbd://{addr}/vda"))
                 .arg(out))?;
             run(Command::new("sync").arg(out))?;
-            Ok(t.elapsed().as_secs_f64())
+            let took = t.elapsed().as_secs_f64();
+            conv_cpu.borrow_mut().push(cpu().1 - c0);
+            Ok(took)
         };
         // The peer goes first in every other run, so neither side always follows the other.
         if r % 2 == 1 {
             conv_t.push(convert(&out)?);
         }
+        let (c0, _) = cpu();
         let t = Instant::now();
         let full = backup(&store, &spec(Extents::Allocated, &format!("full-{r}.qcow2"))).await?;
         full_t.push(t.elapsed().as_secs_f64());
+        full_cpu.push(cpu().0 - c0);
         let t = Instant::now();
         let inc = backup(
             &store,
@@ -143,11 +164,16 @@ async fn main() -> anyhow::Result<()> {
             std::fs::remove_file(f)?;
         }
         eprintln!(
-            "run {r}: full {:.2} s, incremental {:.2} s, qemu-img convert {:.2} s",
-            full_t[r], inc_t[r], conv_t[r]
+            "run {r}: full {:.2} s ({:.2} s CPU), incremental {:.2} s, qemu-img convert {:.2} s ({:.2} s CPU)",
+            full_t[r],
+            full_cpu[r],
+            inc_t[r],
+            conv_t[r],
+            conv_cpu.borrow()[r]
         );
     }
     let (f, i, c) = (median(full_t), median(inc_t), median(conv_t));
+    let (fc, cc) = (median(full_cpu), median(conv_cpu.into_inner()));
     let result = serde_json::json!({
         "virtual_gib": args.size_gib,
         "allocated_mib": args.allocated_mib,
@@ -157,6 +183,8 @@ async fn main() -> anyhow::Result<()> {
         "incremental_s": i,
         "qemu_img_convert_s": c,
         "full_vs_convert": f / c,
+        "full_cpu_s": fc,
+        "qemu_img_convert_cpu_s": cc,
         "incremental_vs_full": i / f,
         "full_bytes_read": full_read,
         "incremental_bytes_read": inc_read,
