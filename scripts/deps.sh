@@ -114,6 +114,23 @@ if [ "$mode" != run ]; then
   fi
 fi
 
+# Object stores for the replication tests: s3s-fs (checks signatures and checksums; crates.io,
+# pinned: later versions need a newer rustc) and moto (multipart bookkeeping) with boto3 as the
+# independent client that reads replicas back (PyPI, pinned).
+if [ "$mode" != run ]; then
+  if ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
+    echo "deps: s3s-fs 0.14.1 (cargo install)" >&2
+    cargo install -q s3s-fs@0.14.1 --locked --features binary
+  fi
+  s3_venv="$here/target/s3-venv"
+  if ! { [ -x "$s3_venv/bin/moto_server" ] \
+         && "$s3_venv/bin/python" -c 'import importlib.metadata as m; assert m.version("moto") == "5.2.5" and m.version("boto3") == "1.44.5"' 2>/dev/null; }; then
+    echo "deps: moto and boto3 into $s3_venv" >&2
+    python3 -m venv "$s3_venv"
+    "$s3_venv/bin/pip" install -q 'moto[server]==5.2.5' boto3==1.44.5
+  fi
+fi
+
 if [ "$mode" = bench ]; then
   venv="$here/target/bench-venv"
   if [ ! -x "$venv/bin/websockify" ]; then

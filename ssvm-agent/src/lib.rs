@@ -17,6 +17,7 @@
 //! - [`snapshot`]: snapshot backups from an NBD export into the store as sparse qcow2 images
 //!   (full: the allocated extents; incremental: the dirty ones over the previous image).
 //! - [`peer`]: the mutual-TLS channel between storage VMs (cross-zone copies).
+//! - [`replica`]: replicas of store artefacts in object stores (S3), checksummed and resumable.
 //! - [`settings`]: core's settings for this agent (internal sites, size cap) over the command line.
 //! - [`core_link`]: the link to systemvm-core: heartbeats, commands, settings.
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod job;
 pub mod nbd;
 pub mod peer;
 pub mod properties;
+pub mod replica;
 pub mod service;
 pub mod settings;
 pub mod snapshot;

@@ -1,0 +1,44 @@
+//! Replicas of store artefacts in object stores: a file of the NFS staging store copied to an
+//! object under a key, checksummed on the way and verified after.
+//!
+//! Code map:
+//! - [`s3`]: S3 (aws-sdk-s3): one PUT below a cutoff, multipart above it with parts that grow so
+//!   any size fits in 10,000, CRC32C per part, the whole object's SHA-256 as metadata, resume of
+//!   an interrupted upload from a journal on the staging store, orphaned uploads aborted.
+//!
+//! Invariants:
+//! - An object appears under its final key only complete: a single PUT, or a multipart upload
+//!   completed after every part is in and the file's SHA-256 matched the one it was asked for.
+//! - A replica is reported done only after the object store answered for it with the file's
+//!   size and SHA-256.
+//! - Credentials live in [`systemvm_proto::Secret`]: never in a log line, an error or a journal.
+
+pub mod s3;
+
+/// Why a replication failed: what the operator sees in the job's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The staging store failed.
+    #[error("staging store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The object store refused or failed a request (its error code and message).
+    #[error("object store: {0}")]
+    Remote(String),
+    /// The object store could not be reached.
+    #[error("object store unreachable: {0}")]
+    Unreachable(String),
+    /// The staging copy does not hash to what it should: nothing was completed.
+    #[error("the staging copy's SHA-256 is {actual}, expected {expected}: the replica was not completed")]
+    Checksum {
+        /// What the artefact's record says.
+        expected: String,
+        /// What the file hashed to.
+        actual: String,
+    },
+    /// The object store holds something else than what was sent.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// The request itself is unusable (endpoint, bucket, key).
+    #[error("invalid replica target: {0}")]
+    Invalid(String),
+}
