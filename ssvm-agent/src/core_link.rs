@@ -316,6 +316,10 @@ impl Runner {
                 Ok(()) => self.delete_snapshot(&path).await,
                 Err(e) => Err(e),
             },
+            AgentCommand::Replicate(cmd) => match self.check_store(&cmd.store_url) {
+                Ok(()) => self.replicate(cmd).await,
+                Err(e) => Err(e),
+            },
         };
         Self::answer(&c, r)
     }
@@ -435,6 +439,40 @@ impl Runner {
         }
         tracing::info!(path, removed, "Snapshot image deleted");
         Ok(serde_json::json!({ "removed": removed }))
+    }
+
+    /// Copies a file of this agent's store (an artefact: `template/`, `snapshots/`, `volumes/`) to
+    /// an object store.
+    async fn replicate(
+        &self,
+        cmd: systemvm_proto::agent::ReplicateCommand,
+    ) -> anyhow::Result<serde_json::Value> {
+        let plain = |s: &str| !s.is_empty() && s != "." && s != "..";
+        anyhow::ensure!(
+            ["template/", "snapshots/", "volumes/"]
+                .iter()
+                .any(|p| cmd.path.starts_with(p))
+                && cmd.path.split('/').all(plain),
+            "{:?} is not an artefact of the store",
+            cmd.path
+        );
+        anyhow::ensure!(
+            cmd.sha256.len() == 64 && cmd.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+            "a replica needs the file's SHA-256 (64 hex digits)"
+        );
+        let store = self.agent.downloader_now().store;
+        let systemvm_proto::agent::ObjectTarget::S3(target) = &cmd.target;
+        let r = crate::replica::s3::replicate(
+            &store,
+            &cmd.path,
+            &cmd.sha256,
+            target,
+            &cmd.key,
+            &crate::replica::s3::S3Options::default(),
+        )
+        .await?;
+        tracing::info!(path = %cmd.path, key = %r.key, parts = r.parts, resumed = r.resumed_parts, "Replica complete");
+        Ok(serde_json::to_value(r)?)
     }
 
     /// Writes an image and its backing chain, flattened, to another file (a restore).

@@ -528,6 +528,76 @@ async fn snapshot_backups_run_as_core_commands() {
     assert!(!store.join("snapshots/2/v1/y.qcow2").exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_run_as_core_commands() {
+    use systemvm_proto::agent::{ObjectTarget, ReplicateCommand, Replicated, S3Target};
+    use systemvm_tests::objects::{ACCESS_KEY, S3sFs, SECRET_KEY, boto3_read};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let tmpl = store.join("template/tmpl/2/201");
+    std::fs::create_dir_all(&tmpl).unwrap();
+    let data = systemvm_tests::images::noise(70 << 20, 5);
+    std::fs::write(tmpl.join("t.qcow2"), &data).unwrap();
+    let sum = sha256_of(&tmpl.join("t.qcow2"));
+    let s3 = S3sFs::start(&dir.path().join("s3"));
+    s3.bucket("replicas");
+
+    let core = StandinCore::start(dir.path()).await.unwrap();
+    let _agent = serve(dir.path(), &store, &core.url("localhost"), &core.ca_pem);
+    let (mut ws, _) = core
+        .accept(Duration::from_secs(20))
+        .await
+        .expect("the agent did not dial in");
+    ws.send(&welcome(2, Default::default())).await.unwrap();
+    let command = |path: &str, sha256: &str| {
+        AgentCommand::Replicate(ReplicateCommand {
+            store_url: format!("file://{}", store.display()),
+            path: path.into(),
+            sha256: sha256.into(),
+            key: "template/201/t.qcow2".into(),
+            target: ObjectTarget::S3(S3Target {
+                endpoint: s3.endpoint.clone(),
+                region: "us-east-1".into(),
+                bucket: "replicas".into(),
+                access_key: ACCESS_KEY.into(),
+                secret_key: SECRET_KEY.into(),
+                path_style: true,
+                ca_pem: None,
+            }),
+        })
+    };
+    // 70 MiB is above the 64 MiB cutoff: five 16 MiB parts.
+    let a = answer_of(&mut ws, "r1", &command("template/tmpl/2/201/t.qcow2", &sum)).await;
+    assert!(a.ok, "{a:?}");
+    let r: Replicated = serde_json::from_value(a.body.clone()).unwrap();
+    assert_eq!(
+        (r.size, r.parts, r.bytes_sent),
+        (data.len() as u64, 5, data.len() as u64),
+        "{r:?}"
+    );
+    assert_eq!(
+        boto3_read(&s3.endpoint, "replicas", "template/201/t.qcow2"),
+        Some((data.len() as u64, sum.clone(), Some(sum.clone())))
+    );
+    // Not an artefact, no checksum, a wrong checksum: refused, with the reason.
+    for (id, path, sha) in [
+        ("r2", ".ssvm-journal/x", sum.as_str()),
+        ("r3", "template/../../etc/passwd", sum.as_str()),
+        ("r4", "template/tmpl/2/201/t.qcow2", ""),
+    ] {
+        let a = answer_of(&mut ws, id, &command(path, sha)).await;
+        assert!(!a.ok, "{id}: {a:?}");
+    }
+    let a = answer_of(
+        &mut ws,
+        "r5",
+        &command("template/tmpl/2/201/t.qcow2", &"0".repeat(64)),
+    )
+    .await;
+    assert!(!a.ok && format!("{a:?}").contains("SHA-256"), "{a:?}");
+    assert!(!format!("{a:?}").contains(SECRET_KEY));
+}
+
 /// SHA-256 of a file (hex).
 fn sha256_of(path: &std::path::Path) -> String {
     use sha2::Digest as _;

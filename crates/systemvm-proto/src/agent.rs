@@ -427,6 +427,71 @@ pub enum AgentCommand {
         /// The image's path.
         path: String,
     },
+    /// Storage VMs: copy a file of this agent's store (`template/`, `snapshots/` or `volumes/`) to
+    /// an object in an object store (a replica). Answered when the object is complete and
+    /// verified, with a [`Replicated`] body; an interrupted replica continues from its journal
+    /// when the same command comes again.
+    Replicate(ReplicateCommand),
+}
+
+/// A replica: which file, what it must hash to, and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicateCommand {
+    /// The store the file lives on (this agent's).
+    pub store_url: String,
+    /// The file's path in the store.
+    pub path: String,
+    /// The file's SHA-256 (hex), from its record: a file that hashes otherwise is not replicated.
+    pub sha256: String,
+    /// The object's key.
+    pub key: String,
+    /// The object store.
+    pub target: ObjectTarget,
+}
+
+/// An object store a replica goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "snake_case")]
+pub enum ObjectTarget {
+    /// An S3 (or S3-compatible) bucket.
+    S3(S3Target),
+}
+
+/// An S3 endpoint, bucket and credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct S3Target {
+    /// `http(s)://host[:port]`; TLS is verified against the system's roots and `ca_pem`.
+    pub endpoint: String,
+    /// Signing region.
+    pub region: String,
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret access key (never logged: [`Secret`]).
+    pub secret_key: Secret,
+    /// Path-style addressing (`endpoint/bucket/key`), as S3-compatible servers mostly need.
+    pub path_style: bool,
+    /// Extra trust anchors (PEM) for an endpoint with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+}
+
+/// A finished replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replicated {
+    /// The object's key.
+    pub key: String,
+    /// Its size (the file's).
+    pub size: u64,
+    /// The file's SHA-256, as stored in the object's metadata.
+    pub sha256: String,
+    /// Parts of the upload (1 for a single PUT).
+    pub parts: u32,
+    /// Parts an earlier attempt had sent, not sent again.
+    pub resumed_parts: u32,
+    /// Bytes sent by this attempt.
+    pub bytes_sent: u64,
 }
 
 /// An image file on a store.
@@ -903,6 +968,21 @@ mod tests {
                 store_url: "nfs://h/e".into(),
                 path: "snapshots/a/v/s1.qcow2".into(),
             },
+            AgentCommand::Replicate(ReplicateCommand {
+                store_url: "nfs://h/e".into(),
+                path: "template/tmpl/a/t1/t1.qcow2".into(),
+                sha256: "ab".repeat(32),
+                key: "template/t1/t1.qcow2".into(),
+                target: ObjectTarget::S3(S3Target {
+                    endpoint: "https://s3.example".into(),
+                    region: "us-east-1".into(),
+                    bucket: "b".into(),
+                    access_key: "AK".into(),
+                    secret_key: "SK".into(),
+                    path_style: true,
+                    ca_pem: None,
+                }),
+            }),
         ];
         for c in cmds {
             let m = CoreMessage::Command(Command::new("c1", &c));

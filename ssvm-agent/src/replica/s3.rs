@@ -29,7 +29,6 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPa
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use systemvm_proto::Secret;
 
 use super::ReplicaError;
 use crate::store::Store;
@@ -41,25 +40,7 @@ pub const MIN_PART: u64 = 5 << 20;
 /// The metadata entry holding the file's SHA-256 (hex).
 pub const SHA256_META: &str = "sha256";
 
-/// Where a replica goes: an S3 endpoint, a bucket and credentials.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct S3Target {
-    /// `http(s)://host[:port]`; TLS is verified against the system's roots and `ca_pem`.
-    pub endpoint: String,
-    /// Signing region.
-    pub region: String,
-    /// The bucket (it must exist).
-    pub bucket: String,
-    /// Access key id.
-    pub access_key: String,
-    /// Secret access key.
-    pub secret_key: Secret,
-    /// Path-style addressing (`endpoint/bucket/key`), as S3-compatible servers mostly need.
-    pub path_style: bool,
-    /// Extra trust anchors (PEM) for an endpoint with a private CA.
-    #[serde(default)]
-    pub ca_pem: Option<String>,
-}
+pub use systemvm_proto::agent::{Replicated, S3Target};
 
 /// How replicas are cut and paced.
 #[derive(Debug, Clone)]
@@ -86,23 +67,6 @@ impl Default for S3Options {
             attempts: 3,
         }
     }
-}
-
-/// What a replication did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Replicated {
-    /// The object's key.
-    pub key: String,
-    /// Its size (the file's).
-    pub size: u64,
-    /// The file's SHA-256, as stored in the object's metadata.
-    pub sha256: String,
-    /// Parts of the upload (1 for a single PUT).
-    pub parts: u32,
-    /// Parts an earlier attempt had sent, not sent again.
-    pub resumed_parts: u32,
-    /// Bytes sent by this attempt.
-    pub bytes_sent: u64,
 }
 
 /// The journal of a multipart upload in progress, beside the file on the staging store.
