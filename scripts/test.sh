@@ -4,11 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/deps.sh test
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
-cargo test --workspace --locked
+# Each step's time goes to stderr, so a slow step shows in CI's log.
+step() {
+  local t=$SECONDS
+  "$@"
+  echo "test.sh: $(( SECONDS - t )) s for: $*" >&2
+}
+step scripts/deps.sh test
+step cargo fmt --all -- --check
+step cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" step cargo doc --workspace --no-deps --locked --quiet
+step cargo test --workspace --locked
 # Every fuzz target builds and runs a few seconds (a target that stops building or crashes at once
 # fails the run); the long runs and their figures: docs/fuzzing.md.
-SECONDS_EACH=3 scripts/fuzz.sh
+SECONDS_EACH=3 step scripts/fuzz.sh
+echo "test.sh: $SECONDS s in all" >&2
