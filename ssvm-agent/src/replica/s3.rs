@@ -187,36 +187,51 @@ pub async fn replicate(
     let s3 = client(target, opts)?;
     let (file, size) = store.open_file(path).await?;
     let journal_path = format!("{path}.s3.journal");
+    let u = Upload {
+        s3: &s3,
+        store,
+        file: &file,
+        size,
+        expected: &expected,
+        target,
+        key,
+        journal_path: &journal_path,
+    };
     let result = if size <= opts.cutoff {
-        single_put(&s3, store, &file, size, &expected, target, key).await
+        single_put(u).await
     } else {
-        multipart(
-            &s3,
-            store,
-            &file,
-            size,
-            &expected,
-            target,
-            key,
-            opts,
-            &journal_path,
-        )
-        .await
+        multipart(u, opts).await
     };
     let done = result?;
     verify(&s3, target, key, size, &expected).await?;
     Ok(done)
 }
 
-async fn single_put(
-    s3: &Client,
-    store: &Store,
-    file: &crate::store::FileId,
+/// One file's upload: the client, the source and where it goes.
+#[derive(Clone, Copy)]
+struct Upload<'a> {
+    s3: &'a Client,
+    store: &'a Store,
+    file: &'a crate::store::FileId,
     size: u64,
-    expected: &str,
-    target: &S3Target,
-    key: &str,
-) -> Result<Replicated, ReplicaError> {
+    /// The file's SHA-256 (lowercase hex).
+    expected: &'a str,
+    target: &'a S3Target,
+    key: &'a str,
+    journal_path: &'a str,
+}
+
+async fn single_put(u: Upload<'_>) -> Result<Replicated, ReplicaError> {
+    let Upload {
+        s3,
+        store,
+        file,
+        size,
+        expected,
+        target,
+        key,
+        ..
+    } = u;
     let data = read_range(store, file, 0, size).await?;
     let actual = hex::encode(Sha256::digest(&data));
     if actual != expected {
@@ -271,61 +286,29 @@ async fn read_range(
     Ok(buf.freeze())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn multipart(
-    s3: &Client,
-    store: &Store,
-    file: &crate::store::FileId,
-    size: u64,
-    expected: &str,
-    target: &S3Target,
-    key: &str,
-    opts: &S3Options,
-    journal_path: &str,
-) -> Result<Replicated, ReplicaError> {
+async fn multipart(u: Upload<'_>, opts: &S3Options) -> Result<Replicated, ReplicaError> {
+    let Upload {
+        s3,
+        store,
+        file,
+        size,
+        expected,
+        target,
+        key,
+        journal_path,
+    } = u;
     let part = part_size(size, opts.min_part);
     let count = size.div_ceil(part);
     if count > MAX_PARTS {
         return Err(ReplicaError::Invalid(format!("{size} bytes need {count} parts")));
     }
-    let mut journal = resume(s3, store, journal_path, target, key, size, part, expected).await?;
-    if journal.is_none() {
-        let created = s3
-            .create_multipart_upload()
-            .bucket(&target.bucket)
-            .key(key)
-            .metadata(SHA256_META, expected)
-            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-            .send()
-            .await
-            .map_err(|e| remote("CreateMultipartUpload", e))?;
-        let upload_id = created
-            .upload_id()
-            .ok_or_else(|| ReplicaError::Remote("CreateMultipartUpload: no upload id".into()))?
-            .to_owned();
-        let j = Journal {
-            endpoint: target.endpoint.clone(),
-            bucket: target.bucket.clone(),
-            key: key.to_owned(),
-            size,
-            part_size: part,
-            sha256: expected.to_owned(),
-            upload_id,
-            parts: Vec::new(),
-        };
-        write_journal(store, journal_path, &j).await?;
-        journal = Some(j);
-    }
-    let Some(journal) = journal else {
-        unreachable!("a journal was just made")
+    let journal = match resume(u, part).await? {
+        Some(j) => j,
+        None => begin(u, part).await?,
     };
     let upload_id = journal.upload_id.clone();
     abort_others(s3, target, key, &upload_id).await;
-    let resumed: std::collections::HashMap<i32, (String, Option<String>)> = journal
-        .parts
-        .iter()
-        .map(|(n, e, c)| (*n, (e.clone(), c.clone())))
-        .collect();
+    let resumed: std::collections::HashSet<i32> = journal.parts.iter().map(|p| p.0).collect();
     let resumed_parts = resumed.len() as u32;
     let journal = Arc::new(tokio::sync::Mutex::new(journal));
     let mut sha = Sha256::new();
@@ -338,7 +321,7 @@ async fn multipart(
             let len = part.min(size - offset);
             let data = read_range(store, file, offset, len).await?;
             sha.update(&data);
-            if resumed.contains_key(&n) {
+            if resumed.contains(&n) {
                 continue;
             }
             while running.len() >= opts.concurrency.max(1) {
@@ -440,6 +423,35 @@ async fn multipart(
     })
 }
 
+/// A new multipart upload, with its journal.
+async fn begin(u: Upload<'_>, part: u64) -> Result<Journal, ReplicaError> {
+    let created =
+        u.s3.create_multipart_upload()
+            .bucket(&u.target.bucket)
+            .key(u.key)
+            .metadata(SHA256_META, u.expected)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .send()
+            .await
+            .map_err(|e| remote("CreateMultipartUpload", e))?;
+    let upload_id = created
+        .upload_id()
+        .ok_or_else(|| ReplicaError::Remote("CreateMultipartUpload: no upload id".into()))?
+        .to_owned();
+    let j = Journal {
+        endpoint: u.target.endpoint.clone(),
+        bucket: u.target.bucket.clone(),
+        key: u.key.to_owned(),
+        size: u.size,
+        part_size: part,
+        sha256: u.expected.to_owned(),
+        upload_id,
+        parts: Vec::new(),
+    };
+    write_journal(u.store, u.journal_path, &j).await?;
+    Ok(j)
+}
+
 async fn write_journal(store: &Store, path: &str, j: &Journal) -> Result<(), ReplicaError> {
     let bytes = serde_json::to_vec(j).map_err(|e| ReplicaError::Invalid(e.to_string()))?;
     store.write_file_atomic(path, &bytes).await?;
@@ -448,17 +460,17 @@ async fn write_journal(store: &Store, path: &str, j: &Journal) -> Result<(), Rep
 
 /// The journal of an earlier attempt at this very upload, with the parts the server still
 /// holds; `None` to start afresh (a mismatched journal's upload is aborted).
-#[allow(clippy::too_many_arguments)]
-async fn resume(
-    s3: &Client,
-    store: &Store,
-    path: &str,
-    target: &S3Target,
-    key: &str,
-    size: u64,
-    part: u64,
-    expected: &str,
-) -> Result<Option<Journal>, ReplicaError> {
+async fn resume(u: Upload<'_>, part: u64) -> Result<Option<Journal>, ReplicaError> {
+    let Upload {
+        s3,
+        store,
+        size,
+        expected,
+        target,
+        key,
+        journal_path: path,
+        ..
+    } = u;
     let raw = match store.read_file(path, 4 << 20).await {
         Ok(raw) => raw,
         Err(e) if e.is_not_found() => return Ok(None),
