@@ -62,6 +62,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "volume_uploads",
         include_str!("../migrations/0018_volume_uploads.sql"),
     ),
+    (
+        19,
+        "object_stores",
+        include_str!("../migrations/0019_object_stores.sql"),
+    ),
 ];
 
 /// Opening or migrating the database failed.

@@ -62,6 +62,7 @@ pub mod hub;
 pub mod limits;
 pub mod model;
 pub mod paging;
+pub mod replicate;
 pub mod roles;
 pub mod secrets;
 pub mod server;
@@ -538,6 +539,8 @@ pub async fn start(config: CoreConfig) -> anyhow::Result<RunningCore> {
         tasks.spawn("dispatcher", |s| dispatch::run(st, s.receiver()));
         let st = state.clone();
         tasks.spawn("snapshot-runner", |s| backup::run(st, s.receiver()));
+        let st = state.clone();
+        tasks.spawn("replicator", |s| replicate::run(st, s.receiver()));
         tracing::info!(addr = %a, ca = %ca.cert_path.display(), "Agent endpoint listening");
         if let Some(kind) = &config.driver {
             let Some(driver) = driver.clone() else {

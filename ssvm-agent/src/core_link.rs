@@ -320,6 +320,24 @@ impl Runner {
                 Ok(()) => self.replicate(cmd).await,
                 Err(e) => Err(e),
             },
+            AgentCommand::DeleteObject { target, key } => {
+                let systemvm_proto::agent::ObjectTarget::S3(t) = &target;
+                crate::replica::s3::delete(t, &key, &crate::replica::s3::S3Options::default())
+                    .await
+                    .map(|()| serde_json::json!({ "removed": true }))
+                    .map_err(Into::into)
+            }
+            AgentCommand::FetchObject(cmd) => match self.check_store(&cmd.store_url) {
+                Ok(()) => self.fetch_object(cmd).await,
+                Err(e) => Err(e),
+            },
+            AgentCommand::ProbeObjectStore { target } => {
+                let systemvm_proto::agent::ObjectTarget::S3(t) = &target;
+                crate::replica::s3::probe(t, &crate::replica::s3::S3Options::default())
+                    .await
+                    .map(|()| serde_json::json!({}))
+                    .map_err(Into::into)
+            }
         };
         Self::answer(&c, r)
     }
@@ -447,19 +465,8 @@ impl Runner {
         &self,
         cmd: systemvm_proto::agent::ReplicateCommand,
     ) -> anyhow::Result<serde_json::Value> {
-        let plain = |s: &str| !s.is_empty() && s != "." && s != "..";
-        anyhow::ensure!(
-            ["template/", "snapshots/", "volumes/"]
-                .iter()
-                .any(|p| cmd.path.starts_with(p))
-                && cmd.path.split('/').all(plain),
-            "{:?} is not an artefact of the store",
-            cmd.path
-        );
-        anyhow::ensure!(
-            cmd.sha256.len() == 64 && cmd.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-            "a replica needs the file's SHA-256 (64 hex digits)"
-        );
+        artefact_path(&cmd.path)?;
+        sha256_hex(&cmd.sha256)?;
         let store = self.agent.downloader_now().store;
         let systemvm_proto::agent::ObjectTarget::S3(target) = &cmd.target;
         let r = crate::replica::s3::replicate(
@@ -473,6 +480,27 @@ impl Runner {
         .await?;
         tracing::info!(path = %cmd.path, key = %r.key, parts = r.parts, resumed = r.resumed_parts, "Replica complete");
         Ok(serde_json::to_value(r)?)
+    }
+
+    /// Brings a replica back into this agent's store (`template/`, `snapshots/`, `volumes/`).
+    async fn fetch_object(
+        &self,
+        cmd: systemvm_proto::agent::FetchObjectCommand,
+    ) -> anyhow::Result<serde_json::Value> {
+        artefact_path(&cmd.path)?;
+        sha256_hex(&cmd.sha256)?;
+        let store = self.agent.downloader_now().store;
+        let systemvm_proto::agent::ObjectTarget::S3(target) = &cmd.target;
+        let f = crate::replica::restore::fetch(
+            &store,
+            &cmd.path,
+            &cmd.key,
+            &cmd.sha256,
+            target,
+            &crate::replica::s3::S3Options::default(),
+        )
+        .await?;
+        Ok(serde_json::to_value(f)?)
     }
 
     /// Writes an image and its backing chain, flattened, to another file (a restore).
@@ -582,4 +610,26 @@ impl Runner {
                 .remove(&id);
         });
     }
+}
+
+/// A path under `template/`, `snapshots/` or `volumes/`, without `.` or `..` components.
+fn artefact_path(path: &str) -> anyhow::Result<()> {
+    let plain = |s: &str| !s.is_empty() && s != "." && s != "..";
+    anyhow::ensure!(
+        ["template/", "snapshots/", "volumes/"]
+            .iter()
+            .any(|p| path.starts_with(p))
+            && path.split('/').all(plain),
+        "{path:?} is not an artefact of the store"
+    );
+    Ok(())
+}
+
+/// A SHA-256 in hex.
+fn sha256_hex(s: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a replica needs the file's SHA-256 (64 hex digits)"
+    );
+    Ok(())
 }

@@ -4,13 +4,13 @@
 //! frozen and killed mid-multipart then restarted (the next attempt sends only the missing parts
 //! and nothing shows under the key before completion), a staging copy that does not hash to its
 //! record, bad credentials and a missing bucket (clear errors), an orphaned multipart upload
-//! (aborted), nothing listening (unreachable). A missing server fails the test (scripts/deps.sh installs them).
+//! (aborted), nothing listening (unreachable); probes and removals (moto). A missing server fails the test (scripts/deps.sh installs them).
 
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use ssvm_agent::replica::ReplicaError;
 use ssvm_agent::replica::s3::{self, S3Options, S3Target};
+use ssvm_agent::replica::{ReplicaError, restore};
 use ssvm_agent::store::{Store, StoreOptions};
 use systemvm_tests::images::noise;
 use systemvm_tests::objects::{ACCESS_KEY, Moto, S3sFs, SECRET_KEY, boto3_read};
@@ -57,6 +57,15 @@ async fn staging(dir: &std::path::Path, files: &[(&str, &[u8])]) -> (Store, Vec<
     )
 }
 
+/// The companions of the big template's replica (sent again: its object is there already).
+async fn r_big_companions(store: &Store, t: &S3Target, sum: &str) -> Vec<String> {
+    let key = "template/tmpl/2/201/big.qcow2";
+    s3::replicate(store, key, sum, t, key, &opts())
+        .await
+        .expect("replica with properties")
+        .companions
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_s3s_fs_read_back_identical_and_faults_are_clear() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -69,6 +78,7 @@ async fn replicas_on_s3s_fs_read_back_identical_and_faults_are_clear() {
         &[
             ("template/tmpl/2/201/big.qcow2", &big),
             ("template/tmpl/2/202/small.iso", &small),
+            ("template/tmpl/2/201/template.properties", b"filename=big.qcow2\n"),
         ],
     )
     .await;
@@ -117,8 +127,62 @@ async fn replicas_on_s3s_fs_read_back_identical_and_faults_are_clear() {
         Some((small.len() as u64, sums[1].clone(), Some(sums[1].clone())))
     );
 
-    // A staging copy that does not hash to its record: refused, nothing under the key.
+    // A template's properties go beside its image.
+    assert_eq!(
+        r_big_companions(&store, &t, &sums[0]).await,
+        vec!["template/tmpl/2/201/template.properties".to_owned()]
+    );
+    assert_eq!(
+        boto3_read(
+            &server.endpoint,
+            "templates",
+            "template/tmpl/2/201/template.properties"
+        ),
+        Some((19, sums[2].clone(), Some(sums[2].clone())))
+    );
+
+    // Brought back into an empty store: verified, in place, with its properties.
+    let fresh_dir = dir.path().join("fresh");
+    let (fresh, _) = staging(&fresh_dir, &[]).await;
+    let key = "template/tmpl/2/201/big.qcow2";
+    let f = restore::fetch(&fresh, key, key, &sums[0], &t, &opts())
+        .await
+        .expect("fetch");
+    assert_eq!((f.size, f.sha256.as_str()), (big.len() as u64, sums[0].as_str()));
+    assert_eq!(
+        f.companions,
+        vec!["template/tmpl/2/201/template.properties".to_owned()]
+    );
+    let back = fresh_dir.join("staging/template/tmpl/2/201");
+    assert_eq!(std::fs::read(back.join("big.qcow2")).expect("restored"), big);
+    assert_eq!(
+        std::fs::read(back.join("template.properties")).expect("properties"),
+        b"filename=big.qcow2\n"
+    );
+    // A record that disagrees with the object: refused before a byte is written.
     let wrong = "0".repeat(64);
+    let iso = "template/tmpl/2/202/small.iso";
+    let e = restore::fetch(&fresh, iso, "iso/202.iso", &wrong, &t, &opts())
+        .await
+        .expect_err("record and object disagree");
+    assert!(matches!(e, ReplicaError::Verify(_)), "{e}");
+    // An object whose bytes were damaged in the bucket: refused after the copy, nothing left.
+    let stored = dir.path().join("s3/templates/iso/202.iso");
+    let mut damaged = std::fs::read(&stored).expect("object file");
+    damaged[100] ^= 0xff;
+    std::fs::write(&stored, damaged).expect("damage");
+    let e = restore::fetch(&fresh, iso, "iso/202.iso", &sums[1], &t, &opts())
+        .await
+        .expect_err("damaged object");
+    // The SDK's CRC32C check or our SHA-256, whichever sees it first.
+    assert!(
+        matches!(e, ReplicaError::Checksum { .. } | ReplicaError::Verify(_)),
+        "{e}"
+    );
+    let iso_dir = fresh_dir.join("staging/template/tmpl/2/202");
+    assert!(!iso_dir.join("small.iso").exists() && !iso_dir.join("small.iso.part").exists());
+
+    // A staging copy that does not hash to its record: refused, nothing under the key.
     for (path, key) in [
         ("template/tmpl/2/201/big.qcow2", "bad/big"),
         ("template/tmpl/2/202/small.iso", "bad/small"),
@@ -144,6 +208,11 @@ async fn replicas_on_s3s_fs_read_back_identical_and_faults_are_clear() {
     .await
     .expect_err("bad credentials");
     assert!(e.to_string().contains("SignatureDoesNotMatch"), "{e}");
+    assert!(!e.to_string().contains("not-the-secret"), "{e}");
+    let e = s3::probe(&bad, &opts())
+        .await
+        .expect_err("probe with bad credentials");
+    assert!(e.to_string().contains("AccessDenied (HTTP 403)"), "{e}");
     assert!(!e.to_string().contains("not-the-secret"), "{e}");
     let e = s3::replicate(
         &store,
@@ -271,4 +340,34 @@ async fn orphaned_multipart_uploads_are_aborted_on_moto() {
     .await
     .expect_err("missing bucket");
     assert!(e.to_string().contains("NoSuchBucket"), "{e}");
+
+    // Probes: the bucket there, or a clear reason.
+    s3::probe(&t, &opts()).await.expect("probe");
+    let e = s3::probe(&target(&server.endpoint, "no-such-bucket"), &opts())
+        .await
+        .expect_err("missing bucket");
+    assert!(e.to_string().contains("NoSuchBucket"), "{e}");
+
+    // Removing a replica: the object and any upload still open under its key go; removing
+    // it again is no error.
+    let open = client
+        .create_multipart_upload()
+        .bucket("replicas")
+        .key(key)
+        .send()
+        .await
+        .expect("an open upload");
+    s3::delete(&t, key, &opts()).await.expect("delete");
+    assert_eq!(boto3_read(&server.endpoint, "replicas", key), None);
+    let left = client
+        .list_multipart_uploads()
+        .bucket("replicas")
+        .send()
+        .await
+        .expect("uploads");
+    assert!(
+        left.uploads().iter().all(|u| u.upload_id() != open.upload_id()),
+        "{left:?}"
+    );
+    s3::delete(&t, key, &opts()).await.expect("delete again");
 }

@@ -479,7 +479,7 @@ async fn console_proxies_scale_out_with_load_and_back_in_when_idle() {
 }
 
 /// A binary of the workspace, built beside this test executable (`target/debug`).
-fn workspace_bin(name: &str) -> std::path::PathBuf {
+pub(crate) fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join(name);

@@ -79,7 +79,7 @@ enum Layer {
     /// The domain layer: `model/`.
     Domain,
     /// Background parts: the agent endpoint, the fleet, the dispatcher, the follower, the
-    /// snapshot runner.
+    /// snapshot runner, the replicator.
     Background,
     /// Shared infrastructure and entry points (database, state, hub, CLI, `up`, `lib`): not checked.
     Shared,
@@ -90,7 +90,7 @@ fn layer_of_module(module: &str) -> Layer {
     match module {
         "api" | "server" | "command" | "params" | "paging" | "error" => Layer::Handlers,
         "model" => Layer::Domain,
-        "agent" | "dispatch" | "follow" | "fleet" | "backup" => Layer::Background,
+        "agent" | "dispatch" | "follow" | "fleet" | "backup" | "replicate" => Layer::Background,
         _ => Layer::Shared,
     }
 }

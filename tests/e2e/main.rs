@@ -16,6 +16,7 @@ mod ha;
 mod layout;
 mod libvirt;
 mod nfs;
+mod replicas;
 mod resources;
 mod snapshots;
 mod storage;

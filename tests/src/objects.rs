@@ -80,8 +80,16 @@ impl S3sFs {
             .arg(self.port.to_string())
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
             .arg(&self.dir)
+            .env("RUST_LOG", "s3s_fs=warn,s3s=warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // Its log beside its directory, for a failure's post-mortem.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.with_extension("log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            )
             .spawn()
             .expect("s3s-fs not found: run scripts/deps.sh test (cargo install s3s-fs)");
         self.child = Some(child);

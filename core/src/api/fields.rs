@@ -385,6 +385,37 @@ pub const IMAGE_STORE: Fields = &[
     ("hasannotations", "true if the entity/resource has annotations"),
     ("disksizetotal", "the total disk size of the host"),
     ("disksizeused", "the host's currently used disk size"),
+    (
+        "health",
+        "object stores: Up, Down or Unknown, from the last probe or replica (ours)",
+    ),
+    ("healthdetail", "object stores: why the store is Down (ours)"),
+    ("healthchecked", "object stores: when health was last set (ours)"),
+];
+
+/// What `rebuildImageStore` did (ours).
+pub const REBUILD: Fields = &[
+    ("imagestoreid", "the staging store rebuilt"),
+    ("objectstoreid", "the object store read"),
+    ("restored", "artefacts restored and verified"),
+    ("bytes", "their bytes"),
+    ("companions", "template.properties files restored beside them"),
+];
+
+/// A replica of an artefact in an object store (ours).
+pub const REPLICA: Fields = &[
+    ("imagestoreid", "the object store"),
+    ("imagestorename", "the object store's name"),
+    ("resourcetype", "template, copy or snapshot"),
+    ("resourceid", "the template, ISO, copy or snapshot id"),
+    ("zoneid", "the zone"),
+    ("key", "the object's key"),
+    ("size", "the object's size once replicated"),
+    ("parts", "parts of its upload"),
+    ("state", "Pending, Replicating, Replicated, Failed or Deleting"),
+    ("attempts", "attempts so far"),
+    ("error", "why the last attempt failed, or what it waits for"),
+    ("updated", "the last change"),
 ];
 
 /// A setting.

@@ -52,9 +52,6 @@ static COMMANDS: &[Command] = &[
     Command::new("deleteZone", "Deletes a zone", Access::ADMIN, zones::DELETE_ZONE, handler!(zones::delete_zone)).returns(fields::SUCCESS),
     Command::new("registerSystemVm", "Registers a system VM whose agent is started by hand; answers its id and its secret (shown once)", Access::ADMIN, systemvms::REGISTER_SYSTEM_VM, handler!(systemvms::register_system_vm)).returns(fields::REGISTERED_SYSTEM_VM),
     Command::new("listSystemVms", "Lists system VMs with their agent state", Access::INFRA, systemvms::LIST_SYSTEM_VMS, handler!(systemvms::list_system_vms)).returns(fields::SYSTEM_VM),
-    Command::new("addImageStore", "Adds a secondary storage (image) store: NFS", Access::ADMIN, image_stores::ADD_IMAGE_STORE, handler!(image_stores::add_image_store)).returns(fields::IMAGE_STORE),
-    Command::new("listImageStores", "Lists image stores with the capacity their storage VMs report", Access::ADMIN, image_stores::LIST_IMAGE_STORES, handler!(image_stores::list_image_stores)).returns(fields::IMAGE_STORE),
-    Command::new("deleteImageStore", "Deletes an image store that holds no templates", Access::ADMIN, image_stores::DELETE_IMAGE_STORE, handler!(image_stores::delete_image_store)).returns(fields::SUCCESS),
     Command::new("registerTemplate", "Registers a template from a URL: a storage VM downloads it into the zone's image store", Access::ALL, templates::REGISTER_TEMPLATE, handler!(templates::register_template)).returns(fields::TEMPLATE),
     Command::new("registerIso", "Registers an ISO from a URL: a storage VM downloads it into the zone's image store", Access::ALL, templates::REGISTER_ISO, handler!(templates::register_iso)).returns(fields::TEMPLATE),
     Command::new("listTemplates", "Lists templates with their download status", Access::ALL, templates::LIST_TEMPLATES, handler!(templates::list_templates)).returns(fields::TEMPLATE),
@@ -95,6 +92,7 @@ static TABLES: &[&[Command]] = &[
     snapshots::COMMANDS,
     created_templates::COMMANDS,
     certificates::COMMANDS,
+    image_stores::COMMANDS,
     COMMANDS,
 ];
 

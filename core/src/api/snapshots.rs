@@ -65,7 +65,11 @@ const LIST: &[ParamSpec] = &[
     opt("listall", Ty::Boolean, "Every snapshot the caller may see"),
     opt("projectid", Ty::Uuid, "Accepted for compatibility"),
     opt("tags", Ty::Map, "Accepted for compatibility"),
-    opt("showunique", Ty::Boolean, "Accepted for compatibility"),
+    opt(
+        "showunique",
+        Ty::Boolean,
+        "false: one entry per store holding the snapshot (staging store and object stores)",
+    ),
     opt("locationtype", Ty::String, "Accepted for compatibility"),
     opt("page", Ty::Integer, "Page number"),
     opt("pagesize", Ty::Integer, "Page size"),
@@ -164,6 +168,17 @@ pub const SNAPSHOT_FIELDS: crate::api::fields::Fields = &[
     ("virtualsize", "virtual size of backedup snapshot on image store"),
     ("zoneid", "id of the availability zone"),
     ("zonename", "name of the availability zone"),
+    ("datastoreid", "showunique=false: the store holding this copy"),
+    ("datastorename", "showunique=false: its name"),
+    ("datastoretype", "showunique=false: the store's role"),
+    (
+        "datastorestate",
+        "showunique=false: the copy's state on the store",
+    ),
+    (
+        "downloaddetails",
+        "showunique=false: the copy's download state and percent",
+    ),
     (
         "revertable",
         "indicates whether the underlying storage supports reverting the volume to this snapshot",
@@ -270,7 +285,7 @@ pub static COMMANDS: &[Command] = &[
     .returns(crate::api::fields::SUCCESS),
 ];
 
-const SELECT: &str = "SELECT s.id, s.name, s.volume_id, s.volume_name, s.zone_id, z.name AS zone_name, s.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, s.state, s.interval_type, s.virtual_size, s.physical_size, s.bytes_read, s.created, v.vol_type \
+const SELECT: &str = "SELECT s.id, s.name, s.store_url, s.volume_id, s.volume_name, s.zone_id, z.name AS zone_name, s.account_id, a.name AS account_name, d.id AS domain_id, d.name AS domain_name, s.state, s.interval_type, s.virtual_size, s.physical_size, s.bytes_read, s.created, v.vol_type \
      FROM snapshots s JOIN zones z ON z.id = s.zone_id LEFT JOIN accounts a ON a.id = s.account_id LEFT JOIN domains d ON d.id = a.domain_id LEFT JOIN volumes v ON v.id = s.volume_id";
 const FROM: &str = "snapshots s JOIN zones z ON z.id = s.zone_id LEFT JOIN accounts a ON a.id = s.account_id LEFT JOIN domains d ON d.id = a.domain_id LEFT JOIN volumes v ON v.id = s.volume_id";
 
@@ -394,7 +409,84 @@ pub async fn list_snapshots(state: State, caller: Caller, p: Params) -> Result<V
         )
         .await?;
     let items = rows.iter().map(snapshot_json).collect::<Result<Vec<_>, _>>()?;
+    if p.non_empty("showunique")
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+    {
+        let urls: Vec<Option<String>> = rows
+            .iter()
+            .map(|r| r.try_get::<Option<String>, _>("store_url"))
+            .collect::<Result<_, _>>()?;
+        let items = per_store(&state, items, &urls).await?;
+        let total = if p.non_empty("page").is_some() {
+            total
+        } else {
+            i64::try_from(items.len()).unwrap_or(i64::MAX)
+        };
+        return Ok(list_response("snapshot", total, items));
+    }
     Ok(list_response("snapshot", total, items))
+}
+
+/// `showunique=false`: one entry per snapshot and store that holds it (the staging store, then
+/// each object store's replica), with CloudStack's `datastore*` fields and `downloaddetails`.
+async fn per_store(
+    state: &State,
+    items: Vec<Value>,
+    urls: &[Option<String>],
+) -> Result<Vec<Value>, ApiError> {
+    use crate::model::replicas;
+    let ids: Vec<String> = items
+        .iter()
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect();
+    let reps = replicas::by_artefact(state, &[replicas::kind::SNAPSHOT], &ids).await?;
+    let stores: Vec<(String, String, String)> = sqlx::query_as("SELECT id, name, url FROM image_stores")
+        .fetch_all(&state.db.pool)
+        .await?;
+    let mut out = Vec::new();
+    for (v, url) in items.into_iter().zip(urls) {
+        let id = v["id"].as_str().unwrap_or_default().to_owned();
+        if let Some((sid, name, _)) = url.as_deref().and_then(|u| {
+            stores
+                .iter()
+                .find(|(_, _, s)| crate::model::stores::same_store(s, u))
+        }) {
+            let ready = v["state"] == state::BACKED_UP;
+            let mut e = v.clone();
+            e["datastoreid"] = json!(sid);
+            e["datastorename"] = json!(name);
+            e["datastoretype"] = json!("Image");
+            e["datastorestate"] = json!(if ready { "Ready" } else { "Allocated" });
+            e["downloaddetails"] = json!({
+                "downloadPercent": if ready { "100" } else { "0" },
+                "downloadState": if ready { "DOWNLOADED" } else { "NOT_DOWNLOADED" },
+            });
+            out.push(e);
+        }
+        for r in reps.get(&id).into_iter().flatten() {
+            let done = r.state == replicas::state::REPLICATED;
+            let mut e = v.clone();
+            e["datastoreid"] = json!(r.store_id);
+            e["datastorename"] = json!(r.store_name);
+            e["datastoretype"] = json!("Image");
+            e["datastorestate"] = json!(match r.state.as_str() {
+                replicas::state::REPLICATED => "Ready",
+                replicas::state::REPLICATING => "Copying",
+                replicas::state::FAILED => "Failed",
+                replicas::state::DELETING => "Destroying",
+                _ => "Allocated",
+            });
+            if let Some(err) = &r.error {
+                e["status"] = json!(err);
+            }
+            e["downloaddetails"] = json!({
+                "downloadPercent": if done { "100" } else { "0" },
+                "downloadState": replicas::download_state(&r.state),
+            });
+            out.push(e);
+        }
+    }
+    Ok(out)
 }
 
 /// `deleteSnapshot`.

@@ -301,7 +301,37 @@ const TEMPLATE_FROM: &str = "templates t JOIN (SELECT id AS template_id, zone_id
 /// Template and ISO rows (read with [`TEMPLATE_SELECT`]) as answers, with their tags.
 pub(crate) async fn answers(state: &State, rows: &[sqlx::any::AnyRow]) -> Result<Vec<Value>, ApiError> {
     let items = rows.iter().map(template_json).collect::<Result<Vec<_>, _>>()?;
+    let items = with_replicas(state, items).await?;
     Ok(with_tags(state, items).await?)
+}
+
+/// Adds each object store's replica to `downloaddetails`, after the staging store's entry.
+async fn with_replicas(state: &State, mut items: Vec<Value>) -> Result<Vec<Value>, sqlx::Error> {
+    let ids: Vec<String> = items
+        .iter()
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect();
+    let replicas = crate::model::replicas::of_templates(state, &ids).await?;
+    for v in &mut items {
+        let key = (
+            v["id"].as_str().unwrap_or_default().to_owned(),
+            v["zoneid"].as_str().unwrap_or_default().to_owned(),
+        );
+        let Some(list) = replicas.get(&key) else {
+            continue;
+        };
+        if let Some(details) = v["downloaddetails"].as_array_mut() {
+            for (store, st) in list {
+                let done = st == crate::model::replicas::state::REPLICATED;
+                details.push(json!({
+                    "datastore": store,
+                    "downloadState": crate::model::replicas::download_state(st),
+                    "downloadPercent": if done { "100" } else { "0" },
+                }));
+            }
+        }
+    }
+    Ok(items)
 }
 
 /// Fills the `tags` of template and ISO answers (one query for all of them).

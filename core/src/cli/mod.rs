@@ -210,6 +210,17 @@ pub enum ClientCommand {
         #[arg(long)]
         forced: bool,
     },
+    /// Fills an NFS staging store again from an object store and waits for it
+    /// (rebuildImageStore): every replicated template, ISO and snapshot, verified.
+    RebuildStore {
+        #[command(flatten)]
+        conn: ConnectArgs,
+        /// The staging store's id (listImageStores / listSecondaryStagingStores).
+        id: String,
+        /// The object store to read (default: the zone's one holding most of its artefacts).
+        #[arg(long)]
+        object_store: Option<String>,
+    },
     /// Shows capacity (listCapacity).
     Capacity {
         #[command(flatten)]
@@ -251,6 +262,10 @@ pub enum ClientCommand {
         /// Parameters as NAME=VALUE.
         #[arg(value_name = "NAME=VALUE")]
         params: Vec<String>,
+        /// More parameters, one NAME=VALUE per line, from FILE (keeps secrets such as an object
+        /// store's secret key off the command line); blank lines and `#` comments are skipped.
+        #[arg(long, value_name = "FILE")]
+        params_from: Option<std::path::PathBuf>,
     },
 }
 
@@ -481,6 +496,27 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ClientCommand::RebuildStore {
+            conn,
+            id,
+            object_store,
+        } => {
+            let mut params = vec![("id", id.as_str())];
+            if let Some(o) = object_store.as_deref() {
+                params.push(("objectstoreid", o));
+            }
+            let result = conn.client()?.call_async("rebuildImageStore", &params).await?;
+            if conn.json {
+                return print_json(&result);
+            }
+            let r = result.get("rebuild").unwrap_or(&Value::Null);
+            println!(
+                "Restored {} artefact(s), {} bytes, into image store {id}",
+                r.get("restored").and_then(Value::as_u64).unwrap_or(0),
+                r.get("bytes").and_then(Value::as_u64).unwrap_or(0)
+            );
+            Ok(())
+        }
         ClientCommand::Capacity { conn, zone } => {
             let mut params = Vec::new();
             push_opt(&mut params, "zoneid", zone.as_deref());
@@ -532,8 +568,19 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Api {
             conn,
             command,
-            params,
+            mut params,
+            params_from,
         } => {
+            if let Some(file) = params_from {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading parameters from {}", file.display()))?;
+                params.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned),
+                );
+            }
             let params = parse_pairs(&params)?;
             let answer = conn.client()?.call_owned(&command, &params).await?;
             print_json(&answer)

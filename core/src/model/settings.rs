@@ -383,6 +383,30 @@ pub const SNAPSHOT_RATE: Setting = Setting {
     description: "Bytes per second one snapshot backup may read from its volume, so backups leave primary storage to the guests (0: no limit)",
 };
 
+/// Replicas to object stores sent at once, fleet-wide (ours).
+pub const REPLICA_CONCURRENCY: Setting = Setting {
+    name: "objectstore.replication.concurrency",
+    category: "Storage",
+    default: "2",
+    kind: Kind::Integer(1, 64),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Replicas of templates, ISOs and snapshots to object stores copied at once",
+};
+
+/// Seconds one replica may take (ours).
+pub const REPLICA_WAIT: Setting = Setting {
+    name: "objectstore.replication.wait",
+    category: "Storage",
+    default: "21600",
+    kind: Kind::Integer(60, 604_800),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Seconds a storage VM may take to copy one file to an object store before the attempt fails (it resumes at the next)",
+};
+
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
     &PROXY_SESSION_MAX,
@@ -414,6 +438,8 @@ pub const SETTINGS: &[&Setting] = &[
     &SNAPSHOT_DELTA_MAX,
     &SNAPSHOT_WAIT,
     &SNAPSHOT_RATE,
+    &REPLICA_CONCURRENCY,
+    &REPLICA_WAIT,
 ];
 
 /// Finds a setting definition.

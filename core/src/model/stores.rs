@@ -3,8 +3,8 @@
 //! Invariants:
 //! * a store URL is stored normalized, in the form agents report it (no trailing `/`, no default
 //!   NFS port), so a store and a storage VM's report compare as equal strings;
-//! * a store is deleted only while no live template references it; the records of removed
-//!   templates on it go with it;
+//! * a store is deleted only while no live template, snapshot or volume references it; the
+//!   records of removed templates on it go with it;
 //! * capacity figures come from the storage VMs' heartbeats, never from a call that could block
 //!   on a hung store.
 
@@ -95,11 +95,12 @@ pub async fn add(
     url: &str,
     zone_id: &str,
     details: &serde_json::Map<String, Value>,
+    role: &str,
 ) -> DomainResult<String> {
     let protocol = protocol_of(url)?;
     let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
     let r = sqlx::query(
-        "INSERT INTO image_stores (id, name, url, provider, protocol, zone_id, details, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO image_stores (id, name, url, provider, protocol, zone_id, details, created, role) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id.clone())
     .bind(name.to_owned())
@@ -109,11 +110,12 @@ pub async fn add(
     .bind(zone_id.to_owned())
     .bind(Value::Object(details.clone()).to_string())
     .bind(now_cs())
+    .bind(role.to_owned())
     .execute(&state.db.pool)
     .await;
     match r {
         Ok(_) => {
-            tracing::info!(%id, name, url, "Added an image store");
+            tracing::info!(%id, name, url, role, "Added an image store");
             Ok(id)
         }
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(DomainError::Invalid(format!(
@@ -138,6 +140,22 @@ pub async fn delete(state: &State, id: &str) -> DomainResult<()> {
         return Err(DomainError::InUse(format!(
             "Cannot delete image store {id}: it holds {} template(s) or ISO(s); delete them first",
             used + copies
+        )));
+    }
+    let url = url_of(&state.db.pool, id).await?.unwrap_or_default();
+    let snapshots: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM snapshots WHERE store_url = $1 AND file IS NOT NULL AND state <> 'Error'",
+    )
+    .bind(url)
+    .fetch_one(&state.db.pool)
+    .await?;
+    let volumes: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE store_id = $1")
+        .bind(id.to_owned())
+        .fetch_one(&state.db.pool)
+        .await?;
+    if snapshots + volumes > 0 {
+        return Err(DomainError::InUse(format!(
+            "Cannot delete image store {id}: it holds {snapshots} snapshot(s) and {volumes} uploaded or extracted volume(s); delete them first"
         )));
     }
     // Removed templates only remain as records; they go with their store.

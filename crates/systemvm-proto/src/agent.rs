@@ -432,6 +432,53 @@ pub enum AgentCommand {
     /// verified, with a [`Replicated`] body; an interrupted replica continues from its journal
     /// when the same command comes again.
     Replicate(ReplicateCommand),
+    /// Storage VMs: remove a replica's object (and the multipart uploads still open under its
+    /// key). Answered with `{"removed": true}`; an object that does not exist is not an error.
+    DeleteObject {
+        /// The object store.
+        target: ObjectTarget,
+        /// The object's key.
+        key: String,
+    },
+    /// Storage VMs: check that the object store answers and the bucket is there with these
+    /// credentials. Answered with `{}`, or with the reason it is unusable.
+    ProbeObjectStore {
+        /// The object store.
+        target: ObjectTarget,
+    },
+    /// Storage VMs: bring a replica back into this agent's store (a rebuild after the store was
+    /// lost). Answered when the file is in place and hashes to `sha256`, with a [`Fetched`] body;
+    /// until then only `<path>.part` exists.
+    FetchObject(FetchObjectCommand),
+}
+
+/// A replica to bring back: which object, what it must hash to, and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchObjectCommand {
+    /// The store the file goes to (this agent's).
+    pub store_url: String,
+    /// The file's path in the store.
+    pub path: String,
+    /// The object's key.
+    pub key: String,
+    /// The file's SHA-256 (hex), from its record.
+    pub sha256: String,
+    /// The object store.
+    pub target: ObjectTarget,
+}
+
+/// A replica brought back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fetched {
+    /// The file's path in the store.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Its SHA-256.
+    pub sha256: String,
+    /// Files restored beside it (a template's `template.properties`).
+    #[serde(default)]
+    pub companions: Vec<String>,
 }
 
 /// A replica: which file, what it must hash to, and where it goes.
@@ -492,6 +539,9 @@ pub struct Replicated {
     pub resumed_parts: u32,
     /// Bytes sent by this attempt.
     pub bytes_sent: u64,
+    /// Keys of the files replicated beside it (a template's `template.properties`).
+    #[serde(default)]
+    pub companions: Vec<String>,
 }
 
 /// An image file on a store.

@@ -4,7 +4,10 @@
 //! Code map:
 //! - [`s3`]: S3 (aws-sdk-s3): one PUT below a cutoff, multipart above it with parts that grow so
 //!   any size fits in 10,000, CRC32C per part, the whole object's SHA-256 as metadata, resume of
-//!   an interrupted upload from a journal on the staging store, orphaned uploads aborted.
+//!   an interrupted upload from a journal on the staging store, orphaned uploads aborted; a
+//!   template's `template.properties` beside its image; probes and removals.
+//! - [`restore`]: an object brought back into the staging store (a rebuild), verified before it
+//!   takes its place.
 //!
 //! Invariants:
 //! - An object appears under its final key only complete: a single PUT, or a multipart upload
@@ -13,6 +16,7 @@
 //!   size and SHA-256.
 //! - Credentials live in [`systemvm_proto::Secret`]: never in a log line, an error or a journal.
 
+pub mod restore;
 pub mod s3;
 
 /// Why a replication failed: what the operator sees in the job's answer.

@@ -144,7 +144,10 @@ pub fn client(target: &S3Target, opts: &S3Options) -> Result<Client, ReplicaErro
 }
 
 /// An SDK error as the operator should read it.
-fn remote<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E>) -> ReplicaError {
+pub(crate) fn remote<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    what: &str,
+    e: SdkError<E>,
+) -> ReplicaError {
     match &e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
             ReplicaError::Unreachable(format!("{what}: {}", aws_sdk_s3::error::DisplayErrorContext(&e)))
@@ -202,9 +205,57 @@ pub async fn replicate(
     } else {
         multipart(u, opts).await
     };
-    let done = result?;
+    let mut done = result?;
     verify(&s3, target, key, size, &expected).await?;
+    if let Some((file, object)) = companion(path, key)
+        && put_companion(&s3, store, target, &file, &object).await?
+    {
+        done.companions.push(object);
+    }
     Ok(done)
+}
+
+/// The file replicated beside an artefact, and its key: a template's `template.properties`
+/// (what a rebuilt store needs to list the install), when the store has one.
+pub fn companion(path: &str, key: &str) -> Option<(String, String)> {
+    if !path.starts_with("template/") {
+        return None;
+    }
+    let name = crate::properties::TEMPLATE_PROPERTIES;
+    let (dir, _) = path.rsplit_once('/')?;
+    let (key_dir, _) = key.rsplit_once('/')?;
+    Some((format!("{dir}/{name}"), format!("{key_dir}/{name}")))
+}
+
+/// Largest companion file.
+pub const MAX_COMPANION: usize = 64 << 10;
+
+async fn put_companion(
+    s3: &Client,
+    store: &Store,
+    target: &S3Target,
+    path: &str,
+    key: &str,
+) -> Result<bool, ReplicaError> {
+    let data = match store.read_file(path, MAX_COMPANION).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let sha = hex::encode(Sha256::digest(&data));
+    let len = data.len() as u64;
+    s3.put_object()
+        .bucket(&target.bucket)
+        .key(key)
+        .metadata(SHA256_META, &sha)
+        .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+        .content_length(len as i64)
+        .body(ByteStream::from(data))
+        .send()
+        .await
+        .map_err(|e| remote("PutObject", e))?;
+    verify(s3, target, key, len, &sha).await?;
+    Ok(true)
 }
 
 /// One file's upload: the client, the source and where it goes.
@@ -257,6 +308,7 @@ async fn single_put(u: Upload<'_>) -> Result<Replicated, ReplicaError> {
         parts: 1,
         resumed_parts: 0,
         bytes_sent: size,
+        companions: Vec::new(),
     })
 }
 
@@ -420,6 +472,7 @@ async fn multipart(u: Upload<'_>, opts: &S3Options) -> Result<Replicated, Replic
         parts: count as u32,
         resumed_parts,
         bytes_sent: sent,
+        companions: Vec::new(),
     })
 }
 
@@ -596,8 +649,56 @@ async fn abort_others(s3: &Client, target: &S3Target, key: &str, keep: &str) {
     }
 }
 
+/// Removes the object under `key` (and its companion, [`companion`]) and aborts the multipart
+/// uploads still open under it; an object that is not there is not an error (S3's
+/// `DeleteObject` succeeds then too).
+pub async fn delete(target: &S3Target, key: &str, opts: &S3Options) -> Result<(), ReplicaError> {
+    if key.is_empty() || key.len() > 1024 {
+        return Err(ReplicaError::Invalid(format!("key of {} bytes", key.len())));
+    }
+    let s3 = client(target, opts)?;
+    abort_others(&s3, target, key, "").await;
+    s3.delete_object()
+        .bucket(&target.bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| remote("DeleteObject", e))?;
+    if let Some((_, object)) = companion(key, key) {
+        s3.delete_object()
+            .bucket(&target.bucket)
+            .key(&object)
+            .send()
+            .await
+            .map_err(|e| remote("DeleteObject", e))?;
+    }
+    tracing::info!(key, bucket = %target.bucket, "Removed a replica");
+    Ok(())
+}
+
+/// Checks that the endpoint answers and the bucket is there for these credentials
+/// (`HeadBucket`).
+pub async fn probe(target: &S3Target, opts: &S3Options) -> Result<(), ReplicaError> {
+    let s3 = client(target, opts)?;
+    match s3.head_bucket().bucket(&target.bucket).send().await {
+        Ok(_) => Ok(()),
+        // A HEAD answer has no body, so no error code: the status says what went wrong.
+        Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+            Some(404) => Err(ReplicaError::Remote(format!(
+                "HeadBucket: NoSuchBucket (HTTP 404): bucket {} does not exist",
+                target.bucket
+            ))),
+            Some(s @ (401 | 403)) => Err(ReplicaError::Remote(format!(
+                "HeadBucket: AccessDenied (HTTP {s}): the credentials are not accepted for bucket {}",
+                target.bucket
+            ))),
+            _ => Err(remote("HeadBucket", e)),
+        },
+    }
+}
+
 /// The object must be there with the file's size and SHA-256.
-async fn verify(
+pub(crate) async fn verify(
     s3: &Client,
     target: &S3Target,
     key: &str,
