@@ -41,3 +41,8 @@ CREATE TABLE replicas (
 -- NFS stores: Image (addImageStore) or ImageCache (createSecondaryStagingStore). Both hold
 -- the staging copies downloads, uploads and backups write.
 ALTER TABLE image_stores ADD COLUMN role TEXT NOT NULL DEFAULT 'Image';
+-- The staging cache: a template's or ISO's copy on an ImageCache store may be evicted once
+-- replicated (Present -> Evicting -> Evicted) and is fetched back on use (Evicted -> Fetching ->
+-- Present); last_used_ms orders evictions (0: not seen yet).
+ALTER TABLE templates ADD COLUMN staging TEXT NOT NULL DEFAULT 'Present';
+ALTER TABLE templates ADD COLUMN last_used_ms BIGINT NOT NULL DEFAULT 0;

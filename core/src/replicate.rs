@@ -1,8 +1,9 @@
 //! The replicator (a background part, on the lease holder): keeps each zone's object stores in
 //! step with its staging stores. It records a replica for every installed artefact
 //! ([`replicas::reconcile`]), hands due ones to the storage VM serving the artefact's staging
-//! store (`replicate`), removes the objects of artefacts that went (`deleteObject`), and probes
-//! each object store's health.
+//! store (`replicate`), removes the objects of artefacts that went (`deleteObject`), probes
+//! each object store's health, and every `storage.cache.replacement.interval` evicts the staging
+//! copies unused for the LRU interval ([`staging::evict_due`]).
 //!
 //! Invariants: at most `objectstore.replication.concurrency` replicas and removals are in flight,
 //! each row at most once (the in-flight set is this task's, so a row `Replicating` that no task
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::model::replicas::{self, Replica};
-use crate::model::{object_stores, settings, stores};
+use crate::model::{object_stores, settings, staging, stores};
 use crate::state::State;
 
 /// How often the replicator looks for work.
@@ -49,6 +50,7 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
     let in_flight: InFlight = Arc::default();
     let mut tasks = JoinSet::new();
     let mut probed: HashMap<String, Instant> = HashMap::new();
+    let mut evicted_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -60,6 +62,15 @@ pub async fn run(state: State, mut stop: watch::Receiver<bool>) {
         }
         if let Err(error) = step(&state, &in_flight, &mut tasks, &mut probed).await {
             tracing::warn!(%error, "Replicator failed to read the database");
+        }
+        let every = Duration::from_secs(settings::uint(&state, &settings::CACHE_REPLACEMENT_INTERVAL).await);
+        if evicted_at.is_none_or(|t| t.elapsed() >= every) {
+            evicted_at = Some(Instant::now());
+            match staging::evict_due(&state).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(evicted = n, "Staging copies evicted"),
+                Err(error) => tracing::warn!(%error, "Staging eviction failed to read the database"),
+            }
         }
     }
 }

@@ -1,11 +1,13 @@
-//! Object stores through core: `addImageStore provider=S3` (CloudStack's `details` keys) beside
-//! the zone's NFS staging store on nfs-ganesha, with s3s-fs as S3. A template (multipart), an ISO
+//! Object stores through core: `addImageStore provider=S3` (CloudStack's `details` keys, and
+//! `addImageStoreS3`) beside the zone's NFS staging store on nfs-ganesha
+//! (`createSecondaryStagingStore`), with s3s-fs as S3. A template (multipart), an ISO
 //! (one PUT) and a snapshot of a volume on a ganesha primary pool are replicated by the storage
 //! VM (process driver) as core's replicator asks, read back by boto3 with their SHA-256; the
 //! per-store state in `listTemplates` and `listSnapshots showunique=false`; health from probes
 //! (bad credentials: Down with the reason) and no secret in any answer;
 //! the disaster-recovery drill (the staging store's artefacts deleted, `systemvm-core
-//! rebuild-store`, every file back as it was, the template served again); `deleteImageStore`
+//! rebuild-store`, every file back as it was, the template served again); the staging cache (a
+//! replicated template evicted, brought back by its next extract); `deleteImageStore`
 //! refused while objects live there; deleting an artefact removes its object.
 
 use std::path::Path;
@@ -143,7 +145,11 @@ fn artefact_files(root: &std::path::Path) -> Vec<(String, String)> {
 async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() {
     let (core, _guard) = start_on(
         Backend::Sqlite,
-        &[("secstorage.allowed.internal.sites", "127.0.0.0/8")],
+        &[
+            ("secstorage.allowed.internal.sites", "127.0.0.0/8"),
+            // Evictions come at the end, once the drill is done.
+            ("storage.cache.replacement.enabled", "false"),
+        ],
     )
     .await;
     let sec = RestartableGanesha::start("rep-sec");
@@ -154,16 +160,24 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         .as_str()
         .expect("zone")
         .to_owned();
-    let staging = store_id(
-        &core
-            .ok(&[
-                "addImageStore",
-                "provider=NFS",
-                "name=rep-staging",
-                &format!("url={}", sec.url),
-                &format!("zoneid={zone}"),
-            ])
-            .await,
+    // The NFS store as CloudStack's staging store (role ImageCache).
+    let added = core
+        .ok(&[
+            "createSecondaryStagingStore",
+            "name=rep-staging",
+            &format!("url={}", sec.url),
+            &format!("zoneid={zone}"),
+        ])
+        .await;
+    let staging = added["secondarystorage"]["id"]
+        .as_str()
+        .expect("staging store")
+        .to_owned();
+    let cache = core.ok(&["listSecondaryStagingStores"]).await;
+    assert_eq!(cache["count"], 1, "{cache}");
+    assert_eq!(
+        cache["secondarystagingstore"][0]["providername"], "NFS",
+        "{cache}"
     );
     // The good store through the CLI, its keys from a file (never on a command line).
     let params = core.dir().join("s3.params");
@@ -240,7 +254,10 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         probed.then_some(l)
     })
     .await;
-    assert_eq!(listed["count"], 3, "{listed}");
+    assert_eq!(
+        listed["count"], 2,
+        "the staging store is not an image store: {listed}"
+    );
     let text = listed.to_string();
     assert!(
         !text.contains(SECRET_KEY) && !text.contains(forged),
@@ -266,12 +283,6 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
             .as_str()
             .is_some_and(|d| d.contains("403") || d.contains("Signature")),
         "{b}"
-    );
-    // The staging store is listed as CloudStack lists an NFS store.
-    assert!(
-        listed["imagestore"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|s| s["providername"] == "NFS"))
     );
 
     // A template above the single-PUT cutoff (multipart) and an ISO (one PUT).
@@ -462,6 +473,47 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         "the rebuilt snapshot restores identical: {cmp:?}"
     );
 
+    // The staging cache: with a zero LRU interval the replicated template's staging copy is
+    // evicted, and the next extract brings it back from S3 first.
+    for (name, value) in [
+        ("storage.cache.replacement.lru.interval", "0"),
+        ("storage.cache.replacement.interval", "1"),
+        ("storage.cache.replacement.enabled", "true"),
+    ] {
+        core.ok(&[
+            "updateConfiguration",
+            &format!("name={name}"),
+            &format!("value={value}"),
+        ])
+        .await;
+    }
+    let image = sec.dir.join(rt["key"].as_str().expect("key"));
+    eventually(
+        Duration::from_secs(30),
+        "the staging copy was not evicted",
+        async || (!image.exists()).then_some(()),
+    )
+    .await;
+    core.ok(&[
+        "updateConfiguration",
+        "name=storage.cache.replacement.enabled",
+        "value=false",
+    ])
+    .await;
+    let link = core
+        .ok(&["extractTemplate", &format!("id={t}"), "mode=HTTP_DOWNLOAD"])
+        .await["template"]["url"]
+        .as_str()
+        .expect("extract url")
+        .to_owned();
+    assert!(image.exists(), "the extract brought the staging copy back");
+    let got = crate::uploads::request(&link, "GET", &[], b"", None).await;
+    assert_eq!(
+        sha_hex(&got.body),
+        qcow2_sha,
+        "the copy brought back serves its bytes"
+    );
+
     // Objects live in the good store: it cannot go. The broken one holds none: it can.
     let o = core.cs(&["deleteImageStore", &format!("id={good}")]).await;
     assert_eq!(errorcode(&o.json), Some(536), "{}", o.json);
@@ -487,5 +539,5 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         );
     }
     core.ok(&["deleteImageStore", &format!("id={good}")]).await;
-    assert_eq!(core.ok(&["listImageStores"]).await["count"], 1);
+    assert!(core.ok(&["listImageStores"]).await.get("imagestore").is_none());
 }

@@ -30,6 +30,7 @@ pub mod replicas;
 pub mod sessions;
 pub mod settings;
 pub mod snapshots;
+pub mod staging;
 pub mod stores;
 pub mod systemvms;
 pub mod tags;

@@ -104,6 +104,9 @@ pub async fn rebuild(state: &State, store_id: &str, object_store_id: Option<&str
         };
         match outcome {
             Ok(f) => {
+                if r.kind == replicas::kind::TEMPLATE {
+                    crate::model::staging::restored(state, &r.artefact_id).await?;
+                }
                 done.restored += 1;
                 done.bytes += f.size;
                 done.companions += f.companions.len() as u64;

@@ -407,6 +407,42 @@ pub const REPLICA_WAIT: Setting = Setting {
     description: "Seconds a storage VM may take to copy one file to an object store before the attempt fails (it resumes at the next)",
 };
 
+/// `storage.cache.replacement.enabled`.
+pub const CACHE_REPLACEMENT: Setting = Setting {
+    name: "storage.cache.replacement.enabled",
+    category: "Storage",
+    default: "true",
+    kind: Kind::String,
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Whether templates and ISOs on staging (ImageCache) stores not used for storage.cache.replacement.lru.interval days are evicted once replicated to an object store (fetched back on use)",
+};
+
+/// `storage.cache.replacement.interval`.
+pub const CACHE_REPLACEMENT_INTERVAL: Setting = Setting {
+    name: "storage.cache.replacement.interval",
+    category: "Storage",
+    default: "86400",
+    kind: Kind::Integer(1, 31_536_000),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Seconds between two looks for staging copies to evict",
+};
+
+/// `storage.cache.replacement.lru.interval`.
+pub const CACHE_REPLACEMENT_LRU: Setting = Setting {
+    name: "storage.cache.replacement.lru.interval",
+    category: "Storage",
+    default: "30",
+    kind: Kind::Integer(0, 36_500),
+    dynamic: true,
+    zone: false,
+    agent: None,
+    description: "Days a staging copy must go unused before it may be evicted",
+};
+
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
     &PROXY_SESSION_MAX,
@@ -440,6 +476,9 @@ pub const SETTINGS: &[&Setting] = &[
     &SNAPSHOT_RATE,
     &REPLICA_CONCURRENCY,
     &REPLICA_WAIT,
+    &CACHE_REPLACEMENT,
+    &CACHE_REPLACEMENT_INTERVAL,
+    &CACHE_REPLACEMENT_LRU,
 ];
 
 /// Finds a setting definition.
