@@ -29,6 +29,9 @@ if [ "$mode" != run ]; then
   apt_pkgs+=(postgresql python3-venv)
   # The libvirt driver's tests: libvirtd (started by the tests, no systemd) and a guest initramfs.
   apt_pkgs+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients busybox-static cpio)
+  # Swift as an object store (started by the tests: proxy with tempauth, one-replica rings), its
+  # CLI to read objects back, and memcached for its tokens.
+  apt_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached)
 fi
 # Ansible with its bundled ngine_io.cloudstack collection (PyPI `ansible` 9.13.0, pinned) and the
 # `cs` library its modules call: the Ansible end-to-end test drives core with them.

@@ -320,24 +320,18 @@ impl Runner {
                 Ok(()) => self.replicate(cmd).await,
                 Err(e) => Err(e),
             },
-            AgentCommand::DeleteObject { target, key } => {
-                let systemvm_proto::agent::ObjectTarget::S3(t) = &target;
-                crate::replica::s3::delete(t, &key, &crate::replica::s3::S3Options::default())
-                    .await
-                    .map(|()| serde_json::json!({ "removed": true }))
-                    .map_err(Into::into)
-            }
+            AgentCommand::DeleteObject { target, key } => crate::replica::delete(&target, &key)
+                .await
+                .map(|()| serde_json::json!({ "removed": true }))
+                .map_err(Into::into),
             AgentCommand::FetchObject(cmd) => match self.check_store(&cmd.store_url) {
                 Ok(()) => self.fetch_object(cmd).await,
                 Err(e) => Err(e),
             },
-            AgentCommand::ProbeObjectStore { target } => {
-                let systemvm_proto::agent::ObjectTarget::S3(t) = &target;
-                crate::replica::s3::probe(t, &crate::replica::s3::S3Options::default())
-                    .await
-                    .map(|()| serde_json::json!({}))
-                    .map_err(Into::into)
-            }
+            AgentCommand::ProbeObjectStore { target } => crate::replica::probe(&target)
+                .await
+                .map(|()| serde_json::json!({}))
+                .map_err(Into::into),
         };
         Self::answer(&c, r)
     }
@@ -468,16 +462,7 @@ impl Runner {
         artefact_path(&cmd.path)?;
         sha256_hex(&cmd.sha256)?;
         let store = self.agent.downloader_now().store;
-        let systemvm_proto::agent::ObjectTarget::S3(target) = &cmd.target;
-        let r = crate::replica::s3::replicate(
-            &store,
-            &cmd.path,
-            &cmd.sha256,
-            target,
-            &cmd.key,
-            &crate::replica::s3::S3Options::default(),
-        )
-        .await?;
+        let r = crate::replica::replicate(&store, &cmd.path, &cmd.sha256, &cmd.target, &cmd.key).await?;
         tracing::info!(path = %cmd.path, key = %r.key, parts = r.parts, resumed = r.resumed_parts, "Replica complete");
         Ok(serde_json::to_value(r)?)
     }
@@ -490,16 +475,7 @@ impl Runner {
         artefact_path(&cmd.path)?;
         sha256_hex(&cmd.sha256)?;
         let store = self.agent.downloader_now().store;
-        let systemvm_proto::agent::ObjectTarget::S3(target) = &cmd.target;
-        let f = crate::replica::restore::fetch(
-            &store,
-            &cmd.path,
-            &cmd.key,
-            &cmd.sha256,
-            target,
-            &crate::replica::s3::S3Options::default(),
-        )
-        .await?;
+        let f = crate::replica::fetch(&store, &cmd.path, &cmd.key, &cmd.sha256, &cmd.target).await?;
         Ok(serde_json::to_value(f)?)
     }
 

@@ -1,6 +1,7 @@
 //! Object stores through core: `addImageStore provider=S3` (CloudStack's `details` keys, and
 //! `addImageStoreS3`) beside the zone's NFS staging store on nfs-ganesha
-//! (`createSecondaryStagingStore`), with s3s-fs as S3. A template (multipart), an ISO
+//! (`createSecondaryStagingStore`), with s3s-fs as S3 and a single-node Swift (tempauth; read
+//! back by the `swift` CLI). A template (multipart), an ISO
 //! (one PUT) and a snapshot of a volume on a ganesha primary pool are replicated by the storage
 //! VM (process driver) as core's replicator asks, read back by boto3 with their SHA-256; the
 //! per-store state in `listTemplates` and `listSnapshots showunique=false`; health from probes
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use systemvm_tests::http::HttpFixture;
-use systemvm_tests::objects::{ACCESS_KEY, S3sFs, SECRET_KEY, boto3_read};
+use systemvm_tests::objects::{ACCESS_KEY, S3sFs, SECRET_KEY, SWIFT_KEY, Swift, boto3_read};
 
 use crate::core_api::{Backend, Core};
 use crate::deploy::{start_on, wait_fleet};
@@ -202,6 +203,30 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
     let good = store_id(&serde_json::from_str::<Value>(&out).expect("addImageStore's answer"));
     let forged = "not-the-secret-at-all";
     let bad = store_id(&ok_args(&core, &s3_store_args("s3-badkey", &s3.endpoint, BUCKET, forged)).await);
+    // Swift beside them: CloudStack's details (account, username, key) and ours (container,
+    // segment size).
+    let swift = Swift::start(&core.dir().join("swift"));
+    swift.cli(&["post", "templates"]);
+    let sw = store_id(
+        &core
+            .ok(&[
+                "addImageStore",
+                "provider=Swift",
+                "name=swift-main",
+                &format!("url={}", swift.auth_url),
+                "details[0].key=account",
+                "details[0].value=test",
+                "details[1].key=username",
+                "details[1].value=tester",
+                "details[2].key=key",
+                &format!("details[2].value={SWIFT_KEY}"),
+                "details[3].key=container",
+                "details[3].value=templates",
+                "details[4].key=segmentsize",
+                "details[4].value=16777216",
+            ])
+            .await,
+    );
 
     // CloudStack's older command: the same store with the keys as parameters.
     let legacy = core
@@ -231,8 +256,14 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
             "accesskey",
         ),
         (
-            vec!["provider=Swift", "name=y", "url=http://127.0.0.1:1/auth/v1.0"],
-            "not supported",
+            vec![
+                "provider=Swift",
+                "name=y",
+                "url=http://127.0.0.1:1/auth/v1.0",
+                "details[0].key=account",
+                "details[0].value=a",
+            ],
+            "username",
         ),
     ] {
         let mut all = vec!["addImageStore"];
@@ -249,18 +280,18 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         let all = l["imagestore"].as_array().cloned().unwrap_or_default();
         let probed = all
             .iter()
-            .filter(|s| s["providername"] == "S3")
+            .filter(|s| s["providername"] == "S3" || s["providername"] == "Swift")
             .all(|s| s["health"] != "Unknown");
         probed.then_some(l)
     })
     .await;
     assert_eq!(
-        listed["count"], 2,
+        listed["count"], 3,
         "the staging store is not an image store: {listed}"
     );
     let text = listed.to_string();
     assert!(
-        !text.contains(SECRET_KEY) && !text.contains(forged),
+        !text.contains(SECRET_KEY) && !text.contains(forged) && !text.contains(SWIFT_KEY),
         "a secret in {text}"
     );
     let by = |id: &str| {
@@ -276,6 +307,13 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         "{g}"
     );
     assert_eq!(g["url"], format!("{}/{BUCKET}", s3.endpoint));
+    let w = by(&sw);
+    assert_eq!(
+        (w["health"].as_str(), w["providername"].as_str()),
+        (Some("Up"), Some("Swift")),
+        "{w}"
+    );
+    assert_eq!(w["url"], swift.auth_url.as_str());
     let b = by(&bad);
     assert_eq!(b["health"], "Down", "{b}");
     assert!(
@@ -331,6 +369,13 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         assert_eq!((size, &read_sha), (len as u64, sha), "{key}");
         assert_eq!(meta.as_deref(), Some(sha.as_str()), "{key}");
     }
+    // In Swift too: a static large object of 16 MiB segments, read back by the swift CLI.
+    let wt = replica_in(&core, &sw, &t, "Replicated", Duration::from_secs(180)).await;
+    assert!(wt["parts"].as_i64().is_some_and(|p| p >= 5), "{wt}");
+    let back = swift
+        .read("templates", wt["key"].as_str().expect("key"))
+        .expect("Swift object");
+    assert_eq!(sha_hex(&back), qcow2_sha);
     // Per store in listTemplates: the staging store first, then each object store.
     let listed = core
         .ok(&["listTemplates", "templatefilter=all", &format!("id={t}")])
@@ -339,7 +384,7 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         .as_array()
         .cloned()
         .expect("details");
-    assert_eq!(details.len(), 3, "{details:?}");
+    assert_eq!(details.len(), 4, "{details:?}");
     assert_eq!(details[0]["datastore"], "rep-staging");
     let s3_main = details
         .iter()
@@ -405,7 +450,7 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         .ok(&["listSnapshots", &format!("id={snap}"), "showunique=false"])
         .await;
     let entries = per_store["snapshot"].as_array().cloned().expect("entries");
-    assert_eq!(entries.len(), 3, "{per_store}");
+    assert_eq!(entries.len(), 4, "{per_store}");
     let on_s3 = entries
         .iter()
         .find(|e| e["datastoreid"] == good.as_str())
@@ -524,13 +569,21 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
     core.ok(&["deleteTemplate", &format!("id={t}")]).await;
     core.ok(&["deleteIso", &format!("id={i}")]).await;
     core.ok(&["deleteSnapshot", &format!("id={snap}")]).await;
-    eventually(Duration::from_secs(60), "replicas not removed", async || {
-        replicas(&core, &[&format!("imagestoreid={good}")])
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    for store in [&good, &sw] {
+        eventually(Duration::from_secs(60), "replicas not removed", async || {
+            replicas(&core, &[&format!("imagestoreid={store}")])
+                .await
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(
+        swift
+            .read("templates", wt["key"].as_str().expect("key"))
+            .is_none()
+    );
+    core.ok(&["deleteImageStore", &format!("id={sw}")]).await;
     for r in [&rt, &ri, &rs] {
         let key = r["key"].as_str().expect("key");
         assert!(

@@ -1,5 +1,6 @@
 //! Object stores as test servers: s3s-fs (S3 on a directory; checks SigV4 signatures and
-//! checksums, keeps its data across restarts) and moto (S3 in memory; multipart bookkeeping),
+//! checksums, keeps its data across restarts), moto (S3 in memory; multipart bookkeeping) and a
+//! single-node Swift (tempauth, SLO, container quotas; the `swift` CLI reads objects back),
 //! each on a free loopback port, killed when dropped; and boto3 as the independent client that
 //! reads objects back. A missing server or client panics with what to install
 //! (`scripts/deps.sh test` installs all three).
@@ -12,6 +13,10 @@ use std::time::{Duration, Instant};
 pub const ACCESS_KEY: &str = "replica-test";
 /// Secret key of the test servers.
 pub const SECRET_KEY: &str = "replica-test-secret";
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -203,4 +208,175 @@ print(json.dumps([n, h.hexdigest(), o.get("Metadata", {}).get("sha256")]))
         v[1].as_str().expect("sha256").to_owned(),
         v[2].as_str().map(str::to_owned),
     ))
+}
+
+/// Swift's tempauth user of [`Swift`] (`account:user`).
+pub const SWIFT_USER: &str = "test:tester";
+/// Its key.
+pub const SWIFT_KEY: &str = "testing";
+
+/// A single-node OpenStack Swift (Debian's packages: proxy with tempauth, SLO and container
+/// quotas; account, container and object servers; a memcached for tokens) on free loopback
+/// ports over a directory, stopped when dropped; one-replica rings.
+#[derive(Debug)]
+pub struct Swift {
+    children: Vec<Child>,
+    /// `http://127.0.0.1:PORT/auth/v1.0`.
+    pub auth_url: String,
+    /// Where its configuration, devices and logs live.
+    pub dir: PathBuf,
+}
+
+impl Swift {
+    /// Starts it on `dir` (created); waits until the proxy answers an auth request.
+    pub fn start(dir: &Path) -> Swift {
+        for bin in ["swift-proxy-server", "swift-ring-builder", "memcached", "swift"] {
+            assert!(
+                on_path(bin),
+                "{bin} not found: run scripts/deps.sh test (Debian's swift packages, memcached)"
+            );
+        }
+        let etc = dir.join("etc");
+        let dev = dir.join("srv/d1");
+        let log = dir.join("log");
+        for d in [&etc, &dev, &log] {
+            std::fs::create_dir_all(d).expect("swift dirs");
+        }
+        let [memc, account, container, object, proxy] = [0; 5].map(|_| free_port());
+        let server = |kind: &str, port: u16| {
+            format!(
+                "[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {port}\nworkers = 0\nuser = root\nswift_dir = {etc}\ndevices = {devs}\nmount_check = false\n\n[pipeline:main]\npipeline = {kind}-server\n\n[app:{kind}-server]\nuse = egg:swift#{kind}\n",
+                etc = etc.display(),
+                devs = dir.join("srv").display()
+            )
+        };
+        std::fs::write(
+            etc.join("swift.conf"),
+            "[swift-hash]\nswift_hash_path_prefix = changeme\nswift_hash_path_suffix = changeme\n\n[storage-policy:0]\nname = Policy-0\ndefault = yes\n",
+        )
+        .expect("swift.conf");
+        for (kind, port) in [("account", account), ("container", container), ("object", object)] {
+            std::fs::write(etc.join(format!("{kind}-server.conf")), server(kind, port)).expect("conf");
+            let builder = etc.join(format!("{kind}.builder"));
+            for args in [
+                vec!["create".to_owned(), "6".into(), "1".into(), "1".into()],
+                vec!["add".into(), format!("r1z1-127.0.0.1:{port}/d1"), "100".into()],
+                vec!["rebalance".into()],
+            ] {
+                let out = Command::new("swift-ring-builder")
+                    .arg(&builder)
+                    .args(&args)
+                    .output()
+                    .expect("swift-ring-builder");
+                // `rebalance` exits 1 when it only warns.
+                assert!(
+                    out.status.code().is_some_and(|c| c <= 1),
+                    "ring {kind} {args:?}: {out:?}"
+                );
+            }
+        }
+        std::fs::write(
+            etc.join("proxy-server.conf"),
+            format!(
+                "[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {proxy}\nworkers = 0\nuser = root\nswift_dir = {etc}\n\n\
+                 [pipeline:main]\npipeline = catch_errors proxy-logging cache tempauth container-quotas slo dlo proxy-logging proxy-server\n\n\
+                 [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
+                 [filter:tempauth]\nuse = egg:swift#tempauth\nuser_test_tester = {SWIFT_KEY} .admin\n\n\
+                 [filter:cache]\nuse = egg:swift#memcache\nmemcache_servers = 127.0.0.1:{memc}\n\n\
+                 [filter:container-quotas]\nuse = egg:swift#container_quotas\n\n\
+                 [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n[filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
+                 [filter:slo]\nuse = egg:swift#slo\n\n[filter:dlo]\nuse = egg:swift#dlo\n",
+                etc = etc.display()
+            ),
+        )
+        .expect("proxy conf");
+        let mut children = Vec::new();
+        let out = |name: &str| {
+            std::fs::File::create(log.join(format!("{name}.log"))).map_or_else(|_| Stdio::null(), Stdio::from)
+        };
+        children.push(
+            Command::new("memcached")
+                .args([
+                    "-l",
+                    "127.0.0.1",
+                    "-p",
+                    &memc.to_string(),
+                    "-U",
+                    "0",
+                    "-u",
+                    "root",
+                    "-m",
+                    "64",
+                ])
+                .stdout(Stdio::null())
+                .stderr(out("memcached"))
+                .spawn()
+                .expect("memcached"),
+        );
+        for kind in ["account", "container", "object", "proxy"] {
+            children.push(
+                Command::new(format!("swift-{kind}-server"))
+                    .arg(etc.join(format!("{kind}-server.conf")))
+                    .arg("-v")
+                    .stdout(out(kind))
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("swift-{kind}-server: {e} (run scripts/deps.sh test)")),
+            );
+        }
+        let s = Swift {
+            children,
+            auth_url: format!("http://127.0.0.1:{proxy}/auth/v1.0"),
+            dir: dir.to_path_buf(),
+        };
+        for port in [account, container, object, proxy] {
+            wait_listening(&format!("127.0.0.1:{port}"), "swift", Duration::from_secs(60));
+        }
+        s
+    }
+
+    /// Runs the `swift` CLI (python3-swiftclient) with this server's credentials in its
+    /// environment; its standard output (it must succeed).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("swift")
+            .args(args)
+            .env("ST_AUTH", &self.auth_url)
+            .env("ST_USER", SWIFT_USER)
+            .env("ST_KEY", SWIFT_KEY)
+            .output()
+            .expect("swift CLI");
+        assert!(
+            out.status.success(),
+            "swift {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `container/key` as the `swift` CLI downloads it, or `None` when there is no such object.
+    pub fn read(&self, container: &str, key: &str) -> Option<Vec<u8>> {
+        let to = self.dir.join("download");
+        let _ = std::fs::remove_file(&to);
+        let out = Command::new("swift")
+            .args(["download", container, key, "-o"])
+            .arg(&to)
+            .env("ST_AUTH", &self.auth_url)
+            .env("ST_USER", SWIFT_USER)
+            .env("ST_KEY", SWIFT_KEY)
+            .output()
+            .expect("swift CLI");
+        if !out.status.success() {
+            return None;
+        }
+        std::fs::read(&to).ok()
+    }
+}
+
+impl Drop for Swift {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

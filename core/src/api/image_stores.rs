@@ -27,7 +27,7 @@ use crate::state::{Caller, State};
 
 /// `addImageStore` parameters.
 pub const ADD_IMAGE_STORE: &[ParamSpec] = &[
-    req("provider", Ty::String, "NFS or S3 (Swift comes later)"),
+    req("provider", Ty::String, "NFS, S3 or Swift"),
     opt("name", Ty::String, "Name (default: from the URL)"),
     opt(
         "url",
@@ -250,6 +250,20 @@ async fn add_s3(state: &State, p: &Params, details: &BTreeMap<String, String>) -
     Ok(object_store_json(&store, &HashMap::new()))
 }
 
+async fn add_swift(state: &State, p: &Params) -> Result<Value, ApiError> {
+    let details = details_of(p);
+    let config = object_stores::swift_config(p.non_empty("url"), &details)?;
+    let zone_id = crate::model::resolve_zone(&state.db.pool, p.non_empty("zoneid")).await?;
+    let name = p
+        .non_empty("name")
+        .map_or_else(|| config.container.clone(), str::to_owned);
+    let id = object_stores::add_swift(state, &name, &zone_id, &config, &details).await?;
+    let store = object_stores::get(state, &id)
+        .await?
+        .ok_or_else(|| ApiError::internal(&"the new object store is not there"))?;
+    Ok(object_store_json(&store, &HashMap::new()))
+}
+
 /// `addImageStore`.
 pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result<Value, ApiError> {
     let provider = p.non_empty("provider").unwrap_or_default();
@@ -257,9 +271,11 @@ pub async fn add_image_store(state: State, _caller: Caller, p: Params) -> Result
         add_nfs(&state, &p, ROLE_IMAGE).await?
     } else if provider.eq_ignore_ascii_case("s3") {
         add_s3(&state, &p, &details_of(&p)).await?
+    } else if provider.eq_ignore_ascii_case("swift") {
+        add_swift(&state, &p).await?
     } else {
         return Err(ApiError::param(format!(
-            "Image store provider {provider:?} is not supported: use NFS or S3"
+            "Image store provider {provider:?} is not supported: use NFS, S3 or Swift"
         )));
     };
     Ok(json!({ "imagestore": store }))

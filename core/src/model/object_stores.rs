@@ -1,4 +1,4 @@
-//! Object stores (S3): a zone's durable copy of what its NFS staging stores hold. Records,
+//! Object stores (S3, Swift): a zone's durable copy of what its NFS staging stores hold. Records,
 //! CloudStack's `details` keys, the sealed secret, health, deletion.
 //!
 //! Invariants:
@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use sqlx::Row as _;
 use systemvm_proto::Secret;
-use systemvm_proto::agent::{ObjectTarget, S3Target};
+use systemvm_proto::agent::{ObjectTarget, S3Target, SwiftAuth, SwiftTarget};
 
 use crate::model::{DomainError, DomainResult};
 use crate::secrets::Opened;
@@ -31,7 +31,7 @@ pub mod health {
 }
 
 /// The `details` keys that hold secrets: kept out of the stored details.
-const SECRET_KEYS: &[&str] = &["secretkey"];
+const SECRET_KEYS: &[&str] = &["secretkey", "key"];
 
 /// CloudStack's S3 `details` keys (and ours: `region`, `pathstyle`); anything else is refused,
 /// so a misspelt key does not pass unnoticed.
@@ -152,6 +152,120 @@ pub fn s3_config(url: Option<&str>, details: &BTreeMap<String, String>) -> Domai
     })
 }
 
+/// CloudStack's Swift `details` keys (and ours: `container`, `authversion`, `domain`,
+/// `project`, `segmentsize`).
+pub const SWIFT_KEYS: &[&str] = &[
+    "account",
+    "username",
+    "key",
+    "storagepolicy",
+    "container",
+    "authversion",
+    "domain",
+    "project",
+    "segmentsize",
+];
+
+/// The default segment size of Swift's static large objects (ours).
+pub const SWIFT_SEGMENT: u64 = 64 << 20;
+
+/// A Swift store as `addImageStore provider=Swift` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwiftConfig {
+    /// The auth URL (v1) or identity URL (v3).
+    pub auth_url: String,
+    /// `account:username` (v1) or the user name (v3).
+    pub user: String,
+    /// The key or password.
+    pub key: Secret,
+    /// The container.
+    pub container: String,
+    /// 1 (tempauth) or 3 (Keystone).
+    pub version: u8,
+    /// Keystone v3: the domain of the user and project.
+    pub domain: String,
+    /// Keystone v3: the project (default: `account`).
+    pub project: String,
+    /// The smallest segment of a large object.
+    pub segment_size: u64,
+}
+
+/// Reads a Swift store's settings: `url` (the auth URL) and CloudStack's `account`, `username`,
+/// `key` (tempauth's user is `account:username`); ours: `container` (default `templates`),
+/// `authversion` (1 or 3, default 1), `domain` (default `Default`), `project` (default the
+/// account), `segmentsize` (bytes, default 64 MiB, at least 1 MiB).
+pub fn swift_config(url: Option<&str>, details: &BTreeMap<String, String>) -> DomainResult<SwiftConfig> {
+    if let Some(k) = details.keys().find(|k| !SWIFT_KEYS.contains(&k.as_str())) {
+        return Err(DomainError::Invalid(format!(
+            "Unknown Swift details key {k:?}; expected one of {}",
+            SWIFT_KEYS.join(", ")
+        )));
+    }
+    let get = |k: &str| {
+        details
+            .get(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let need = |k: &str| {
+        get(k).ok_or_else(|| DomainError::Invalid(format!("A Swift image store needs details key {k}")))
+    };
+    let auth_url = url
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+        .ok_or_else(|| DomainError::Invalid("A Swift image store needs url: its http(s) auth URL".into()))?;
+    if auth_url.len() > crate::model::stores::MAX_URL_LEN
+        || auth_url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(DomainError::Invalid(format!(
+            "Invalid Swift auth URL {auth_url:?}"
+        )));
+    }
+    let account = need("account")?;
+    let username = need("username")?;
+    let key = need("key")?;
+    let version = match get("authversion").as_deref() {
+        None | Some("1") => 1,
+        Some("3") => 3,
+        Some(v) => {
+            return Err(DomainError::Invalid(format!(
+                "details key authversion must be 1 or 3, not {v:?}"
+            )));
+        }
+    };
+    let container = get("container").unwrap_or_else(|| "templates".into());
+    if container.len() > 256
+        || container.contains('/')
+        || container.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(DomainError::Invalid(format!(
+            "Invalid Swift container name {container:?}"
+        )));
+    }
+    let segment_size = match get("segmentsize") {
+        None => SWIFT_SEGMENT,
+        Some(v) => v.parse::<u64>().ok().filter(|n| *n >= 1 << 20).ok_or_else(|| {
+            DomainError::Invalid(format!(
+                "details key segmentsize must be bytes, at least 1048576, not {v:?}"
+            ))
+        })?,
+    };
+    Ok(SwiftConfig {
+        auth_url,
+        user: if version == 1 {
+            format!("{account}:{username}")
+        } else {
+            username
+        },
+        key: Secret(key),
+        container,
+        version,
+        domain: get("domain").unwrap_or_else(|| "Default".into()),
+        project: get("project").unwrap_or(account),
+        segment_size,
+    })
+}
+
 fn seal_name(id: &str) -> String {
     format!("object_stores/{id}")
 }
@@ -164,10 +278,65 @@ pub async fn add_s3(
     c: &S3Config,
     details: &BTreeMap<String, String>,
 ) -> DomainResult<String> {
+    let row = NewStore {
+        provider: "S3",
+        endpoint: &c.endpoint,
+        bucket: &c.bucket,
+        region: &c.region,
+        path_style: c.path_style,
+        access_key: &c.access_key,
+        secret: c.secret_key.expose(),
+    };
+    add(state, name, zone_id, &row, details).await
+}
+
+/// Records a Swift store; returns its id.
+pub async fn add_swift(
+    state: &State,
+    name: &str,
+    zone_id: &str,
+    c: &SwiftConfig,
+    details: &BTreeMap<String, String>,
+) -> DomainResult<String> {
+    let mut kept = details.clone();
+    kept.insert("authversion".into(), c.version.to_string());
+    kept.insert("domain".into(), c.domain.clone());
+    kept.insert("project".into(), c.project.clone());
+    kept.insert("segmentsize".into(), c.segment_size.to_string());
+    let row = NewStore {
+        provider: "Swift",
+        endpoint: &c.auth_url,
+        bucket: &c.container,
+        region: "",
+        path_style: true,
+        access_key: &c.user,
+        secret: c.key.expose(),
+    };
+    add(state, name, zone_id, &row, &kept).await
+}
+
+/// An object store's row.
+struct NewStore<'a> {
+    provider: &'a str,
+    endpoint: &'a str,
+    bucket: &'a str,
+    region: &'a str,
+    path_style: bool,
+    access_key: &'a str,
+    secret: &'a str,
+}
+
+async fn add(
+    state: &State,
+    name: &str,
+    zone_id: &str,
+    c: &NewStore<'_>,
+    details: &BTreeMap<String, String>,
+) -> DomainResult<String> {
     let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
     let sealed = state
         .secrets
-        .seal(&seal_name(&id), c.secret_key.expose())
+        .seal(&seal_name(&id), c.secret)
         .map_err(|e| DomainError::Internal(e.to_string()))?;
     let kept: serde_json::Map<String, serde_json::Value> = details
         .iter()
@@ -185,16 +354,17 @@ pub async fn add_s3(
     }
     let r = sqlx::query(
         "INSERT INTO object_stores (id, name, provider, zone_id, endpoint, bucket, region, path_style, access_key, secret_key, details, created) \
-         VALUES ($1, $2, 'S3', $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(id.clone())
     .bind(name.to_owned())
+    .bind(c.provider.to_owned())
     .bind(zone_id.to_owned())
-    .bind(c.endpoint.clone())
-    .bind(c.bucket.clone())
-    .bind(c.region.clone())
+    .bind(c.endpoint.to_owned())
+    .bind(c.bucket.to_owned())
+    .bind(c.region.to_owned())
     .bind(i64::from(c.path_style))
-    .bind(c.access_key.clone())
+    .bind(c.access_key.to_owned())
     .bind(sealed)
     .bind(serde_json::Value::Object(kept).to_string())
     .bind(now_cs())
@@ -202,7 +372,7 @@ pub async fn add_s3(
     .await;
     match r {
         Ok(_) => {
-            tracing::info!(%id, name, endpoint = %c.endpoint, bucket = %c.bucket, "Added an S3 image store");
+            tracing::info!(%id, name, provider = c.provider, endpoint = %c.endpoint, bucket = %c.bucket, "Added an object store");
             Ok(id)
         }
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(DomainError::Invalid(format!(
@@ -245,9 +415,13 @@ impl ObjectStore {
         self.endpoint.split_once("://").map_or("https", |(s, _)| s)
     }
 
-    /// `url` as listed: endpoint and bucket.
+    /// `url` as listed: S3's endpoint and bucket; Swift's auth URL (as CloudStack lists it).
     pub fn url(&self) -> String {
-        format!("{}/{}", self.endpoint, self.bucket)
+        if self.provider == "Swift" {
+            self.endpoint.clone()
+        } else {
+            format!("{}/{}", self.endpoint, self.bucket)
+        }
     }
 }
 
@@ -285,7 +459,7 @@ pub async fn get(state: &State, id: &str) -> Result<Option<ObjectStore>, sqlx::E
 
 /// Where storage VMs send store `id`'s objects: endpoint, bucket and the opened credentials.
 pub async fn target(state: &State, id: &str) -> DomainResult<ObjectTarget> {
-    let row = sqlx::query("SELECT endpoint, bucket, region, path_style, access_key, secret_key FROM object_stores WHERE id = $1")
+    let row = sqlx::query("SELECT provider, endpoint, bucket, region, path_style, access_key, secret_key, details FROM object_stores WHERE id = $1")
         .bind(id.to_owned())
         .fetch_optional(&state.db.pool)
         .await?
@@ -301,6 +475,38 @@ pub async fn target(state: &State, id: &str) -> DomainResult<ObjectTarget> {
         }
         Err(e) => return Err(DomainError::Internal(e.to_string())),
     };
+    if row.try_get::<String, _>("provider")? == "Swift" {
+        let details: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&row.try_get::<String, _>("details")?).unwrap_or_default();
+        let d = |k: &str| {
+            details
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let user: String = row.try_get("access_key")?;
+        let auth = if d("authversion") == "3" {
+            SwiftAuth::V3 {
+                user,
+                password: Secret(secret),
+                project: d("project"),
+                domain: d("domain"),
+            }
+        } else {
+            SwiftAuth::V1 {
+                user,
+                key: Secret(secret),
+            }
+        };
+        return Ok(ObjectTarget::Swift(SwiftTarget {
+            auth_url: row.try_get("endpoint")?,
+            auth,
+            container: row.try_get("bucket")?,
+            segment_size: d("segmentsize").parse().unwrap_or(SWIFT_SEGMENT),
+            ca_pem: None,
+        }));
+    }
     Ok(ObjectTarget::S3(S3Target {
         endpoint: row.try_get("endpoint")?,
         region: row.try_get("region")?,

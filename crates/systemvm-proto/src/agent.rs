@@ -502,6 +502,51 @@ pub struct ReplicateCommand {
 pub enum ObjectTarget {
     /// An S3 (or S3-compatible) bucket.
     S3(S3Target),
+    /// An OpenStack Swift container.
+    Swift(SwiftTarget),
+}
+
+/// How a storage VM authenticates to Swift.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "version", rename_all = "snake_case")]
+pub enum SwiftAuth {
+    /// Auth v1 (tempauth, swauth): `X-Auth-User` / `X-Auth-Key` on a GET of the auth URL.
+    V1 {
+        /// `account:user`.
+        user: String,
+        /// The key.
+        key: Secret,
+    },
+    /// Keystone v3: a password token scoped to a project; the object-store endpoint from the
+    /// token's catalog.
+    V3 {
+        /// User name.
+        user: String,
+        /// Password.
+        password: Secret,
+        /// Project name.
+        project: String,
+        /// Domain name of the user and the project.
+        domain: String,
+    },
+}
+
+/// A Swift container and how to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SwiftTarget {
+    /// Auth v1: the auth URL (`http(s)://host:8080/auth/v1.0`); Keystone v3: the identity URL
+    /// (`http(s)://host:5000/v3`).
+    pub auth_url: String,
+    /// Credentials.
+    pub auth: SwiftAuth,
+    /// The container (it must exist); segments of large objects go to `<container>_segments`.
+    pub container: String,
+    /// Files up to this size go in one PUT; larger ones as a static large object of segments of
+    /// at least this size.
+    pub segment_size: u64,
+    /// Extra trust anchors (PEM) for endpoints with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 /// An S3 endpoint, bucket and credentials.

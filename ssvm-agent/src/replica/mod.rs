@@ -6,8 +6,11 @@
 //!   any size fits in 10,000, CRC32C per part, the whole object's SHA-256 as metadata, resume of
 //!   an interrupted upload from a journal on the staging store, orphaned uploads aborted; a
 //!   template's `template.properties` beside its image; probes and removals.
-//! - [`restore`]: an object brought back into the staging store (a rebuild), verified before it
-//!   takes its place.
+//! - [`restore`]: an S3 object brought back into the staging store (a rebuild), verified before
+//!   it takes its place.
+//! - [`swift`]: OpenStack Swift over HTTP: auth v1 or Keystone v3, static large objects with
+//!   MD5-checked segments, resume by segment, segment cleanup; its restores too.
+//! - [`replicate`], [`delete`], [`probe`], [`fetch`]: the same for any [`ObjectTarget`].
 //!
 //! Invariants:
 //! - An object appears under its final key only complete: a single PUT, or a multipart upload
@@ -18,6 +21,55 @@
 
 pub mod restore;
 pub mod s3;
+pub mod swift;
+
+use systemvm_proto::agent::{Fetched, ObjectTarget, Replicated};
+
+use crate::store::Store;
+
+/// Copies `path` of `store` (it must hash to `sha256`) to `key` in `target`.
+pub async fn replicate(
+    store: &Store,
+    path: &str,
+    sha256: &str,
+    target: &ObjectTarget,
+    key: &str,
+) -> Result<Replicated, ReplicaError> {
+    match target {
+        ObjectTarget::S3(t) => s3::replicate(store, path, sha256, t, key, &s3::S3Options::default()).await,
+        ObjectTarget::Swift(t) => swift::replicate(store, path, sha256, t, key).await,
+    }
+}
+
+/// Removes the replica under `key` (with its companion and what an unfinished upload left).
+pub async fn delete(target: &ObjectTarget, key: &str) -> Result<(), ReplicaError> {
+    match target {
+        ObjectTarget::S3(t) => s3::delete(t, key, &s3::S3Options::default()).await,
+        ObjectTarget::Swift(t) => swift::delete(t, key).await,
+    }
+}
+
+/// Checks that the object store takes these credentials and has the bucket or container.
+pub async fn probe(target: &ObjectTarget) -> Result<(), ReplicaError> {
+    match target {
+        ObjectTarget::S3(t) => s3::probe(t, &s3::S3Options::default()).await,
+        ObjectTarget::Swift(t) => swift::probe(t).await,
+    }
+}
+
+/// Brings the replica `key` back to `path` in `store`, verified against `sha256`.
+pub async fn fetch(
+    store: &Store,
+    path: &str,
+    key: &str,
+    sha256: &str,
+    target: &ObjectTarget,
+) -> Result<Fetched, ReplicaError> {
+    match target {
+        ObjectTarget::S3(t) => restore::fetch(store, path, key, sha256, t, &s3::S3Options::default()).await,
+        ObjectTarget::Swift(t) => swift::fetch(store, path, key, sha256, t).await,
+    }
+}
 
 /// Why a replication failed: what the operator sees in the job's answer.
 #[derive(Debug, thiserror::Error)]
