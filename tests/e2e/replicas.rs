@@ -144,8 +144,10 @@ fn artefact_files(root: &std::path::Path) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() {
+    // On PostgreSQL (the replicator's and the cache's queries; the other storage tests run on
+    // SQLite).
     let (core, _guard) = start_on(
-        Backend::Sqlite,
+        Backend::Postgres,
         &[
             ("secstorage.allowed.internal.sites", "127.0.0.0/8"),
             // Evictions come at the end, once the drill is done.

@@ -625,6 +625,77 @@ mod tests {
         assert_eq!(s3_config(None, &r).unwrap().region, "eu-west-3");
     }
 
+    fn details_strategy(
+        keys: &'static [&'static str],
+    ) -> impl proptest::strategy::Strategy<Value = BTreeMap<String, String>> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            proptest::sample::select(keys).prop_map(str::to_owned),
+            "[a-z]{1,12}",
+        ];
+        proptest::collection::btree_map(key, ".{0,40}", 0..8)
+    }
+
+    proptest::proptest! {
+        /// Any details (as an API caller may send them): a config or a clear refusal, never a
+        /// panic, and the secret never in the refusal.
+        #[test]
+        fn arbitrary_details_never_panic_nor_echo_the_secret(
+            mut d in details_strategy(S3_KEYS),
+            mut w in details_strategy(SWIFT_KEYS),
+            url in proptest::option::of(".{0,60}"),
+        ) {
+            d.insert("secretkey".into(), "S3-SECRET-VALUE-123".into());
+            w.insert("key".into(), "SWIFT-SECRET-VALUE-456".into());
+            if let Err(e) = s3_config(url.as_deref(), &d) {
+                proptest::prop_assert!(!e.to_string().contains("S3-SECRET-VALUE-123"), "{}", e);
+            }
+            if let Err(e) = swift_config(url.as_deref(), &w) {
+                proptest::prop_assert!(!e.to_string().contains("SWIFT-SECRET-VALUE-456"), "{}", e);
+            }
+        }
+    }
+
+    #[test]
+    fn swift_details_make_a_swift_config() {
+        let d = d(&[("account", "test"), ("username", "tester"), ("key", "K")]);
+        let c = swift_config(Some("http://127.0.0.1:8080/auth/v1.0/"), &d).unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.container.as_str(), c.version),
+            ("test:tester", "templates", 1)
+        );
+        assert_eq!(
+            (c.auth_url.as_str(), c.segment_size),
+            ("http://127.0.0.1:8080/auth/v1.0", SWIFT_SEGMENT)
+        );
+        let mut v3 = d.clone();
+        v3.insert("authversion".into(), "3".into());
+        v3.insert("segmentsize".into(), "1048576".into());
+        let c = swift_config(Some("https://k:5000/v3"), &v3).unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.project.as_str(), c.domain.as_str()),
+            ("tester", "test", "Default")
+        );
+        for (k, v) in [
+            ("authversion", "2"),
+            ("segmentsize", "1000"),
+            ("container", "a/b"),
+            ("bucket", "x"),
+        ] {
+            let mut m = d.clone();
+            m.insert(k.into(), v.into());
+            assert!(
+                matches!(
+                    swift_config(Some("http://h/auth/v1.0"), &m),
+                    Err(DomainError::Invalid(_))
+                ),
+                "{k}={v}"
+            );
+        }
+        assert!(swift_config(None, &d).is_err());
+        assert!(swift_config(Some("ftp://h/"), &d).is_err());
+    }
+
     #[test]
     fn bad_details_are_refused_with_the_key_named() {
         let ok = [

@@ -6,7 +6,8 @@
 //!
 //! Invariants:
 //! * the manifest (what appears under the key) is written only after every segment is in and
-//!   the file hashed to the SHA-256 it was asked for; a failed upload removes its segments;
+//!   the file hashed to the SHA-256 it was asked for; a staging copy that hashes otherwise has
+//!   its segments removed (other failures keep them for the next attempt);
 //! * a later attempt of the same file and layout sends only the segments Swift does not already
 //!   hold with the same MD5 (segment names are stable), so an interrupted replica resumes;
 //! * removing a replica removes its segments and any left by an attempt that never completed;
@@ -328,24 +329,6 @@ async fn put(
     Ok(())
 }
 
-/// The MD5 Swift holds for an object (its ETag), if it is there.
-async fn etag_of(s: &Session, container: &str, key: &str) -> Result<Option<String>, ReplicaError> {
-    let r = s
-        .req(Method::HEAD, s.url(container, key))
-        .send()
-        .await
-        .map_err(|e| unreachable("HEAD", e))?;
-    match r.status() {
-        StatusCode::NOT_FOUND => Ok(None),
-        st if st.is_success() => Ok(r
-            .headers()
-            .get("etag")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim_matches('"').to_ascii_lowercase())),
-        _ => Err(refused(&format!("HEAD {key}"), r).await),
-    }
-}
-
 fn segments_container(container: &str) -> String {
     format!("{container}_segments")
 }
@@ -371,30 +354,43 @@ async fn slo(
     }
     let prefix = format!("{key}/{size}/{seg}");
     let count = size.div_ceil(seg);
-    let mut hash = Sha256::new();
-    let mut manifest = Vec::new();
-    let mut in_flight = JoinSet::new();
-    let (mut resumed, mut sent) = (0u32, 0u64);
+    // What an earlier attempt left, with its MD5s: one listing, not a HEAD per segment.
+    let held: std::collections::HashMap<String, String> =
+        list(s, &segs, &format!("{prefix}/")).await?.into_iter().collect();
+    let held = std::sync::Arc::new(held);
+    // The file's SHA-256 in order on a thread of its own; MD5s and uploads in the segment tasks.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut h = Sha256::new();
+        while let Some(b) = rx.blocking_recv() {
+            h.update(&b);
+        }
+        hex::encode(h.finalize())
+    });
+    let mut in_flight: JoinSet<Result<(u64, String, bool), ReplicaError>> = JoinSet::new();
+    let mut done = Vec::new();
     for n in 0..count {
         let offset = n * seg;
         let len = seg.min(size - offset);
         let data = read_exact(store, file, offset, len).await?;
-        hash.update(&data);
-        let md5 = hex::encode(Md5::digest(&data));
-        let name = format!("{prefix}/{:08}", n + 1);
-        manifest.push(serde_json::json!({"path": format!("/{segs}/{name}"), "etag": md5, "size_bytes": len}));
-        if etag_of(s, &segs, &name).await?.as_deref() == Some(md5.as_str()) {
-            resumed += 1;
-            continue;
-        }
+        tx.send(data.clone())
+            .await
+            .map_err(|_| ReplicaError::Invalid("the hashing thread stopped".into()))?;
         while in_flight.len() >= CONCURRENCY {
             if let Some(r) = in_flight.join_next().await {
-                r.map_err(|e| ReplicaError::Invalid(format!("segment task: {e}")))??;
+                done.push(r.map_err(|e| ReplicaError::Invalid(format!("segment task: {e}")))??);
             }
         }
-        let (http, url, token) = (s.http.clone(), s.url(&segs, &name), s.token.clone());
-        sent += len;
+        let name = format!("{prefix}/{:08}", n + 1);
+        let (http, url, token, held) = (s.http.clone(), s.url(&segs, &name), s.token.clone(), held.clone());
         in_flight.spawn(async move {
+            let d = data.clone();
+            let md5 = tokio::task::spawn_blocking(move || hex::encode(Md5::digest(&d)))
+                .await
+                .map_err(|e| ReplicaError::Invalid(format!("MD5 task: {e}")))?;
+            if held.get(&name) == Some(&md5) {
+                return Ok((n, md5, true));
+            }
             let r = http
                 .put(url)
                 .header("X-Auth-Token", token)
@@ -405,16 +401,33 @@ async fn slo(
                 .await
                 .map_err(|e| unreachable("PUT segment", e))?;
             if r.status().is_success() {
-                Ok(())
+                Ok((n, md5, false))
             } else {
                 Err(refused("PUT segment", r).await)
             }
         });
     }
+    drop(tx);
     while let Some(r) = in_flight.join_next().await {
-        r.map_err(|e| ReplicaError::Invalid(format!("segment task: {e}")))??;
+        done.push(r.map_err(|e| ReplicaError::Invalid(format!("segment task: {e}")))??);
     }
-    let actual = hex::encode(hash.finalize());
+    done.sort_by_key(|(n, _, _)| *n);
+    let (mut resumed, mut sent) = (0u32, 0u64);
+    let mut manifest = Vec::new();
+    for (n, md5, was_held) in &done {
+        let len = seg.min(size - n * seg);
+        if *was_held {
+            resumed += 1;
+        } else {
+            sent += len;
+        }
+        let path = format!("/{segs}/{prefix}/{:08}", n + 1);
+        manifest.push(serde_json::json!({"path": path, "etag": md5, "size_bytes": len}));
+    }
+    let hash = hasher
+        .await
+        .map_err(|e| ReplicaError::Invalid(format!("hashing thread: {e}")))?;
+    let actual = hash;
     if actual != expected {
         remove_segments(s, &segs, &format!("{key}/")).await;
         return Err(ReplicaError::Checksum {
@@ -479,8 +492,8 @@ async fn verify(
     Ok(())
 }
 
-/// Object names in `container` under `prefix`.
-async fn list(s: &Session, container: &str, prefix: &str) -> Result<Vec<String>, ReplicaError> {
+/// Objects in `container` under `prefix`: name and MD5.
+async fn list(s: &Session, container: &str, prefix: &str) -> Result<Vec<(String, String)>, ReplicaError> {
     let mut out = Vec::new();
     let mut marker = String::new();
     loop {
@@ -504,12 +517,15 @@ async fn list(s: &Session, container: &str, prefix: &str) -> Result<Vec<String>,
             .json()
             .await
             .map_err(|e| ReplicaError::Remote(format!("listing {container}: {e}")))?;
-        let names: Vec<String> = page
+        let names: Vec<(String, String)> = page
             .iter()
-            .filter_map(|o| o["name"].as_str().map(str::to_owned))
+            .filter_map(|o| {
+                let name = o["name"].as_str()?.to_owned();
+                Some((name, o["hash"].as_str().unwrap_or_default().to_ascii_lowercase()))
+            })
             .collect();
         match names.last() {
-            Some(last) => marker = last.clone(),
+            Some((last, _)) => marker = last.clone(),
             None => return Ok(out),
         }
         out.extend(names);
@@ -525,7 +541,7 @@ async fn remove_segments_except(s: &Session, segs: &str, prefix: &str, keep: &st
     let Ok(names) = list(s, segs, prefix).await else {
         return;
     };
-    for n in names.iter().filter(|n| !n.starts_with(keep)) {
+    for (n, _) in names.iter().filter(|(n, _)| !n.starts_with(keep)) {
         match s.req(Method::DELETE, s.url(segs, n)).send().await {
             Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
             Ok(r) => {
