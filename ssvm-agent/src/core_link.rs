@@ -328,6 +328,14 @@ impl Runner {
                 Ok(()) => self.fetch_object(cmd).await,
                 Err(e) => Err(e),
             },
+            AgentCommand::PresignObject {
+                target,
+                key,
+                expires_secs,
+            } => crate::replica::presign(&target, &key, std::time::Duration::from_secs(expires_secs))
+                .await
+                .map(|url| serde_json::json!({ "url": url }))
+                .map_err(Into::into),
             AgentCommand::ProbeObjectStore { target } => crate::replica::probe(&target)
                 .await
                 .map(|()| serde_json::json!({}))

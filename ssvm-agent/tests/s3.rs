@@ -127,6 +127,20 @@ async fn replicas_on_s3s_fs_read_back_identical_and_faults_are_clear() {
         Some((small.len() as u64, sums[1].clone(), Some(sums[1].clone())))
     );
 
+    // A presigned GET: the object's bytes for whoever holds the link; a forged one is refused.
+    let link = s3::presign(&t, "iso/202.iso", Duration::from_secs(600), &opts())
+        .await
+        .expect("presign");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let got = http.get(&link).send().await.expect("GET presigned");
+    assert_eq!(got.status(), 200, "{link}");
+    assert_eq!(got.bytes().await.expect("body").as_ref(), small.as_slice());
+    let (head, sig) = link.split_once("X-Amz-Signature=").expect("signed link");
+    let flipped = if sig.starts_with('0') { "1" } else { "0" };
+    let forged = format!("{head}X-Amz-Signature={flipped}{}", &sig[1..]);
+    assert_eq!(http.get(&forged).send().await.expect("GET").status(), 403);
+
     // A template's properties go beside its image.
     assert_eq!(
         r_big_companions(&store, &t, &sums[0]).await,

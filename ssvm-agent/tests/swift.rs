@@ -4,7 +4,7 @@
 //! attempt resumes by segment (nothing sent again); a staging copy that does not hash to its record
 //! leaves no object and no segments; bad credentials, a missing container and a full container
 //! quota give clear errors (never the secret); removal takes the segments along; restore into an
-//! empty store. Keystone v3 through a stand-in identity service written to its documented API
+//! empty store; a temp URL that GETs the object and a forged one refused. Keystone v3 through a stand-in identity service written to its documented API
 //! (Keystone cannot run here) that hands out a real Swift token and storage URL.
 
 use sha2::{Digest, Sha256};
@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const MIB: usize = 1 << 20;
 
+fn iso_key() -> &'static str {
+    "iso/202.iso"
+}
+
 fn target(server: &Swift, container: &str) -> SwiftTarget {
     SwiftTarget {
         auth_url: server.auth_url.clone(),
@@ -28,6 +32,7 @@ fn target(server: &Swift, container: &str) -> SwiftTarget {
         container: container.into(),
         segment_size: 5 * MIB as u64,
         ca_pem: None,
+        temp_url_key: Some(Secret("temp-url-key-for-tests".into())),
     }
 }
 
@@ -136,6 +141,20 @@ async fn replicas_in_swift_read_back_resume_and_clean_up() {
         .await
         .expect_err("record disagrees");
     assert!(matches!(e, ReplicaError::Verify(_)), "{e}");
+
+    // A temp URL: anyone holding it GETs the object until it expires; a forged one is refused.
+    let link = swift::temp_url(&t, iso_key(), std::time::Duration::from_secs(600))
+        .await
+        .expect("temp URL");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let got = http.get(&link).send().await.expect("GET temp URL");
+    assert_eq!(got.status(), 200, "{link}");
+    assert_eq!(got.bytes().await.expect("body").as_ref(), small.as_slice());
+    let (head, sig) = link.split_once("temp_url_sig=").expect("signed link");
+    let flipped = if sig.starts_with('0') { "1" } else { "0" };
+    let forged = format!("{head}temp_url_sig={flipped}{}", &sig[1..]);
+    assert_eq!(http.get(&forged).send().await.expect("GET").status(), 401);
 
     // Clear errors, never the secret.
     let mut bad = t.clone();

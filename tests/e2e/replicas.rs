@@ -8,7 +8,8 @@
 //! (bad credentials: Down with the reason) and no secret in any answer;
 //! the disaster-recovery drill (the staging store's artefacts deleted, `systemvm-core
 //! rebuild-store`, every file back as it was, the template served again); the staging cache (a
-//! replicated template evicted, brought back by its next extract); `deleteImageStore`
+//! replicated template evicted, brought back by its next extract); extract links presigned by the
+//! object store (`extract.url.objectstore`); `deleteImageStore`
 //! refused while objects live there; deleting an artefact removes its object.
 
 use std::path::Path;
@@ -560,6 +561,32 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         qcow2_sha,
         "the copy brought back serves its bytes"
     );
+
+    // Extract links from the object store: a presigned S3 URL of the first store that is Up.
+    core.ok(&[
+        "updateConfiguration",
+        "name=extract.url.objectstore",
+        "value=true",
+    ])
+    .await;
+    let link = core
+        .ok(&["extractIso", &format!("id={i}"), "mode=HTTP_DOWNLOAD"])
+        .await["iso"]["url"]
+        .as_str()
+        .expect("extract url")
+        .to_owned();
+    assert!(
+        link.starts_with(&format!("{}/{BUCKET}/", s3.endpoint)) && link.contains("X-Amz-Signature="),
+        "{link}"
+    );
+    let got = crate::uploads::request(&link, "GET", &[], b"", None).await;
+    assert_eq!((got.status, sha_hex(&got.body)), (200, iso_sha.clone()), "{link}");
+    core.ok(&[
+        "updateConfiguration",
+        "name=extract.url.objectstore",
+        "value=false",
+    ])
+    .await;
 
     // Objects live in the good store: it cannot go. The broken one holds none: it can.
     let o = core.cs(&["deleteImageStore", &format!("id={good}")]).await;

@@ -1,6 +1,6 @@
 //! Object stores as test servers: s3s-fs (S3 on a directory; checks SigV4 signatures and
 //! checksums, keeps its data across restarts), moto (S3 in memory; multipart bookkeeping) and a
-//! single-node Swift (tempauth, SLO, container quotas; the `swift` CLI reads objects back),
+//! single-node Swift (tempauth, temp URLs, SLO, container quotas; the `swift` CLI reads objects back),
 //! each on a free loopback port, killed when dropped; and boto3 as the independent client that
 //! reads objects back. A missing server or client panics with what to install
 //! (`scripts/deps.sh test` installs all three).
@@ -279,11 +279,12 @@ impl Swift {
             etc.join("proxy-server.conf"),
             format!(
                 "[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {proxy}\nworkers = 0\nuser = root\nswift_dir = {etc}\n\n\
-                 [pipeline:main]\npipeline = catch_errors proxy-logging cache tempauth container-quotas slo dlo proxy-logging proxy-server\n\n\
+                 [pipeline:main]\npipeline = catch_errors proxy-logging cache tempurl tempauth container-quotas slo dlo proxy-logging proxy-server\n\n\
                  [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
                  [filter:tempauth]\nuse = egg:swift#tempauth\nuser_test_tester = {SWIFT_KEY} .admin\n\n\
                  [filter:cache]\nuse = egg:swift#memcache\nmemcache_servers = 127.0.0.1:{memc}\n\n\
                  [filter:container-quotas]\nuse = egg:swift#container_quotas\n\n\
+                 [filter:tempurl]\nuse = egg:swift#tempurl\n\n\
                  [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n[filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
                  [filter:slo]\nuse = egg:swift#slo\n\n[filter:dlo]\nuse = egg:swift#dlo\n",
                 etc = etc.display()

@@ -5,8 +5,9 @@
 //! * the secret key is stored sealed with core's secrets key (row name `object_stores/<id>`); it
 //!   is opened only to build the [`ObjectTarget`] sent to a storage VM over core's TLS channel,
 //!   and never reaches a list answer, a log line or an error text;
-//! * a store is deleted only while no object of ours may live there: no replica `Replicated`,
-//!   `Replicating` or `Deleting` (see [`crate::model::replicas`]); its other rows go with it;
+//! * a store is deleted only while no object of ours may live there: no replica `Replicated` or
+//!   `Deleting`, and none `Replicating` unless the store is Down (see
+//!   [`crate::model::replicas`]); its other rows go with it;
 //! * health is what the last probe or replication said, with the time it said it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -287,7 +288,8 @@ pub async fn add_s3(
         access_key: &c.access_key,
         secret: c.secret_key.expose(),
     };
-    add(state, name, zone_id, &row, details).await
+    let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
+    add(state, &id, name, zone_id, &row, details).await
 }
 
 /// Records a Swift store; returns its id.
@@ -303,6 +305,13 @@ pub async fn add_swift(
     kept.insert("domain".into(), c.domain.clone());
     kept.insert("project".into(), c.project.clone());
     kept.insert("segmentsize".into(), c.segment_size.to_string());
+    let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
+    let temp_key = crate::util::random_token::<32>().map_err(|e| DomainError::Internal(e.to_string()))?;
+    let sealed = state
+        .secrets
+        .seal(&format!("{}/tempurl", seal_name(&id)), &temp_key)
+        .map_err(|e| DomainError::Internal(e.to_string()))?;
+    kept.insert("tempurlkey".into(), sealed);
     let row = NewStore {
         provider: "Swift",
         endpoint: &c.auth_url,
@@ -312,7 +321,7 @@ pub async fn add_swift(
         access_key: &c.user,
         secret: c.key.expose(),
     };
-    add(state, name, zone_id, &row, &kept).await
+    add(state, &id, name, zone_id, &row, &kept).await
 }
 
 /// An object store's row.
@@ -328,12 +337,13 @@ struct NewStore<'a> {
 
 async fn add(
     state: &State,
+    id: &str,
     name: &str,
     zone_id: &str,
     c: &NewStore<'_>,
     details: &BTreeMap<String, String>,
 ) -> DomainResult<String> {
-    let id = new_uuid().map_err(|e| DomainError::Internal(e.to_string()))?;
+    let id = id.to_owned();
     let sealed = state
         .secrets
         .seal(&seal_name(&id), c.secret)
@@ -505,6 +515,7 @@ pub async fn target(state: &State, id: &str) -> DomainResult<ObjectTarget> {
             container: row.try_get("bucket")?,
             segment_size: d("segmentsize").parse().unwrap_or(SWIFT_SEGMENT),
             ca_pem: None,
+            temp_url_key: temp_url_key(state, id, &d("tempurlkey"))?,
         }));
     }
     Ok(ObjectTarget::S3(S3Target {
@@ -516,6 +527,20 @@ pub async fn target(state: &State, id: &str) -> DomainResult<ObjectTarget> {
         path_style: row.try_get::<i64, _>("path_style")? != 0,
         ca_pem: None,
     }))
+}
+
+/// A Swift store's temp URL key (sealed in its details when it was added).
+fn temp_url_key(state: &State, id: &str, sealed: &str) -> DomainResult<Option<Secret>> {
+    if sealed.is_empty() {
+        return Ok(None);
+    }
+    match state.secrets.open(&format!("{}/tempurl", seal_name(id)), sealed) {
+        Ok(Opened::Sealed(k)) => Ok(Some(Secret(k))),
+        Ok(Opened::Plain(_)) => Err(DomainError::Internal(format!(
+            "the temp URL key of object store {id} is not sealed"
+        ))),
+        Err(e) => Err(DomainError::Internal(e.to_string())),
+    }
 }
 
 /// Records the outcome of a probe or a replication: `Ok` is Up, `Err(why)` Down.
@@ -560,8 +585,10 @@ pub async fn delete(state: &State, id: &str) -> DomainResult<bool> {
     if exists == 0 {
         return Ok(false);
     }
+    // A copy in flight may still complete into a store that answers; one that is Down cannot.
     let live: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM replicas WHERE store_id = $1 AND state IN ('Replicated', 'Replicating', 'Deleting')",
+        "SELECT COUNT(*) FROM replicas r JOIN object_stores o ON o.id = r.store_id WHERE r.store_id = $1 \
+         AND (r.state IN ('Replicated', 'Deleting') OR (r.state = 'Replicating' AND o.health <> 'Down'))",
     )
     .bind(id.to_owned())
     .fetch_one(&mut *tx)

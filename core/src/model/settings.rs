@@ -443,6 +443,18 @@ pub const CACHE_REPLACEMENT_LRU: Setting = Setting {
     description: "Days a staging copy must go unused before it may be evicted",
 };
 
+/// Whether extract links are served by object stores (ours).
+pub const EXTRACT_FROM_OBJECT_STORE: Setting = Setting {
+    name: "extract.url.objectstore",
+    category: "Storage",
+    default: "false",
+    kind: Kind::String,
+    dynamic: true,
+    zone: true,
+    agent: None,
+    description: "true: extractTemplate/extractIso links of replicated artefacts are presigned S3 URLs or Swift temp URLs of the object store (valid extract.url.expiration.interval), so browsers download from it rather than from a storage VM",
+};
+
 /// Every setting, in `listConfigurations` order.
 pub const SETTINGS: &[&Setting] = &[
     &PROXY_SESSION_MAX,
@@ -479,6 +491,7 @@ pub const SETTINGS: &[&Setting] = &[
     &CACHE_REPLACEMENT,
     &CACHE_REPLACEMENT_INTERVAL,
     &CACHE_REPLACEMENT_LRU,
+    &EXTRACT_FROM_OBJECT_STORE,
 ];
 
 /// Finds a setting definition.

@@ -1,7 +1,8 @@
 //! The staging cache (CloudStack's `storage.cache.replacement.*`): a template's or ISO's copy on
 //! a staging store (role `ImageCache`) that went unused for `storage.cache.replacement.lru.interval`
 //! days is evicted once a verified replica of it is in an object store, and brought back from the
-//! object store by the next use (an extract link).
+//! object store by the next use (an extract link). With `extract.url.objectstore` an extract
+//! link is a presigned S3 URL or a Swift temp URL of a complete replica instead ([`object_link`]).
 //!
 //! States of `templates.staging`: `Present` → `Evicting` → `Evicted` → `Fetching` → `Present`.
 //!
@@ -204,4 +205,58 @@ pub async fn restored(state: &State, id: &str) -> Result<(), sqlx::Error> {
         .execute(&state.db.pool)
         .await?;
     Ok(())
+}
+
+/// With `extract.url.objectstore` true in the zone: a link that GETs the install's complete
+/// replica straight from an object store that is Up (a presigned S3 URL or a Swift temp URL, valid
+/// `extract.url.expiration.interval` seconds), made by a storage VM of the zone. `None` when the
+/// setting is off or no such replica or storage VM is there (the staging store serves it then).
+pub async fn object_link(
+    state: &State,
+    is_copy: bool,
+    install: &str,
+    zone: &str,
+) -> DomainResult<Option<String>> {
+    if !settings::zone_text(state, zone, &settings::EXTRACT_FROM_OBJECT_STORE)
+        .await
+        .eq_ignore_ascii_case("true")
+    {
+        return Ok(None);
+    }
+    let kind = if is_copy { "copy" } else { "template" };
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT r.store_id, r.object_key FROM replicas r JOIN object_stores o ON o.id = r.store_id \
+         WHERE r.kind = $1 AND r.artefact_id = $2 AND r.state = 'Replicated' AND o.health = 'Up' ORDER BY o.created, o.name LIMIT 1",
+    )
+    .bind(kind)
+    .bind(install.to_owned())
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let Some((store_id, key)) = row else {
+        return Ok(None);
+    };
+    let agents = stores::storage_agents(state).await?;
+    let Some(agent) = agents
+        .iter()
+        .filter(|a| a.zone_id == zone)
+        .find(|a| state.agents.connection(&a.id).is_some())
+    else {
+        return Ok(None);
+    };
+    let cmd = AgentCommand::PresignObject {
+        target: object_stores::target(state, &store_id).await?,
+        key,
+        expires_secs: settings::uint(state, &settings::EXTRACT_URL_EXPIRATION).await,
+    };
+    match state.agents.call(&agent.id, &cmd, COMMAND_TIMEOUT).await {
+        Ok(a) if a.ok => Ok(a.body["url"].as_str().map(str::to_owned)),
+        Ok(a) => {
+            tracing::warn!(store = %store_id, reason = %a.error.unwrap_or_default(), "No object-store link; the staging store serves it");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(store = %store_id, error = %e, "No object-store link; the staging store serves it");
+            Ok(None)
+        }
+    }
 }

@@ -295,9 +295,9 @@ pub async fn extract(
     let what = if iso { "ISO" } else { "template" };
     // The install in `zone` (its own row or a copy's), else the template's own.
     let row = sqlx::query(
-        "SELECT t.name, t.account_id, t.is_public, t.is_extractable, x.download_state, x.installed_file, x.installed_sha256, x.is_copy, t.format, x.zone_id, z.name AS zone_name, st.url AS store_url, st.name AS store_name \
-         FROM templates t JOIN (SELECT id AS template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 0 AS is_copy FROM templates \
-           UNION ALL SELECT template_id, zone_id, store_id, download_state, installed_file, installed_sha256, 1 AS is_copy FROM template_copies) x ON x.template_id = t.id \
+        "SELECT t.name, t.account_id, t.is_public, t.is_extractable, x.download_state, x.installed_file, x.installed_sha256, x.is_copy, x.install_id, t.format, x.zone_id, z.name AS zone_name, st.url AS store_url, st.name AS store_name \
+         FROM templates t JOIN (SELECT id AS template_id, id AS install_id, zone_id, store_id, download_state, installed_file, installed_sha256, 0 AS is_copy FROM templates \
+           UNION ALL SELECT template_id, id AS install_id, zone_id, store_id, download_state, installed_file, installed_sha256, 1 AS is_copy FROM template_copies) x ON x.template_id = t.id \
          JOIN zones z ON z.id = x.zone_id JOIN image_stores st ON st.id = x.store_id \
          WHERE t.id = $1 AND t.is_iso = $2 AND t.removed IS NULL AND (x.zone_id = $3 OR ($4 = '' AND x.is_copy = 0))",
     )
@@ -334,11 +334,23 @@ pub async fn extract(
             )));
         }
     };
+    let zone: String = row.try_get("zone_id")?;
+    let is_copy = row.try_get::<i64, _>("is_copy")? != 0;
+    // Served by an object store when the setting says so and a replica is complete there.
+    let install: String = row.try_get("install_id")?;
+    if let Some(url) = crate::model::staging::object_link(state, is_copy, &install, &zone).await? {
+        tracing::info!(template = %id, "Download link issued by an object store");
+        return Ok(Extracted {
+            url,
+            name: row.try_get("name")?,
+            zone: (zone, row.try_get("zone_name")?),
+            account_id: owner,
+        });
+    }
     // An evicted staging copy comes back from the object store first.
-    if row.try_get::<i64, _>("is_copy")? == 0 {
+    if !is_copy {
         crate::model::staging::ensure_staged(state, id).await?;
     }
-    let zone: String = row.try_get("zone_id")?;
     let store_url: String = row.try_get("store_url")?;
     let store_name: String = row.try_get("store_name")?;
     let format: String = row.try_get("format")?;

@@ -446,6 +446,17 @@ pub enum AgentCommand {
         /// The object store.
         target: ObjectTarget,
     },
+    /// Storage VMs: a link that lets anyone holding it GET the object until it expires: a
+    /// presigned S3 URL or a Swift temp URL (an extract link served by the object store).
+    /// Answered with `{"url": …}`.
+    PresignObject {
+        /// The object store.
+        target: ObjectTarget,
+        /// The object's key.
+        key: String,
+        /// Seconds the link is valid.
+        expires_secs: u64,
+    },
     /// Storage VMs: bring a replica back into this agent's store (a rebuild after the store was
     /// lost). Answered when the file is in place and hashes to `sha256`, with a [`Fetched`] body;
     /// until then only `<path>.part` exists.
@@ -547,6 +558,10 @@ pub struct SwiftTarget {
     /// Extra trust anchors (PEM) for endpoints with a private CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// The account's temp URL key (core's, per store): set on the account before a temp URL is
+    /// signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_url_key: Option<Secret>,
 }
 
 /// An S3 endpoint, bucket and credentials.

@@ -57,6 +57,19 @@ pub async fn probe(target: &ObjectTarget) -> Result<(), ReplicaError> {
     }
 }
 
+/// A link that GETs the replica `key` until `expires` from now: a presigned S3 URL or a Swift
+/// temp URL.
+pub async fn presign(
+    target: &ObjectTarget,
+    key: &str,
+    expires: std::time::Duration,
+) -> Result<String, ReplicaError> {
+    match target {
+        ObjectTarget::S3(t) => s3::presign(t, key, expires, &s3::S3Options::default()).await,
+        ObjectTarget::Swift(t) => swift::temp_url(t, key, expires).await,
+    }
+}
+
 /// Brings the replica `key` back to `path` in `store`, verified against `sha256`.
 pub async fn fetch(
     store: &Store,

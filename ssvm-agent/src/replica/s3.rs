@@ -676,6 +676,31 @@ pub async fn delete(target: &S3Target, key: &str, opts: &S3Options) -> Result<()
     Ok(())
 }
 
+/// A presigned GET of `key`, valid `expires` (SigV4 query parameters; at most 7 days).
+pub async fn presign(
+    target: &S3Target,
+    key: &str,
+    expires: Duration,
+    opts: &S3Options,
+) -> Result<String, ReplicaError> {
+    let s3 = client(target, opts)?;
+    let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
+        .map_err(|e| ReplicaError::Invalid(format!("link validity: {e}")))?;
+    let req = s3
+        .get_object()
+        .bucket(&target.bucket)
+        .key(key)
+        .presigned(config)
+        .await
+        .map_err(|e| {
+            ReplicaError::Invalid(format!(
+                "presigning {key}: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            ))
+        })?;
+    Ok(req.uri().to_owned())
+}
+
 /// Checks that the endpoint answers and the bucket is there for these credentials
 /// (`HeadBucket`).
 pub async fn probe(target: &S3Target, opts: &S3Options) -> Result<(), ReplicaError> {

@@ -580,6 +580,38 @@ pub async fn delete(target: &SwiftTarget, key: &str) -> Result<(), ReplicaError>
     Ok(())
 }
 
+/// A Swift temp URL for GET of `key`, valid `expires`: the account's `Temp-URL-Key` is set to
+/// the target's key first (idempotent), then the link is signed with HMAC-SHA256 over
+/// `GET\n<expires>\n<path>` (Swift's tempurl middleware).
+pub async fn temp_url(target: &SwiftTarget, key: &str, expires: Duration) -> Result<String, ReplicaError> {
+    use hmac::{KeyInit as _, Mac as _};
+    let secret = target
+        .temp_url_key
+        .as_ref()
+        .ok_or_else(|| ReplicaError::Invalid("no temp URL key for this store".into()))?;
+    let s = authenticate(target).await?;
+    let r = s
+        .req(Method::POST, s.storage_url.clone())
+        .header("X-Account-Meta-Temp-URL-Key", secret.expose())
+        .send()
+        .await
+        .map_err(|e| unreachable("POST account", e))?;
+    if !r.status().is_success() {
+        return Err(refused("POST account (temp URL key)", r).await);
+    }
+    let url = s.url(&target.container, key);
+    let parsed = url::Url::parse(&url).map_err(|e| ReplicaError::Invalid(format!("storage URL: {e}")))?;
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + expires.as_secs();
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
+        .map_err(|e| ReplicaError::Invalid(e.to_string()))?;
+    mac.update(format!("GET\n{until}\n{}", parsed.path()).as_bytes());
+    let sig = hex::encode(mac.finalize().into_bytes());
+    Ok(format!("{url}?temp_url_sig={sig}&temp_url_expires={until}"))
+}
+
 /// Checks that the credentials are accepted and the container is there (`HEAD`).
 pub async fn probe(target: &SwiftTarget) -> Result<(), ReplicaError> {
     let s = authenticate(target).await?;

@@ -220,6 +220,7 @@ async fn swift_bench(cli: &Cli, store: &Store, size: u64, sha: &str) -> anyhow::
         container: "bench".into(),
         segment_size: part,
         ca_pem: None,
+        temp_url_key: None,
     };
     let mb = size as f64 / 1e6;
     let (mut ours, mut peer, mut rss) = (Vec::new(), Vec::new(), Vec::new());
