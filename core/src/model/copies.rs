@@ -48,7 +48,7 @@ struct Install {
 async fn ready_installs(state: &State, id: &str) -> Result<Vec<Install>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT x.zone_id, x.installed_file, x.installed_sha256, st.url AS store_url, st.name AS store_name, x.own FROM \
-         (SELECT zone_id, store_id, installed_file, installed_sha256, 0 AS own, created FROM templates WHERE id = $1 AND removed IS NULL AND download_state = $2 \
+         (SELECT zone_id, store_id, installed_file, installed_sha256, 0 AS own, created FROM templates WHERE id = $1 AND removed IS NULL AND download_state = $2 AND staging = 'Present' \
           UNION ALL SELECT zone_id, store_id, installed_file, installed_sha256, 1 AS own, created FROM template_copies WHERE template_id = $3 AND download_state = $4) x \
          JOIN image_stores st ON st.id = x.store_id ORDER BY x.own, x.created",
     )
@@ -92,6 +92,8 @@ pub async fn request(
             "Either destzoneid or destzoneids parameters have to be specified.".into(),
         ));
     }
+    // A staging copy evicted to its object store comes back first: it is the copies' source.
+    crate::model::staging::ensure_staged(state, id).await?;
     let installs = ready_installs(state, id).await?;
     let source = match source_zone {
         Some(z) => installs.iter().find(|i| i.zone_id == z).ok_or_else(|| {

@@ -8,7 +8,9 @@
 //!
 //! Invariants:
 //! * only a template with a `Replicated` replica is evicted, only from an `ImageCache` store (an
-//!   `addImageStore` NFS store is never a cache), and only its own install (not a copy's);
+//!   `addImageStore` NFS store is never a cache), only its own install (not a copy's), and not
+//!   while a cross-zone copy of it is under way (its install is the copy's source); an evicted
+//!   install is no copy source, and `copyTemplate` brings it back first;
 //! * each move is a compare-and-set on the state, so one eviction or one fetch runs at a time and a
 //!   use waits for a move in progress rather than racing it;
 //! * a failed eviction leaves the copy `Present`, a failed fetch leaves it `Evicted` and says why.
@@ -69,6 +71,7 @@ pub async fn evict_due(state: &State) -> Result<u64, sqlx::Error> {
         "SELECT t.id, t.zone_id, t.install_path, st.url AS store_url FROM templates t JOIN image_stores st ON st.id = t.store_id \
          WHERE st.role = 'ImageCache' AND t.removed IS NULL AND t.download_state = 'DOWNLOADED' AND t.staging = $1 AND t.last_used_ms <= $2 \
          AND EXISTS (SELECT 1 FROM replicas r WHERE r.kind = 'template' AND r.artefact_id = t.id AND r.state = 'Replicated') \
+         AND NOT EXISTS (SELECT 1 FROM template_copies c WHERE c.template_id = t.id AND c.removed IS NULL AND c.download_state <> 'DOWNLOADED') \
          ORDER BY t.last_used_ms",
     )
     .bind(state::PRESENT)
