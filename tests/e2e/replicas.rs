@@ -97,6 +97,30 @@ async fn replica_in(core: &Core, store: &str, resource: &str, want: &str, within
     }
 }
 
+/// Sets a global setting.
+async fn set(core: &Core, name: &str, value: &str) {
+    core.ok(&[
+        "updateConfiguration",
+        &format!("name={name}"),
+        &format!("value={value}"),
+    ])
+    .await;
+}
+
+/// The download link `extractTemplate` (or `extractIso`) gives for `id`.
+async fn extract_link(core: &Core, id: &str, iso: bool) -> String {
+    let (command, object) = if iso {
+        ("extractIso", "iso")
+    } else {
+        ("extractTemplate", "template")
+    };
+    core.ok(&[command, &format!("id={id}"), "mode=HTTP_DOWNLOAD"])
+        .await[object]["url"]
+        .as_str()
+        .expect("extract url")
+        .to_owned()
+}
+
 fn store_id(v: &Value) -> String {
     v["imagestore"]["id"].as_str().expect("store id").to_owned()
 }
@@ -491,12 +515,7 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
     .await;
     assert!(said.contains("Restored 3 artefact(s)"), "{said}");
     assert_eq!(artefact_files(&sec.dir), before);
-    let link = core
-        .ok(&["extractTemplate", &format!("id={t}"), "mode=HTTP_DOWNLOAD"])
-        .await["template"]["url"]
-        .as_str()
-        .expect("extract url")
-        .to_owned();
+    let link = extract_link(&core, &t, false).await;
     let got = crate::uploads::request(&link, "GET", &[], b"", None).await;
     assert_eq!(got.status, 200);
     assert_eq!(
@@ -528,12 +547,7 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         ("storage.cache.replacement.interval", "1"),
         ("storage.cache.replacement.enabled", "true"),
     ] {
-        core.ok(&[
-            "updateConfiguration",
-            &format!("name={name}"),
-            &format!("value={value}"),
-        ])
-        .await;
+        set(&core, name, value).await;
     }
     let image = sec.dir.join(rt["key"].as_str().expect("key"));
     eventually(
@@ -542,18 +556,8 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
         async || (!image.exists()).then_some(()),
     )
     .await;
-    core.ok(&[
-        "updateConfiguration",
-        "name=storage.cache.replacement.enabled",
-        "value=false",
-    ])
-    .await;
-    let link = core
-        .ok(&["extractTemplate", &format!("id={t}"), "mode=HTTP_DOWNLOAD"])
-        .await["template"]["url"]
-        .as_str()
-        .expect("extract url")
-        .to_owned();
+    set(&core, "storage.cache.replacement.enabled", "false").await;
+    let link = extract_link(&core, &t, false).await;
     assert!(image.exists(), "the extract brought the staging copy back");
     let got = crate::uploads::request(&link, "GET", &[], b"", None).await;
     assert_eq!(
@@ -563,30 +567,15 @@ async fn staging_artefacts_replicate_to_s3_and_objects_follow_their_artefacts() 
     );
 
     // Extract links from the object store: a presigned S3 URL of the first store that is Up.
-    core.ok(&[
-        "updateConfiguration",
-        "name=extract.url.objectstore",
-        "value=true",
-    ])
-    .await;
-    let link = core
-        .ok(&["extractIso", &format!("id={i}"), "mode=HTTP_DOWNLOAD"])
-        .await["iso"]["url"]
-        .as_str()
-        .expect("extract url")
-        .to_owned();
+    set(&core, "extract.url.objectstore", "true").await;
+    let link = extract_link(&core, &i, true).await;
     assert!(
         link.starts_with(&format!("{}/{BUCKET}/", s3.endpoint)) && link.contains("X-Amz-Signature="),
         "{link}"
     );
     let got = crate::uploads::request(&link, "GET", &[], b"", None).await;
     assert_eq!((got.status, sha_hex(&got.body)), (200, iso_sha.clone()), "{link}");
-    core.ok(&[
-        "updateConfiguration",
-        "name=extract.url.objectstore",
-        "value=false",
-    ])
-    .await;
+    set(&core, "extract.url.objectstore", "false").await;
 
     // Objects live in the good store: it cannot go. The broken one holds none: it can.
     let o = core.cs(&["deleteImageStore", &format!("id={good}")]).await;

@@ -340,15 +340,25 @@ pub async fn list(
     kinds: &[&str],
     artefact_ids: Option<&[String]>,
 ) -> Result<Vec<Listed>, sqlx::Error> {
-    if artefact_ids.is_some_and(<[String]>::is_empty) {
-        return Ok(Vec::new());
+    let mut f = crate::model::Filter::default();
+    if let Some(id) = store_id {
+        f.eq("r.store_id", id);
     }
-    let rows = sqlx::query(
-        "SELECT r.store_id, o.name AS store_name, r.kind, r.artefact_id, r.zone_id, r.object_key, r.size, r.parts, r.state, r.error, r.attempts, r.updated_ms \
-         FROM replicas r JOIN object_stores o ON o.id = r.store_id ORDER BY o.created, r.object_key",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
+    if !kinds.is_empty() {
+        f.any_of("r.kind", kinds);
+    }
+    if let Some(ids) = artefact_ids {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        f.any_of("r.artefact_id", &ids);
+    }
+    let rows = f
+        .rows(
+            &state.db.pool,
+            "SELECT r.store_id, o.name AS store_name, r.kind, r.artefact_id, r.zone_id, r.object_key, r.size, r.parts, r.state, r.error, r.attempts, r.updated_ms \
+             FROM replicas r JOIN object_stores o ON o.id = r.store_id",
+            " ORDER BY o.created, r.object_key",
+        )
+        .await?;
     let mut out = Vec::new();
     for r in &rows {
         let l = Listed {
@@ -365,12 +375,6 @@ pub async fn list(
             attempts: r.try_get("attempts")?,
             updated_ms: r.try_get("updated_ms")?,
         };
-        if store_id.is_some_and(|s| s != l.store_id)
-            || (!kinds.is_empty() && !kinds.contains(&l.kind.as_str()))
-            || artefact_ids.is_some_and(|ids| !ids.contains(&l.artefact_id))
-        {
-            continue;
-        }
         out.push(l);
     }
     Ok(out)
@@ -399,15 +403,23 @@ pub async fn of_templates(
     if template_ids.is_empty() {
         return Ok(m);
     }
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-        "SELECT COALESCE(c.template_id, r.artefact_id), r.zone_id, o.name, r.state FROM replicas r          JOIN object_stores o ON o.id = r.store_id LEFT JOIN template_copies c ON r.kind = 'copy' AND c.id = r.artefact_id          WHERE r.kind IN ('template', 'copy') ORDER BY o.created, o.name",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
-    for (template, zone, store, st) in rows {
-        if template_ids.contains(&template) {
-            m.entry((template, zone)).or_default().push((store, st));
-        }
+    let ids: Vec<&str> = template_ids.iter().map(String::as_str).collect();
+    let mut f = crate::model::Filter::default();
+    f.any_of("r.kind", &[kind::TEMPLATE, kind::COPY]);
+    f.any_of("COALESCE(c.template_id, r.artefact_id)", &ids);
+    let rows = f
+        .rows(
+            &state.db.pool,
+            "SELECT COALESCE(c.template_id, r.artefact_id) AS template_id, r.zone_id, o.name AS store_name, r.state FROM replicas r \
+             JOIN object_stores o ON o.id = r.store_id LEFT JOIN template_copies c ON r.kind = 'copy' AND c.id = r.artefact_id",
+            " ORDER BY o.created, o.name",
+        )
+        .await?;
+    for r in &rows {
+        let key = (r.try_get("template_id")?, r.try_get("zone_id")?);
+        m.entry(key)
+            .or_default()
+            .push((r.try_get("store_name")?, r.try_get("state")?));
     }
     Ok(m)
 }

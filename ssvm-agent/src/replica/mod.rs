@@ -27,6 +27,80 @@ use systemvm_proto::agent::{Fetched, ObjectTarget, Replicated};
 
 use crate::store::Store;
 
+/// Bytes written to the store at once when an object lands.
+const LAND_WRITE: usize = 1 << 20;
+
+/// Lands an object's body (the stream of its chunks) at `path` in `store`:
+/// streamed into `<path>.part` in writes of [`LAND_WRITE`] while hashing, renamed into place only
+/// when it hashes to `expected` (lowercase hex) and, when `size` is known, has that length; the
+/// part file is removed on any failure. Returns the bytes written.
+pub(crate) async fn land(
+    store: &Store,
+    path: &str,
+    expected: &str,
+    size: Option<u64>,
+    chunks: impl futures_util::Stream<Item = Result<bytes::Bytes, ReplicaError>> + Send,
+) -> Result<u64, ReplicaError> {
+    if let Some((dir, _)) = path.rsplit_once('/') {
+        store.create_dir_all(dir).await?;
+    }
+    let part = format!("{path}.part");
+    let outcome = match write_part(store, &part, chunks).await {
+        Ok((n, _)) if size.is_some_and(|s| s != n) => Err(ReplicaError::Verify(format!(
+            "{path}: {n} bytes arrived, {} expected",
+            size.unwrap_or_default()
+        ))),
+        Ok((_, actual)) if actual != expected => Err(ReplicaError::Checksum {
+            expected: expected.to_owned(),
+            actual,
+        }),
+        other => other.map(|(n, _)| n),
+    };
+    match outcome {
+        Ok(n) => {
+            store.rename(&part, path).await?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = store.remove_file(&part).await;
+            Err(e)
+        }
+    }
+}
+
+/// Writes the chunks into a new `part` file; its length and SHA-256.
+async fn write_part(
+    store: &Store,
+    part: &str,
+    chunks: impl futures_util::Stream<Item = Result<bytes::Bytes, ReplicaError>> + Send,
+) -> Result<(u64, String), ReplicaError> {
+    use futures_util::TryStreamExt as _;
+    use sha2::Digest as _;
+    let mut chunks = std::pin::pin!(chunks);
+    let file = store.create(part).await?;
+    let mut hash = sha2::Sha256::new();
+    let mut buf = bytes::BytesMut::with_capacity(LAND_WRITE);
+    let mut offset = 0u64;
+    loop {
+        let chunk = chunks.try_next().await?;
+        let end = chunk.is_none();
+        if let Some(c) = chunk {
+            hash.update(&c);
+            buf.extend_from_slice(&c);
+        }
+        while buf.len() >= LAND_WRITE || (end && !buf.is_empty()) {
+            let n = buf.len().min(LAND_WRITE);
+            store.write_at(&file, offset, buf.split_to(n).freeze()).await?;
+            offset += n as u64;
+        }
+        if end {
+            break;
+        }
+    }
+    store.flush(&file).await?;
+    Ok((offset, hex::encode(hash.finalize())))
+}
+
 /// Copies `path` of `store` (it must hash to `sha256`) to `key` in `target`.
 pub async fn replicate(
     store: &Store,

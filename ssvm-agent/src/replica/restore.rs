@@ -7,16 +7,12 @@
 //! the part file); an existing file at `path` is replaced only by a verified one.
 
 use aws_sdk_s3::Client;
-use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use systemvm_proto::agent::Fetched;
 
 use super::ReplicaError;
 use super::s3::{self, MAX_COMPANION, S3Options, S3Target, SHA256_META};
 use crate::store::Store;
-
-/// Bytes written to the store at once.
-const WRITE: usize = 1 << 20;
 
 /// Restores the object `key` to `path` in `store`; `sha256` is the artefact's record.
 pub async fn fetch(
@@ -33,29 +29,22 @@ pub async fn fetch(
     let expected = sha256.to_ascii_lowercase();
     let client = s3::client(target, opts)?;
     let size = head(&client, target, key, &expected).await?;
-    if let Some((dir, _)) = path.rsplit_once('/') {
-        store.create_dir_all(dir).await?;
-    }
-    let part = format!("{path}.part");
-    let written = copy_in(&client, store, target, key, &part).await;
-    let actual = match written {
-        Ok((n, actual)) if n == size => actual,
-        Ok((n, _)) => {
-            let _ = store.remove_file(&part).await;
-            return Err(ReplicaError::Verify(format!(
-                "{key}: {n} bytes read, {size} expected"
-            )));
+    let object = client
+        .get_object()
+        .bucket(&target.bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| s3::remote("GetObject", e))?;
+    let k = key.to_owned();
+    let chunks = futures_util::stream::try_unfold(object.body, move |mut body| {
+        let k = k.clone();
+        async move {
+            let chunk = body.try_next().await.map_err(|e| body_error(&k, &e))?;
+            Ok(chunk.map(|c| (c, body)))
         }
-        Err(e) => {
-            let _ = store.remove_file(&part).await;
-            return Err(e);
-        }
-    };
-    if actual != expected {
-        let _ = store.remove_file(&part).await;
-        return Err(ReplicaError::Checksum { expected, actual });
-    }
-    store.rename(&part, path).await?;
+    });
+    super::land(store, path, &expected, Some(size), chunks).await?;
     let mut companions = Vec::new();
     if let Some((file, object)) = s3::companion(path, key)
         && let Some(data) = small(&client, target, &object).await?
@@ -92,47 +81,6 @@ async fn head(client: &Client, target: &S3Target, key: &str, expected: &str) -> 
     }
     u64::try_from(head.content_length().unwrap_or(-1))
         .map_err(|_| ReplicaError::Verify(format!("{key} has no size")))
-}
-
-/// Streams the object into a new `part` file; its length and SHA-256.
-async fn copy_in(
-    client: &Client,
-    store: &Store,
-    target: &S3Target,
-    key: &str,
-    part: &str,
-) -> Result<(u64, String), ReplicaError> {
-    let object = client
-        .get_object()
-        .bucket(&target.bucket)
-        .key(key)
-        .send()
-        .await
-        .map_err(|e| s3::remote("GetObject", e))?;
-    let mut body = object.body;
-    let file = store.create(part).await?;
-    let mut hash = Sha256::new();
-    let mut buf = BytesMut::with_capacity(WRITE);
-    let mut offset = 0u64;
-    loop {
-        let chunk = body.try_next().await.map_err(|e| body_error(key, &e))?;
-        let end = chunk.is_none();
-        if let Some(c) = chunk {
-            hash.update(&c);
-            buf.extend_from_slice(&c);
-        }
-        while buf.len() >= WRITE || (end && !buf.is_empty()) {
-            let n = buf.len().min(WRITE);
-            let data: Bytes = buf.split_to(n).freeze();
-            store.write_at(&file, offset, data).await?;
-            offset += n as u64;
-        }
-        if end {
-            break;
-        }
-    }
-    store.flush(&file).await?;
-    Ok((offset, hex::encode(hash.finalize())))
 }
 
 /// A failure while reading an object's body: the SDK checks the CRC32C stored with the object

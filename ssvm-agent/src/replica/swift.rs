@@ -641,7 +641,7 @@ pub async fn fetch(
 ) -> Result<Fetched, ReplicaError> {
     let expected = sha256.to_ascii_lowercase();
     let s = authenticate(target).await?;
-    let mut r = s
+    let r = s
         .req(Method::GET, s.url(&target.container, key))
         .send()
         .await
@@ -659,34 +659,9 @@ pub async fn fetch(
             "{key}'s sha256 metadata is {meta:?}, the record says {expected}"
         )));
     }
-    if let Some((dir, _)) = path.rsplit_once('/') {
-        store.create_dir_all(dir).await?;
-    }
-    let part = format!("{path}.part");
-    let f = store.create(&part).await?;
-    let mut hash = Sha256::new();
-    let mut offset = 0u64;
-    let copied: Result<(), ReplicaError> = async {
-        while let Some(chunk) = r.chunk().await.map_err(|e| unreachable("GET body", e))? {
-            hash.update(&chunk);
-            let n = chunk.len() as u64;
-            store.write_at(&f, offset, chunk).await?;
-            offset += n;
-        }
-        store.flush(&f).await?;
-        Ok(())
-    }
-    .await;
-    let actual = hex::encode(hash.finalize());
-    if let Err(e) = copied {
-        let _ = store.remove_file(&part).await;
-        return Err(e);
-    }
-    if actual != expected {
-        let _ = store.remove_file(&part).await;
-        return Err(ReplicaError::Checksum { expected, actual });
-    }
-    store.rename(&part, path).await?;
+    use futures_util::TryStreamExt as _;
+    let chunks = r.bytes_stream().map_err(|e| unreachable("GET body", e));
+    let size = super::land(store, path, &expected, None, chunks).await?;
     let mut companions = Vec::new();
     if let Some((file, object)) = super::s3::companion(path, key) {
         let r = s
@@ -714,7 +689,7 @@ pub async fn fetch(
     }
     Ok(Fetched {
         path: path.to_owned(),
-        size: offset,
+        size,
         sha256: expected,
         companions,
     })
