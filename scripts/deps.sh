@@ -32,6 +32,11 @@ if [ "$mode" != run ]; then
   # Swift as an object store (started by the tests: proxy with tempauth, one-replica rings), its
   # CLI to read objects back, and memcached for its tokens.
   apt_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached)
+  # The system VM image's builder (`systemvm-image build`): a FAT ESP and a squashfs root made as
+  # files (no mount, no loop device), SYSLINUX for BIOS, OVMF to boot it under UEFI in the tests,
+  # musl-gcc for the C parts (ring) of its static agents, faketime to freeze the clock of the
+  # tools that stamp the current time (reproducible images).
+  apt_pkgs+=(mtools dosfstools syslinux syslinux-common fdisk ovmf kmod musl-tools faketime squashfs-tools)
 fi
 # Ansible with its bundled ngine_io.cloudstack collection (PyPI `ansible` 9.13.0, pinned) and the
 # `cs` library its modules call: the Ansible end-to-end test drives core with them.
@@ -104,6 +109,12 @@ if [ "$mode" != run ] && [ ! -s "$here/target/guest-kernel/vmlinuz" ]; then
   dpkg-deb --fsys-tarfile "$kdir/${kpkg}"_*.deb | tar -x -C "$kdir" --wildcards './boot/vmlinuz-*'
   mv "$kdir"/boot/vmlinuz-* "$kdir/vmlinuz"
   rm -rf "$kdir/boot" "$kdir"/*.deb
+fi
+
+# The system VM image's agents are static musl binaries.
+if [ "$mode" != run ] && ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+  echo "deps: rustup target x86_64-unknown-linux-musl" >&2
+  rustup target add x86_64-unknown-linux-musl
 fi
 
 # The real CloudStack CLI the core's API tests drive (PyPI `cs`, pinned).

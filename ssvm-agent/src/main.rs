@@ -94,6 +94,10 @@ struct StoreArgs {
     /// Secondary storage: nfs://HOST[:PORT]/EXPORT[?mountport=N] or file:///PATH.
     #[arg(long)]
     store: String,
+    /// The URL core knows the store by, when this agent reaches it at another address (NAT, a
+    /// VM on QEMU's user network): reported to core and accepted in its commands as this store.
+    #[arg(long, value_name = "URL")]
+    store_as: Option<String>,
     /// Local directory for the job journal. Default: on the store itself,
     /// STORE/.ssvm-journal/AGENT-ID/, so the journal outlives the system VM.
     #[arg(long, env = "SSVM_AGENT_STATE_DIR")]
@@ -163,9 +167,18 @@ async fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
         connections: args.nfs_connections.max(1),
         ..StoreOptions::default()
     };
-    Store::open(&url, opts)
+    let store = Store::open(&url, opts)
         .await
-        .with_context(|| format!("failed to open store {url}"))
+        .with_context(|| format!("failed to open store {url}"))?;
+    match &args.store_as {
+        Some(alias) => {
+            let alias: StoreUrl = alias
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid --store-as {alias:?}: {e}"))?;
+            Ok(store.known_as(alias))
+        }
+        None => Ok(store),
+    }
 }
 
 /// The job journal: in `--state-dir` when given, else on the store under the agent's id

@@ -3,6 +3,7 @@
 
 mod agents;
 mod ansible;
+mod appliance;
 mod browser_uploads;
 mod certificates;
 mod console;

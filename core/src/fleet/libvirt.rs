@@ -294,7 +294,7 @@ impl Driver for LibvirtDriver {
                 what: "failed to create the VM directory".into(),
                 source,
             })?;
-            let seed = super::seed::write_seed_iso(&dir, spec, None).await?;
+            let seed = super::seed::write_seed_iso(&dir, spec, super::seed::Urls::default()).await?;
             let xml_path = dir.join("domain.xml");
             std::fs::write(&xml_path, self.domain_xml(spec, &seed)).map_err(|source| DriverError::Io {
                 what: "failed to write the domain XML".into(),

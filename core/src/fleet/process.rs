@@ -136,7 +136,7 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// Whether `pid` is a live process whose command line names `vm_id`.
-fn is_our_process(pid: u32, vm_id: &str) -> bool {
+pub(crate) fn is_our_process(pid: u32, vm_id: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };

@@ -3,11 +3,15 @@
 //! ([`super::seed`]); the guest reaches core through QEMU's user network, where the host's
 //! loopback is `10.0.2.2`, so core's agent endpoint must carry that address in its certificate
 //! (`--agent-san 10.0.2.2`, added by core when it runs this driver). A console proxy's port 8080
-//! is forwarded to a free loopback port, which becomes its public URL.
+//! is forwarded to a free loopback port, which becomes its public URL; a storage VM's transfer
+//! server (port 8080 in its VM too) to a loopback port kept in the VM's directory, so upload and
+//! download links survive a restart. A stop asks the guest to power off (ACPI, through QMP) and
+//! waits [`POWER_OFF_GRACE`] before signals.
 //!
 //! Invariants: the kernel command line carries no secret (only `systemvm.seed=cidata`); a QEMU
 //! process is recognised by its pid and its command line naming the VM's uuid, as in the process
-//! driver; each VM has its own directory (`seed.iso`, `console.log`) removed on destroy.
+//! driver; each VM has its own directory (`seed.iso`, `console.log`, `qmp.sock`) removed on
+//! destroy; loopback URLs in the seed (core, the store) are rewritten to [`HOST_FROM_GUEST`].
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -19,8 +23,11 @@ use super::process::ProcessDriver;
 
 /// The address of the host's loopback as a QEMU user-network guest sees it.
 pub const HOST_FROM_GUEST: &str = "10.0.2.2";
-/// The port a console proxy listens on inside its VM (CloudStack's).
+/// The port a console proxy listens on inside its VM (CloudStack's); a storage VM's transfer
+/// server listens on the same port inside its own VM.
 pub const GUEST_PROXY_PORT: u16 = 8080;
+/// How long a guest has to power off after the ACPI request before QEMU is signalled.
+pub const POWER_OFF_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a system VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,13 +63,23 @@ pub struct QemuDriver {
 
 /// Core URLs as a guest on QEMU's user network reaches them (loopback → [`HOST_FROM_GUEST`]).
 pub fn guest_core_urls(urls: &[String]) -> Vec<String> {
-    urls.iter()
-        .map(|u| {
-            u.replacen("://127.0.0.1:", &format!("://{HOST_FROM_GUEST}:"), 1)
-                .replacen("://localhost:", &format!("://{HOST_FROM_GUEST}:"), 1)
-                .replacen("://[::1]:", &format!("://{HOST_FROM_GUEST}:"), 1)
-        })
-        .collect()
+    urls.iter().map(|u| guest_url(u)).collect()
+}
+
+/// A URL as a guest on QEMU's user network reaches it: a loopback host becomes
+/// [`HOST_FROM_GUEST`] (with or without a port).
+pub fn guest_url(u: &str) -> String {
+    let Some((scheme, rest)) = u.split_once("://") else {
+        return u.to_owned();
+    };
+    for host in ["127.0.0.1", "localhost", "[::1]"] {
+        if let Some(tail) = rest.strip_prefix(host)
+            && (tail.is_empty() || tail.starts_with([':', '/', '?']))
+        {
+            return format!("{scheme}://{HOST_FROM_GUEST}{tail}");
+        }
+    }
+    u.to_owned()
 }
 
 /// `qemu-system-x86_64` on `PATH`.
@@ -87,6 +104,7 @@ impl QemuDriver {
     pub fn args(&self, spec: &VmSpec, seed: &std::path::Path, forward: Option<u16>) -> Vec<String> {
         let dir = self.vm_dir(&spec.id);
         let mut net = "user,id=n0".to_owned();
+        // A console proxy's browser port, or a storage VM's transfer port.
         if let Some(port) = forward {
             net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:{GUEST_PROXY_PORT}"));
         }
@@ -115,6 +133,8 @@ impl QemuDriver {
             spec.id.clone(),
             "-serial".into(),
             format!("file:{}", dir.join("console.log").display()),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
             "-netdev".into(),
             net,
             "-device".into(),
@@ -157,19 +177,51 @@ impl Driver for QemuDriver {
             };
             let dir = self.vm_dir(&spec.id);
             std::fs::create_dir_all(&dir).map_err(io("failed to create the VM directory"))?;
+            let free_port = || {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .map_err(io("failed to find a free port"))
+            };
             let forward = match spec.role {
-                AgentRole::ConsoleProxy => Some(
-                    std::net::TcpListener::bind("127.0.0.1:0")
-                        .and_then(|l| l.local_addr())
-                        .map_err(io("failed to find a free port"))?
-                        .port(),
-                ),
-                AgentRole::SecStorage => None,
+                AgentRole::ConsoleProxy => free_port()?,
+                AgentRole::SecStorage => {
+                    let file = dir.join("transfer.port");
+                    match std::fs::read_to_string(&file)
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok())
+                    {
+                        Some(p) => p,
+                        None => {
+                            let p = free_port()?;
+                            std::fs::write(&file, p.to_string())
+                                .map_err(io("failed to keep the transfer port"))?;
+                            p
+                        }
+                    }
+                }
             };
             let mut guest = spec.clone();
             guest.core_urls = guest_core_urls(&spec.core_urls);
-            let public_url = forward.map(|p| format!("http://127.0.0.1:{p}"));
-            let seed = super::seed::write_seed_iso(&dir, &guest, public_url.as_deref()).await?;
+            guest.store_url = spec.store_url.as_deref().map(guest_url);
+            let url = format!("http://127.0.0.1:{forward}");
+            let store_as = spec
+                .store_url
+                .as_deref()
+                .filter(|u| Some(*u) != guest.store_url.as_deref());
+            let urls = match spec.role {
+                AgentRole::ConsoleProxy => super::seed::Urls {
+                    public_url: Some(&url),
+                    ..Default::default()
+                },
+                AgentRole::SecStorage => super::seed::Urls {
+                    transfer_url: Some(&url),
+                    store_as,
+                    ..Default::default()
+                },
+            };
+            let seed = super::seed::write_seed_iso(&dir, &guest, urls).await?;
+            let forward = Some(forward);
             let mut child = tokio::process::Command::new(&self.qemu)
                 .args(self.args(spec, &seed, forward))
                 .stdin(Stdio::null())
@@ -196,9 +248,30 @@ impl Driver for QemuDriver {
         placement: &'a Placement,
         force: bool,
     ) -> DriverFuture<'a, Result<(), DriverError>> {
-        // QEMU exits on SIGTERM (the guest gets no shutdown request): SIGTERM, then SIGKILL
-        // after the grace period, as for a process.
-        ProcessDriver::stop_pid(id, placement, force)
+        Box::pin(async move {
+            // A clean stop asks the guest to power off (ACPI) and waits for QEMU to exit; QEMU
+            // exits on SIGTERM without telling the guest, the fallback as for a process.
+            if !force
+                && let Some(pid) = placement.pid
+                && super::process::is_our_process(pid, id)
+            {
+                match qmp_powerdown(&self.vm_dir(id).join("qmp.sock")).await {
+                    Ok(()) => {
+                        let deadline = tokio::time::Instant::now() + POWER_OFF_GRACE;
+                        while tokio::time::Instant::now() < deadline {
+                            if !super::process::is_our_process(pid, id) {
+                                tracing::info!(vm.id = %id, "The system VM powered off");
+                                return Ok(());
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                        tracing::warn!(vm.id = %id, "The system VM did not power off in time");
+                    }
+                    Err(error) => tracing::warn!(vm.id = %id, %error, "No ACPI power-off through QMP"),
+                }
+            }
+            ProcessDriver::stop_pid(id, placement, force).await
+        })
     }
 
     fn state<'a>(&'a self, id: &'a str, placement: &'a Placement) -> DriverFuture<'a, VmState> {
@@ -208,6 +281,49 @@ impl Driver for QemuDriver {
     fn destroy<'a>(&'a self, id: &'a str) -> DriverFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { super::process::remove_vm_dir(&self.vm_dir(id)) })
     }
+}
+
+/// Asks the guest behind QMP socket `sock` to power off (`system_powerdown`: an ACPI button press).
+pub async fn qmp_powerdown(sock: &std::path::Path) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    let talk = async {
+        let stream = tokio::net::UnixStream::connect(sock)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        let expect_return =
+            async |lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>| {
+                loop {
+                    let line = lines
+                        .next_line()
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or("QMP closed")?;
+                    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                    if v.get("return").is_some() || v.get("QMP").is_some() {
+                        return Ok::<(), String>(());
+                    }
+                    if let Some(e) = v.get("error") {
+                        return Err(format!("QMP error: {e}"));
+                    }
+                }
+            };
+        expect_return(&mut lines).await?;
+        for cmd in [
+            r#"{"execute":"qmp_capabilities"}"#,
+            r#"{"execute":"system_powerdown"}"#,
+        ] {
+            w.write_all(format!("{cmd}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            expect_return(&mut lines).await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), talk)
+        .await
+        .map_err(|_| "QMP did not answer within 5 s".to_owned())?
 }
 
 #[cfg(test)]
@@ -231,6 +347,17 @@ mod tests {
             allow_internal: vec![],
             max_sessions: 10,
         }
+    }
+
+    #[test]
+    fn loopback_urls_become_the_user_network_host() {
+        assert_eq!(guest_url("nfs://127.0.0.1/export"), "nfs://10.0.2.2/export");
+        assert_eq!(
+            guest_url("nfs://localhost:2049/e?mountport=9"),
+            "nfs://10.0.2.2:2049/e?mountport=9"
+        );
+        assert_eq!(guest_url("nfs://127.0.0.10/e"), "nfs://127.0.0.10/e");
+        assert_eq!(guest_url("nfs://store/e"), "nfs://store/e");
     }
 
     #[test]
@@ -286,5 +413,6 @@ mod tests {
             "{args}"
         );
         assert!(!args.contains("hostfwd"), "{args}");
+        assert!(args.contains("qmp.sock,server=on,wait=off"), "{args}");
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! `user-data` is `#cloud-config` followed by one JSON object (JSON is YAML, and serde escapes
 //! every value): `{"systemvm": {"role", "vm_id", "name", "zone_id", "core": [URL…], "secret",
-//! "ca" (PEM), "store_url"?, "allow_internal": […], "max_sessions", "public_url"?}}`.
+//! "ca" (PEM), "store_url"?, "allow_internal": […], "max_sessions", "public_url"?,
+//! "transfer_url"?}}`; the image's side: `systemvm-image/src/seed.rs`.
 //!
 //! Invariants: the secret and the CA travel only in the config drive (mode 0600 on the host), never on
 //! a kernel or QEMU command line, which every local user can read in `/proc`; the drive is written
@@ -16,8 +17,20 @@ use serde_json::json;
 
 use super::driver::{DriverError, VmSpec};
 
+/// The URLs browsers reach a system VM at, when its driver forwards a port.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Urls<'a> {
+    /// A console proxy's base URL.
+    pub public_url: Option<&'a str>,
+    /// A storage VM's transfer server.
+    pub transfer_url: Option<&'a str>,
+    /// The store's URL as core knows it, when the VM is given another (`store_url` rewritten
+    /// for the guest's network).
+    pub store_as: Option<&'a str>,
+}
+
 /// The `systemvm` map of the user-data.
-pub fn user_data(spec: &VmSpec, ca_pem: &str, public_url: Option<&str>) -> String {
+pub fn user_data(spec: &VmSpec, ca_pem: &str, urls: Urls<'_>) -> String {
     let mut m = json!({
         "role": spec.role.as_str(),
         "vm_id": spec.id,
@@ -32,8 +45,14 @@ pub fn user_data(spec: &VmSpec, ca_pem: &str, public_url: Option<&str>) -> Strin
     if let Some(s) = &spec.store_url {
         m["store_url"] = json!(s);
     }
-    if let Some(u) = public_url {
+    if let Some(u) = urls.public_url {
         m["public_url"] = json!(u);
+    }
+    if let Some(u) = urls.transfer_url {
+        m["transfer_url"] = json!(u);
+    }
+    if let Some(u) = urls.store_as {
+        m["store_as"] = json!(u);
     }
     format!("#cloud-config\n{}\n", json!({ "systemvm": m }))
 }
@@ -44,11 +63,7 @@ pub fn meta_data(spec: &VmSpec) -> String {
 }
 
 /// Writes `dir/seed.iso` (0600) for `spec`; returns its path.
-pub async fn write_seed_iso(
-    dir: &Path,
-    spec: &VmSpec,
-    public_url: Option<&str>,
-) -> Result<PathBuf, DriverError> {
+pub async fn write_seed_iso(dir: &Path, spec: &VmSpec, urls: Urls<'_>) -> Result<PathBuf, DriverError> {
     use std::os::unix::fs::PermissionsExt as _;
     let io = |what: &str| {
         let what = what.to_owned();
@@ -65,7 +80,7 @@ pub async fn write_seed_iso(
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(io("failed to protect the seed"))
     };
-    write("user-data", &user_data(spec, &ca_pem, public_url))?;
+    write("user-data", &user_data(spec, &ca_pem, urls))?;
     write("meta-data", &meta_data(spec))?;
     let tmp = dir.join("seed.iso.tmp");
     let out = tokio::process::Command::new("genisoimage")
@@ -119,7 +134,11 @@ mod tests {
         let text = user_data(
             &spec(),
             "-----BEGIN CERTIFICATE-----\nAA==\n",
-            Some("http://127.0.0.1:9"),
+            Urls {
+                public_url: Some("http://127.0.0.1:9"),
+                transfer_url: Some("http://127.0.0.1:10"),
+                store_as: None,
+            },
         );
         let (head, body) = text.split_once('\n').unwrap();
         assert_eq!(head, "#cloud-config");
@@ -128,6 +147,7 @@ mod tests {
         assert_eq!(s["secret"], "s3cr\"et\n");
         assert_eq!(s["role"], "secstorage");
         assert_eq!(s["store_url"], "nfs://10.0.0.9/export");
+        assert_eq!(s["transfer_url"], "http://127.0.0.1:10");
         assert_eq!(s["core"][0], "wss://10.0.2.2:8250/agent");
         assert!(
             s["ca"]
@@ -153,7 +173,7 @@ mod tests {
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
         let mut s = spec();
         s.ca = ca;
-        let iso = write_seed_iso(dir.path(), &s, None).await.unwrap();
+        let iso = write_seed_iso(dir.path(), &s, Urls::default()).await.unwrap();
         let mode = std::fs::metadata(&iso).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let bytes = std::fs::read(&iso).unwrap();

@@ -474,9 +474,21 @@ impl Store {
         })
     }
 
-    /// The store's URL.
+    /// The store's URL: the one it was opened with, or the one [`Store::known_as`] gave.
     pub fn url(&self) -> &StoreUrl {
         &self.inner.url
+    }
+
+    /// The same store under another URL, the one core knows it by, when this process reaches it
+    /// at another address (NAT; a VM on QEMU's user network). The connection is unchanged; the
+    /// URL names the store in reports, journals and commands. Only before the store is shared:
+    /// a store already cloned keeps its URL.
+    pub fn known_as(mut self, url: StoreUrl) -> Store {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.name = url.to_string();
+            inner.url = url;
+        }
+        self
     }
 
     /// Whether the store answers; see [`Health`].
