@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${SECONDS_EACH:-60}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(rfb_handshake ws_frames console_token image_inspect api_params agent_messages upload_request nbd_replies qcow2_tables)
+[ ${#targets[@]} -gt 0 ] || targets=(rfb_handshake ws_frames console_token image_inspect api_params agent_messages upload_request nbd_replies qcow2_tables vm_seed)
 triple=$(rustc -vV | awk '/^host:/ {print $2}')
 # With an explicit --target, these flags reach the fuzzed code but not build scripts.
 RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

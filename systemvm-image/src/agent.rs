@@ -8,7 +8,16 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::seed::{BootConfig, Role};
+use systemvm_proto::agent::AgentRole;
+use systemvm_proto::seed::BootConfig;
+
+/// The agent binary of `role`, under [`BIN_DIR`].
+pub fn binary(role: AgentRole) -> &'static str {
+    match role {
+        AgentRole::ConsoleProxy => "console-proxy",
+        AgentRole::SecStorage => "ssvm-agent",
+    }
+}
 
 /// The port a system VM's browser-facing server listens on (CloudStack's console proxy port;
 /// the storage VM's transfer server uses the same inside its own VM).
@@ -44,14 +53,14 @@ pub fn command(c: &BootConfig, ca: &Path) -> Spawn {
     let listen = format!("0.0.0.0:{GUEST_PORT}");
     let mut args: Vec<String> = vec!["serve".into()];
     match c.role {
-        Role::ConsoleProxy => {
+        AgentRole::ConsoleProxy => {
             args.extend(["--listen".into(), listen, "--web".into(), WEB_DIR.into()]);
             args.extend(["--max-sessions".into(), c.max_sessions.to_string()]);
             if let Some(u) = &c.public_url {
                 args.extend(["--public-url".into(), u.clone()]);
             }
         }
-        Role::SecStorage => {
+        AgentRole::SecStorage => {
             args.extend([
                 "--store".into(),
                 c.store_url.clone().unwrap_or_default(),
@@ -78,7 +87,7 @@ pub fn command(c: &BootConfig, ca: &Path) -> Spawn {
         ca.display().to_string(),
     ]);
     Spawn {
-        program: Path::new(BIN_DIR).join(c.role.binary()),
+        program: Path::new(BIN_DIR).join(binary(c.role)),
         args,
         env: vec![("SYSTEMVM_AGENT_SECRET".into(), c.secret.clone())],
     }
@@ -88,7 +97,7 @@ pub fn command(c: &BootConfig, ca: &Path) -> Spawn {
 mod tests {
     use super::*;
 
-    fn config(role: Role) -> BootConfig {
+    fn config(role: AgentRole) -> BootConfig {
         BootConfig {
             role,
             vm_id: "vm1".into(),
@@ -108,7 +117,7 @@ mod tests {
 
     #[test]
     fn secret_only_in_the_environment() {
-        for role in [Role::ConsoleProxy, Role::SecStorage] {
+        for role in [AgentRole::ConsoleProxy, AgentRole::SecStorage] {
             let s = command(&config(role), Path::new("/run/systemvm/ca.pem"));
             assert!(!s.args.join(" ").contains("top-secret"));
             assert_eq!(
@@ -123,11 +132,11 @@ mod tests {
 
     #[test]
     fn role_arguments() {
-        let p = command(&config(Role::ConsoleProxy), Path::new("/ca"));
+        let p = command(&config(AgentRole::ConsoleProxy), Path::new("/ca"));
         assert_eq!(p.program, Path::new("/opt/systemvm/bin/console-proxy"));
         let a = p.args.join(" ");
         assert!(a.starts_with("serve --listen 0.0.0.0:8080 --web /opt/systemvm/web --max-sessions 7 --public-url http://127.0.0.1:41000"), "{a}");
-        let s = command(&config(Role::SecStorage), Path::new("/ca"));
+        let s = command(&config(AgentRole::SecStorage), Path::new("/ca"));
         assert_eq!(s.program, Path::new("/opt/systemvm/bin/ssvm-agent"));
         let a = s.args.join(" ");
         assert!(a.starts_with("serve --store nfs://10.0.2.2/export --public-listen 0.0.0.0:8080 --store-as nfs://127.0.0.1/export --public-url http://127.0.0.1:41001 --allow-internal 10.0.2.2/32"), "{a}");

@@ -140,6 +140,10 @@ mod tests {
                 store_as: None,
             },
         );
+        // The image's parser reads it (the contract's other side).
+        let parsed = systemvm_proto::seed::parse(text.as_bytes(), "").expect("the image parses core's seed");
+        assert_eq!(parsed.secret, "s3cr\"et\n");
+        assert_eq!(parsed.transfer_url.as_deref(), Some("http://127.0.0.1:10"));
         let (head, body) = text.split_once('\n').unwrap();
         assert_eq!(head, "#cloud-config");
         let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();

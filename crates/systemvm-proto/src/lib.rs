@@ -7,6 +7,7 @@
 //! - [`agent`]: the agent channel's versioned JSON messages (system VMs ↔ core).
 //! - [`console`]: console-token claims and, behind the `token` feature, their AEAD sealing.
 //! - [`rfb`]: the RFB (VNC) handshake as sans-I/O state machines, for the console proxy's security proxy.
+//! - [`seed`]: a system VM's boot configuration from its NoCloud config drive (core → the image).
 //! - [`transfer`]: upload tickets and download links a storage VM honours, signed by core.
 //! - [`ws`]: RFC 6455 WebSocket frame headers, for the console proxy's zero-copy relay.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@
 pub mod agent;
 pub mod console;
 pub mod rfb;
+pub mod seed;
 pub mod transfer;
 pub mod ws;
 

@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::agent::{self, Spawn};
-use crate::seed::{self, BootConfig};
+use systemvm_proto::seed::{self, BootConfig};
 
 /// The seed's copy and the CA, on tmpfs.
 pub const RUN_DIR: &str = "/run/systemvm";

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use crate::seed::StaticNet;
+use systemvm_proto::seed::StaticNet;
 
 /// Where DNS servers go.
 pub const RESOLV: &str = "/run/resolv.conf";

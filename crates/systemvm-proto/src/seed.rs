@@ -1,6 +1,7 @@
 //! The boot configuration a system VM reads from its NoCloud config drive: `user-data`
 //! (`#cloud-config` followed by one JSON object, as core's `fleet::seed` writes it) and the
-//! kernel command line. Pure parsing, no I/O: the init feeds it the bytes it read.
+//! kernel command line (docs/systemvm-boot.md). Pure parsing, no I/O: the image's init
+//! (`systemvm-image`) feeds it the bytes it read.
 //!
 //! Invariants: parsing never panics on any input (property-tested, fuzzed); a seed without a
 //! role, VM id, core URL, secret or CA is refused with the missing field's name; the secret is
@@ -11,27 +12,10 @@ use std::net::Ipv4Addr;
 
 use serde::Deserialize;
 
+use crate::agent::AgentRole;
+
 /// Largest `user-data` accepted (core's are a few KiB: the CA dominates).
 pub const MAX_USER_DATA: usize = 256 * 1024;
-
-/// The role a system VM plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// A console proxy (`consoleproxy`).
-    ConsoleProxy,
-    /// A storage VM (`secstorage`).
-    SecStorage,
-}
-
-impl Role {
-    /// The agent binary of the role, under the image's `/opt/systemvm/bin`.
-    pub fn binary(self) -> &'static str {
-        match self {
-            Role::ConsoleProxy => "console-proxy",
-            Role::SecStorage => "ssvm-agent",
-        }
-    }
-}
 
 /// A static IPv4 configuration (`network` in the seed); DHCP when the seed has none.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +34,7 @@ pub struct StaticNet {
 #[derive(Clone, PartialEq, Eq)]
 pub struct BootConfig {
     /// The role.
-    pub role: Role,
+    pub role: AgentRole,
     /// Core's id of this VM.
     pub vm_id: String,
     /// The VM's name (also its host name).
@@ -163,8 +147,8 @@ pub fn parse(user_data: &[u8], cmdline: &str) -> Result<BootConfig, SeedError> {
     let raw = doc.systemvm;
     let role_name = cmdline_value(cmdline, "systemvm.role").unwrap_or(&raw.role);
     let role = match role_name {
-        "consoleproxy" => Role::ConsoleProxy,
-        "secstorage" => Role::SecStorage,
+        "consoleproxy" => AgentRole::ConsoleProxy,
+        "secstorage" => AgentRole::SecStorage,
         "" => return Err(SeedError::Missing("role")),
         other => {
             return Err(SeedError::Invalid {
@@ -217,7 +201,7 @@ pub fn parse(user_data: &[u8], cmdline: &str) -> Result<BootConfig, SeedError> {
         });
     }
     let store_url = raw.store_url.filter(|s| !s.is_empty());
-    if role == Role::SecStorage && store_url.is_none() {
+    if role == AgentRole::SecStorage && store_url.is_none() {
         return Err(SeedError::Missing("store_url"));
     }
     let network = raw.network.map(parse_net).transpose()?;
@@ -313,7 +297,7 @@ mod tests {
     #[test]
     fn reads_what_core_writes() {
         let c = parse(&seed(serde_json::json!({})), "console=ttyS0 systemvm.seed=cidata").unwrap();
-        assert_eq!(c.role, Role::SecStorage);
+        assert_eq!(c.role, AgentRole::SecStorage);
         assert_eq!(c.secret, "s3cr\"et");
         assert_eq!(c.store_url.as_deref(), Some("nfs://10.0.2.2/export"));
         assert_eq!(c.allow_internal, ["10.0.2.2/32"]);
@@ -328,7 +312,7 @@ mod tests {
             "systemvm.role=consoleproxy",
         )
         .unwrap();
-        assert_eq!(c.role, Role::ConsoleProxy);
+        assert_eq!(c.role, AgentRole::ConsoleProxy);
         let n = c.network.unwrap();
         assert_eq!((n.address, n.prefix), ("192.0.2.10".parse().unwrap(), 24));
         assert_eq!(n.gateway, Some("192.0.2.1".parse().unwrap()));
