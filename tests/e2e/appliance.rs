@@ -117,7 +117,7 @@ async fn core_deploys_the_image_on_qemu_and_its_agents_work() {
     let ssvm_id = ssvm[0]["id"].as_str().expect("id").to_owned();
     assert_eq!(proxy[0]["hypervisor"], "qemu", "{proxy:?}");
     let log = console_log(&core, &proxy_id);
-    assert!(log.contains("systemvm-init: role ConsoleProxy"), "{log}");
+    assert!(log.contains("] role ConsoleProxy"), "{log}");
     assert!(log.contains("by DHCP"), "{log}");
 
     // The storage VM installs a template from the host into ganesha's export, over the guest's
@@ -196,8 +196,8 @@ async fn core_deploys_the_image_on_qemu_and_its_agents_work() {
     let stopped = core.ok(&["stopSystemVm", &format!("id={proxy_id}")]).await;
     assert_eq!(stopped["systemvm"]["state"], "Stopped", "{stopped}");
     let log = console_log(&core, &proxy_id);
-    assert!(log.contains("systemvm-init: power button"), "{log}");
-    assert!(log.contains("systemvm-init: powering off"), "{log}");
+    assert!(log.contains("] power button"), "{log}");
+    assert!(log.contains("] powering off"), "{log}");
     core.shutdown_with_system_vms().await;
 }
 
@@ -296,7 +296,7 @@ async fn the_image_boots_under_uefi_and_as_a_kernel_pair() {
     let _one_at_a_time = crate::libvirt::GUESTS.lock().await;
     let tmp = Scratch::new("boots");
     let iso = seed(tmp.path()).await;
-    let started = "systemvm-init: agent /opt/systemvm/bin/console-proxy started";
+    let started = "] agent /opt/systemvm/bin/console-proxy started";
     let cdrom = format!("file={},media=cdrom,readonly=on", iso.display());
 
     // UEFI (OVMF, q35): systemd-boot → kernel → the read-only root.
@@ -320,10 +320,7 @@ async fn the_image_boots_under_uefi_and_as_a_kernel_pair() {
     ]
     .into();
     let (log, took) = boot_until(tmp.path(), &uefi, started, Duration::from_secs(120));
-    assert!(
-        log.contains("systemvm-init: role ConsoleProxy, VM 0b1e4c4c"),
-        "{log}"
-    );
+    assert!(log.contains("] role ConsoleProxy, VM 0b1e4c4c"), "{log}");
     assert!(
         !log.contains("not-used"),
         "the secret reached the console:\n{log}"

@@ -30,8 +30,11 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long to look for the config drive (a CD-ROM is probed asynchronously).
 const DRIVE_WAIT: Duration = Duration::from_secs(10);
 
+/// A line on the serial console, with the guest's uptime (boot phases show in the log).
 fn say(msg: impl std::fmt::Display) {
-    eprintln!("systemvm-init: {msg}");
+    let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let up = up.split_whitespace().next().unwrap_or("?");
+    eprintln!("systemvm-init: [{up}] {msg}");
 }
 
 /// Runs process 1; never returns.
@@ -201,7 +204,11 @@ fn supervise(spawn: &Spawn, power: &mpsc::Receiver<()>) {
         if agent.is_none() && Instant::now() >= next_start {
             match start(spawn) {
                 Ok(pid) => {
-                    say(format!("agent {} started (pid {pid})", spawn.program.display()));
+                    say(format!(
+                        "agent {} started (pid {pid}); {}",
+                        spawn.program.display(),
+                        memory()
+                    ));
                     agent = Some((pid, Instant::now()));
                 }
                 Err(e) => {
@@ -235,6 +242,22 @@ fn supervise(spawn: &Spawn, power: &mpsc::Receiver<()>) {
             return;
         }
     }
+}
+
+/// `MemAvailable of MemTotal` from /proc/meminfo, for the console log.
+fn memory() -> String {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    format!(
+        "memory {} MiB available of {} MiB",
+        kib("MemAvailable:") / 1024,
+        kib("MemTotal:") / 1024
+    )
 }
 
 fn stop(pid: i32) {
