@@ -18,7 +18,8 @@ case "$mode" in
   *) echo "usage: scripts/deps.sh run|test|bench" >&2; exit 2 ;;
 esac
 
-apt_pkgs=(qemu-system-x86)
+# busybox-static and cpio: the demo VM's guest (`systemvm-image demo`).
+apt_pkgs=(qemu-system-x86 busybox-static cpio)
 if [ "$mode" != run ]; then
   apt_pkgs+=(chromium fonts-dejavu-core genisoimage bzip2 xz-utils zstd zip)
   # certutil: a test CA in a throwaway NSS database, so Chromium trusts an uploaded certificate.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole suite on this machine with `systemvm-core up`: core (SQLite), a console proxy and a
-# storage VM as local processes, a local-directory image store, a demo VM under QEMU, and a demo
+# storage VM as local processes, a local-directory image store, a demo VM under QEMU (a shell on
+# its console: `systemvm-image demo`), and a demo
 # image served on loopback; prints the API URL, the credentials file and the next steps (commands
 # that work as they are in any new shell). Ctrl-C stops everything it started.
 #
@@ -15,9 +16,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh run
-cargo build --release --locked -p systemvm-core -p console-proxy -p ssvm-agent --bins
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release/systemvm-core"
+cargo build --release --locked -p systemvm-core -p console-proxy -p ssvm-agent -p systemvm-image --bins
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+bin="$target/release/systemvm-core"
+# The demo VM's guest: Debian's kernel and a busybox shell on its console (a few seconds, cached).
+"$target/release/systemvm-image" demo --out "$target/systemvm-image" --cache "$target/systemvm-image-cache" >/dev/null
+demo=(--demo-kernel "$target/systemvm-image/demo-vmlinuz" --demo-initrd "$target/systemvm-image/demo-initrd.img")
 if [ -n "${DATA_DIR:-}" ]; then
-  exec "$bin" up --data-dir "$DATA_DIR" "$@"
+  exec "$bin" up --data-dir "$DATA_DIR" "${demo[@]}" "$@"
 fi
-exec "$bin" up "$@"
+exec "$bin" up "${demo[@]}" "$@"

@@ -18,6 +18,7 @@ RUSTDOCFLAGS="-D warnings" step cargo doc --workspace --no-deps --locked --quiet
 # the image rebuilt only when an input changed (target/systemvm-image/manifest.json).
 step cargo build --locked --quiet -p systemvm-image
 step target/debug/systemvm-image build
+step target/debug/systemvm-image demo
 # Four tests at a time per binary on two cores: most end-to-end tests wait on servers and VMs
 # rather than compute (the TCG guests take turns on their own lock); 358 s instead of 428 s.
 RUST_TEST_THREADS=${RUST_TEST_THREADS:-4} step cargo test --workspace --locked

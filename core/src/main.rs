@@ -90,6 +90,12 @@ enum Cmd {
         /// Do not start the demo VM.
         #[arg(long)]
         no_demo: bool,
+        /// The demo VM's kernel (`systemvm-image demo` builds it, with --demo-initrd).
+        #[arg(long, requires = "demo_initrd")]
+        demo_kernel: Option<PathBuf>,
+        /// The demo VM's initramfs: a shell on its console.
+        #[arg(long, requires = "demo_kernel")]
+        demo_initrd: Option<PathBuf>,
     },
     /// Registers a system VM whose agent is started by hand; prints its id and secret (shown once).
     RegisterSystemvm {
@@ -204,6 +210,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             store,
             no_demo,
+            demo_kernel,
+            demo_initrd,
         } => {
             let data_dir = data_dir_or_default(data_dir.as_deref())?;
             let opts = systemvm_core::up::UpOptions {
@@ -211,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
                 listen,
                 store,
                 demo: !no_demo,
+                demo_guest: demo_kernel.zip(demo_initrd),
             };
             let up = systemvm_core::up::up(&opts).await?;
             println!("{}", systemvm_core::up::next_steps(&up, &data_dir));

@@ -48,6 +48,9 @@ pub struct UpOptions {
     pub store: Option<String>,
     /// Start a demo VM under QEMU when QEMU is installed.
     pub demo: bool,
+    /// The demo VM boots this kernel and initramfs (`systemvm-image demo`: a shell on its
+    /// console); without them it has no disk and shows its firmware.
+    pub demo_guest: Option<(PathBuf, PathBuf)>,
 }
 
 /// What `up` started.
@@ -142,7 +145,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<Up> {
             .first()
             .and_then(|t| t["port"].as_u64())
             .and_then(|p| u16::try_from(p).ok());
-        match start_demo_vm(&opts.data_dir, port).await {
+        match start_demo_vm(&opts.data_dir, port, opts.demo_guest.as_ref()).await {
             Ok(Some((child, vnc, password, same))) => {
                 let id = demo_target(&client, previous, vnc, &password, same).await?;
                 Some((child, id))
@@ -301,10 +304,14 @@ async fn demo_target(
 /// the previous start (its console target can be kept).
 type DemoVm = (tokio::process::Child, SocketAddr, String, bool);
 
-/// Starts a small VM under QEMU (TCG) with a password-protected VNC server on loopback; `None`
-/// when QEMU is not installed. The password is kept in `DATA_DIR/demo-vm/vnc.secret` and reused,
+/// Starts a small VM under QEMU (TCG) with a password-protected VNC server on loopback, booting
+/// `guest` (kernel, initramfs) when given; `None` when QEMU is not installed. The password is kept in `DATA_DIR/demo-vm/vnc.secret` and reused,
 /// and so is `port` (the previous VNC port) when it is free.
-async fn start_demo_vm(data_dir: &Path, port: Option<u16>) -> anyhow::Result<Option<DemoVm>> {
+async fn start_demo_vm(
+    data_dir: &Path,
+    port: Option<u16>,
+    guest: Option<&(PathBuf, PathBuf)>,
+) -> anyhow::Result<Option<DemoVm>> {
     let Some(qemu) = find_on_path("qemu-system-x86_64") else {
         return Ok(None);
     };
@@ -348,8 +355,20 @@ async fn start_demo_vm(data_dir: &Path, port: Option<u16>) -> anyhow::Result<Opt
         .or_else(|| (60..99).find(|d| free(*d)))
         .context("no free VNC display between :60 and :99")?;
     let vnc = SocketAddr::from(([127, 0, 0, 1], 5900 + display));
-    let child = tokio::process::Command::new(qemu)
-        .args(["-accel", "tcg", "-m", "64", "-display", "none", "-net", "none"])
+    let mut cmd = tokio::process::Command::new(qemu);
+    if let Some((kernel, initrd)) = guest {
+        for f in [kernel, initrd] {
+            anyhow::ensure!(
+                f.is_file(),
+                "{} is missing (systemvm-image demo builds it)",
+                f.display()
+            );
+        }
+        cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
+        cmd.args(["-append", "console=tty1 quiet panic=5"]);
+    }
+    let child = cmd
+        .args(["-accel", "tcg", "-m", "128", "-display", "none", "-net", "none"])
         .args(["-monitor", "none", "-serial", "none", "-name", "demo-vm"])
         .arg("-object")
         .arg(format!("secret,id=vncpw,file={}", secret.display()))

@@ -37,6 +37,18 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Builds the demo guest (demo-vmlinuz, demo-initrd.img): a shell on its VGA console.
+    Demo {
+        /// Output directory.
+        #[arg(long, default_value = "target/systemvm-image")]
+        out: PathBuf,
+        /// Package download cache.
+        #[arg(long, default_value = "target/systemvm-image-cache")]
+        cache: PathBuf,
+        /// Time stamp of every file, seconds since 1970.
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 315_532_800)]
+        epoch: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +79,21 @@ fn main() -> anyhow::Result<()> {
                 t.elapsed().as_secs_f64(),
                 m.kernel,
                 &m.inputs[..12]
+            );
+        }
+        Cmd::Demo { out, cache, epoch } => {
+            let (k, i) = systemvm_image::build::demo::build(
+                &out,
+                &cache,
+                std::path::Path::new("/bin/busybox"),
+                epoch,
+            )?;
+            println!("{}\n{}", k.display(), i.display());
+            eprintln!(
+                "systemvm-image: boot it with: qemu-system-x86_64 -kernel {} -initrd {} -append '{}'",
+                k.display(),
+                i.display(),
+                systemvm_image::build::demo::DEMO_CMDLINE
             );
         }
     }

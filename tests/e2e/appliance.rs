@@ -14,11 +14,12 @@ use systemvm_core::DriverKind;
 use systemvm_core::fleet::qemu::Boot;
 use systemvm_tests::http::HttpFixture;
 
+use crate::console::open;
 use crate::core_api::{Backend, Core};
 use crate::deploy::{KillOnDrop, kill9, vms, wait_fleet};
 use crate::fleet::console_works;
 use crate::nfs::RestartableGanesha;
-use crate::support::{VNC_PASSWORD, qemu, which, workspace};
+use crate::support::{Proxy, VNC_PASSWORD, claims, qemu, which, workspace};
 
 /// A scratch directory of this test process, removed when dropped.
 struct Scratch(PathBuf);
@@ -381,4 +382,100 @@ fn a_rebuild_from_the_same_inputs_gives_the_same_bytes() {
         .expect("image")
         .len();
     assert!(qcow2 <= 32 << 20, "the image is {qcow2} bytes, more than 32 MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_guest_takes_typing_through_the_proxy() {
+    let tmp = Scratch::new("demo");
+    let st = Command::new(workspace().join("target/debug/systemvm-image"))
+        .current_dir(workspace())
+        .args(["demo", "--out"])
+        .arg(tmp.path())
+        .arg("--cache")
+        .arg(workspace().join("target/systemvm-image-cache"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("systemvm-image (cargo build -p systemvm-image)");
+    assert!(st.success(), "systemvm-image demo failed");
+    let _one_at_a_time = crate::libvirt::GUESTS.lock().await;
+    let secret = tmp.path().join("vnc.secret");
+    std::fs::write(&secret, VNC_PASSWORD).expect("secret");
+    let display = (40..99)
+        .find(|d| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok())
+        .expect("a free VNC display");
+    let vnc: std::net::SocketAddr = format!("127.0.0.1:{}", 5900 + display).parse().expect("addr");
+    let serial = tmp.path().join("serial.log");
+    let bin = which("qemu-system-x86_64").expect("qemu-system-x86_64: run scripts/deps.sh test");
+    let mut child = Command::new(bin)
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-net",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(tmp.path().join("demo-vmlinuz"))
+        .arg("-initrd")
+        .arg(tmp.path().join("demo-initrd.img"))
+        .args(["-append", "console=tty1 quiet panic=5"])
+        .arg("-object")
+        .arg(format!("secret,id=vncpw,file={}", secret.display()))
+        .arg("-vnc")
+        .arg(format!("127.0.0.1:{display},password-secret=vncpw"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = Instant::now();
+    while std::net::TcpStream::connect(vnc).is_err() {
+        assert!(child.try_wait().ok().flatten().is_none(), "QEMU exited");
+        assert!(start.elapsed() < Duration::from_secs(20), "no VNC server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _qemu = Kill(child);
+
+    // Typing through the proxy, as noVNC sends keys: the shell on the VGA console runs the
+    // command, and its output (the shell's arithmetic) lands on the serial port.
+    let proxy = Proxy::start().await;
+    let token = proxy.keys.seal(&claims(vnc, Some(VNC_PASSWORD))).expect("token");
+    let mut rfb = open(&proxy.ws_url(&token), None).await;
+    rfb.handshake().await.expect("handshake through the proxy");
+    let start = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        rfb.type_text(&format!("echo typed-$((6*7))-{n} >/dev/ttyS0\n"))
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let out = std::fs::read_to_string(&serial).unwrap_or_default();
+        if out.contains("typed-42-") {
+            eprintln!(
+                "appliance: the demo guest ran a typed command {:.1} s after its VNC server was up",
+                start.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the typed command never ran; serial: {out}"
+        );
+    }
+    proxy.running.shutdown().await;
 }

@@ -83,6 +83,32 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RfbOverWs<S> {
         ))
     }
 
+    /// Types `text` as a browser's keyboard would: a KeyEvent press and release per character
+    /// (X keysyms; shifted characters between Shift_L press and release, `\n` as Return).
+    pub(crate) async fn type_text(&mut self, text: &str) {
+        const SHIFT_L: u32 = 0xffe1;
+        for c in text.chars() {
+            let (sym, shifted) = match c {
+                '\n' => (0xff0d, false),
+                c if c.is_ascii_uppercase() || "~!@#$%^&*()_+{}|:\"<>?".contains(c) => (u32::from(c), true),
+                c => (u32::from(c), false),
+            };
+            let key = |down: u8, sym: u32| {
+                let mut m = vec![4u8, down, 0, 0];
+                m.extend_from_slice(&sym.to_be_bytes());
+                m
+            };
+            if shifted {
+                self.send(&key(1, SHIFT_L)).await;
+            }
+            self.send(&key(1, sym)).await;
+            self.send(&key(0, sym)).await;
+            if shifted {
+                self.send(&key(0, SHIFT_L)).await;
+            }
+        }
+    }
+
     /// Asks for a full Raw update and returns the pixels (32 bpp) of the one update that answers it.
     /// A DesktopSize pseudo-rectangle (the guest switched video mode) updates `w`×`h`.
     pub(crate) async fn full_frame(&mut self, w: &mut u16, h: &mut u16) -> Vec<u8> {

@@ -14,7 +14,7 @@ use systemvm_tests::http::{Faults, HttpFixture, Route};
 use crate::console::open;
 use crate::core_api::{Backend, Core};
 use crate::fleet::console_works;
-use crate::support::{VNC_PASSWORD, qemu};
+use crate::support::{VNC_PASSWORD, qemu, workspace};
 
 /// Kills (SIGKILL) every process whose command line mentions `needle` (the core's data dir, which
 /// every VM it starts is given as `--ca DIR/ca.pem`): nothing outlives a failed test.
@@ -734,7 +734,26 @@ async fn up_next_steps_work_pasted_into_a_new_shell() {
         }
         cmd.env("HOME", &home);
     };
-    let mut child = spawn_up(&["--listen", &listen], &stderr_file, fresh_home);
+    // The demo guest scripts/test.sh builds (as scripts/run.sh does): a shell on its console.
+    let demo = workspace().join("target/systemvm-image");
+    let (kernel, initrd) = (demo.join("demo-vmlinuz"), demo.join("demo-initrd.img"));
+    assert!(
+        kernel.is_file() && initrd.is_file(),
+        "no demo guest: run `cargo run -p systemvm-image -- demo`"
+    );
+    let (kernel, initrd) = (kernel.display().to_string(), initrd.display().to_string());
+    let mut child = spawn_up(
+        &[
+            "--listen",
+            &listen,
+            "--demo-kernel",
+            &kernel,
+            "--demo-initrd",
+            &initrd,
+        ],
+        &stderr_file,
+        fresh_home,
+    );
     let text = read_next_steps(&mut child, &stderr_file).await;
     assert!(
         text.contains(&format!(

@@ -32,7 +32,12 @@ fn deps_of<'a>(meta: &'a serde_json::Value, package: &str) -> Vec<&'a str> {
 #[test]
 fn agents_never_depend_on_core() {
     let meta = metadata();
-    for agent in ["console-proxy", "ssvm-agent", "systemvm-agent-client", "systemvm-image"] {
+    for agent in [
+        "console-proxy",
+        "ssvm-agent",
+        "systemvm-agent-client",
+        "systemvm-image",
+    ] {
         assert!(
             !deps_of(&meta, agent).contains(&"systemvm-core"),
             "{agent} depends on systemvm-core"
@@ -75,7 +80,13 @@ fn the_image_init_runs_no_runtime() {
     let meta = metadata();
     let deps = deps_of(&meta, "systemvm-image");
     assert!(deps.contains(&"systemvm-proto"));
-    for banned in ["tokio", "hyper", "console-proxy", "ssvm-agent", "systemvm-agent-client"] {
+    for banned in [
+        "tokio",
+        "hyper",
+        "console-proxy",
+        "ssvm-agent",
+        "systemvm-agent-client",
+    ] {
         assert!(!deps.contains(&banned), "systemvm-image depends on {banned}");
     }
 }

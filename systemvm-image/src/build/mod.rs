@@ -9,6 +9,7 @@
 //! version, and a build whose digest matches the manifest in `--out` does nothing; times in
 //! every archive and file system are the epoch the manifest records.
 
+pub mod demo;
 pub mod disk;
 pub mod kernel;
 pub mod tools;
