@@ -16,7 +16,7 @@ mkdir -p "$out"
 scripts/deps.sh test >/dev/null
 cargo build --locked --quiet -p systemvm-image -p systemvm-core
 target/debug/systemvm-image build >/dev/null
-agents=target/x86_64-unknown-linux-musl/image
+agents=$(python3 -c 'import json; print(json.load(open("target/systemvm-image/manifest.json"))["agents"])')
 image=$PWD/target/systemvm-image/systemvm.qcow2
 size=$(stat -c %s "$image")
 

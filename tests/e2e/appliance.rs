@@ -356,7 +356,14 @@ async fn the_image_boots_under_uefi_and_as_a_kernel_pair() {
 fn a_rebuild_from_the_same_inputs_gives_the_same_bytes() {
     let images = image_dir();
     let tmp = Scratch::new("rebuild");
-    let agents = workspace().join("target/x86_64-unknown-linux-musl/image");
+    let built: Value =
+        serde_json::from_str(&std::fs::read_to_string(images.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let agents = PathBuf::from(
+        built["agents"]
+            .as_str()
+            .expect("the manifest names the agents' directory"),
+    );
     let out = tmp.path().join("again");
     let st = Command::new(workspace().join("target/debug/systemvm-image"))
         .current_dir(workspace())

@@ -58,6 +58,8 @@ pub struct Manifest {
     pub sdboot: String,
     /// Time stamps in the image.
     pub epoch: u64,
+    /// The directory the agents were taken from.
+    pub agents: PathBuf,
     /// Output files: name → (bytes, SHA-256).
     pub files: Vec<(String, u64, String)>,
 }
@@ -70,13 +72,31 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Where the agents for the image are compiled: `SYSTEMVM_IMAGE_TARGET_DIR`, else
+/// `$XDG_CACHE_HOME/systemvm-image/target` (`~/.cache/…`). Outside the checkout on purpose: the
+/// musl release build of the agents' dependencies takes minutes on two cores and is the same for
+/// every checkout, so a fresh clone on the same machine compiles only the workspace's own crates
+/// (cargo's fingerprints decide what is stale, as in any target directory).
+pub fn agents_target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SYSTEMVM_IMAGE_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| workspace_root().join("target"));
+    cache.join("systemvm-image/target")
+}
+
 /// Builds the agents for the image with cargo; returns their directory.
 pub fn build_agents() -> Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("systemvm-image: cargo build --profile {PROFILE} --target {TARGET} (the agents)");
+    let target_dir = agents_target_dir();
     let status = std::process::Command::new(cargo)
         .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target_dir)
         .args(["build", "--locked", "--profile", PROFILE, "--target", TARGET])
         .args(["-p", "console-proxy", "-p", "ssvm-agent", "-p", "systemvm-image"])
         .args([
@@ -92,7 +112,6 @@ pub fn build_agents() -> Result<PathBuf> {
     if !status.success() {
         bail!("building the agents for {TARGET} failed ({status}); scripts/deps.sh test adds the target");
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     Ok(target_dir.join(TARGET).join(PROFILE))
 }
 
@@ -277,6 +296,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
         kernel: kpkg.deb.clone(),
         sdboot: sdpkg.deb.clone(),
         epoch: o.epoch,
+        agents: agents.clone(),
         files,
     };
     let tmp = manifest_path.with_extension("json.part");
