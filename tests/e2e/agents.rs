@@ -346,6 +346,48 @@ async fn silent_agent_is_marked_disconnected_after_the_heartbeat_timeout(postgre
     assert!(end.is_ok(), "core kept the silent connection open");
 }
 
+/// An agent of another version than core's is reported by `listAlerts`; one of the same is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_another_version_is_reported() {
+    let core = start_core(false).await;
+    let ca = core.running().ca_path.clone();
+    let mut clients = Vec::new();
+    for (name, version) in [
+        ("v-old-VM", "0.0.1-old"),
+        ("v-same-VM", env!("CARGO_PKG_VERSION")),
+    ] {
+        let (id, secret) = core.register("consoleproxy", name).await;
+        let mut config = ClientConfig::new(
+            &[core.agent_url()],
+            &ca,
+            AgentRole::ConsoleProxy,
+            id.as_str(),
+            Secret::from(secret.as_str()),
+        )
+        .unwrap();
+        config.software_version = version.into();
+        clients.push(AgentClient::spawn(config, Hooks::default()));
+        let (vm, _) = core.wait_agent_state(&id, "Up", Duration::from_secs(20)).await;
+        assert_eq!(vm["version"], version, "{vm}");
+    }
+    let alerts = core.ok(&["listAlerts"]).await;
+    let texts: Vec<&str> = alerts["alert"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["description"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("v-old-VM runs agent version 0.0.1-old")),
+        "{alerts}"
+    );
+    assert!(!texts.iter().any(|t| t.contains("v-same-VM")), "{alerts}");
+    assert_eq!(alerts["alert"][0]["type"], 9, "{alerts}");
+    for c in clients {
+        c.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_and_foreign_ca_are_refused() {
     let core = start_core(false).await;

@@ -183,10 +183,15 @@ fn alert_type(role: &str) -> (i64, &'static str) {
     }
 }
 
+/// The agent version core expects (one workspace: core's own).
+const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 async fn alerts(state: &State) -> Result<Vec<Alert>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, name, role, state, agent_state, created, disconnected FROM system_vms WHERE state = 'Error' OR (state = 'Running' AND agent_state = 'Disconnected') ORDER BY created, id",
+        "SELECT id, name, role, state, agent_state, created, disconnected, software_version FROM system_vms WHERE state = 'Error' OR (state = 'Running' AND agent_state = 'Disconnected') \
+         OR (state <> 'Destroyed' AND agent_state = 'Up' AND software_version IS NOT NULL AND software_version <> '' AND software_version <> $1) ORDER BY created, id",
     )
+    .bind(AGENT_VERSION)
     .fetch_all(&state.db.pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -198,10 +203,17 @@ async fn alerts(state: &State) -> Result<Vec<Alert>, sqlx::Error> {
             row.try_get("state")?,
         );
         let (ty, alert_name) = alert_type(&role);
+        let agent_state: Option<String> = row.try_get("agent_state")?;
+        let version: Option<String> = row.try_get("software_version")?;
         let description = if vm_state == "Error" {
             format!("System VM {name} is in Error: see listEvents for why")
-        } else {
+        } else if agent_state.as_deref() == Some("Disconnected") {
             format!("The agent of running system VM {name} is disconnected")
+        } else {
+            format!(
+                "System VM {name} runs agent version {}, core expects {AGENT_VERSION}: upgrade or recreate it",
+                version.unwrap_or_default()
+            )
         };
         let sent = row
             .try_get::<Option<String>, _>("disconnected")?
