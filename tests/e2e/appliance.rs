@@ -19,7 +19,7 @@ use crate::core_api::{Backend, Core};
 use crate::deploy::{KillOnDrop, kill9, vms, wait_fleet};
 use crate::fleet::console_works;
 use crate::nfs::RestartableGanesha;
-use crate::support::{Proxy, VNC_PASSWORD, claims, qemu, which, workspace};
+use crate::support::{Proxy, VNC_PASSWORD, artifacts, check_page_with, claims, qemu, which, workspace};
 
 /// A scratch directory of this test process, removed when dropped.
 struct Scratch(PathBuf);
@@ -391,77 +391,98 @@ fn a_rebuild_from_the_same_inputs_gives_the_same_bytes() {
     assert!(qcow2 <= 32 << 20, "the image is {qcow2} bytes, more than 32 MiB");
 }
 
+/// The demo guest (`systemvm-image demo`) under QEMU with a password-protected VNC server; its
+/// serial port in a file. Killed when dropped.
+struct DemoGuest {
+    child: std::process::Child,
+    vnc: std::net::SocketAddr,
+    serial: PathBuf,
+}
+
+impl DemoGuest {
+    fn boot(tmp: &Scratch) -> DemoGuest {
+        let st = Command::new(workspace().join("target/debug/systemvm-image"))
+            .current_dir(workspace())
+            .args(["demo", "--out"])
+            .arg(tmp.path())
+            .arg("--cache")
+            .arg(workspace().join("target/systemvm-image-cache"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("systemvm-image (cargo build -p systemvm-image)");
+        assert!(st.success(), "systemvm-image demo failed");
+        let secret = tmp.path().join("vnc.secret");
+        std::fs::write(&secret, VNC_PASSWORD).expect("secret");
+        let display = (40..99)
+            .find(|d| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok())
+            .expect("a free VNC display");
+        let vnc: std::net::SocketAddr = format!("127.0.0.1:{}", 5900 + display).parse().expect("addr");
+        let serial = tmp.path().join("serial.log");
+        let bin = which("qemu-system-x86_64").expect("qemu-system-x86_64: run scripts/deps.sh test");
+        let mut child = Command::new(bin)
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "128",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-no-reboot",
+                "-net",
+                "none",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(tmp.path().join("demo-vmlinuz"))
+            .arg("-initrd")
+            .arg(tmp.path().join("demo-initrd.img"))
+            .args(["-append", "console=tty1 quiet panic=5"])
+            .arg("-object")
+            .arg(format!("secret,id=vncpw,file={}", secret.display()))
+            .arg("-vnc")
+            .arg(format!("127.0.0.1:{display},password-secret=vncpw"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(vnc).is_err() {
+            assert!(child.try_wait().ok().flatten().is_none(), "QEMU exited");
+            assert!(start.elapsed() < Duration::from_secs(20), "no VNC server");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        DemoGuest { child, vnc, serial }
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+}
+
+impl Drop for DemoGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_guest_takes_typing_through_the_proxy() {
     let tmp = Scratch::new("demo");
-    let st = Command::new(workspace().join("target/debug/systemvm-image"))
-        .current_dir(workspace())
-        .args(["demo", "--out"])
-        .arg(tmp.path())
-        .arg("--cache")
-        .arg(workspace().join("target/systemvm-image-cache"))
-        .stdout(Stdio::null())
-        .status()
-        .expect("systemvm-image (cargo build -p systemvm-image)");
-    assert!(st.success(), "systemvm-image demo failed");
     let _one_at_a_time = crate::libvirt::GUESTS.lock().await;
-    let secret = tmp.path().join("vnc.secret");
-    std::fs::write(&secret, VNC_PASSWORD).expect("secret");
-    let display = (40..99)
-        .find(|d| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok())
-        .expect("a free VNC display");
-    let vnc: std::net::SocketAddr = format!("127.0.0.1:{}", 5900 + display).parse().expect("addr");
-    let serial = tmp.path().join("serial.log");
-    let bin = which("qemu-system-x86_64").expect("qemu-system-x86_64: run scripts/deps.sh test");
-    let mut child = Command::new(bin)
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "128",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-net",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-kernel")
-        .arg(tmp.path().join("demo-vmlinuz"))
-        .arg("-initrd")
-        .arg(tmp.path().join("demo-initrd.img"))
-        .args(["-append", "console=tty1 quiet panic=5"])
-        .arg("-object")
-        .arg(format!("secret,id=vncpw,file={}", secret.display()))
-        .arg("-vnc")
-        .arg(format!("127.0.0.1:{display},password-secret=vncpw"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let start = Instant::now();
-    while std::net::TcpStream::connect(vnc).is_err() {
-        assert!(child.try_wait().ok().flatten().is_none(), "QEMU exited");
-        assert!(start.elapsed() < Duration::from_secs(20), "no VNC server");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _qemu = Kill(child);
-
+    let guest = DemoGuest::boot(&tmp);
     // Typing through the proxy, as noVNC sends keys: the shell on the VGA console runs the
     // command, and its output (the shell's arithmetic) lands on the serial port.
     let proxy = Proxy::start().await;
-    let token = proxy.keys.seal(&claims(vnc, Some(VNC_PASSWORD))).expect("token");
+    let token = proxy
+        .keys
+        .seal(&claims(guest.vnc, Some(VNC_PASSWORD)))
+        .expect("token");
     let mut rfb = open(&proxy.ws_url(&token), None).await;
     rfb.handshake().await.expect("handshake through the proxy");
     let start = Instant::now();
@@ -471,7 +492,7 @@ async fn the_demo_guest_takes_typing_through_the_proxy() {
         rfb.type_text(&format!("echo typed-$((6*7))-{n} >/dev/ttyS0\n"))
             .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let out = std::fs::read_to_string(&serial).unwrap_or_default();
+        let out = guest.serial();
         if out.contains("typed-42-") {
             eprintln!(
                 "appliance: the demo guest ran a typed command {:.1} s after its VNC server was up",
@@ -482,6 +503,48 @@ async fn the_demo_guest_takes_typing_through_the_proxy() {
         assert!(
             start.elapsed() < Duration::from_secs(90),
             "the typed command never ran; serial: {out}"
+        );
+    }
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_guest_takes_typing_from_novnc_in_chromium() {
+    let tmp = Scratch::new("demo-browser");
+    let _one_at_a_time = crate::libvirt::GUESTS.lock().await;
+    let guest = DemoGuest::boot(&tmp);
+    let proxy = Proxy::start().await;
+    let shot = artifacts().join("demo-guest-typed.png");
+    // The stock noVNC page in Chromium; the text is typed into its canvas (lower case only:
+    // `/dev/serial` is the guest's name for its serial port). Until the shell is up the keys
+    // go nowhere, so the page is opened again (a new one-time link) until the command ran.
+    let start = Instant::now();
+    loop {
+        let token = proxy
+            .keys
+            .seal(&claims(guest.vnc, Some(VNC_PASSWORD)))
+            .expect("token");
+        let url = proxy.page_url(&token);
+        let shot = shot.clone();
+        let check = tokio::task::spawn_blocking(move || {
+            check_page_with(
+                &url,
+                &shot,
+                "connected",
+                &[],
+                &["--type", "cp /etc/motd /dev/serial"],
+            )
+        })
+        .await
+        .expect("browser check");
+        assert_eq!(check.report["state"], "connected", "{:?}", check.report);
+        if guest.serial().contains("Mold demo guest") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the command typed in noVNC never ran; serial: {}",
+            guest.serial()
         );
     }
     proxy.running.shutdown().await;

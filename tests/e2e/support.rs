@@ -175,6 +175,17 @@ pub(crate) fn check_page(url: &str, screenshot: &Path, expect: &str) -> PageChec
 /// [`check_page`] with more environment for node and Chromium (`HOME` for its NSS trust store,
 /// `CHROMIUM_EXTRA_ARGS`).
 pub(crate) fn check_page_env(url: &str, screenshot: &Path, expect: &str, env: &[(&str, &str)]) -> PageCheck {
+    check_page_with(url, screenshot, expect, env, &[])
+}
+
+/// [`check_page_env`] with more arguments for the check script (e.g. `--type TEXT`).
+pub(crate) fn check_page_with(
+    url: &str,
+    screenshot: &Path,
+    expect: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> PageCheck {
     let web = workspace().join("console-proxy/web");
     assert!(
         web.join("node_modules/playwright-core").is_dir(),
@@ -190,6 +201,7 @@ pub(crate) fn check_page_env(url: &str, screenshot: &Path, expect: &str, env: &[
         .args(["e2e/check.mjs", url])
         .arg(screenshot)
         .args(["--expect", expect, "--timeout-ms", "30000"])
+        .args(extra)
         .output()
         .expect("failed to run node");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,6 +1,8 @@
 // End-to-end check of the console page, used by the Rust end-to-end tests.
 //
-//   node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N]
+//   node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N] [--type TEXT]
+// With --type, once connected the page's canvas is clicked and TEXT typed, then Enter, as a user
+// would (noVNC turns the browser's key events into RFB key events).
 //
 // Opens the page in headless Chromium, waits for window.__console.state to
 // settle ('connected' and the noVNC canvas showing at least two colours, or
@@ -26,7 +28,7 @@ const CHROMIUM_ARGS = [
   ...(process.env.CHROMIUM_EXTRA_ARGS || '').split('\n').filter(Boolean),
 ];
 const USAGE =
-  'usage: node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N]';
+  'usage: node e2e/check.mjs <pageURL> <screenshot.png> [--expect connected|failed|ended] [--timeout-ms N] [--type TEXT]';
 const POLL_MS = 200;
 
 function parseArgs(argv) {
@@ -38,6 +40,11 @@ function parseArgs(argv) {
       opts.expect = argv[++i];
       if (!['connected', 'failed', 'ended'].includes(opts.expect)) {
         throw new Error(`--expect must be connected, failed or ended, not ${opts.expect}`);
+      }
+    } else if (arg === '--type') {
+      opts.type = argv[++i];
+      if (typeof opts.type !== 'string') {
+        throw new Error('--type needs the text to type');
       }
     } else if (arg === '--timeout-ms') {
       opts.timeoutMs = Number(argv[++i]);
@@ -138,6 +145,16 @@ async function run(opts) {
         break;
       }
       await sleep(POLL_MS);
+      snapshot = await page.evaluate(probe);
+    }
+    if (opts.type !== undefined && snapshot.state === 'connected') {
+      const canvas = await page.$('canvas');
+      if (canvas) {
+        await canvas.click();
+      }
+      await page.keyboard.type(opts.type, { delay: 30 });
+      await page.keyboard.press('Enter');
+      await sleep(2000);
       snapshot = await page.evaluate(probe);
     }
     // --expect ended: once connected, wait for the session to end (the test ends it).

@@ -20,6 +20,8 @@ pub const DEMO_INIT: &str = r#"#!/bin/busybox sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 hostname demo-vm
 mkdir -p /root
+# A name typed without Shift for the serial port (browser tests type into the console).
+ln -s /dev/ttyS0 /dev/serial
 while true; do
   clear >/dev/tty1
   cat /etc/motd >/dev/tty1
